@@ -1,0 +1,152 @@
+"""Curvature operators: Hessian- and Gauss-Newton-vector products over fixed batches.
+
+The operator is the curvature of the *mean* loss over a fixed list of batches,
+chosen once (DESIGN §2.1), so it is one deterministic symmetric matrix. It acts
+on flat parameter vectors (the order of `jax.flatten_util.ravel_pytree`), which
+is the layout the Arnoldi basis uses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import data as data_lib
+
+Params = Any
+Batch = Any
+LossFn = Callable[[Params, Batch], jax.Array]
+
+
+class SplitLoss(NamedTuple):
+  """A loss written as output_loss_fn(outputs_fn(params, batch), batch) + regularizer(params).
+
+  Callable like any `loss_fn(params, batch) -> scalar`; the split is what the
+  Gauss-Newton product needs (J = ∂outputs/∂params, H_out = ∂²loss/∂outputs²).
+  The regularizer's exact Hessian is added to the Gauss-Newton product.
+  """
+
+  outputs_fn: Callable[[Params, Batch], Any]
+  output_loss_fn: Callable[[Any, Batch], jax.Array]
+  regularizer: Optional[Callable[[Params], jax.Array]] = None
+
+  def __call__(self, params: Params, batch: Batch) -> jax.Array:
+    loss = self.output_loss_fn(self.outputs_fn(params, batch), batch)
+    if self.regularizer is not None:
+      loss = loss + self.regularizer(params)
+    return loss
+
+
+def hvp(loss_fn: LossFn, params: Params, batch: Batch, v: Params) -> Params:
+  """Returns H v, H = ∇²_params loss_fn(params, batch), forward-over-reverse (a pytree like params)."""
+  grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
+  return jax.jvp(grad_fn, (params,), (v,))[1]
+
+
+def gnvp(loss_fn: SplitLoss, params: Params, batch: Batch, v: Params) -> Params:
+  """Returns G v, G = Jᵀ H_out J (+ regularizer Hessian): positive semi-definite for convex output losses."""
+  _check_split(loss_fn)
+  f = lambda p: loss_fn.outputs_fn(p, batch)
+  outputs, jv = jax.jvp(f, (params,), (v,))
+  out_grad = lambda o: jax.grad(loss_fn.output_loss_fn)(o, batch)
+  h_jv = jax.jvp(out_grad, (outputs,), (jv,))[1]
+  _, vjp_fn = jax.vjp(f, params)
+  (gv,) = vjp_fn(h_jv)
+  if loss_fn.regularizer is not None:
+    reg_hv = jax.jvp(jax.grad(loss_fn.regularizer), (params,), (v,))[1]
+    gv = jax.tree.map(jnp.add, gv, reg_hv)
+  return gv
+
+
+def _check_split(loss_fn) -> None:
+  if not isinstance(loss_fn, SplitLoss):
+    raise TypeError(
+        "curvature='gauss_newton' needs the loss as a SplitLoss(outputs_fn, output_loss_fn) "
+        f"so that the model Jacobian is available; got {type(loss_fn).__name__}.")
+
+
+PRODUCTS = {"hessian": hvp, "gauss_newton": gnvp}
+
+
+class LinearOperator(NamedTuple):
+  """A symmetric linear map on flat parameter vectors.
+
+  `matvec(operands, v)` is pure and traceable, so it can be fused into a jitted
+  Arnoldi or CG step; `operands` (a pytree of arrays: params, fixed batches)
+  is passed in explicitly rather than baked into the compiled program.
+  """
+
+  matvec: Callable[[Any, jax.Array], jax.Array]
+  operands: Any
+  dim: int
+  dtype: Any
+
+  def __call__(self, v: jax.Array) -> jax.Array:
+    return _apply_jit(self.matvec, self.operands, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_jit(matvec, operands, v):
+  return matvec(operands, v)
+
+
+def curvature_operator(
+    loss_fn: LossFn,
+    params: Params,
+    batches,
+    *,
+    curvature: str = "hessian",
+    damping: float = 0.0,
+    microbatch_size: Optional[int] = None,
+) -> LinearOperator:
+  """Returns v ↦ (C + damping·I) v, C the curvature of the example-weighted mean loss over `batches`.
+
+  `curvature` is "hessian" (exact, possibly indefinite) or "gauss_newton"
+  (needs a `SplitLoss`). `batches` are fixed once: every product sums over
+  the same examples, in micro-batches of `microbatch_size` examples (default:
+  each whole batch) so memory does not grow with the batch.
+  """
+  if curvature not in PRODUCTS:
+    raise ValueError(f"Unknown curvature {curvature!r}; expected one of {sorted(PRODUCTS)}.")
+  product = PRODUCTS[curvature]
+  if curvature == "gauss_newton":
+    _check_split(loss_fn)
+  batches = data_lib.materialize(batches, "batches")
+  everything = data_lib.concatenate(batches)
+  total = data_lib.batch_size(everything)
+  micro = microbatch_size or max(data_lib.batch_size(b) for b in batches)
+  stacked, remainder = data_lib.stack_microbatches(everything, micro)
+  num_stacked = total - (0 if remainder is None else data_lib.batch_size(remainder))
+  micro = data_lib.batch_size(jax.tree.map(lambda x: x[0], stacked))
+  flat, unravel = ravel_pytree(params)
+  damping = float(damping)
+
+  def matvec(operands, v):
+    params, stacked, remainder = operands
+    vt = unravel(v.astype(flat.dtype))
+
+    def body(acc, mb):
+      return acc + ravel_pytree(product(loss_fn, params, mb, vt))[0], None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros_like(v), stacked)
+    out = acc * (micro / total)
+    if remainder is not None:
+      rem_n = total - num_stacked
+      out = out + ravel_pytree(product(loss_fn, params, remainder, vt))[0] * (rem_n / total)
+    if damping:
+      out = out + damping * v
+    return out
+
+  to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
+  operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
+  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype)
+
+
+def to_dense(op: LinearOperator) -> jax.Array:
+  """Returns the (dim, dim) matrix of `op` by applying it to the identity (tiny problems only)."""
+  eye = jnp.eye(op.dim, dtype=op.dtype)
+  return jax.vmap(lambda e: op.matvec(op.operands, e))(eye).T

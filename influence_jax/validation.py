@@ -1,0 +1,59 @@
+"""Input checks that fail early with errors naming the offending pytree leaf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Returns the key paths (as strings) of leaves holding NaN or ±inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arr = jnp.asarray(leaf)
+    if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
+      bad.append(jax.tree_util.keystr(path) or "<root>")
+  return bad
+
+
+def check_finite(tree: Any, name: str) -> None:
+  """Raises ValueError naming each leaf of `tree` that holds NaN or ±inf."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise ValueError(f"{name} has non-finite values (NaN or inf) in leaf/leaves: {', '.join(bad)}.")
+
+
+def check_finite_scalar(value: Any, name: str) -> None:
+  """Raises ValueError if the scalar `value` is NaN or ±inf."""
+  v = np.asarray(value)
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name} is not finite: {v}.")
+
+
+def param_signature(params: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+  """Returns ((path, shape, dtype), ...) for every leaf of `params`, in flattening order."""
+  return tuple(
+      (jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(jnp.result_type(leaf)))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def check_same_signature(expected: tuple, params: Any, what: str) -> None:
+  """Raises ValueError describing the first difference between `expected` and params' signature."""
+  got = param_signature(params)
+  if got == expected:
+    return
+  exp_paths = [p for p, _, _ in expected]
+  got_paths = [p for p, _, _ in got]
+  if exp_paths != got_paths:
+    missing = sorted(set(exp_paths) - set(got_paths))
+    extra = sorted(set(got_paths) - set(exp_paths))
+    raise ValueError(
+        f"params do not match the pytree structure {what} was made for: "
+        f"missing leaves {missing}, unexpected leaves {extra}.")
+  for (p, s1, d1), (_, s2, d2) in zip(expected, got):
+    if s1 != s2:
+      raise ValueError(f"params leaf {p} has shape {s2}, but {what} was made for shape {s1}.")
+  # Dtype differences only (e.g. float32 vs float64) are allowed.
