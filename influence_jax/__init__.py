@@ -3,3 +3,18 @@
 Sign convention everywhere (DESIGN §1): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z).
 Positive: training example z is a proponent of test example x.
 """
+
+from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
+from influence_jax.scoring import (
+    TopK,
+    default_tail_constant,
+    influence,
+    influence_scores,
+    influence_scores_with_tail,
+    self_influence,
+    top_k,
+)
+from influence_jax.solvers import dense_hessian, exact_influence
+
+__version__ = "0.1.0"

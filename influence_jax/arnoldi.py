@@ -1,0 +1,179 @@
+"""Arnoldi iteration with full re-orthogonalisation, and distillation to top-k eigenpairs.
+
+The basis is one (n_iters + 1, p) array, preallocated with zeros, so its
+parameter axis can be sharded over devices. Each step is one jitted function:
+the curvature product, two passes of classical Gram-Schmidt ("twice is
+enough"), and the in-place update of the basis and the Hessenberg matrix. Only
+the first `bucket` rows that can be non-zero are read, so a step streams about
+as much of the basis as it has filled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence_jax.curvature import LinearOperator
+
+
+class ArnoldiState(NamedTuple):
+  """Progress of an Arnoldi run: a plain pytree, so it can be checkpointed.
+
+  basis: (n_iters + 1, p); rows [0, num_steps] are orthonormal, the rest zero.
+  hessenberg: (n_iters + 1, n_iters); column j holds the coefficients of step j.
+  num_steps: completed steps (int32 scalar).
+  norm_estimate: largest ‖A q‖ seen, a lower bound on ‖A‖ (for the breakdown test).
+  breakdown: True once the Krylov space closed (no further steps are taken).
+  """
+
+  basis: jax.Array
+  hessenberg: jax.Array
+  num_steps: jax.Array
+  norm_estimate: jax.Array
+  breakdown: jax.Array
+
+
+def init(start: jax.Array, n_iters: int) -> ArnoldiState:
+  """Returns the state before step 0, with `start` normalised as the first basis vector."""
+  if n_iters < 1:
+    raise ValueError(f"n_iters must be at least 1, got {n_iters}.")
+  norm = jnp.linalg.norm(start)
+  if not bool(norm > 0) or not bool(jnp.isfinite(norm)):
+    raise ValueError("The Arnoldi start vector must be finite and non-zero.")
+  basis = jnp.zeros((n_iters + 1, start.size), start.dtype).at[0].set(start / norm)
+  return ArnoldiState(
+      basis=basis,
+      hessenberg=jnp.zeros((n_iters + 1, n_iters), start.dtype),
+      num_steps=jnp.zeros((), jnp.int32),
+      norm_estimate=jnp.zeros((), start.dtype),
+      breakdown=jnp.zeros((), bool),
+  )
+
+
+def default_tolerance(dtype) -> float:
+  """Returns the relative size of a new Krylov direction below which the space counts as closed."""
+  return float(jnp.finfo(dtype).eps) ** 0.5
+
+
+def _bucket(num_rows: int, total: int, granularity: int) -> int:
+  return min(total, granularity * math.ceil(num_rows / granularity))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _step(matvec: Callable, rows: int, operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
+  """One Arnoldi step reading only basis rows [0, rows)."""
+  basis, hess, i = state.basis, state.hessenberg, state.num_steps
+  active = jax.lax.dynamic_slice_in_dim(basis, 0, rows, axis=0)
+  v = basis[i]
+  w = matvec(operands, v)
+  w_norm = jnp.linalg.norm(w)
+  # Two passes of classical Gram-Schmidt against the filled rows (the others are zero).
+  h1 = active @ w
+  w = w - h1 @ active
+  h2 = active @ w
+  w = w - h2 @ active
+  h = h1 + h2
+  beta = jnp.linalg.norm(w)
+  norm_estimate = jnp.maximum(state.norm_estimate, w_norm)
+  closed = beta <= tol * norm_estimate
+  new_vector = jnp.where(closed, jnp.zeros_like(w), w / jnp.where(closed, 1, beta))
+  basis = basis.at[i + 1].set(new_vector)
+  column = jnp.zeros((hess.shape[0],), hess.dtype).at[:rows].set(h[:rows])
+  column = column.at[i + 1].set(jnp.where(closed, 0, beta))
+  hess = hess.at[:, i].set(column)
+  return ArnoldiState(basis, hess, i + 1, norm_estimate, closed)
+
+
+def run(
+    op: LinearOperator,
+    state: ArnoldiState,
+    num_steps: Optional[int] = None,
+    *,
+    tol: Optional[float] = None,
+    bucket: int = 32,
+    callback: Optional[Callable[[ArnoldiState], None]] = None,
+) -> ArnoldiState:
+  """Returns `state` advanced by up to `num_steps` steps (default: to the end), stopping at breakdown.
+
+  `callback(state)` is called after every step (for progress and
+  checkpointing); it must not keep references to the state, whose buffers are
+  donated to the next step. Breakdown (the Krylov space closed: the new
+  direction is smaller than `tol` × ‖A‖ estimate) ends the run cleanly.
+  """
+  n_iters = state.hessenberg.shape[1]
+  total_rows = state.basis.shape[0]
+  tol = default_tolerance(state.basis.dtype) if tol is None else tol
+  tol = jnp.asarray(tol, state.basis.dtype)
+  done = int(state.num_steps)
+  stop = n_iters if num_steps is None else min(n_iters, done + num_steps)
+  breakdown = bool(state.breakdown)
+  while done < stop and not breakdown:
+    rows = _bucket(done + 1, total_rows, bucket)
+    state = _step(op.matvec, rows, op.operands, state, tol)
+    done += 1
+    breakdown = bool(state.breakdown)
+    if callback is not None:
+      callback(state)
+  return state
+
+
+class Ritz(NamedTuple):
+  """Eigen-decomposition of the projected operator T = QᵀAQ.
+
+  values: (m,) eigenvalues of T in descending order; vectors: (m, m), column j
+  for values[j]; estimates: (m,) residual bounds |β_m| |V[m-1, j]| (exact in
+  exact arithmetic; 0 after breakdown); size: m, the basis vectors used.
+  """
+
+  values: np.ndarray
+  vectors: np.ndarray
+  estimates: np.ndarray
+  size: int
+
+
+def ritz(state: ArnoldiState) -> Ritz:
+  """Returns the eigenpairs of the symmetric part of the m × m Hessenberg block (float64, numpy)."""
+  # After m steps the basis has m vectors (m + 1 without breakdown, the last
+  # only feeding the residual estimate through β_m = H[m, m-1]).
+  size = int(state.num_steps)
+  if size == 0:
+    raise ValueError("No Arnoldi steps were taken; run() the state first.")
+  beta = float(state.hessenberg[size, size - 1])
+  t = np.asarray(state.hessenberg[:size, :size], np.float64)
+  t = (t + t.T) / 2
+  values, vectors = np.linalg.eigh(t)
+  order = np.argsort(values)[::-1]
+  values, vectors = values[order], vectors[:, order]
+  estimates = np.abs(beta * vectors[size - 1, :])
+  return Ritz(values, vectors, estimates, size)
+
+
+SELECTIONS = ("largest", "magnitude")
+
+
+def select(values: np.ndarray, top_k: int, selection: str = "largest", *, rtol: Optional[float] = None) -> np.ndarray:
+  """Returns indices (into `values`, descending by value) of the kept eigenpairs.
+
+  "largest": the top_k largest eigenvalues that are positive beyond
+  `rtol` × max|λ| (so a rank-r operator yields at most r pairs);
+  "magnitude": the top_k largest |λ| beyond the same threshold.
+  The result is ordered by descending eigenvalue.
+  """
+  if selection not in SELECTIONS:
+    raise ValueError(f"Unknown selection {selection!r}; expected one of {SELECTIONS}.")
+  if top_k < 1:
+    raise ValueError(f"top_k must be at least 1, got {top_k}.")
+  scale = float(np.max(np.abs(values))) if values.size else 0.0
+  rtol = 100 * float(np.finfo(np.float32).eps) if rtol is None else rtol
+  threshold = rtol * scale
+  if selection == "largest":
+    idx = [i for i in np.argsort(values)[::-1] if values[i] > threshold]
+  else:
+    idx = [i for i in np.argsort(np.abs(values))[::-1] if abs(values[i]) > threshold]
+  idx = np.asarray(idx[:top_k], dtype=np.int64)
+  return idx[np.argsort(values[idx])[::-1]]

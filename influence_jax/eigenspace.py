@@ -1,0 +1,198 @@
+"""The Eigenspace value: top-k curvature eigenpairs, fitted once and reused (DESIGN §2).
+
+H⁻¹ ≈ Uᵀ (Λ + δ)⁻¹ U with U the (k, p) eigenvectors (rows, flat parameter
+order of `ravel_pytree(params)`), Λ the eigenvalues of the *undamped*
+curvature and δ the damping stored beside them: the damping is applied when
+inverting, so it can be changed without refitting (a shift changes no
+eigenvector).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import arnoldi
+from influence_jax import curvature as curvature_lib
+from influence_jax import data as data_lib
+from influence_jax import projection
+from influence_jax import validation
+
+
+@dataclasses.dataclass(frozen=True)
+class EigenspaceInfo:
+  """How an eigenspace was made (hashable; saved beside the arrays)."""
+
+  curvature: str
+  selection: str
+  n_iters: int
+  num_steps: int
+  breakdown: bool
+  top_k: int
+  seed: int
+  num_params: int
+  num_examples: int
+  param_signature: tuple
+
+
+@flax.struct.dataclass
+class Eigenspace:
+  """Top-k eigenpairs of the curvature.
+
+  eigenvalues: (k,) descending, of the undamped curvature.
+  eigenvectors: (k, p) orthonormal rows.
+  residuals: (k,) ‖Cu − λu‖ measured with one product each (NaN if skipped).
+  ritz_estimates: (k,) the Arnoldi residual bound |β_n V[n-1, j]|.
+  damping: δ ≥ 0 used when inverting, (Λ + δ)⁻¹.
+  info: how it was made (EigenspaceInfo).
+  """
+
+  eigenvalues: jax.Array
+  eigenvectors: jax.Array
+  residuals: jax.Array
+  ritz_estimates: jax.Array
+  damping: float = flax.struct.field(pytree_node=False, default=0.0)
+  info: Optional[EigenspaceInfo] = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def k(self) -> int:
+    return int(self.eigenvalues.shape[0])
+
+
+def check_params(eigenspace: Eigenspace, params: Any) -> None:
+  """Raises ValueError if `params` are not shaped like those the eigenspace was fitted on."""
+  if eigenspace.info is not None:
+    validation.check_same_signature(eigenspace.info.param_signature, params, "the eigenspace")
+  size = ravel_pytree(params)[0].size
+  if size != eigenspace.eigenvectors.shape[1]:
+    raise ValueError(
+        f"params have {size} numbers but the eigenvectors have {eigenspace.eigenvectors.shape[1]}.")
+
+
+def start_vector(num_params: int, dtype, seed: int) -> jax.Array:
+  """Returns the Arnoldi start vector: standard normal from `seed`, unnormalised."""
+  return jax.random.normal(jax.random.key(seed), (num_params,), dtype)
+
+
+def distill(
+    op: curvature_lib.LinearOperator,
+    state: arnoldi.ArnoldiState,
+    *,
+    top_k: int,
+    selection: str = "largest",
+    damping: float = 0.0,
+    compute_residuals: bool = True,
+    info: Optional[EigenspaceInfo] = None,
+) -> Eigenspace:
+  """Returns the top-k eigenpairs of `op` from a finished Arnoldi `state`.
+
+  U = Vᵀ Q: Ritz vectors of the kept Ritz values. With `compute_residuals`,
+  each pair's ‖Cu − λu‖ costs one more curvature product.
+  """
+  ritz = arnoldi.ritz(state)
+  keep = arnoldi.select(ritz.values, top_k, selection)
+  if keep.size == 0:
+    raise ValueError(
+        f"No eigenvalue passed the {selection!r} selection (all {ritz.size} Ritz values are "
+        "non-positive or negligible): is the curvature zero at these params?")
+  basis = state.basis[: ritz.size]
+  coeffs = jnp.asarray(ritz.vectors[:, keep].T, basis.dtype)
+  vectors = coeffs @ basis
+  values = jnp.asarray(ritz.values[keep], basis.dtype)
+  if compute_residuals:
+    products = jax.lax.map(lambda u: op.matvec(op.operands, u), vectors)
+    residuals = jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
+  else:
+    residuals = jnp.full(values.shape, jnp.nan, basis.dtype)
+  return Eigenspace(
+      eigenvalues=values,
+      eigenvectors=vectors,
+      residuals=residuals,
+      ritz_estimates=jnp.asarray(ritz.estimates[keep], basis.dtype),
+      damping=float(damping),
+      info=info,
+  )
+
+
+def fit_eigenspace(
+    loss_fn: Callable,
+    params: Any,
+    batches,
+    *,
+    n_iters: int,
+    top_k: int,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    seed: int = 0,
+    selection: str = "largest",
+    microbatch_size: Optional[int] = None,
+    compute_residuals: bool = True,
+    tol: Optional[float] = None,
+    callback: Optional[Callable[[arnoldi.ArnoldiState], None]] = None,
+) -> Eigenspace:
+  """Returns the top-k eigenpairs of the curvature of the mean loss over `batches`.
+
+  n_iters Arnoldi steps (full re-orthogonalisation) on the undamped
+  curvature ("hessian" or "gauss_newton"); `damping` δ is stored for
+  inversion. `selection` "largest" keeps the largest positive eigenvalues,
+  "magnitude" the largest |λ|. Fewer than top_k pairs come back when the
+  Krylov space closes early (rank-deficient curvature).
+  """
+  if not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
+    raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}.")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+    raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+  if top_k > n_iters:
+    raise ValueError(f"top_k ({top_k}) cannot exceed n_iters ({n_iters}): Arnoldi finds at most n_iters eigenpairs.")
+  if selection not in arnoldi.SELECTIONS:
+    raise ValueError(f"Unknown selection {selection!r}; expected one of {arnoldi.SELECTIONS}.")
+  if damping < 0 or not np.isfinite(damping):
+    raise ValueError(f"damping must be finite and non-negative, got {damping}.")
+  validation.check_finite(params, "params")
+  batches = data_lib.materialize(batches, "batches")
+  loss = loss_fn(params, batches[0])
+  if np.ndim(loss) != 0:
+    raise ValueError(f"loss_fn must return a scalar; got shape {np.shape(loss)}.")
+  validation.check_finite_scalar(loss, "loss_fn(params, batches[0])")
+  op = curvature_lib.curvature_operator(
+      loss_fn, params, batches, curvature=curvature, microbatch_size=microbatch_size)
+  state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters)
+  state = arnoldi.run(op, state, tol=tol, callback=callback)
+  validation.check_finite(state.hessenberg, "the Arnoldi Hessenberg matrix (the curvature products)")
+  info = EigenspaceInfo(
+      curvature=curvature,
+      selection=selection,
+      n_iters=int(n_iters),
+      num_steps=int(state.num_steps),
+      breakdown=bool(state.breakdown),
+      top_k=int(top_k),
+      seed=int(seed),
+      num_params=int(op.dim),
+      num_examples=sum(data_lib.batch_size(b) for b in batches),
+      param_signature=validation.param_signature(params),
+  )
+  return distill(op, state, top_k=top_k, selection=selection, damping=damping,
+                 compute_residuals=compute_residuals, info=info)
+
+
+def project(
+    eigenspace: Eigenspace,
+    per_example_loss_fn: Callable,
+    params: Any,
+    batches,
+    *,
+    method: str = "vjp",
+    microbatch_size: Optional[int] = None,
+) -> jax.Array:
+  """Returns the (N, k) projections G(z) = U ∇ℓ(z) of every example in `batches`, in order."""
+  check_params(eigenspace, params)
+  validation.check_finite(params, "params")
+  return projection.project_on(
+      eigenspace.eigenvectors, per_example_loss_fn, params, batches,
+      method=method, microbatch_size=microbatch_size).values
