@@ -1,11 +1,11 @@
 """Arnoldi iteration with full re-orthogonalisation, and distillation to top-k eigenpairs.
 
-The basis is one (n_iters + 1, p) array, preallocated with zeros, so its
-parameter axis can be sharded over devices. Each step is one jitted function:
-the curvature product, two passes of classical Gram-Schmidt ("twice is
-enough"), and the in-place update of the basis and the Hessenberg matrix. Only
-the first `bucket` rows that can be non-zero are read, so a step streams about
-as much of the basis as it has filled.
+The basis is one (rows, p) array, rows ≥ n_iters + 1, preallocated with
+zeros, so its parameter axis can be sharded over devices. Each step is one
+jitted function: the curvature product, the symmetric three-term recurrence,
+a full block-Gram-Schmidt re-orthogonalisation over the filled blocks of the
+basis (a second one when the first removed much, the DGKS test), and the
+in-place update of the basis and the Hessenberg matrix.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from influence_jax.curvature import LinearOperator
 class ArnoldiState(NamedTuple):
   """Progress of an Arnoldi run: a plain pytree, so it can be checkpointed.
 
-  basis: (n_iters + 1, p); rows [0, num_steps] are orthonormal, the rest zero.
-  hessenberg: (n_iters + 1, n_iters); column j holds the coefficients of step j.
+  basis: (rows, p), rows = n_iters + 1 rounded up to a multiple of the block
+    size; rows [0, num_steps] are orthonormal, the rest zero.
+  hessenberg: (rows, n_iters); column j holds the coefficients of step j.
   num_steps: completed steps (int32 scalar).
   norm_estimate: largest ‖A q‖ seen, a lower bound on ‖A‖ (for the breakdown test).
   breakdown: True once the Krylov space closed (no further steps are taken).
@@ -38,17 +39,22 @@ class ArnoldiState(NamedTuple):
   breakdown: jax.Array
 
 
-def init(start: jax.Array, n_iters: int) -> ArnoldiState:
-  """Returns the state before step 0, with `start` normalised as the first basis vector."""
+def init(start: jax.Array, n_iters: int, *, block_size: int = 32) -> ArnoldiState:
+  """Returns the state before step 0, with `start` normalised as the first basis vector.
+
+  The basis is read in blocks of `block_size` rows; only blocks holding
+  vectors are read, so a step streams about as much as the basis has filled.
+  """
   if n_iters < 1:
     raise ValueError(f"n_iters must be at least 1, got {n_iters}.")
   norm = jnp.linalg.norm(start)
   if not bool(norm > 0) or not bool(jnp.isfinite(norm)):
     raise ValueError("The Arnoldi start vector must be finite and non-zero.")
-  basis = jnp.zeros((n_iters + 1, start.size), start.dtype).at[0].set(start / norm)
+  rows = block_size * math.ceil((n_iters + 1) / block_size)
+  basis = jnp.zeros((rows, start.size), start.dtype).at[0].set(start / norm)
   return ArnoldiState(
       basis=basis,
-      hessenberg=jnp.zeros((n_iters + 1, n_iters), start.dtype),
+      hessenberg=jnp.zeros((rows, n_iters), start.dtype),
       num_steps=jnp.zeros((), jnp.int32),
       norm_estimate=jnp.zeros((), start.dtype),
       breakdown=jnp.zeros((), bool),
@@ -60,32 +66,63 @@ def default_tolerance(dtype) -> float:
   return float(jnp.finfo(dtype).eps) ** 0.5
 
 
-def _bucket(num_rows: int, total: int, granularity: int) -> int:
-  return min(total, granularity * math.ceil(num_rows / granularity))
+def _orthogonalize(blocks: jax.Array, num_blocks: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Returns (w − Qᵀc, c) after one block-Gram-Schmidt pass over the first `num_blocks` blocks.
+
+  Each (block, p) slab is read once for c_b = Q_b w and reused from cache for
+  w −= c_bᵀ Q_b (block modified Gram-Schmidt); empty blocks are never read.
+  """
+  num_total, block, _ = blocks.shape
+
+  def body(b, carry):
+    w, coeffs = carry
+    q = jax.lax.dynamic_index_in_dim(blocks, b, keepdims=False)
+    c = q @ w
+    return w - c @ q, jax.lax.dynamic_update_index_in_dim(coeffs, c, b, 0)
+
+  coeffs = jnp.zeros((num_total, block), w.dtype)
+  w, coeffs = jax.lax.fori_loop(0, num_blocks, body, (w, coeffs))
+  return w, coeffs.reshape(-1)
+
+
+# Daniel-Gragg-Kaufman-Stewart: repeat the pass when it removed more than this share of w.
+_DGKS_ETA = 1 / math.sqrt(2)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _step(matvec: Callable, rows: int, operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
-  """One Arnoldi step reading only basis rows [0, rows)."""
+def _step(matvec: Callable, block_size: int, operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
+  """One Arnoldi step: product, three-term recurrence, full re-orthogonalisation, update in place."""
   basis, hess, i = state.basis, state.hessenberg, state.num_steps
-  active = jax.lax.dynamic_slice_in_dim(basis, 0, rows, axis=0)
+  rows, p = basis.shape
+  blocks = basis.reshape(rows // block_size, block_size, p)
+  num_blocks = i // block_size + 1
   v = basis[i]
   w = matvec(operands, v)
   w_norm = jnp.linalg.norm(w)
-  # Two passes of classical Gram-Schmidt against the filled rows (the others are zero).
-  h1 = active @ w
-  w = w - h1 @ active
-  h2 = active @ w
-  w = w - h2 @ active
-  h = h1 + h2
+  # The operator is symmetric: in exact arithmetic only q_i and q_{i-1} have
+  # non-zero coefficients. Remove those first (cheap), then re-orthogonalise
+  # against the whole filled basis to undo rounding, twice when needed.
+  alpha = v @ w
+  beta_prev = jnp.where(i > 0, hess[i, jnp.maximum(i - 1, 0)], 0)
+  w = w - alpha * v - beta_prev * basis[jnp.maximum(i - 1, 0)]
+  h = jnp.zeros((rows,), w.dtype).at[i].add(alpha).at[jnp.maximum(i - 1, 0)].add(beta_prev)
+  before = jnp.linalg.norm(w)
+  w, c = _orthogonalize(blocks, num_blocks, w)
+  h = h + c
+
+  def second_pass(args):
+    w, h = args
+    w, c = _orthogonalize(blocks, num_blocks, w)
+    return w, h + c
+
+  w, h = jax.lax.cond(jnp.linalg.norm(w) < _DGKS_ETA * before, second_pass, lambda a: a, (w, h))
   beta = jnp.linalg.norm(w)
   norm_estimate = jnp.maximum(state.norm_estimate, w_norm)
   closed = beta <= tol * norm_estimate
   new_vector = jnp.where(closed, jnp.zeros_like(w), w / jnp.where(closed, 1, beta))
   basis = basis.at[i + 1].set(new_vector)
-  column = jnp.zeros((hess.shape[0],), hess.dtype).at[:rows].set(h[:rows])
-  column = column.at[i + 1].set(jnp.where(closed, 0, beta))
-  hess = hess.at[:, i].set(column)
+  h = h.at[i + 1].set(jnp.where(closed, 0, beta))
+  hess = hess.at[:, i].set(h)
   return ArnoldiState(basis, hess, i + 1, norm_estimate, closed)
 
 
@@ -95,26 +132,27 @@ def run(
     num_steps: Optional[int] = None,
     *,
     tol: Optional[float] = None,
-    bucket: int = 32,
+    block_size: int = 32,
     callback: Optional[Callable[[ArnoldiState], None]] = None,
 ) -> ArnoldiState:
   """Returns `state` advanced by up to `num_steps` steps (default: to the end), stopping at breakdown.
 
-  `callback(state)` is called after every step (for progress and
-  checkpointing); it must not keep references to the state, whose buffers are
-  donated to the next step. Breakdown (the Krylov space closed: the new
-  direction is smaller than `tol` × ‖A‖ estimate) ends the run cleanly.
+  `block_size` must be the one given to `init`. `callback(state)` is called
+  after every step (for progress and checkpointing); it must not keep
+  references to the state, whose buffers are donated to the next step.
+  Breakdown (the Krylov space closed: the new direction is smaller than
+  `tol` × ‖A‖ estimate) ends the run cleanly.
   """
   n_iters = state.hessenberg.shape[1]
-  total_rows = state.basis.shape[0]
+  if state.basis.shape[0] % block_size:
+    raise ValueError(f"The basis has {state.basis.shape[0]} rows, not a multiple of block_size={block_size}.")
   tol = default_tolerance(state.basis.dtype) if tol is None else tol
   tol = jnp.asarray(tol, state.basis.dtype)
   done = int(state.num_steps)
   stop = n_iters if num_steps is None else min(n_iters, done + num_steps)
   breakdown = bool(state.breakdown)
   while done < stop and not breakdown:
-    rows = _bucket(done + 1, total_rows, bucket)
-    state = _step(op.matvec, rows, op.operands, state, tol)
+    state = _step(op.matvec, block_size, op.operands, state, tol)
     done += 1
     breakdown = bool(state.breakdown)
     if callback is not None:

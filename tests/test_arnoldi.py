@@ -53,14 +53,16 @@ def test_magnitude_selection_keeps_negative_eigenvalues(mlp):
 def test_krylov_basis_is_orthonormal(mlp):
   params, loss, _, batches, _ = mlp
   op = curvature.curvature_operator(loss, params, batches)
-  state = arnoldi.init(jax.random.normal(jax.random.key(0), (op.dim,), jnp.float64), 60)
-  state = arnoldi.run(op, state, bucket=8)
-  q = np.asarray(state.basis)
+  state = arnoldi.init(jax.random.normal(jax.random.key(0), (op.dim,), jnp.float64), 60, block_size=8)
+  state = arnoldi.run(op, state, block_size=8)
+  assert state.basis.shape[0] == 64
+  q = np.asarray(state.basis[:61])
+  np.testing.assert_array_equal(state.basis[61:], 0)
   assert int(state.num_steps) == 60 and not bool(state.breakdown)
   np.testing.assert_allclose(q @ q.T, np.eye(61), atol=1e-10)
   # Arnoldi relation A Q_n = Q_{n+1} H̄_n.
   dense = np.asarray(curvature.to_dense(op))
-  np.testing.assert_allclose(dense @ q[:60].T, q.T @ np.asarray(state.hessenberg), atol=1e-10)
+  np.testing.assert_allclose(dense @ q[:60].T, q.T @ np.asarray(state.hessenberg[:61]), atol=1e-10)
 
 
 def test_resuming_in_chunks_matches_one_run(mlp):
