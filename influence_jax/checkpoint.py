@@ -1,0 +1,152 @@
+"""Orbax checkpoints that resume safely: a pytree plus a JSON record, saved atomically, and
+refused when made from a different model, config or data set.
+
+Every save is one orbax `CheckpointManager` step holding two items, "state"
+(arrays) and "meta" (JSON with a `fingerprint`). Orbax writes a step into a
+temporary directory and renames it when complete, so a job killed at any
+moment leaves either the previous step or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo
+
+
+class FingerprintMismatch(ValueError):
+  """A checkpoint was made from a different model, config or data set."""
+
+
+def fingerprint(*parts: Any) -> str:
+  """Returns a short stable hash of JSON-able parts (configs) and arrays (data, params)."""
+  h = hashlib.sha256()
+  for part in parts:
+    for leaf in jax.tree.leaves(part):
+      if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+      else:
+        h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
+    h.update(b"|")
+  return h.hexdigest()[:16]
+
+
+def _manager(directory: str, *, max_to_keep: Optional[int] = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+
+
+class Store:
+  """A directory of fingerprinted steps: `save(step, state, meta)`, `restore_latest()`.
+
+  `fingerprint` identifies what the state was computed from; restoring a
+  step saved under another fingerprint raises FingerprintMismatch naming
+  both, so old progress is never mixed with a new job.
+  """
+
+  def __init__(self, directory: str, fingerprint: str, *, max_to_keep: Optional[int] = 2):
+    self.directory = directory
+    self.fingerprint = fingerprint
+    self._max_to_keep = max_to_keep
+    self._mngr = None
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    if self._mngr is None:
+      self._mngr = _manager(self.directory, max_to_keep=self._max_to_keep)
+    return self._mngr
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: Optional[dict] = None) -> None:
+    """Saves `state` (a pytree of arrays) and `meta` (JSON) as `step`, atomically."""
+    record = dict(meta or {}, fingerprint=self.fingerprint)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
+    """Returns (state, meta) of `step`; raises FingerprintMismatch if it was made from other inputs."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta.get("fingerprint") != self.fingerprint:
+      raise FingerprintMismatch(
+          f"{self.directory} holds a checkpoint made from a different model, config or data set "
+          f"(fingerprint {meta.get('fingerprint')}, this job's is {self.fingerprint}); refusing to mix "
+          "them. Use a fresh --workdir or delete that directory.")
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
+    return state, meta
+
+  def restore_latest(self, target: Any = None) -> Optional[tuple[int, Any, dict]]:
+    """Returns (step, state, meta) of the newest step, or None when there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    state, meta = self.restore(step, target)
+    return step, state, meta
+
+  def close(self) -> None:
+    if self._mngr is not None:
+      self._mngr.close()
+      self._mngr = None
+
+
+def _eigenspace_state(es: Eigenspace) -> dict:
+  return {"eigenvalues": es.eigenvalues, "eigenvectors": es.eigenvectors,
+          "residuals": es.residuals, "ritz_estimates": es.ritz_estimates}
+
+
+def _info_to_json(info: Optional[EigenspaceInfo]) -> Optional[dict]:
+  if info is None:
+    return None
+  d = dict(info.__dict__)
+  d["param_signature"] = [list(map(lambda x: list(x) if isinstance(x, tuple) else x, s)) for s in info.param_signature]
+  return d
+
+
+def _info_from_json(d: Optional[dict]) -> Optional[EigenspaceInfo]:
+  if d is None:
+    return None
+  d = dict(d)
+  d["param_signature"] = tuple((p, tuple(s), t) for p, s, t in d["param_signature"])
+  return EigenspaceInfo(**d)
+
+
+def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra: Optional[dict] = None) -> None:
+  """Saves an Eigenspace (arrays with orbax, info and damping as JSON) atomically as step 0."""
+  store = Store(directory, fingerprint, max_to_keep=1)
+  store.save(0, _eigenspace_state(es),
+             dict(extra or {}, damping=es.damping, info=_info_to_json(es.info)))
+  store.close()
+
+
+def load_eigenspace(directory: str, fingerprint: Optional[str] = None) -> Eigenspace:
+  """Returns the Eigenspace saved in `directory`; checks its fingerprint when one is given."""
+  mngr = _manager(directory, read_only=True)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No saved eigenspace in {directory}.")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+    raise FingerprintMismatch(
+        f"The eigenspace in {directory} was fitted on a different model, config or data set "
+        f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}).")
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  mngr.close()
+  return Eigenspace(
+      eigenvalues=state["eigenvalues"], eigenvectors=state["eigenvectors"],
+      residuals=state["residuals"], ritz_estimates=state["ritz_estimates"],
+      damping=float(meta["damping"]), info=_info_from_json(meta.get("info")))
