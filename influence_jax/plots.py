@@ -1,0 +1,90 @@
+"""PNG pictures of an eigenspace and of influence rankings (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)  # Atomic: never a half-written picture.
+  return path
+
+
+def spectrum(path: str, eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = None,
+             damping: float = 0.0, title: str = "") -> str:
+  """Writes the eigenvalue spectrum (log scale) with residuals ‖Hu − λu‖; returns `path`."""
+  ev = np.asarray(eigenvalues, np.float64)
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  idx = np.arange(1, ev.size + 1)
+  pos = ev > 0
+  ax.semilogy(idx[pos], ev[pos], "o-", ms=3, label="eigenvalue λ")
+  if np.any(~pos):
+    ax.semilogy(idx[~pos], -ev[~pos], "x", ms=4, label="−λ (negative)")
+  if residuals is not None and np.all(np.isfinite(residuals)):
+    ax.semilogy(idx, np.maximum(np.asarray(residuals, np.float64), 1e-16), ".", ms=3, label="residual ‖Hu−λu‖")
+  if damping > 0:
+    ax.axhline(damping, color="gray", ls="--", lw=1, label=f"damping δ = {damping:g}")
+  ax.set_xlabel("index (descending)")
+  ax.set_ylabel("value")
+  ax.set_title(title or f"Top-{ev.size} curvature eigenvalues")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def influence_grid(path: str, test_images: np.ndarray, test_labels: Sequence[int],
+                   train_images: np.ndarray, train_labels: Sequence[int],
+                   proponents: np.ndarray, proponent_scores: np.ndarray,
+                   opponents: np.ndarray, opponent_scores: np.ndarray,
+                   num_shown: int = 4, title: str = "") -> str:
+  """Writes a grid: each row a test image, then its top proponents and opponents (training images).
+
+  `test_images`/`train_images` are (N, H, W) or (N, H*W) square images;
+  proponents/opponents are (T, ≥num_shown) indices into the training set.
+  """
+  def square(x):
+    x = np.asarray(x)
+    if x.ndim == 2:
+      side = int(round(np.sqrt(x.shape[1])))
+      x = x.reshape(-1, side, side)
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2])
+
+  test_images, train_images = square(test_images), square(train_images)
+  rows, k = len(test_images), min(num_shown, proponents.shape[1])
+  fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.15 * (1 + 2 * k), 1.3 * rows), squeeze=False)
+  for r in range(rows):
+    cells = [(test_images[r], f"test y={test_labels[r]}", "black")]
+    cells += [(train_images[j], f"+{s:.2g} y={train_labels[j]}", "tab:green")
+              for j, s in zip(proponents[r, :k], proponent_scores[r, :k])]
+    cells += [(train_images[j], f"{s:.2g} y={train_labels[j]}", "tab:red")
+              for j, s in zip(opponents[r, :k], opponent_scores[r, :k])]
+    for c, (img, label, color) in enumerate(cells):
+      ax = axes[r, c]
+      ax.imshow(img, cmap="gray_r")
+      ax.set_title(label, fontsize=7, color=color)
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.suptitle(title or "test image | top proponents (green) | top opponents (red)", fontsize=9)
+  return _save(fig, path)
+
+
+def histogram(path: str, groups: dict, xlabel: str, title: str = "", bins: int = 40) -> str:
+  """Writes overlaid histograms of named 1-D arrays; returns `path`."""
+  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  for name, values in groups.items():
+    ax.hist(np.asarray(values), bins=bins, alpha=0.55, label=f"{name} (n={len(values)})")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("count")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
