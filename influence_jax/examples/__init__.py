@@ -1,0 +1,1 @@
+"""Runnable examples (python -m influence_jax.examples.<name>)."""
