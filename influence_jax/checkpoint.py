@@ -42,8 +42,8 @@ def fingerprint(*parts: Any) -> str:
 
 def _manager(directory: str, *, max_to_keep: Optional[int] = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+      max_to_keep=max_to_keep, create=not read_only,
+      enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 

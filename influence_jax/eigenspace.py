@@ -134,7 +134,9 @@ def fit_eigenspace(
     microbatch_size: Optional[int] = None,
     compute_residuals: bool = True,
     tol: Optional[float] = None,
+    block_size: int = 32,
     callback: Optional[Callable[[arnoldi.ArnoldiState], None]] = None,
+    initial_state: Optional[arnoldi.ArnoldiState] = None,
 ) -> Eigenspace:
   """Returns the top-k eigenpairs of the curvature of the mean loss over `batches`.
 
@@ -143,6 +145,9 @@ def fit_eigenspace(
   inversion. `selection` "largest" keeps the largest positive eigenvalues,
   "magnitude" the largest |λ|. Fewer than top_k pairs come back when the
   Krylov space closes early (rank-deficient curvature).
+
+  `callback(state)` runs after every step (progress, checkpoints);
+  `initial_state` resumes a run saved from such a callback (same inputs).
   """
   if not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
     raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}.")
@@ -162,8 +167,14 @@ def fit_eigenspace(
   validation.check_finite_scalar(loss, "loss_fn(params, batches[0])")
   op = curvature_lib.curvature_operator(
       loss_fn, params, batches, curvature=curvature, microbatch_size=microbatch_size)
-  state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters)
-  state = arnoldi.run(op, state, tol=tol, callback=callback)
+  state = initial_state
+  if state is None:
+    state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters, block_size=block_size)
+  elif state.basis.shape[1] != op.dim or state.hessenberg.shape[1] != n_iters:
+    raise ValueError(
+        f"initial_state has a basis of shape {state.basis.shape} for n_iters={state.hessenberg.shape[1]}, "
+        f"but this fit has {op.dim} parameters and n_iters={n_iters}.")
+  state = arnoldi.run(op, state, tol=tol, block_size=block_size, callback=callback)
   validation.check_finite(state.hessenberg, "the Arnoldi Hessenberg matrix (the curvature products)")
   info = EigenspaceInfo(
       curvature=curvature,

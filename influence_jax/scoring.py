@@ -116,6 +116,34 @@ def top_k(scores: jax.Array, k: int) -> TopK:
   return TopK(np.asarray(pro_i), np.asarray(pro_s), np.asarray(opp_i), np.asarray(-opp_s))
 
 
+def empty_top_k(num_test: int, k: int, dtype=jnp.float32) -> TopK:
+  """Returns a running TopK with no candidates yet (indices −1, scores ∓inf)."""
+  idx = -np.ones((num_test, k), np.int32)
+  inf = np.full((num_test, k), np.inf, dtype)
+  return TopK(idx, -inf, idx.copy(), inf.copy())
+
+
+def merge_top_k(running: TopK, scores: jax.Array, offset: int) -> TopK:
+  """Returns `running` updated with a (T, B) block of scores for train examples offset..offset+B−1.
+
+  Merging blocks in any split gives the same result as `top_k` over all
+  columns at once (ties broken toward the lower index).
+  """
+  k = running.proponents.shape[1]
+  scores = np.asarray(scores)
+  cols = np.broadcast_to(np.arange(offset, offset + scores.shape[1], dtype=np.int32), scores.shape)
+
+  def best(cand_idx, cand_scores, sign):
+    order = np.lexsort((cand_idx, -sign * cand_scores), axis=1)[:, :k]
+    return np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_scores, order, 1)
+
+  pro = best(np.concatenate([running.proponents, cols], 1),
+             np.concatenate([running.proponent_scores, scores.astype(running.proponent_scores.dtype)], 1), 1)
+  opp = best(np.concatenate([running.opponents, cols], 1),
+             np.concatenate([running.opponent_scores, scores.astype(running.opponent_scores.dtype)], 1), -1)
+  return TopK(pro[0], pro[1], opp[0], opp[1])
+
+
 def influence(
     eigenspace: Eigenspace,
     per_example_loss_fn: Callable,

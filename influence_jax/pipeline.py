@@ -1,0 +1,396 @@
+"""The command-line jobs' work as library functions: train, fit the eigenspace, score.
+
+Each stage reads an ml_collections config and a work directory, writes its
+outputs atomically, and resumes from its last checkpoint when run again.
+Progress made from a different model, config or data set is refused
+(checkpoint.FingerprintMismatch), never mixed in.
+
+Work directory layout:
+  model/              orbax: the trained variables (+ JSON: fingerprint, accuracy)
+  arnoldi_progress/   orbax: Arnoldi state every `arnoldi.checkpoint_every` steps
+  eigenspace/         orbax: the fitted Eigenspace
+  eigenvalues.json    eigenvalues, residuals, Ritz estimates, how it was fitted
+  spectrum.png        the eigenvalue spectrum
+  scores/progress/    orbax: running top-k every `score.checkpoint_every` batches
+  scores/projections/ train_00000.npy, …: the (B, k) projections G(z) = U∇ℓ(z), a shard a batch
+  scores/top_k.csv    per test example its top proponents and opponents
+  scores/self_influence.csv   training examples ranked by self-influence
+  scores/influence_grid.png   test images with their top proponents / opponents
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import arnoldi
+from influence_jax import checkpoint
+from influence_jax import data as data_lib
+from influence_jax import datasets
+from influence_jax import eigenspace as eigenspace_lib
+from influence_jax import flax_adapters
+from influence_jax import models
+from influence_jax import plots
+from influence_jax import progress as progress_lib
+from influence_jax import projection
+from influence_jax import scoring
+from influence_jax import training
+
+
+class Task(NamedTuple):
+  """A data set and the model trained on it.
+
+  splits: {"train": batch, "test": batch}, each with an "id" leaf of global example ids.
+  module: the Linen module; per_example_loss(outputs, labels) -> (B,).
+  input_key / label_key: batch keys fed to the module and used as labels.
+  image_side: side of square images for pictures (None when not images).
+  """
+
+  splits: dict
+  module: Any
+  per_example_loss: Any
+  input_key: Any
+  label_key: str
+  image_side: Optional[int]
+
+
+def _limit(batch: dict, n: int) -> dict:
+  return batch if n is None or n < 0 else data_lib.take(batch, 0, min(n, data_lib.batch_size(batch)))
+
+
+def build_task(config: ml_collections.ConfigDict) -> Task:
+  """Returns the Task named by config.data.name and config.model.name."""
+  d, m = config.data, config.model
+  if d.name == "digits":
+    splits = datasets.load_digits(test_fraction=d.test_fraction, seed=config.seed, image=m.name == "cnn")
+    if d.get("label_noise", 0.0):
+      y, _ = datasets.flip_labels(splits["train"]["y"], d.label_noise, 10, config.seed)
+      splits["train"] = dict(splits["train"], y=y)
+    inputs, labels, loss, side = "x", "y", models.softmax_cross_entropy, 8
+  elif d.name == "seq2seq":
+    raw = datasets.synthetic_seq2seq(d.num_examples, d.seq_len, d.vocab_size, config.seed, task=d.task)
+    splits = datasets.split(raw, int(round(d.test_fraction * d.num_examples)))
+    inputs, labels, loss, side = ("src", "tgt"), "tgt", models.sequence_cross_entropy, None
+  else:
+    raise ValueError(f"Unknown config.data.name {d.name!r}; expected 'digits' or 'seq2seq'.")
+  splits = {"train": _limit(splits["train"], d.get("num_train", -1)),
+            "test": _limit(splits["test"], d.get("num_test", -1))}
+  if m.name == "mlp":
+    module = models.MLP(features=tuple(m.features), num_classes=m.num_classes, activation=m.activation)
+  elif m.name == "cnn":
+    module = models.CNN(features=tuple(m.features), num_classes=m.num_classes)
+  elif m.name == "transformer":
+    if d.name != "seq2seq":
+      raise ValueError("config.model.name='transformer' needs config.data.name='seq2seq'.")
+    module = models.Transformer(vocab_size=d.vocab_size, max_len=d.seq_len, d_model=m.d_model,
+                                num_heads=m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers)
+  else:
+    raise ValueError(f"Unknown config.model.name {m.name!r}; expected 'mlp', 'cnn' or 'transformer'.")
+  return Task(splits, module, loss, inputs, labels, side)
+
+
+def _inputs(task: Task, batch: dict) -> tuple:
+  keys = (task.input_key,) if isinstance(task.input_key, str) else task.input_key
+  return tuple(jnp.asarray(batch[k][:2]) for k in keys)
+
+
+def init_variables(task: Task, config) -> Any:
+  """Returns freshly initialised variables of the task's module (seeded by config.seed)."""
+  return task.module.init(jax.random.key(config.seed), *_inputs(task, task.splits["train"]))
+
+
+def model_fns(task: Task, variables: Any, config) -> flax_adapters.ModelFns:
+  """Returns loss_fn / per_example_loss_fn over the trainable params (L2 from config.train.l2)."""
+  return flax_adapters.linen_loss_fns(task.module, variables, task.per_example_loss,
+                                      input_key=task.input_key, label_key=task.label_key, l2=config.train.l2)
+
+
+def _data_fingerprint(task: Task) -> str:
+  return checkpoint.fingerprint(task.splits)
+
+
+def model_fingerprint(config, task: Task) -> str:
+  """Returns the hash of everything the trained model depends on."""
+  return checkpoint.fingerprint(config.seed, config.data.to_dict(), config.model.to_dict(),
+                                config.train.to_dict(), _data_fingerprint(task))
+
+
+def eigenspace_fingerprint(config, task: Task) -> str:
+  return checkpoint.fingerprint(model_fingerprint(config, task), config.arnoldi.to_dict())
+
+
+def scores_fingerprint(config, task: Task) -> str:
+  return checkpoint.fingerprint(eigenspace_fingerprint(config, task), config.score.to_dict())
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def maybe_kill(fault: Optional[str], stage: str, count: int) -> None:
+  """Fault injection for resume tests: SIGKILL this process when fault == f"{stage}:{count}"."""
+  if fault and fault == f"{stage}:{count}":
+    logging.warning("Fault injection: killing the process at %s", fault)
+    logging.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _optimizer(config) -> optax.GradientTransformation:
+  t = config.train
+  if t.optimizer == "adam":
+    return optax.adam(t.learning_rate)
+  if t.optimizer == "sgd":
+    return optax.sgd(t.learning_rate, momentum=t.get("momentum", 0.9))
+  raise ValueError(f"Unknown config.train.optimizer {t.optimizer!r}; expected 'adam' or 'sgd'.")
+
+
+def evaluate(task: Task, fns: flax_adapters.ModelFns, params) -> dict:
+  """Returns {"train_loss", "test_loss", "train_accuracy", "test_accuracy"} (accuracy per label token)."""
+  out = {}
+  for split, batch in task.splits.items():
+    logits = jax.jit(fns.logits_fn)(params, batch)
+    out[f"{split}_loss"] = float(jnp.mean(jax.jit(fns.per_example_loss_fn)(params, batch)))
+    out[f"{split}_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == batch[task.label_key]))
+  return out
+
+
+def run_train(config, workdir: str, *, quiet: bool = False) -> Any:
+  """Trains the task's model (or loads it if already trained with this config); returns the variables."""
+  task = build_task(config)
+  store = checkpoint.Store(os.path.join(workdir, "model"), model_fingerprint(config, task), max_to_keep=1)
+  template = init_variables(task, config)
+  found = store.restore_latest(target=template)
+  if found is not None:
+    logging.info("Model already trained in %s (%s)", store.directory, found[2].get("metrics"))
+    store.close()
+    return found[1]
+  fns = model_fns(task, template, config)
+  t = config.train
+  if not quiet:
+    logging.info("Training %s (%d params) on %d examples for %d epochs", config.model.name,
+                 models.num_params(fns.params), data_lib.batch_size(task.splits["train"]), t.num_epochs)
+  train_batch = {k: v for k, v in task.splits["train"].items() if k != "id"}
+  params, history = training.train(fns.loss_fn, fns.params, train_batch, optimizer=_optimizer(config),
+                                   num_epochs=t.num_epochs, batch_size=t.batch_size, seed=config.seed)
+  variables = fns.merge(params)
+  metrics = evaluate(task, fns, params)
+  logging.info("Trained: %s", metrics)
+  store.save(0, variables, {"metrics": metrics, "final_loss": history["final_loss"]})
+  store.close()
+  return variables
+
+
+def load_model(config, workdir: str) -> tuple[Task, Any]:
+  """Returns (task, variables) of the model trained in `workdir` with this config."""
+  task = build_task(config)
+  store = checkpoint.Store(os.path.join(workdir, "model"), model_fingerprint(config, task), max_to_keep=1)
+  found = store.restore_latest(target=init_variables(task, config))
+  store.close()
+  if found is None:
+    raise FileNotFoundError(f"No trained model in {workdir}/model: run scripts/train.py first.")
+  return task, found[1]
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def hessian_batches(task: Task, config) -> list:
+  """Returns the fixed list of batches the curvature is averaged over (config.arnoldi)."""
+  train = _limit({k: v for k, v in task.splits["train"].items() if k != "id"}, config.arnoldi.num_examples)
+  return list(data_lib.iterate(train, config.arnoldi.batch_size))
+
+
+def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] = None) -> eigenspace_lib.Eigenspace:
+  """Fits (or loads, or resumes) the eigenspace; writes eigenvalues.json and spectrum.png."""
+  task, variables = load_model(config, workdir)
+  fp = eigenspace_fingerprint(config, task)
+  final_dir = os.path.join(workdir, "eigenspace")
+  if os.path.isdir(final_dir):
+    try:
+      return checkpoint.load_eigenspace(final_dir, fingerprint=fp)
+    except FileNotFoundError:
+      pass  # A directory with no finished step: fit again.
+  fns = model_fns(task, variables, config)
+  a = config.arnoldi
+  dtype = ravel_pytree(fns.params)[0].dtype
+  template = arnoldi.init(eigenspace_lib.start_vector(models.num_params(fns.params), dtype, config.seed),
+                          a.n_iters, block_size=a.block_size)
+  store = checkpoint.Store(os.path.join(workdir, "arnoldi_progress"), fp)
+  found = store.restore_latest(target=template._asdict())
+  state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
+  bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps), quiet=quiet)
+
+  def callback(s: arnoldi.ArnoldiState) -> None:
+    bar.update()
+    step = int(s.num_steps)
+    if step % a.checkpoint_every == 0 and step < a.n_iters and not bool(s.breakdown):
+      store.save(step, s._asdict())
+    maybe_kill(fault, "arnoldi", step)
+
+  es = eigenspace_lib.fit_eigenspace(
+      fns.loss_fn, fns.params, hessian_batches(task, config), n_iters=a.n_iters, top_k=a.top_k,
+      damping=a.damping, curvature=a.curvature, seed=config.seed, selection=a.selection,
+      microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
+      initial_state=state)
+  checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
+  store.close()
+  _write_spectrum(workdir, es, config)
+  return es
+
+
+def _write_spectrum(workdir: str, es: eigenspace_lib.Eigenspace, config) -> None:
+  record = {
+      "eigenvalues": np.asarray(es.eigenvalues, np.float64).tolist(),
+      "residuals": np.asarray(es.residuals, np.float64).tolist(),
+      "ritz_estimates": np.asarray(es.ritz_estimates, np.float64).tolist(),
+      "damping": es.damping,
+      "arnoldi": config.arnoldi.to_dict(),
+      "num_steps": es.info.num_steps,
+      "breakdown": es.info.breakdown,
+      "num_params": es.info.num_params,
+      "num_examples": es.info.num_examples,
+  }
+  _atomic_write_text(os.path.join(workdir, "eigenvalues.json"), json.dumps(record, indent=1))
+  plots.spectrum(os.path.join(workdir, "spectrum.png"), np.asarray(es.eigenvalues),
+                 np.asarray(es.residuals), es.damping,
+                 title=f"{config.model.name}: top-{es.k} {config.arnoldi.curvature} eigenvalues")
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _without_ids(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "id"}
+
+
+def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
+  """Projects the training set once (shards on disk), keeps the top-k per test example, writes tables.
+
+  Returns the paths written. Resumes from the last checkpointed batch.
+  """
+  task, variables = load_model(config, workdir)
+  es = checkpoint.load_eigenspace(os.path.join(workdir, "eigenspace"), fingerprint=eigenspace_fingerprint(config, task))
+  fns = model_fns(task, variables, config)
+  s = config.score
+  out = os.path.join(workdir, "scores")
+  shard_dir = os.path.join(out, "projections")
+  os.makedirs(shard_dir, exist_ok=True)
+  train, test = task.splits["train"], task.splits["test"]
+  test_batch = _without_ids(test)
+  kw = dict(method=s.method, microbatch_size=s.microbatch_size or None)
+
+  directions = es.eigenvectors
+  if s.tail:
+    grads = jnp.concatenate([projection.per_example_gradients(fns.per_example_loss_fn, fns.params, b)
+                             for b in data_lib.iterate(test_batch, 64)])
+    directions = jnp.concatenate([directions, grads.astype(directions.dtype)])
+    test_proj = grads.astype(directions.dtype) @ es.eigenvectors.T
+  else:
+    test_proj = projection.project_on(directions, fns.per_example_loss_fn, fns.params,
+                                      data_lib.iterate(test_batch, s.batch_size), **kw).values
+
+  with_norms = bool(s.tail) and s.method == "vjp"  # Self-influence with the tail needs ‖∇ℓ(z)‖².
+  num_train = data_lib.batch_size(train)
+  num_batches = -(-num_train // s.batch_size)
+  num_test = test_proj.shape[0]
+  store = checkpoint.Store(os.path.join(out, "progress"), scores_fingerprint(config, task))
+  template = scoring.empty_top_k(num_test, s.top_k, np.asarray(test_proj).dtype)
+  found = store.restore_latest(target=template._asdict())
+  running, start = (scoring.TopK(**found[1]), found[0]) if found is not None else (template, 0)
+  bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet)
+  for b in range(start, num_batches):
+    lo = b * s.batch_size
+    batch = _without_ids(data_lib.take(train, lo, min(lo + s.batch_size, num_train)))
+    both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
+                                           with_sq_norms=with_norms, **kw)
+    proj = both[:, : es.k]
+    if with_norms:
+      _atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))
+    if s.tail:
+      block = scoring.influence_scores_with_tail(es, test_proj, proj, both[:, es.k:].T)
+    else:
+      block = scoring.influence_scores(es, test_proj, proj)
+    _atomic_save_npy(os.path.join(shard_dir, f"train_{b:05d}.npy"), np.asarray(proj))
+    running = scoring.merge_top_k(running, block, lo)
+    bar.update()
+    if (b + 1) % s.checkpoint_every == 0 or b + 1 == num_batches:
+      store.save(b + 1, running._asdict())
+    maybe_kill(fault, "score", b + 1)
+  store.close()
+  return _write_score_outputs(out, task, es, running, num_batches, config)
+
+
+def _write_score_outputs(out: str, task: Task, es, running: scoring.TopK, num_batches: int, config) -> dict:
+  train, test = task.splits["train"], task.splits["test"]
+  train_proj = np.concatenate([np.load(os.path.join(out, "projections", f"train_{b:05d}.npy"))
+                               for b in range(num_batches)])
+  norms_path = lambda b: os.path.join(out, "projections", f"sq_norms_{b:05d}.npy")
+  sq_norms = None
+  if config.score.tail and all(os.path.exists(norms_path(b)) for b in range(num_batches)):
+    sq_norms = jnp.asarray(np.concatenate([np.load(norms_path(b)) for b in range(num_batches)]))
+  self_infl = np.asarray(scoring.self_influence(es, jnp.asarray(train_proj), sq_norms=sq_norms))
+  label = lambda batch, i: _label_text(batch[task.label_key][i])
+
+  rows = [["test_id", "test_label", "kind", "rank", "train_id", "train_label", "score"]]
+  for t in range(running.proponents.shape[0]):
+    for kind, idx, sc in (("proponent", running.proponents, running.proponent_scores),
+                          ("opponent", running.opponents, running.opponent_scores)):
+      for r in range(idx.shape[1]):
+        j = int(idx[t, r])
+        if j < 0:
+          continue
+        rows.append([int(test["id"][t]), label(test, t), kind, r + 1, int(train["id"][j]), label(train, j),
+                     f"{float(sc[t, r]):.6g}"])
+  paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(out, "self_influence.csv")}
+  _write_csv(paths["top_k"], rows)
+  order = np.argsort(-self_infl, kind="stable")
+  _write_csv(paths["self_influence"], [["rank", "train_id", "train_label", "self_influence"]] + [
+      [r + 1, int(train["id"][j]), label(train, j), f"{self_infl[j]:.6g}"] for r, j in enumerate(order)])
+  if task.image_side is not None:
+    shown = min(config.score.grid_examples, running.proponents.shape[0])
+    paths["grid"] = plots.influence_grid(
+        os.path.join(out, "influence_grid.png"), test["x"][:shown], test["y"][:shown], train["x"], train["y"],
+        running.proponents[:shown], running.proponent_scores[:shown],
+        running.opponents[:shown], running.opponent_scores[:shown], num_shown=4)
+  summary = {"num_train": int(train_proj.shape[0]), "num_test": int(running.proponents.shape[0]),
+             "k": es.k, "tail": bool(config.score.tail),
+             "most_self_influential_train_ids": [int(train["id"][j]) for j in order[:10]]}
+  paths["summary"] = os.path.join(out, "summary.json")
+  _atomic_write_text(paths["summary"], json.dumps(summary, indent=1))
+  return paths
+
+
+def _label_text(y) -> str:
+  """Returns a class label as '7', a token sequence as '3 1 4'."""
+  y = np.asarray(y)
+  return str(int(y)) if y.ndim == 0 else " ".join(str(int(t)) for t in y.ravel())
+
+
+def _write_csv(path: str, rows: list) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+  os.replace(tmp, path)

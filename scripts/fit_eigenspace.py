@@ -1,0 +1,22 @@
+r"""Loads the trained model, fits the top-k curvature eigenspace by Arnoldi, saves it with orbax.
+
+Resumes from --workdir/arnoldi_progress when run again after an interruption.
+
+  python scripts/fit_eigenspace.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+"""
+
+from absl import app, logging
+
+from influence_jax import cli, pipeline
+
+
+def main(argv):
+  del argv
+  config, workdir, quiet, fault = cli.setup()
+  es = pipeline.run_fit(config, workdir, quiet=quiet, fault=fault)
+  logging.warning("Eigenspace (k=%d, top eigenvalue %.4g) saved in %s/eigenspace; spectrum in %s/spectrum.png",
+                  es.k, float(es.eigenvalues[0]), workdir, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,23 @@
+r"""Projects the training set on the eigenspace once, scores every test example, writes the tables.
+
+Writes --workdir/scores/{top_k.csv, self_influence.csv, influence_grid.png, projections/};
+resumes from --workdir/scores/progress when run again after an interruption.
+
+  python scripts/score.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+"""
+
+from absl import app, logging
+
+from influence_jax import cli, pipeline
+
+
+def main(argv):
+  del argv
+  config, workdir, quiet, fault = cli.setup()
+  paths = pipeline.run_score(config, workdir, quiet=quiet, fault=fault)
+  for name, path in paths.items():
+    logging.warning("%s: %s", name, path)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,109 @@
+"""The absl jobs as subprocesses: outputs, resume after SIGKILL, refusal of foreign checkpoints."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--config.data.num_train=160", "--config.data.num_test=12", "--config.train.num_epochs=10",
+    "--config.train.batch_size=32", "--config.model.features=(16,)", "--config.arnoldi.n_iters=24",
+    "--config.arnoldi.top_k=12", "--config.arnoldi.checkpoint_every=5", "--config.arnoldi.block_size=8",
+    "--config.score.batch_size=32", "--config.score.top_k=4", "--config.score.checkpoint_every=2",
+]
+
+
+def run_job(script, workdir, *extra, check=True):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--config", os.path.join(ROOT, "configs/digits_mlp.py"),
+         f"--workdir={workdir}", "--quiet", *SMALL, *extra]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def outputs(workdir):
+  """Returns the deterministic outputs of fit and score."""
+  ev = json.loads(read(os.path.join(workdir, "eigenvalues.json")))
+  shards = sorted(os.listdir(os.path.join(workdir, "scores", "projections")))
+  proj = np.concatenate([np.load(os.path.join(workdir, "scores", "projections", s)) for s in shards if s.startswith("train")])
+  return ev, read(os.path.join(workdir, "scores", "top_k.csv")), read(os.path.join(workdir, "scores", "self_influence.csv")), proj
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  proc = run_job("run_all.py", workdir)
+  assert "Done. Results in" in proc.stdout
+  return workdir
+
+
+def test_jobs_write_their_outputs(reference):
+  ev = json.loads(read(os.path.join(reference, "eigenvalues.json")))
+  assert len(ev["eigenvalues"]) == 12 and ev["eigenvalues"] == sorted(ev["eigenvalues"], reverse=True)
+  assert all(r < 1e-2 * ev["eigenvalues"][0] for r in ev["residuals"][:3])
+  for name in ("spectrum.png", "scores/influence_grid.png"):
+    with open(os.path.join(reference, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  rows = list(csv.DictReader(open(os.path.join(reference, "scores", "top_k.csv"))))
+  assert len(rows) == 12 * 2 * 4
+  pro = [float(r["score"]) for r in rows if r["kind"] == "proponent" and r["rank"] == "1"]
+  opp = [float(r["score"]) for r in rows if r["kind"] == "opponent" and r["rank"] == "1"]
+  assert min(pro) > 0 > max(opp)
+  selfs = [float(r["self_influence"]) for r in csv.DictReader(open(os.path.join(reference, "scores", "self_influence.csv")))]
+  assert len(selfs) == 160 and selfs == sorted(selfs, reverse=True) and selfs[-1] >= 0
+
+
+def test_separate_jobs_equal_run_all(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  for script in ("train.py", "fit_eigenspace.py", "score.py"):
+    run_job(script, workdir)
+  ref, got = outputs(reference), outputs(workdir)
+  assert got[0] == ref[0] and got[1] == ref[1] and got[2] == ref[2]
+  np.testing.assert_array_equal(got[3], ref[3])
+
+
+@pytest.mark.parametrize("fault", ["arnoldi:3", "arnoldi:13", "score:1", "score:3"])
+def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, fault):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(os.path.join(reference, "model"), os.path.join(workdir, "model"))
+  if fault.startswith("score"):
+    shutil.copytree(os.path.join(reference, "eigenspace"), os.path.join(workdir, "eigenspace"))
+    shutil.copy(os.path.join(reference, "eigenvalues.json"), workdir)
+  proc = run_job("run_all.py", workdir, f"--fault_injection={fault}", check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  run_job("run_all.py", workdir)
+  ref, got = outputs(reference), outputs(workdir)
+  assert got[0] == ref[0] and got[1] == ref[1] and got[2] == ref[2]
+  np.testing.assert_array_equal(got[3], ref[3])
+
+
+def test_foreign_checkpoint_is_refused(reference, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(os.path.join(workdir, "eigenspace"))
+  # The saved model was trained with another L2: refused, not silently used.
+  proc = run_job("fit_eigenspace.py", workdir, "--config.train.l2=0.5", check=False)
+  assert proc.returncode != 0 and "different model, config or data set" in proc.stderr
+  # Same model, other Arnoldi settings: the old progress must not be mixed in.
+  run_job("fit_eigenspace.py", workdir, "--fault_injection=arnoldi:7", check=False)
+  proc = run_job("fit_eigenspace.py", workdir, "--config.arnoldi.damping=0.5", check=False)
+  assert proc.returncode != 0 and "different model, config or data set" in proc.stderr
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = run_job("train.py", str(tmp_path / "w"), "--config.train.learning_rat=0.1", check=False)
+  assert proc.returncode != 0 and "learning_rat" in proc.stderr
