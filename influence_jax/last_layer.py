@@ -19,10 +19,12 @@ why the augmented feature puts the 1 *first*: a = [1, h], logits = a W̃.
 The softmax null space. Adding the same vector to every column of W̃ (adding
 aᵀv to every logit) leaves softmax unchanged: the cross-entropy Hessian is zero
 on the d+1 directions v ⊗ 1_C. Every cross-entropy gradient and every margin
-gradient is orthogonal to them (their class parts sum to zero). H is factored
-by `eigh`; eigenvalues μ of the loss part get 1/(μ + l2 + damping), except
-those with μ + l2 + damping ≤ rcond·max μ, which get 0. So with
-l2 + damping > rcond·max μ (the usual case) the inverse is exact, and with
+gradient is orthogonal to them (their class parts sum to zero). The loss part
+of H is factored by `eigh` (it is positive semi-definite); its eigenvalues μ at
+or below rcond·max μ are rounding noise around the null space and are set to 0.
+Each direction then gets 1/(μ + l2 + damping), or 0 where that sum is 0. So
+with l2 + damping > 0 (the usual case, and it does handle the null space) the
+inverse is that of H + (l2 + damping)·I exactly, up to rounding; with
 l2 = damping = 0 it is the pseudo-inverse: the null directions are dropped,
 which for gradients orthogonal to them is the l2 → 0 limit of the regularised
 influence. Size: P up to a few thousand (eigh is O(P³)).
@@ -47,7 +49,8 @@ class LastLayerCurvature(NamedTuple):
     the module docstring (bias first, then kernel row-major).
   loss_eigenvalues: (P,) μ, eigenvalues of the cross-entropy part (≥ 0 up to rounding).
   inverse_eigenvalues: (P,) what H⁻¹ applies along each eigenvector:
-    1/(μ + l2 + damping), or 0 where that is ≤ rcond·max μ (pseudo-inverse).
+    1/(μ' + l2 + damping), μ' = μ with values ≤ rcond·max μ set to 0; 0 where
+    the denominator is 0 (pseudo-inverse, only when l2 + damping = 0).
   regularization: scalar l2 + damping.
   """
 
@@ -159,13 +162,13 @@ def _loss_hessian(features, labels, kernel, bias, *, chunk_size):
     h, w = xs
     a = augment(h)
     p = jax.nn.softmax(h @ kernel + bias, axis=-1)
-    # (a aᵀ) ⊗ diag p: only the c = c' blocks, D[i, c, j] = Σ_b w a_i a_j p_c.
-    diag_part = jnp.einsum("b,bi,bc,bj->icj", w, a, p, a)
+    u = _kron_rows(a, p)  # rows a ⊗ p, (chunk, P)
+    uw = u * w[:, None]
+    # (a aᵀ) ⊗ diag p has only c = c' blocks: D[(i, c), j] = Σ_b w a_i p_c a_j, one matmul.
+    diag_part = (uw.T @ a).reshape(d + 1, c, d + 1)
     diag_part = diag_part[:, :, :, None] * jnp.eye(c, dtype=dt)[None, :, None, :]
     # (a aᵀ) ⊗ p pᵀ = (a ⊗ p)(a ⊗ p)ᵀ.
-    u = _kron_rows(a, p)
-    outer = (u * w[:, None]).T @ u
-    return acc + diag_part.reshape(p_dim, p_dim) - outer, None
+    return acc + diag_part.reshape(p_dim, p_dim) - uw.T @ u, None
 
   hess, _ = jax.lax.scan(body, jnp.zeros((p_dim, p_dim), dt), (feats, weights))
   return 0.5 * (hess + hess.T)
@@ -187,9 +190,9 @@ def last_layer_hessian(features, labels, kernel, bias, *, l2: float = 0.0, chunk
 @functools.partial(jax.jit, static_argnames=("rcond",))
 def _factor(hess, reg, *, rcond):
   mu, vecs = jnp.linalg.eigh(hess)
-  total = mu + reg
-  cutoff = rcond * jnp.maximum(jnp.max(jnp.abs(mu)), jnp.finfo(hess.dtype).tiny)
-  inv = jnp.where(total > cutoff, 1.0 / jnp.where(total > cutoff, total, 1.0), 0.0)
+  cutoff = rcond * jnp.max(jnp.abs(mu))
+  total = jnp.where(mu > cutoff, mu, 0.0) + reg
+  inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
   return LastLayerCurvature(vecs, mu, inv, reg)
 
 
@@ -209,9 +212,10 @@ def fit_last_layer(
   H = (1/N) Σ (a aᵀ) ⊗ (diag p − p pᵀ) + (l2 + damping)·I over the N rows of
   `features` (the frozen body's outputs on the training set), for the objective
   (1/N) Σ ℓ + (l2/2)‖(kernel, bias)‖² of DESIGN §1 (l2 on the bias too).
-  `damping` is extra, for influence only. Eigenvalues of H at or below
-  rcond·max μ (default rcond: 100·P·machine epsilon) are dropped (pseudo-inverse);
-  this matters only when l2 + damping is about 0 (see the module docstring).
+  `damping` is extra, for influence only. Eigenvalues μ of the loss part at
+  or below rcond·max μ (default rcond: 10·P·machine epsilon) count as 0; with
+  l2 + damping = 0 their directions are dropped (pseudo-inverse, see the
+  module docstring). `labels` are checked but H does not depend on them.
   """
   check_last_layer_inputs(features, labels, kernel, bias)
   if _concrete(l2, damping):
@@ -223,7 +227,7 @@ def fit_last_layer(
     raise ValueError("features holds no examples; the Hessian is a mean over at least one.")
   hess = _loss_hessian(features, labels, kernel, bias, chunk_size=int(chunk_size))
   if rcond is None:
-    rcond = 100.0 * hess.shape[0] * float(jnp.finfo(hess.dtype).eps)
+    rcond = 10.0 * hess.shape[0] * float(jnp.finfo(hess.dtype).eps)
   return _factor(hess, jnp.asarray(l2 + damping, hess.dtype), rcond=float(rcond))
 
 
