@@ -20,14 +20,16 @@ The softmax null space. Adding the same vector to every column of W̃ (adding
 aᵀv to every logit) leaves softmax unchanged: the cross-entropy Hessian is zero
 on the d+1 directions v ⊗ 1_C. Every cross-entropy gradient and every margin
 gradient is orthogonal to them (their class parts sum to zero). The loss part
-of H is factored by `eigh` (it is positive semi-definite); its eigenvalues μ at
-or below rcond·max μ are rounding noise around the null space and are set to 0.
-Each direction then gets 1/(μ + l2 + damping), or 0 where that sum is 0. So
-with l2 + damping > 0 (the usual case, and it does handle the null space) the
-inverse is that of H + (l2 + damping)·I exactly, up to rounding; with
-l2 = damping = 0 it is the pseudo-inverse: the null directions are dropped,
-which for gradients orthogonal to them is the l2 → 0 limit of the regularised
-influence. Size: P up to a few thousand (eigh is O(P³)).
+of H is positive semi-definite and is factored by `eigh`; its eigenvalues μ are
+clamped at 0 (rounding can make null ones slightly negative). Then:
+- l2 + damping > 0 (the usual case; this is what handles the null space):
+  every direction gets 1/(μ + l2 + damping), the exact inverse of
+  H + (l2 + damping)·I. Keep l2 + damping well above the rounding level of the
+  curvature (machine epsilon · max μ; about 1e-7·max μ in float32).
+- l2 = damping = 0: the pseudo-inverse, directions with μ ≤ rcond·max μ get 0.
+  The null directions are dropped, which for gradients orthogonal to them is
+  the l2 → 0 limit of the regularised influence.
+Size: P up to a few thousand (eigh is O(P³); P = 1,290 takes about 0.2 s on CPU).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class LastLayerCurvature(NamedTuple):
     the module docstring (bias first, then kernel row-major).
   loss_eigenvalues: (P,) μ, eigenvalues of the cross-entropy part (≥ 0 up to rounding).
   inverse_eigenvalues: (P,) what H⁻¹ applies along each eigenvector:
-    1/(μ' + l2 + damping), μ' = μ with values ≤ rcond·max μ set to 0; 0 where
-    the denominator is 0 (pseudo-inverse, only when l2 + damping = 0).
+    1/(max(μ, 0) + l2 + damping); when l2 + damping = 0, 0 where μ ≤ rcond·max μ
+    (pseudo-inverse).
   regularization: scalar l2 + damping.
   """
 
@@ -190,9 +192,10 @@ def last_layer_hessian(features, labels, kernel, bias, *, l2: float = 0.0, chunk
 @functools.partial(jax.jit, static_argnames=("rcond",))
 def _factor(hess, reg, *, rcond):
   mu, vecs = jnp.linalg.eigh(hess)
-  cutoff = rcond * jnp.max(jnp.abs(mu))
-  total = jnp.where(mu > cutoff, mu, 0.0) + reg
-  inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+  total = jnp.maximum(mu, 0.0) + reg
+  cutoff = jnp.where(reg > 0, 0.0, rcond * jnp.max(jnp.abs(mu)))
+  keep = total > cutoff
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, total, 1.0), 0.0)
   return LastLayerCurvature(vecs, mu, inv, reg)
 
 
@@ -212,10 +215,10 @@ def fit_last_layer(
   H = (1/N) Σ (a aᵀ) ⊗ (diag p − p pᵀ) + (l2 + damping)·I over the N rows of
   `features` (the frozen body's outputs on the training set), for the objective
   (1/N) Σ ℓ + (l2/2)‖(kernel, bias)‖² of DESIGN §1 (l2 on the bias too).
-  `damping` is extra, for influence only. Eigenvalues μ of the loss part at
-  or below rcond·max μ (default rcond: 10·P·machine epsilon) count as 0; with
-  l2 + damping = 0 their directions are dropped (pseudo-inverse, see the
-  module docstring). `labels` are checked but H does not depend on them.
+  `damping` is extra, for influence only. With l2 + damping = 0 the inverse is
+  the pseudo-inverse: eigenvalues at or below rcond·max μ (default rcond:
+  10·P·machine epsilon) are dropped (see the module docstring). `labels` are
+  checked but H does not depend on them.
   """
   check_last_layer_inputs(features, labels, kernel, bias)
   if _concrete(l2, damping):

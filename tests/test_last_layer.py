@@ -173,24 +173,25 @@ def test_jit_of_the_whole_pipeline_matches_eager():
 def test_float32_matches_float64_with_small_l2():
   # No real curvature direction is cut off in float32 (only rounding-level eigenvalues count as 0).
   feats, labels, tfeats, tlabels, params = _problem(seed=4, d=6, c=4, n=60)
-  feats, tfeats = 4 * feats, 4 * tfeats  # max curvature ≈ 10: a relative cutoff would reach l2
+  feats, tfeats = 4 * feats, 4 * tfeats  # max curvature μ ≈ 4, float32 rounding of μ ≈ 5e-7
+  feats[:, 0] *= 3e-3  # real curvature eigenvalues ≈ 1e-5: above rounding, below 10·P·eps·max μ
   f32 = lambda a: np.asarray(a, np.float32)
 
   def scores(cast):
     k, b = cast(params["kernel"]), cast(params["bias"])
-    curv = ll.fit_last_layer(cast(feats), labels, k, b, l2=1e-3)
+    curv = ll.fit_last_layer(cast(feats), labels, k, b, l2=1e-4)
     g = ll.last_layer_gradients(cast(feats), labels, k, b)
     return ll.last_layer_influence(curv, ll.last_layer_gradients(cast(tfeats), tlabels, k, b), g)
 
   s32, s64 = scores(f32), scores(np.asarray)
   assert s32.dtype == jnp.float32 and s64.dtype == jnp.float64
-  assert _rel_err(s32, s64) < 1e-3
-  # With l2 > 0 the softmax shift directions get 1/l2 (the exact inverse), even when l2 is far
-  # below float32 resolution of the curvature's scale.
-  curv = ll.fit_last_layer(f32(feats), labels, f32(params["kernel"]), f32(params["bias"]), l2=1e-5)
+  assert _rel_err(s32, s64) < 1e-2  # measured 1.4e-3; clipping μ below 10·P·eps·max μ gave 7e-2
+  # With l2 > 0 nothing is cut off: the softmax shift directions get 1/l2 (the exact inverse), even
+  # with l2 below 10·P·eps·max μ (≈ 1.5e-4 here); float32 rounding of μ is ≈ 5e-7, so ≈ 0.5% error.
+  curv = ll.fit_last_layer(f32(feats), labels, f32(params["kernel"]), f32(params["bias"]), l2=1e-4)
   shift = np.kron(np.eye(7)[:2], np.ones(4) / 2.0).astype(np.float32)
   got = np.asarray(ll.last_layer_inverse_hvp(curv, shift))
-  assert np.linalg.norm(got - shift / 1e-5) < 1e-3 * np.linalg.norm(shift / 1e-5)
+  assert np.linalg.norm(got - shift / 1e-4) < 2e-2 * np.linalg.norm(shift / 1e-4)
 
 
 def test_bad_inputs_raise_clear_errors():
