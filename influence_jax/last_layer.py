@@ -29,7 +29,10 @@ clamped at 0 (rounding can make null ones slightly negative). Then:
 - l2 = damping = 0: the pseudo-inverse, directions with μ ≤ rcond·max μ get 0.
   The null directions are dropped, which for gradients orthogonal to them is
   the l2 → 0 limit of the regularised influence.
-Size: P up to a few thousand (eigh is O(P³); P = 1,290 takes about 0.2 s on CPU).
+Size: P up to a few thousand (eigh is O(P³): P = 1,290 took 0.2–1.5 s on a shared
+2-core CPU). Memory: O(chunk·P) per chunk of examples plus the P² factor; the
+score functions take gradient matrices, so score the training set in batches
+of rows when N·P is too large (columns are independent).
 """
 
 from __future__ import annotations
