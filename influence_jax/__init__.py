@@ -4,8 +4,28 @@ Sign convention everywhere (DESIGN §1): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇�
 Positive: training example z is a proponent of test example x.
 """
 
+from influence_jax.classification import (
+    classification_test_loss,
+    exact_classification_influence,
+    last_layer_classification_influence,
+    last_layer_margin_gradients,
+    margin,
+    margin_logit_gradients,
+    per_example_margin_fn,
+    per_example_margin_gradients,
+)
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
 from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
+from influence_jax.last_layer import (
+    LastLayerCurvature,
+    fit_last_layer,
+    last_layer_gradients,
+    last_layer_hessian,
+    last_layer_influence,
+    last_layer_inverse_hvp,
+    last_layer_self_influence,
+)
+from influence_jax.relative import relative_floor, relative_influence
 from influence_jax.scoring import (
     TopK,
     default_tail_constant,
