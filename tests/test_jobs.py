@@ -107,3 +107,23 @@ def test_foreign_checkpoint_is_refused(reference, tmp_path):
 def test_unknown_config_key_is_an_error(tmp_path):
   proc = run_job("train.py", str(tmp_path / "w"), "--config.train.learning_rat=0.1", check=False)
   assert proc.returncode != 0 and "learning_rat" in proc.stderr
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("digits_cnn.py", ["--config.model.features=(4,4)"]),
+    ("seq2seq_transformer.py", ["--config.data.num_examples=120", "--config.data.num_test=6",
+                                "--config.model.d_model=8", "--config.model.d_ff=16"]),
+])
+def test_cnn_and_transformer_examples_run_end_to_end(tmp_path, config, extra):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  small = ["--config.train.num_epochs=2", "--config.arnoldi.n_iters=8", "--config.arnoldi.top_k=4",
+           "--config.arnoldi.checkpoint_every=4", "--config.arnoldi.block_size=8", "--config.score.top_k=3",
+           "--config.data.num_train=96", "--config.score.batch_size=48", "--config.score.tail=False"]
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_all.py"), "--config", os.path.join(ROOT, "configs", config),
+         f"--workdir={tmp_path}", "--quiet", *small, *extra]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = list(csv.DictReader(open(tmp_path / "scores" / "top_k.csv")))
+  assert rows and all(np.isfinite(float(r["score"])) for r in rows)
+  assert len(json.loads(read(tmp_path / "eigenvalues.json"))["eigenvalues"]) == 4
