@@ -162,11 +162,15 @@ def linen_loss_fns(
 
 
 def nnx_eval_view(model: nnx.Module) -> nnx.Module:
-  """Returns a view of `model` (sharing its variables) with every eval attribute that exists set.
+  """Returns a view of `model` (sharing its variables) with the eval attributes that exist set.
 
   Sets deterministic=True and use_running_average=True (nnx.view) on the
   sub-modules that have them; the given module is not modified.
   """
+  if not hasattr(nnx, "view"):  # Older Flax: an eval-mode copy (variables copied, not shared).
+    view = nnx.clone(model)
+    view.eval()
+    return view
   view = model
   for name in ("deterministic", "use_running_average"):
     try:
