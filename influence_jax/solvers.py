@@ -27,19 +27,18 @@ def dense_hessian(loss_fn: Callable, params: Params, batches) -> jax.Array:
   flat, unravel = ravel_pytree(params)
   sizes = [data_lib.batch_size(b) for b in batches]
   total = sum(sizes)
+  batch_hessian = jax.jit(jax.hessian(lambda f, b: loss_fn(unravel(f), b)))
   hess = jnp.zeros((flat.size, flat.size), flat.dtype)
   for b, n in zip(batches, sizes):
-    hess = hess + jax.hessian(lambda f: loss_fn(unravel(f), b))(flat) * (n / total)
+    hess = hess + batch_hessian(flat, b) * (n / total)
   return hess
 
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Params, batches) -> jax.Array:
   """Returns the (N, p) matrix of flat per-example gradients ∇ℓ(z_i) (tiny problems only)."""
   flat, unravel = ravel_pytree(params)
-  rows = []
-  for b in data_lib.materialize(batches, "batches"):
-    rows.append(jax.jacrev(lambda f: per_example_loss_fn(unravel(f), b))(flat))
-  return jnp.concatenate(rows)
+  batch_jacobian = jax.jit(jax.jacrev(lambda f, b: per_example_loss_fn(unravel(f), b)))
+  return jnp.concatenate([batch_jacobian(flat, b) for b in data_lib.materialize(batches, "batches")])
 
 
 def exact_influence(
