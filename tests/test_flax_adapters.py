@@ -190,3 +190,19 @@ def test_wrong_batch_keys_raise_clear_errors(data, twins):
     fns.per_example_loss_fn(fns.params, train)
   with pytest.raises(TypeError, match="nnx.Module"):
     flax_adapters.nnx_loss_fns(model, models.softmax_cross_entropy)
+
+
+def test_linen_and_nnx_twins_give_identical_arnoldi_scores(data, twins):
+  """The library's Arnoldi path (top-k < p, with and without the tail) sees the same network."""
+  import influence_jax as ij
+
+  train, test = data
+  *_, linen, nnx_fns = twins
+  results = []
+  for fns in (linen, nnx_fns):
+    es = ij.fit_eigenspace(fns.loss_fn, fns.params, [train], n_iters=40, top_k=20, damping=0.05)
+    plain = ij.influence(es, fns.per_example_loss_fn, fns.params, [test], [train])
+    tail = ij.influence(es, fns.per_example_loss_fn, fns.params, [test], [train], tail=True)
+    results.append((np.asarray(es.eigenvalues), np.asarray(plain), np.asarray(tail)))
+  for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
