@@ -16,6 +16,7 @@ from influence_jax.classification import (
 )
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
 from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
+from influence_jax.flax_adapters import ModelFns, linen_loss_fns, nnx_loss_fns, nnx_update
 from influence_jax.last_layer import (
     LastLayerCurvature,
     fit_last_layer,
