@@ -60,10 +60,10 @@ class Selection(NamedTuple):
 
   def summary(self) -> str:
     """Returns a table of selected / total units and parameters per layer."""
-    rows = [f"{'layer':<24} {'units':>11} {'params':>17}"]
+    rows = [f"{'layer':<24} {'units':>13} {'params':>19}"]
     for l in self.layers:
-      rows.append(f"{'/'.join(l.path):<24} {l.units_selected:>5}/{l.units_total:<5} "
-                  f"{l.params_selected:>8}/{l.params_total:<8}")
+      rows.append(f"{'/'.join(l.path):<24} {l.units_selected:>6} / {l.units_total:<4} "
+                  f"{l.params_selected:>8} / {l.params_total:<8}")
     sel = sum(l.params_selected for l in self.layers)
     total = sum(int(np.size(x)) for x in jax.tree.leaves(self.mask))
     rows.append(f"selected {sel} of {total} parameters ({100.0 * sel / max(total, 1):.1f}%); "
