@@ -29,6 +29,7 @@ _STEPS = flags.DEFINE_integer("steps", 3000, "Full-batch Adam steps for training
 _L2 = flags.DEFINE_float("l2", 1e-3, "L2 coefficient (inside every example's loss).")
 _DAMPING = flags.DEFINE_float("damping", 1e-3, "Damping added to the Hessian.")
 _MAX_ITERS = flags.DEFINE_integer("max_iters", 500, "CG iterations per solve.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Initialisation seeds (and random-selection seeds) to average over.")
 _FLIP = flags.DEFINE_float("flip", 0.3, "Label change task: fraction of training 1s labelled 7.")
 
 
@@ -80,31 +81,31 @@ def oracle(metrics_fn, target, params, delta):
   return gif_tasks.line_search(gap, params, delta)[0]
 
 
-def report(name, metrics, extra=""):
-  print(f"  {name:<22} " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()) + extra)
-
-
-def run_task(title, edit_fn, metrics_fn, params, retrained, selection_loss, selection_batch):
-  print(f"\n== {title}")
-  report("original", metrics_fn(params))
-  target = metrics_fn(retrained)
-  report("retrained", target)
+def run_task(edit_fn, metrics_fn, params, retrained, selection_loss, selection_batch, seed):
+  """Returns {row name: {metric: value}} for the original, retrained and every edited model."""
+  rows = {"original": metrics_fn(params), "retrained": metrics_fn(retrained)}
   jobs = [("IF (all)", "if", None)]
   for sel in ("output", "gradient", "random"):
     s = gif.select_parameters(params, ratio=_RATIO.value, method=sel, loss_fn=selection_loss,
-                              target_batch=selection_batch, seed=0)
-    for method in ("gif", "fif", "pif"):
-      jobs.append((f"{method.upper()} ({sel})", method, s.mask))
-  print(s.summary())
+                              target_batch=selection_batch, seed=seed)
+    jobs += [(f"{m.upper()} ({sel})", m, s.mask) for m in ("gif", "fif", "pif")]
+  if seed == 0:
+    print(s.summary())
   for name, method, mask in jobs:
-    t = time.perf_counter()
     res = edit_fn(method, mask)
-    took = time.perf_counter() - t
-    m = metrics_fn(res.params)
-    best = oracle(metrics_fn, target, params, res.update.delta)
-    report(name, m, f"  scale={res.scale:g}  rel.resid={float(res.update.relative_residual):.3f} "
-           f"iters={int(res.update.num_iters)} {took:.1f}s")
-    report(f"  oracle scale={best:g}", metrics_fn(gif.apply_update(params, res.update, best)))
+    best = oracle(metrics_fn, rows["retrained"], params, res.update.delta)
+    rows[name] = dict(metrics_fn(res.params), scale=res.scale, resid=float(res.update.relative_residual))
+    rows[name].update({f"oracle_{k}": v for k, v in metrics_fn(gif.apply_update(params, res.update, best)).items()})
+  return rows
+
+
+def print_table(title, per_seed):
+  print(f"\n== {title}: mean over {len(per_seed)} seeds")
+  keys = list(per_seed[0]["IF (all)"])
+  print(f"  {'':<16}" + "".join(f"{k:>19}" for k in keys))
+  for name in per_seed[0]:
+    vals = [np.mean([r[name].get(k, np.nan) for r in per_seed]) for k in keys]
+    print(f"  {name:<16}" + "".join(f"{'':>19}" if np.isnan(v) else f"{v:>19.3f}" for v in vals))
 
 
 def main(_):
@@ -114,19 +115,8 @@ def main(_):
       d.data / 16.0, d.target.astype(np.int32), test_size=0.3, random_state=0)
   train_batch, test_batch = {"x": x_tr, "y": y_tr}, {"x": x_te, "y": y_te}
   solver = dict(damping=_DAMPING.value, max_iters=_MAX_ITERS.value, tol=1e-6)
-
-  # Class removal.
-  params = train(train_batch)
   keep = y_tr != _REMOVED.value
-  retrained = train(gif_tasks.select_examples(train_batch, keep))
   removed_batch = gif_tasks.select_examples(train_batch, ~keep)
-  run_task(f"class removal: forget class {_REMOVED.value} ({(~keep).sum()} of {keep.size} training examples)",
-           lambda method, mask: gif_tasks.class_removal_edit(per_example_loss, params, train_batch, _REMOVED.value,
-                                                             method=method, mask=mask, **solver),
-           lambda p: gif_tasks.class_removal_metrics(logits_fn, p, test_batch, _REMOVED.value),
-           params, retrained, mean_loss, removed_batch)
-
-  # Label change: a fraction of the training 1s labelled 7, then corrected.
   rng = np.random.default_rng(0)
   ones = np.flatnonzero(y_tr == 1)
   changed = np.zeros(y_tr.size, bool)
@@ -134,14 +124,30 @@ def main(_):
   wrong_y = y_tr.copy()
   wrong_y[changed] = 7
   wrong_batch = {"x": x_tr, "y": wrong_y}
-  params = train(wrong_batch)
-  retrained = train(train_batch)
   changed_batch = gif_tasks.select_examples(train_batch, changed)
-  run_task(f"label change: {changed.sum()} training 1s labelled 7, corrected",
-           lambda method, mask: gif_tasks.label_change_edit(per_example_loss, params, wrong_batch, changed,
-                                                            y_tr[changed], method=method, mask=mask, **solver),
-           lambda p: gif_tasks.label_change_metrics(logits_fn, p, test_batch, changed_batch, wrong_y[changed]),
-           params, retrained, mean_loss, gif_tasks.select_examples(wrong_batch, changed))
+  removal, relabel = [], []
+  t0 = time.perf_counter()
+  for seed in range(_SEEDS.value):
+    # Class removal: the retrained model starts from the same initialisation.
+    params = train(train_batch, seed)
+    retrained = train(gif_tasks.select_examples(train_batch, keep), seed)
+    removal.append(run_task(
+        lambda method, mask: gif_tasks.class_removal_edit(per_example_loss, params, train_batch, _REMOVED.value,
+                                                          method=method, mask=mask, **solver),
+        lambda p: gif_tasks.class_removal_metrics(logits_fn, p, test_batch, _REMOVED.value),
+        params, retrained, mean_loss, removed_batch, seed))
+    # Label change: a fraction of the training 1s labelled 7, then corrected.
+    params = train(wrong_batch, seed)
+    retrained = train(train_batch, seed)
+    relabel.append(run_task(
+        lambda method, mask: gif_tasks.label_change_edit(per_example_loss, params, wrong_batch, changed,
+                                                         y_tr[changed], method=method, mask=mask, **solver),
+        lambda p: gif_tasks.label_change_metrics(logits_fn, p, test_batch, changed_batch, wrong_y[changed]),
+        params, retrained, mean_loss, gif_tasks.select_examples(wrong_batch, changed), seed))
+    print(f"seed {seed} done, {time.perf_counter() - t0:.0f}s")
+  print_table(f"class removal: forget class {_REMOVED.value} ({(~keep).sum()} of {keep.size} training examples), "
+              f"ratio {_RATIO.value}", removal)
+  print_table(f"label change: {changed.sum()} training 1s labelled 7, corrected; ratio {_RATIO.value}", relabel)
 
 
 if __name__ == "__main__":
