@@ -252,7 +252,7 @@ def full_mask(params: Params) -> Params:
 
 
 def _summed_gradient(per_example_loss_fn, params, batches) -> Params:
-  grad = jax.grad(lambda p, b: jnp.sum(per_example_loss_fn(p, b)))
+  grad = jax.jit(jax.grad(lambda p, b: jnp.sum(per_example_loss_fn(p, b))))
   total = None
   for b in batches:
     gb = grad(params, b)
