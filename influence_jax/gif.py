@@ -82,9 +82,11 @@ class _Layer(NamedTuple):
 def unit_layers(params: Params) -> list[_Layer]:
   """Returns the Dense/Conv-like layers of a Linen params pytree, in sorted path order.
 
-  A layer is a dict holding a 'kernel' of rank ≥ 2 (output units on its last
-  axis) and optionally a 'bias' of shape (units,). Norm layers ('scale'/'bias'
-  without a kernel), embeddings and anything else are not layers here.
+  A layer is a dict holding exactly a 'kernel' of rank ≥ 2 (output units on
+  its last axis) and optionally a 'bias' of shape (units,). Norm layers
+  ('scale'/'bias' without a kernel), embeddings, DenseGeneral kernels with
+  several output axes (e.g. attention projections) and anything else are not
+  layers here, so their parameters are never selected.
   """
   layers = []
   strip = 1 if isinstance(params, dict) and set(params) == {"params"} else 0
@@ -97,13 +99,8 @@ def unit_layers(params: Params) -> list[_Layer]:
       units = int(np.shape(kernel)[-1])
       bias = node.get("bias")
       has_bias = bias is not None and np.shape(bias) == (units,)
-      extra = sorted(set(node) - {"kernel", "bias"})
-      if (bias is not None and not has_bias) or extra:
-        raise ValueError(
-            f"Layer {'/'.join(key)} has a kernel of shape {np.shape(kernel)} with "
-            f"bias shape {np.shape(bias) if bias is not None else None} and other entries {extra}; "
-            "only Dense/Conv layers (output units on the kernel's last axis, bias of shape (units,)) "
-            "are supported.")
+      if (bias is not None and not has_bias) or set(node) - {"kernel", "bias"}:
+        return  # not Dense/Conv-shaped (e.g. DenseGeneral with several output axes): never selected
       unit_size = int(np.size(kernel)) // units + int(has_bias)
       layers.append(_Layer(key, key[strip:], units, unit_size, has_bias))
       return

@@ -62,6 +62,13 @@ def test_unit_layers_finds_dense_and_conv_but_not_norm_layers(net):
   wrapped = gif.unit_layers({"params": net["params"]})
   assert [l.module_path for l in wrapped] == [l.key for l in layers]
   assert wrapped[0].key == ("params", "Conv_0")
+  # DenseGeneral-shaped kernels (several output axes) and embeddings are not unit layers.
+  other = {"attn": {"kernel": np.zeros((3, 2, 4)), "bias": np.zeros((2, 4))}, "Embed_0": {"embedding": np.zeros((5, 3))},
+           "Dense_0": net["params"]["Dense_0"]}
+  assert [l.key for l in gif.unit_layers(other)] == [("Dense_0",)]
+  sel = gif.select_parameters(other, ratio=1.0, method="random")
+  assert not np.any(sel.mask["attn"]["kernel"]) and not np.any(sel.mask["Embed_0"]["embedding"])
+  assert np.all(sel.mask["Dense_0"]["kernel"])
 
 
 def _check_mask(sel, params, ratio, expected_units):
