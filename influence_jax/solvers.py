@@ -1,4 +1,4 @@
-"""Inverse-curvature solvers. Exact (dense; tiny models only) here.
+"""Inverse-curvature solvers: exact (dense; tiny models only) and conjugate gradients (matrix-free).
 
 The dense path forms H with `jax.hessian`, so it is the reference every
 approximate method is tested against.
@@ -6,7 +6,8 @@ approximate method is tested against.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,3 +66,94 @@ def exact_influence(
     raise np.linalg.LinAlgError(
         "H + damping·I is singular or nearly so; use a positive damping for exact influence.")
   return g_test @ jnp.linalg.solve(hess, g_train.T)
+
+
+# ---------------------------------------------------------------------------
+# Conjugate gradients on a matrix-free symmetric operator.
+
+
+class CGResult(NamedTuple):
+  """The result of `conjugate_gradient`.
+
+  x: the approximate solution of A x = b (flat, like b).
+  num_iters: CG iterations run (one product with A each).
+  residual_norm: ‖b − A x‖ at the end, from the CG recurrence (not recomputed).
+  converged: residual_norm ≤ tol · ‖b‖.
+  """
+
+  x: jax.Array
+  num_iters: jax.Array
+  residual_norm: jax.Array
+  converged: jax.Array
+
+
+def conjugate_gradient(
+    matvec,
+    b: jax.Array,
+    *,
+    x0: jax.Array | None = None,
+    tol: float = 1e-6,
+    max_iters: int | None = None,
+) -> CGResult:
+  """Solves A x = b for a symmetric positive (semi-)definite A given as a product; returns a CGResult.
+
+  `matvec` is a `curvature.LinearOperator` (its pure `matvec(operands, v)` is
+  fused into the jitted loop, operands passed as arguments) or any callable
+  v ↦ A v on flat vectors. The loop is one `jax.lax.while_loop`; it stops when
+  ‖b − A x‖ ≤ tol · ‖b‖ (relative residual), after `max_iters` iterations
+  (default: the dimension of b), or when pᵀAp ≤ 0 (A not positive definite on
+  the Krylov space: the iterate so far is returned and converged is False unless
+  the residual test already holds). For a consistent semi-definite system
+  (b in the range of A) started from x0 in that range, CG returns the
+  minimum-norm solution.
+  """
+  b = jnp.asarray(b)
+  if b.ndim != 1:
+    raise ValueError(f"conjugate_gradient works on flat vectors; got b with shape {b.shape}.")
+  if not jnp.issubdtype(b.dtype, jnp.floating):
+    raise TypeError(f"b must be a floating-point vector; got dtype {b.dtype}.")
+  if not bool(jnp.all(jnp.isfinite(b))):
+    raise ValueError("b has non-finite values (NaN or inf).")
+  x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
+  if x0.shape != b.shape:
+    raise ValueError(f"x0 has shape {x0.shape}, but b has shape {b.shape}.")
+  if not tol > 0:
+    raise ValueError(f"tol must be positive; got {tol}.")
+  max_iters = b.size if max_iters is None else int(max_iters)
+  if max_iters < 0:
+    raise ValueError(f"max_iters must be non-negative; got {max_iters}.")
+  if hasattr(matvec, "matvec") and hasattr(matvec, "operands"):
+    if getattr(matvec, "dim", b.size) != b.size:
+      raise ValueError(f"The operator acts on vectors of size {matvec.dim}, but b has size {b.size}.")
+    return _cg_loop(matvec.matvec, True, matvec.operands, b, x0, tol, max_iters)
+  if not callable(matvec):
+    raise TypeError(f"matvec must be a LinearOperator or a callable; got {type(matvec).__name__}.")
+  return _cg_loop(matvec, False, None, b, x0, tol, max_iters)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _cg_loop(fn, takes_operands, operands, b, x0, tol, max_iters):
+  apply = (lambda v: fn(operands, v)) if takes_operands else fn
+  threshold = tol * jnp.linalg.norm(b)
+  r0 = b - apply(x0)
+  rr0 = jnp.vdot(r0, r0)
+
+  def cond(state):
+    _, _, _, rr, k, ok = state
+    return (jnp.sqrt(rr) > threshold) & (k < max_iters) & ok
+
+  def body(state):
+    x, r, p, rr, k, _ = state
+    ap = apply(p)
+    pap = jnp.vdot(p, ap)
+    ok = pap > 0
+    alpha = jnp.where(ok, rr / jnp.where(ok, pap, 1.0), 0.0)
+    x = x + alpha * p
+    r = r - alpha * ap
+    rr_new = jnp.where(ok, jnp.vdot(r, r), rr)
+    p = r + (rr_new / rr) * p
+    return x, r, p, rr_new, k + 1, ok
+
+  x, _, _, rr, k, _ = jax.lax.while_loop(cond, body, (x0, r0, r0, rr0, jnp.asarray(0), jnp.asarray(True)))
+  res = jnp.sqrt(rr)
+  return CGResult(x=x, num_iters=k, residual_norm=res, converged=res <= threshold)

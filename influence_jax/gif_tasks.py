@@ -1,0 +1,160 @@
+"""Editing tasks with influence updates (DESIGN §4): class removal and label change.
+
+Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
+`logits_fn(params, x) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.
+The training loss is taken to be mean(per_example_loss_fn) (any L2 term inside
+it). The step size applied to an update Δ is chosen *without test labels*, by
+a line search of the edited training objective (the loss on the remaining or
+corrected training set) over θ + sΔ; `line_search` with a test-set objective is
+the oracle, to be reported separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence_jax import curvature, gif
+
+Params = Any
+Batch = Any
+
+METHODS = ("gif", "fif", "pif", "if")
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+class EditResult(NamedTuple):
+  """An applied edit: params = θ + scale · update.delta.
+
+  scale: the step size chosen by the line search on the edited training loss.
+  scale_losses: that loss at each scale of the grid (same order as `scales`).
+  """
+
+  params: Params
+  update: gif.InfluenceUpdate
+  scale: float
+  scales: tuple
+  scale_losses: tuple
+
+
+def influence_update(method: str, hessian, g: Params, mask: Optional[Params] = None, **solver_kwargs) -> gif.InfluenceUpdate:
+  """Returns the update of `method` ("gif", "fif", "pif" on `mask`; "if" on every parameter)."""
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+  if method == "if":
+    return gif.if_update(hessian, g, **solver_kwargs)
+  if mask is None:
+    raise ValueError(f"method={method!r} needs a target mask (e.g. gif.select_parameters(...).mask).")
+  fn = {"gif": gif.gif_update, "fif": gif.fif_update, "pif": gif.pif_update}[method]
+  return fn(hessian, g, mask, **solver_kwargs)
+
+
+def line_search(objective_fn: Callable[[Params], Any], params: Params, delta: Params,
+                scales: Sequence[float] = DEFAULT_SCALES) -> tuple[float, tuple]:
+  """Returns (the scale s of `scales` minimising objective_fn(θ + sΔ), the objective at every scale).
+
+  Ties go to the first scale listed. With the edited training loss as the
+  objective this needs no test labels; with a test metric it is the oracle.
+  """
+  if not scales:
+    raise ValueError("scales is empty.")
+  values = tuple(float(objective_fn(gif.apply_update(params, delta, s))) for s in scales)
+  if not all(np.isfinite(values)):
+    bad = [s for s, v in zip(scales, values) if not np.isfinite(v)]
+    raise ValueError(f"The objective is not finite at scales {bad}.")
+  return float(scales[int(np.argmin(values))]), values
+
+
+def select_examples(batch: Batch, keep) -> Batch:
+  """Returns the examples of `batch` where the boolean (B,) array `keep` is True."""
+  keep = np.asarray(keep, bool)
+  return jax.tree.map(lambda x: np.asarray(x)[keep], batch)
+
+
+def accuracy(logits_fn: Callable, params: Params, batch: Batch) -> float:
+  """Returns the fraction of `batch` whose argmax logit equals batch["y"] (nan for an empty batch)."""
+  y = np.asarray(batch["y"])
+  if y.size == 0:
+    return float("nan")
+  pred = np.asarray(jnp.argmax(logits_fn(params, batch["x"]), -1))
+  return float(np.mean(pred == y))
+
+
+def class_removal_metrics(logits_fn: Callable, params: Params, test_batch: Batch, removed_class: int) -> dict:
+  """Returns {"removed": accuracy on the removed class, "rest": accuracy on the other classes}."""
+  is_removed = np.asarray(test_batch["y"]) == removed_class
+  return {"removed": accuracy(logits_fn, params, select_examples(test_batch, is_removed)),
+          "rest": accuracy(logits_fn, params, select_examples(test_batch, ~is_removed))}
+
+
+def label_change_metrics(logits_fn: Callable, params: Params, test_batch: Batch, changed_batch: Batch,
+                         wrong_labels) -> dict:
+  """Returns clean test accuracy, accuracy on the relabelled examples (corrected labels, changed_batch["y"]),
+  and the backdoor rate: the fraction of relabelled examples still predicted as their wrong label."""
+  pred = np.asarray(jnp.argmax(logits_fn(params, changed_batch["x"]), -1))
+  return {"clean": accuracy(logits_fn, params, test_batch),
+          "relabelled": float(np.mean(pred == np.asarray(changed_batch["y"]))),
+          "backdoor": float(np.mean(pred == np.asarray(wrong_labels)))}
+
+
+def _edit(per_example_loss_fn, params, new_train_batch, g, method, mask, damping, curvature_kind,
+          microbatch_size, scales, solver_kwargs):
+  loss_fn = lambda p, b: jnp.mean(per_example_loss_fn(p, b))
+  hessian = curvature.curvature_operator(loss_fn, params, [new_train_batch], curvature=curvature_kind,
+                                         damping=damping, microbatch_size=microbatch_size)
+  update = influence_update(method, hessian, g, mask, **solver_kwargs)
+  train_loss = jax.jit(lambda p: loss_fn(p, new_train_batch))
+  scale, losses = line_search(train_loss, params, update.delta, scales)
+  return EditResult(gif.apply_update(params, update, scale), update, scale, tuple(scales), losses)
+
+
+def class_removal_edit(
+    per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
+    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
+    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
+) -> EditResult:
+  """Returns θ edited to forget every training example of `removed_class`.
+
+  g = removal_gradient over that class, H = curvature of the mean loss on the
+  remaining training examples (+ damping·I), Δ by `method` on `mask`; the step
+  is the scale of `scales` with the lowest remaining-set training loss (pass
+  scales=(1.0,) for the plain first-order edit).
+  """
+  is_removed = np.asarray(train_batch["y"]) == removed_class
+  if not is_removed.any() or is_removed.all():
+    raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
+  removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
+  g = gif.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
+  return _edit(per_example_loss_fn, params, remaining, g, method, mask, damping, curvature_kind, microbatch_size,
+               scales, solver_kwargs)
+
+
+def label_change_edit(
+    per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
+    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
+    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
+) -> EditResult:
+  """Returns θ (trained on train_batch's wrong labels) edited towards retraining on corrected labels.
+
+  `changed` is a boolean (N,) array of the examples whose label is fixed and
+  `corrected_labels` their new labels (in order). g = label_change_gradient
+  (scaled by 1/N), H = curvature of the mean loss on the corrected training
+  set; the step is chosen by the corrected-set training loss.
+  """
+  changed = np.asarray(changed, bool)
+  corrected_labels = np.asarray(corrected_labels)
+  if changed.shape != np.shape(train_batch["y"]) or corrected_labels.shape != (int(changed.sum()),):
+    raise ValueError(f"changed must be a boolean mask over the {np.shape(train_batch['y'])} training labels and "
+                     f"corrected_labels hold one label per changed example; got {changed.shape} and "
+                     f"{corrected_labels.shape}.")
+  wrong = select_examples(train_batch, changed)
+  fixed = dict(wrong, y=corrected_labels.astype(np.asarray(train_batch["y"]).dtype))
+  new_y = np.array(train_batch["y"])
+  new_y[changed] = fixed["y"]
+  corrected = dict(train_batch, y=new_y)
+  g = gif.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
+  return _edit(per_example_loss_fn, params, corrected, g, method, mask, damping, curvature_kind, microbatch_size,
+               scales, solver_kwargs)
