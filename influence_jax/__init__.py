@@ -36,6 +36,18 @@ from influence_jax.scoring import (
     self_influence,
     top_k,
 )
-from influence_jax.solvers import dense_hessian, exact_influence
+from influence_jax.gif import (
+    InfluenceUpdate,
+    Selection,
+    apply_update,
+    fif_update,
+    gif_update,
+    if_update,
+    label_change_gradient,
+    pif_update,
+    removal_gradient,
+    select_parameters,
+)
+from influence_jax.solvers import CGResult, conjugate_gradient, dense_hessian, exact_influence
 
 __version__ = "0.1.0"
