@@ -304,8 +304,7 @@ def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str]
 
   directions = es.eigenvectors
   if s.tail:
-    grads = jnp.concatenate([projection.per_example_gradients(fns.per_example_loss_fn, fns.params, b)
-                             for b in data_lib.iterate(test_batch, 64)])
+    grads = projection.gradients(fns.per_example_loss_fn, fns.params, [test_batch])
     directions = jnp.concatenate([directions, grads.astype(directions.dtype)])
     test_proj = grads.astype(directions.dtype) @ es.eigenvectors.T
   else:
@@ -325,7 +324,7 @@ def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str]
     lo = b * s.batch_size
     batch = _without_ids(data_lib.take(train, lo, min(lo + s.batch_size, num_train)))
     both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
-                                           with_sq_norms=with_norms, **kw)
+                                           with_sq_norms=with_norms, pad_to=s.batch_size, **kw)
     proj = both[:, : es.k]
     if with_norms:
       _atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))

@@ -70,12 +70,15 @@ def project_on(
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
     with_sq_norms: bool = False,
+    pad_to: Optional[int] = None,
 ) -> Projections:
   """Returns the projections D ∇ℓ(z) of every example of `batches`, in order.
 
   `directions` is (k, p) in `ravel_pytree(params)` order. Batches are padded to
   the first batch's size (one compiled program) and results sliced back.
-  `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp").
+  `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp"). `pad_to`
+  fixes the padded batch size across calls (a streaming caller's last, smaller
+  batch then reuses the compiled program).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
@@ -93,9 +96,10 @@ def project_on(
     if n == 0:
       raise ValueError(f"batch {i} holds no examples.")
     if padded_size is None:
-      micro = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
-      micro = min(micro, n)
-      padded_size = micro * -(-n // micro)
+      size = max(n, pad_to or 0)
+      micro = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, size)
+      micro = min(micro, size)
+      padded_size = micro * -(-size // micro)
     if n > padded_size:
       raise ValueError(
           f"batch {i} has {n} examples, more than the first batch ({padded_size} after padding); "
@@ -115,3 +119,12 @@ def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any
   flat, unravel = ravel_pytree(params)
   return jax.jit(jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex)))(
       jax.tree.map(jnp.asarray, batch))
+
+
+def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64) -> jax.Array:
+  """Returns the (T, p) flat per-example gradients of every example of `batches`, `chunk_size` at a time.
+
+  For the few test examples whose gradients serve as directions; T × p numbers are held.
+  """
+  return jnp.concatenate([per_example_gradients(per_example_loss_fn, params, chunk)
+                          for b in batches for chunk in data_lib.iterate(b, chunk_size)])

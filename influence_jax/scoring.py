@@ -174,8 +174,7 @@ def influence(
     test_proj = projection.project_on(eigenspace.eigenvectors, per_example_loss_fn, params, test_batches, **kw).values
     train_proj = projection.project_on(eigenspace.eigenvectors, per_example_loss_fn, params, train_batches, **kw).values
     return influence_scores(eigenspace, test_proj, train_proj, damping=damping)
-  test_grads = jnp.concatenate(
-      [projection.per_example_gradients(per_example_loss_fn, params, b) for b in test_batches])
+  test_grads = projection.gradients(per_example_loss_fn, params, test_batches)
   test_grads = test_grads.astype(eigenspace.eigenvectors.dtype)
   test_proj = test_grads @ eigenspace.eigenvectors.T
   directions = jnp.concatenate([eigenspace.eigenvectors, test_grads])
