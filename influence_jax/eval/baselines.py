@@ -1,0 +1,227 @@
+"""Attribution methods behind one interface, for benchmarking against retraining.
+
+Every method is `method(task, **settings) -> MethodResult` whose scores are
+(T, N) with the DESIGN §1 sign: scores[x, z] > 0 means training example z is a
+proponent of test example x. The influence methods estimate
+∇ℓ(x)ᵀ (H + δI)⁻¹ ∇ℓ(z), H the Hessian of the training objective at
+`task.params`; gradient dot product and TracIn replace H⁻¹ by I (TracIn:
+summed over checkpoints, each weighted by its learning rate).
+
+Timings are wall seconds measured around the work, blocking on results, JIT
+compilation included (call a method twice to see the warm cost): `fit` is
+everything done once per model (a factorisation, an eigenspace), `score`
+everything that depends on the test examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import curvature, data as data_lib, projection, solvers
+from influence_jax.eigenspace import fit_eigenspace
+from influence_jax.scoring import influence
+
+
+class Task(NamedTuple):
+  """What a method sees: the losses, the trained params, the data, and checkpoints for TracIn.
+
+  checkpoints: a sequence of (params, learning_rate) saved during training.
+  """
+
+  loss_fn: Callable
+  per_example_loss_fn: Callable
+  params: Any
+  train_batches: Sequence[Any]
+  test_batches: Sequence[Any]
+  checkpoints: Sequence[tuple[Any, float]] = ()
+
+
+class MethodResult(NamedTuple):
+  """scores: (T, N) numpy, DESIGN §1 sign; fit_seconds, score_seconds: wall time incl. JIT; info: diagnostics."""
+
+  scores: np.ndarray
+  fit_seconds: float
+  score_seconds: float
+  info: dict
+
+
+class _Clock:
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def lap(self, *values) -> float:
+    jax.block_until_ready(values)
+    now = time.perf_counter()
+    out, self.start = now - self.start, now
+    return out
+
+
+def query_gradients(task: Task, params=None) -> jax.Array:
+  """Returns the (T, p) flat per-example gradients of the test examples (T × p must fit in memory)."""
+  params = task.params if params is None else params
+  return jnp.concatenate([projection.per_example_gradients(task.per_example_loss_fn, params, b)
+                          for b in data_lib.materialize(task.test_batches, "test_batches")])
+
+
+def _dots_with_train(task: Task, directions: jax.Array, params=None) -> jax.Array:
+  """Returns the (T, N) matrix directions · ∇ℓ(z) over all training examples z (no N × p gradients kept)."""
+  params = task.params if params is None else params
+  return projection.project_on(directions, task.per_example_loss_fn, params, task.train_batches).values.T
+
+
+def exact(task: Task, *, damping: float = 0.0) -> MethodResult:
+  """Exact influence ∇ℓ(x)ᵀ(H + δI)⁻¹∇ℓ(z) with a dense H (tiny models only).
+
+  Fit: the dense Hessian and its eigendecomposition (info: its smallest
+  eigenvalue and the number of negative ones after damping).
+  """
+  clock = _Clock()
+  hess = solvers.dense_hessian(task.loss_fn, task.params, task.train_batches)
+  hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
+  evals, evecs = jnp.linalg.eigh(hess)
+  if bool(jnp.any(evals == 0)):
+    raise np.linalg.LinAlgError("H + damping·I is singular; use a positive damping.")
+  fit_s = clock.lap(evals, evecs)
+  g = query_gradients(task)
+  solved = ((g @ evecs) / evals) @ evecs.T
+  scores = _dots_with_train(task, solved)
+  score_s = clock.lap(scores)
+  info = {"min_eigenvalue": float(evals[0]), "num_negative": int(jnp.sum(evals < 0)), "dim": int(hess.shape[0])}
+  return MethodResult(np.asarray(scores), fit_s, score_s, info)
+
+
+def conjugate_gradients(task: Task, *, damping: float = 0.0, tol: float = 1e-6,
+                        max_iters: int = 500, microbatch_size: Optional[int] = None) -> MethodResult:
+  """Influence with (H + δI)⁻¹∇ℓ(x) solved by conjugate gradients, all test examples at once.
+
+  The T solves run as one vmapped CG loop (`solvers.conjugate_gradient`'s
+  loop, each test example stopping on its own criteria); nothing is fitted.
+  CG stops early where H + δI shows non-positive curvature: info reports
+  how many solves converged and the iterations taken.
+  """
+  clock = _Clock()
+  op = curvature.curvature_operator(task.loss_fn, task.params, task.train_batches,
+                                    damping=damping, microbatch_size=microbatch_size)
+  fit_s = clock.lap()
+  g = query_gradients(task)
+  solve = jax.vmap(functools.partial(solvers._cg_loop, op.matvec, True), in_axes=(None, 0, 0, None, None))
+  res = solve(op.operands, g, jnp.zeros_like(g), tol, max_iters)
+  scores = _dots_with_train(task, res.x)
+  score_s = clock.lap(scores)
+  info = {"converged": f"{int(jnp.sum(res.converged))}/{g.shape[0]}",
+          "mean_iters": float(jnp.mean(res.num_iters)),
+          "max_rel_residual": float(jnp.max(res.residual_norm / jnp.linalg.norm(g, axis=1)))}
+  return MethodResult(np.asarray(scores), fit_s, score_s, info)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _lissa(loss_fn, unravel, depth, batch_size, params, examples, v, damping, scale, key):
+  """Returns (h_depth / scale, relative change of the last step per row, max growth) for rows of v."""
+  num = data_lib.batch_size(examples)
+
+  def hvp_rows(batch, h):
+    return jax.vmap(lambda r: ravel_pytree(curvature.hvp(loss_fn, params, batch, unravel(r)))[0])(h)
+
+  def step(h, k):
+    if batch_size is None:
+      batch = examples
+    else:
+      idx = jax.random.choice(k, num, (batch_size,), replace=False)
+      batch = jax.tree.map(lambda x: x[idx], examples)
+    new = v + h - (hvp_rows(batch, h) + damping * h) / scale
+    change = jnp.linalg.norm(new - h, axis=1) / jnp.maximum(jnp.linalg.norm(new, axis=1), 1e-30)
+    return new, (change, jnp.max(jnp.linalg.norm(new, axis=1) / jnp.linalg.norm(v, axis=1)))
+
+  h, (changes, growth) = jax.lax.scan(step, v, jax.random.split(key, depth))
+  return h / scale, changes[-1], jnp.max(growth)
+
+
+def lissa(task: Task, *, damping: float = 0.0, scale: float = 10.0, depth: int = 1000,
+          batch_size: Optional[int] = None, repeats: int = 1, tol: float = 1e-3, seed: int = 0) -> MethodResult:
+  """Influence with (H + δI)⁻¹∇ℓ(x) from the LiSSA recursion (Agarwal et al. 2017; Koh & Liang's form).
+
+  h₀ = v, h_j = v + h_{j−1} − (H_B + δI) h_{j−1}/scale over `depth` steps,
+  H_B the Hessian on a random mini-batch of `batch_size` training examples
+  (None: all of them, deterministic); (H + δI)⁻¹v ≈ h/scale, averaged over
+  `repeats`. It converges only when every eigenvalue of H + δI lies in
+  (0, 2·scale): info reports the last step's relative change (converged when
+  below `tol` for every test example) and whether the iterates blew up.
+  """
+  if depth < 1 or repeats < 1 or not scale > 0:
+    raise ValueError(f"Need depth ≥ 1, repeats ≥ 1 and scale > 0; got {depth}, {repeats}, {scale}.")
+  clock = _Clock()
+  examples = jax.tree.map(jnp.asarray, data_lib.concatenate(data_lib.materialize(task.train_batches)))
+  flat, unravel = ravel_pytree(task.params)
+  fit_s = clock.lap()
+  g = query_gradients(task)
+  total, changes, growth = 0, [], 0.0
+  for r in range(repeats):
+    h, change, grow = _lissa(task.loss_fn, unravel, int(depth), batch_size, task.params, examples, g,
+                             jnp.asarray(damping, flat.dtype), jnp.asarray(scale, flat.dtype),
+                             jax.random.key(seed + r))
+    total = total + h
+    changes.append(np.asarray(change))
+    growth = max(growth, float(grow))
+  solved = total / repeats
+  diverged = not bool(jnp.all(jnp.isfinite(solved))) or not np.isfinite(growth) or growth > 1e8
+  scores = _dots_with_train(task, jnp.nan_to_num(solved))
+  score_s = clock.lap(scores)
+  last = np.max(changes, axis=0)
+  info = {"converged": f"{int(np.sum(last < tol))}/{g.shape[0]}", "median_last_rel_change": float(np.median(last)),
+          "max_growth": growth, "diverged": diverged}
+  if diverged:
+    scores = jnp.full_like(scores, jnp.nan)
+  return MethodResult(np.asarray(scores), fit_s, score_s, info)
+
+
+def gradient_dot(task: Task) -> MethodResult:
+  """Returns scores ∇ℓ(x)ᵀ∇ℓ(z) at the final params (H replaced by I)."""
+  clock = _Clock()
+  scores = _dots_with_train(task, query_gradients(task))
+  return MethodResult(np.asarray(scores), 0.0, clock.lap(scores), {})
+
+
+def tracin(task: Task) -> MethodResult:
+  """Returns TracIn-CP scores Σ_c η_c ∇ℓ(x; θ_c)ᵀ∇ℓ(z; θ_c) over task.checkpoints (θ_c, η_c)."""
+  if not task.checkpoints:
+    raise ValueError("TracIn needs task.checkpoints: a non-empty sequence of (params, learning_rate).")
+  clock = _Clock()
+  scores = 0
+  for params, lr in task.checkpoints:
+    scores = scores + lr * _dots_with_train(task, query_gradients(task, params), params)
+  return MethodResult(np.asarray(scores), 0.0, clock.lap(scores), {"num_checkpoints": len(task.checkpoints)})
+
+
+def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
+            tail: bool = False, seed: int = 0, curvature_kind: str = "hessian") -> MethodResult:
+  """Arnoldi influence (DESIGN §2): top-k eigenpairs, with the spectral tail when `tail`.
+
+  n_iters defaults to 1.5 · top_k. Fit: `fit_eigenspace`; score: `influence`.
+  """
+  n_iters = int(n_iters or round(1.5 * top_k))
+  clock = _Clock()
+  es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
+                      damping=damping, seed=seed, curvature=curvature_kind)
+  fit_s = clock.lap(es.eigenvectors)
+  scores = influence(es, task.per_example_loss_fn, task.params, task.test_batches, task.train_batches, tail=tail)
+  score_s = clock.lap(scores)
+  info = {"k": es.k, "n_iters": n_iters, "smallest_kept_eigenvalue": float(jnp.min(es.eigenvalues)),
+          "max_residual": float(jnp.max(es.residuals))}
+  return MethodResult(np.asarray(scores), fit_s, score_s, info)
+
+
+METHODS = {
+    "exact": exact,
+    "cg": conjugate_gradients,
+    "lissa": lissa,
+    "gradient_dot": gradient_dot,
+    "tracin": tracin,
+    "arnoldi": arnoldi,
+}

@@ -1,0 +1,157 @@
+"""Runs every attribution method on benchmark problems and scores it against retraining.
+
+For each problem: train θ* (saving checkpoints for TracIn), retrain the LDS
+subsets and the leave-one-out models (cached on disk), run each method, and
+report fit / score seconds (first call, JIT compilation included; and a second,
+warm call), LDS, leave-one-out Pearson / Spearman and Pearson agreement with
+exact influence. All settings come from the config, fixed before any result.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import pathlib
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from influence_jax.eval import baselines, metrics, problems, retraining
+
+COLUMNS = ("problem", "method", "settings", "fit_s", "score_s", "fit_s_warm", "score_s_warm",
+           "lds", "loo_pearson", "loo_spearman", "exact_pearson", "info")
+
+
+def build_problem(cfg) -> problems.Problem:
+  """Returns the Problem named by cfg.kind ("digits_mlp" or "digits_logreg") with cfg's sizes."""
+  dtype = np.dtype(cfg.dtype)
+  common = dict(l2=cfg.l2, num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.data_seed, dtype=dtype)
+  if cfg.kind == "digits_mlp":
+    return problems.digits_mlp(hidden=tuple(cfg.hidden), **common)
+  if cfg.kind == "digits_logreg":
+    return problems.digits_logreg(**common)
+  raise ValueError(f"Unknown problem kind {cfg.kind!r}; expected 'digits_mlp' or 'digits_logreg'.")
+
+
+def method_settings(method_cfg, problem_cfg) -> dict:
+  """Returns the keyword settings of a method: its config, with the problem's damping and overrides.
+
+  A method that takes `damping` gets the problem's damping unless it sets its own;
+  problem_cfg.overrides[method] (if any) replaces individual settings.
+  """
+  settings = {k: v for k, v in dict(method_cfg).items() if k != "method"}
+  fn = baselines.METHODS[method_cfg.method]
+  if "damping" in inspect.signature(fn).parameters and "damping" not in settings:
+    settings["damping"] = float(problem_cfg.damping)
+  overrides = problem_cfg.get("overrides", {}) or {}
+  settings.update(dict(overrides.get(method_cfg.method, {})))
+  return settings
+
+
+def _compact(d: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool = True,
+                log: Callable[[str], None] = print) -> list[dict]:
+  """Returns one row per method (dicts keyed by COLUMNS) for the problem configured by cfg."""
+  prob = build_problem(cfg)
+  params, checkpoints = problems.train_with_checkpoints(
+      prob, steps=cfg.steps, learning_rate=cfg.learning_rate, num_checkpoints=cfg.num_checkpoints,
+      seed=cfg.init_seed)
+  log(f"[{name}] {prob.num_train} train / {cfg.num_test} test examples, "
+      f"{sum(x.size for x in jax.tree.leaves(params))} params, ‖∇L(θ*)‖ = {problems.gradient_norm(prob, params):.2e}")
+  train_fn = problems.make_train_fn(prob, steps=cfg.steps, learning_rate=cfg.learning_rate)
+  evaluate = problems.loss_targets(prob)
+  key_config = {"problem": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), "target": "test loss"}
+  cache = dict(cache_dir=str(pathlib.Path(workdir) / "retraining"), config=key_config,
+               chunk_size=cfg.chunk_size, log=lambda s: log(f"[{name}] {s}"))
+  lds_gt = retraining.lds_ground_truth(
+      train_fn, evaluate, prob.num_train, num_subsets=cfg.lds_subsets, fraction=cfg.lds_fraction,
+      seed=cfg.lds_seed, dtype=np.dtype(cfg.dtype), **cache)
+  loo_idx = np.random.default_rng(cfg.loo_seed).choice(prob.num_train, cfg.loo_points, replace=False)
+  loo_gt = retraining.loo_ground_truth(
+      train_fn, evaluate, prob.num_train, loo_idx, seed=cfg.init_seed, dtype=np.dtype(cfg.dtype), **cache)
+  batch = cfg.batch_size
+  task = baselines.Task(
+      loss_fn=prob.loss_fn, per_example_loss_fn=prob.per_example_loss_fn, params=params,
+      train_batches=[{k: v[i:i + batch] for k, v in prob.train.items()} for i in range(0, prob.num_train, batch)],
+      test_batches=[prob.test],
+      checkpoints=[(c.params, c.learning_rate) for c in checkpoints])
+
+  rows, exact_scores = [], None
+  names = [n for n in methods_cfg.keys() if n not in set(cfg.get("skip", ()))]
+  names.sort(key=lambda n: methods_cfg[n].method != "exact")  # The reference first (stable sort).
+  for method_name in names:
+    method_cfg = methods_cfg[method_name]
+    fn = baselines.METHODS[method_cfg.method]
+    settings = method_settings(method_cfg, cfg)
+    result = fn(task, **settings)
+    warm = fn(task, **settings) if warm_timings else None
+    if method_cfg.method == "exact" and exact_scores is None:
+      exact_scores = result.scores
+    finite = bool(np.all(np.isfinite(result.scores)))
+    loo = metrics.loo_correlation(result.scores, loo_gt.indices, loo_gt.deltas) if finite else None
+    row = {
+        "problem": name,
+        "method": method_name,
+        "settings": _compact(settings),
+        "fit_s": result.fit_seconds,
+        "score_s": result.score_seconds,
+        "fit_s_warm": warm.fit_seconds if warm else float("nan"),
+        "score_s_warm": warm.score_seconds if warm else float("nan"),
+        "lds": metrics.lds(result.scores, lds_gt.masks, lds_gt.targets) if finite else float("nan"),
+        "loo_pearson": loo.pearson if loo else float("nan"),
+        "loo_spearman": loo.spearman if loo else float("nan"),
+        "exact_pearson": (metrics.row_pearson(result.scores, exact_scores)
+                          if finite and exact_scores is not None else float("nan")),
+        "info": _compact(result.info),
+    }
+    log(f"[{name}] {method_name}: LDS {row['lds']:.3f}  LOO r {row['loo_pearson']:.3f}  "
+        f"vs exact r {row['exact_pearson']:.3f}  fit {row['fit_s']:.2f}s  score {row['score_s']:.2f}s  {row['info']}")
+    rows.append(row)
+  return rows
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return "nan" if not np.isfinite(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+  return str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+  """Returns the rows as a markdown table (floats to 3 decimals)."""
+  out = io.StringIO()
+  out.write("| " + " | ".join(COLUMNS) + " |\n")
+  out.write("|" + "---|" * len(COLUMNS) + "\n")
+  for r in rows:
+    out.write("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |\n")
+  return out.getvalue()
+
+
+def write_tables(rows: list[dict], workdir: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes results.md and results.csv under workdir; returns their paths."""
+  folder = pathlib.Path(workdir)
+  folder.mkdir(parents=True, exist_ok=True)
+  md, cs = folder / "results.md", folder / "results.csv"
+  md.write_text(to_markdown(rows))
+  with cs.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+  return md, cs
+
+
+def run(config, log: Callable[[str], None] = print) -> list[dict]:
+  """Runs every problem of config.problems with every method of config.methods; writes and returns the rows."""
+  rows = []
+  for name, cfg in config.problems.items():
+    rows += run_problem(name, cfg, config.methods, workdir=config.workdir,
+                        warm_timings=config.warm_timings, log=log)
+    write_tables(rows, config.workdir)
+  (pathlib.Path(config.workdir) / "config.json").write_text(config.to_json(indent=1) if hasattr(config, "to_json")
+                                                            else json.dumps(config, default=str))
+  return rows
