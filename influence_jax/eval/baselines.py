@@ -76,6 +76,13 @@ def _dots_with_train(task: Task, directions: jax.Array, params=None) -> jax.Arra
   return projection.project_on(directions, task.per_example_loss_fn, params, task.train_batches).values.T
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _dense_hessian(loss_fn, params, batch):
+  """Returns the (p, p) Hessian of loss_fn on one batch (flat ravel_pytree order), jitted."""
+  flat, unravel = ravel_pytree(params)
+  return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+
+
 def exact(task: Task, *, damping: float = 0.0) -> MethodResult:
   """Exact influence ∇ℓ(x)ᵀ(H + δI)⁻¹∇ℓ(z) with a dense H (tiny models only).
 
@@ -83,7 +90,9 @@ def exact(task: Task, *, damping: float = 0.0) -> MethodResult:
   eigenvalue and the number of negative ones after damping).
   """
   clock = _Clock()
-  hess = solvers.dense_hessian(task.loss_fn, task.params, task.train_batches)
+  batches = data_lib.materialize(task.train_batches, "train_batches")
+  total = sum(data_lib.batch_size(b) for b in batches)
+  hess = sum(_dense_hessian(task.loss_fn, task.params, b) * (data_lib.batch_size(b) / total) for b in batches)
   hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
   evals, evecs = jnp.linalg.eigh(hess)
   if bool(jnp.any(evals == 0)):

@@ -11,6 +11,7 @@ killed run reuses every finished chunk and recomputes only the rest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -84,7 +85,7 @@ def retrain(
     (folder / "config.json").write_text(json.dumps(
         {"config": config, "num_models": int(weights.shape[0]), "chunk_size": chunk_size},
         sort_keys=True, indent=1, default=str))
-  run = jax.jit(jax.vmap(lambda w, s: evaluate_fn(train_fn(w, s))))
+  run = _runner(train_fn, evaluate_fn)
   num_models = weights.shape[0]
   num_chunks = math.ceil(num_models / chunk_size)
   outputs, reused = [], 0
@@ -116,6 +117,12 @@ def retrain(
     if log is not None:
       log(f"retrained models {lo}..{hi - 1} of {num_models} ({time.perf_counter() - start:.1f}s so far)")
   return Retrained(np.concatenate(outputs), key, reused)
+
+
+@functools.lru_cache(maxsize=8)
+def _runner(train_fn: Callable, evaluate_fn: Callable) -> Callable:
+  """Returns jit(vmap(evaluate_fn ∘ train_fn)), one per pair of functions, so LDS and LOO share a compile."""
+  return jax.jit(jax.vmap(lambda w, s: evaluate_fn(train_fn(w, s))))
 
 
 def random_subsets(num_train: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
