@@ -43,7 +43,7 @@ def get_config():
   methods = {
       "exact": dict(method="exact"),
       "cg": dict(method="cg", tol=1e-6, max_iters=500),
-      "lissa": dict(method="lissa", depth=2000, batch_size=64, repeats=1, tol=1e-3),
+      "lissa": dict(method="lissa", depth=2000, batch_size=64, repeats=1, tol=1e-2),
       "gradient_dot": dict(method="gradient_dot"),
       "tracin": dict(method="tracin"),
   }
