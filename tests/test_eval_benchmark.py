@@ -47,3 +47,12 @@ def test_benchmark_writes_a_table_with_exact_as_reference(tmp_path):
   assert [t["method"] for t in table] == [r["method"] for r in rows]
   assert (tmp_path / "results.md").read_text().count("\n") == len(rows) + 2
   assert len(list((tmp_path / "retraining").iterdir())) == 2  # LDS and LOO caches.
+
+  # Rerun with another damping (a method setting, not a training one): every retrained model is reused.
+  config = tiny_config(tmp_path)
+  config.problems.digits_logreg.damping = 0.01
+  logs = []
+  again = benchmark.run(config, log=logs.append)
+  assert not any("retrained" in line for line in logs)
+  assert len(list((tmp_path / "retraining").iterdir())) == 2
+  assert {r["method"]: r for r in again}["exact"]["settings"] == "damping=0.01"

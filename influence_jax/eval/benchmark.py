@@ -24,6 +24,9 @@ from influence_jax.eval import baselines, metrics, problems, retraining
 COLUMNS = ("problem", "method", "settings", "fit_s", "score_s", "fit_s_warm", "score_s_warm",
            "lds", "loo_pearson", "loo_spearman", "exact_pearson", "info")
 
+TRAINING_KEYS = ("kind", "hidden", "l2", "dtype", "num_train", "num_test", "data_seed", "init_seed",
+                 "steps", "learning_rate")
+
 
 def build_problem(cfg) -> problems.Problem:
   """Returns the Problem named by cfg.kind ("digits_mlp" or "digits_logreg") with cfg's sizes."""
@@ -66,7 +69,9 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
       f"{sum(x.size for x in jax.tree.leaves(params))} params, ‖∇L(θ*)‖ = {problems.gradient_norm(prob, params):.2e}")
   train_fn = problems.make_train_fn(prob, steps=cfg.steps, learning_rate=cfg.learning_rate)
   evaluate = problems.loss_targets(prob)
-  key_config = {"problem": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), "target": "test loss"}
+  # Only what defines train_fn and the target keys the cache: methods' settings can change freely.
+  key_config = {k: cfg[k] for k in TRAINING_KEYS if k in cfg}
+  key_config["target"] = "per-example test loss"
   cache = dict(cache_dir=str(pathlib.Path(workdir) / "retraining"), config=key_config,
                chunk_size=cfg.chunk_size, log=lambda s: log(f"[{name}] {s}"))
   lds_gt = retraining.lds_ground_truth(
