@@ -66,8 +66,7 @@ class _Clock:
 def query_gradients(task: Task, params=None) -> jax.Array:
   """Returns the (T, p) flat per-example gradients of the test examples (T × p must fit in memory)."""
   params = task.params if params is None else params
-  return jnp.concatenate([projection.per_example_gradients(task.per_example_loss_fn, params, b)
-                          for b in data_lib.materialize(task.test_batches, "test_batches")])
+  return projection.gradients(task.per_example_loss_fn, params, data_lib.materialize(task.test_batches, "test_batches"))
 
 
 def _dots_with_train(task: Task, directions: jax.Array, params=None) -> jax.Array:
