@@ -8,6 +8,7 @@ is the layout the Arnoldi basis uses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -112,7 +113,6 @@ def curvature_operator(
   """
   if curvature not in PRODUCTS:
     raise ValueError(f"Unknown curvature {curvature!r}; expected one of {sorted(PRODUCTS)}.")
-  product = PRODUCTS[curvature]
   if curvature == "gauss_newton":
     _check_split(loss_fn)
   batches = data_lib.materialize(batches, "batches")
@@ -120,30 +120,43 @@ def curvature_operator(
   total = data_lib.batch_size(everything)
   micro = microbatch_size or max(data_lib.batch_size(b) for b in batches)
   stacked, remainder = data_lib.stack_microbatches(everything, micro)
-  num_stacked = total - (0 if remainder is None else data_lib.batch_size(remainder))
   micro = data_lib.batch_size(jax.tree.map(lambda x: x[0], stacked))
-  flat, unravel = ravel_pytree(params)
-  damping = float(damping)
+  matvec = _AveragedProduct(loss_fn, curvature, float(damping), micro, total)
+  to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
+  operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
+  flat, _ = ravel_pytree(params)
+  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype)
 
-  def matvec(operands, v):
+
+@dataclasses.dataclass(frozen=True)
+class _AveragedProduct:
+  """The matvec of `curvature_operator`: hashable by value, so jitted steps that take it as a
+  static argument compile once per (loss_fn, curvature, sizes), not once per operator."""
+
+  loss_fn: Callable
+  curvature: str
+  damping: float
+  micro: int
+  total: int
+
+  def __call__(self, operands, v):
     params, stacked, remainder = operands
+    product = PRODUCTS[self.curvature]
+    flat, unravel = ravel_pytree(params)
     vt = unravel(v.astype(flat.dtype))
 
     def body(acc, mb):
-      return acc + ravel_pytree(product(loss_fn, params, mb, vt))[0], None
+      return acc + ravel_pytree(product(self.loss_fn, params, mb, vt))[0], None
 
     acc, _ = jax.lax.scan(body, jnp.zeros_like(v), stacked)
-    out = acc * (micro / total)
+    num_micro = jax.tree.leaves(stacked)[0].shape[0]
+    out = acc * (self.micro / self.total)
     if remainder is not None:
-      rem_n = total - num_stacked
-      out = out + ravel_pytree(product(loss_fn, params, remainder, vt))[0] * (rem_n / total)
-    if damping:
-      out = out + damping * v
+      rem_n = self.total - num_micro * self.micro
+      out = out + ravel_pytree(product(self.loss_fn, params, remainder, vt))[0] * (rem_n / self.total)
+    if self.damping:
+      out = out + self.damping * v
     return out
-
-  to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
-  operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
-  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype)
 
 
 def to_dense(op: LinearOperator) -> jax.Array:

@@ -116,9 +116,13 @@ def project_on(
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any) -> jax.Array:
   """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory)."""
+  return _per_example_gradients(per_example_loss_fn, params, jax.tree.map(jnp.asarray, batch))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_gradients(per_example_loss_fn, params, batch):
   flat, unravel = ravel_pytree(params)
-  return jax.jit(jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex)))(
-      jax.tree.map(jnp.asarray, batch))
+  return jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
 
 
 def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64) -> jax.Array:
