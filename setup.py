@@ -22,6 +22,7 @@ setup(
         "ml_collections>=0.1.1",
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
+        "scipy>=1.10",
     ],
     extras_require={"test": ["pytest>=8"]},
 )
