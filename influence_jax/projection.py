@@ -18,6 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import sharding as sharding_lib
 
 METHODS = ("vjp", "jvp")
 _MICROBATCH_BYTES = 256 * 2**20
@@ -40,9 +41,8 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
   return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
-  """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions):
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros)."""
   flat, unravel = ravel_pytree(params)
 
   def one_micro(mb):
@@ -57,8 +57,42 @@ def _project_batch(per_example_loss_fn, method, with_norms, params, directions, 
     proj = jax.lax.map(jvp_one, directions, batch_size=min(16, directions.shape[0])).T.astype(directions.dtype)
     return proj, jnp.zeros(proj.shape[:1], proj.dtype)
 
+  return one_micro
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
+  """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
   proj, sq = jax.lax.map(one_micro, batch)
   return proj.reshape(-1, proj.shape[-1]), sq.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _project_batch_sharded(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch):
+  """Returns ((S, k) projections sharded P('data', None), (S,) norms) of a (S, ...) batch sharded P('data').
+
+  Each 'data' device owns a contiguous S/d rows; micro-step j takes micro/d
+  rows from every device, so no example moves between devices and the
+  result keeps the input's order and layout.
+  """
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  size = data_lib.batch_size(batch)
+  steps, local = size // micro, micro // d
+  spec = lambda *s: sharding_lib.named(mesh, jax.sharding.PartitionSpec(*s))
+
+  def to_micro(x):
+    x = x.reshape((d, steps, local) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape((steps, micro) + x.shape[3:])
+    return jax.lax.with_sharding_constraint(x, spec(None, sharding_lib.DATA))
+
+  def from_micro(y):
+    y = jnp.swapaxes(y.reshape((steps, d, local) + y.shape[2:]), 0, 1).reshape((size,) + y.shape[2:])
+    return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
+
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
+  proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
+  return from_micro(proj), from_micro(sq)
 
 
 def project_on(
@@ -70,12 +104,21 @@ def project_on(
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
     with_sq_norms: bool = False,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Projections:
   """Returns the projections D ∇ℓ(z) of every example of `batches`, in order.
 
   `directions` is (k, p) in `ravel_pytree(params)` order. Batches are padded to
   the first batch's size (one compiled program) and results sliced back.
   `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp").
+
+  With a `mesh`, every batch is split over 'data' (micro-batches rounded up to
+  a multiple of the 'data' size), params keep an existing sharding on the
+  mesh, and the (N, k) result is sharded by example, P('data', None), when N
+  is a multiple of the 'data' size (otherwise laid out as XLA chose). Batches
+  may be host data (the same on every process) or global arrays already
+  sharded P('data') (e.g. from `sharding.global_batches`); a global batch is
+  used whole (no padding or slicing: mask its padding rows yourself).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
@@ -86,6 +129,9 @@ def project_on(
     raise ValueError(
         f"directions have shape {directions.shape}, but params have {flat.size} numbers: "
         "expected (k, num_params).")
+  if mesh is not None:
+    return _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size,
+                            with_sq_norms, mesh)
   values, norms = [], []
   padded_size = None
   for i, batch in enumerate(batches):
@@ -110,8 +156,88 @@ def project_on(
   return Projections(jnp.concatenate(values), jnp.concatenate(norms) if with_sq_norms else None)
 
 
-def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any) -> jax.Array:
-  """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory)."""
+def _is_on_mesh(batch, mesh) -> bool:
+  """Returns True if every leaf is a jax.Array already laid out P('data') on `mesh` (a global batch)."""
+  want = sharding_lib.batch_sharding(mesh)
+  return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(want, x.ndim) for x in jax.tree.leaves(batch))
+
+
+def _global_micro(size: int, micro: int, d: int) -> int:
+  """Returns the largest multiple of d that divides `size` and is at most max(micro, d)."""
+  local = size // d
+  best = 1
+  for q in range(1, local + 1):
+    if local % q == 0 and q * d <= max(micro, d):
+      best = q
+  return best * d
+
+
+def _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size, with_sq_norms, mesh):
+  """`project_on` with batches split over the mesh's 'data' axis."""
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  flat, _ = ravel_pytree(params)
+  params = sharding_lib.place_params(params, mesh)
+  if not (isinstance(directions, jax.Array) and isinstance(directions.sharding, jax.sharding.NamedSharding)
+          and directions.sharding.mesh == mesh):
+    directions = sharding_lib.put(directions, sharding_lib.replicated(mesh)
+                                  if directions.shape[1] % sharding_lib.axis_size(mesh, sharding_lib.MODEL)
+                                  else sharding_lib.basis_sharding(mesh))
+  values, norms = [], []
+  padded_size = micro = None
+  for i, batch in enumerate(batches):
+    n = data_lib.batch_size(batch)
+    if n == 0:
+      raise ValueError(f"batch {i} holds no examples.")
+    if _is_on_mesh(batch, mesh):
+      if n % d:
+        raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")
+      want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
+      size, mb, placed = n, _global_micro(n, want, d), batch
+    else:
+      if padded_size is None:
+        want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
+        micro = d * -(-min(want, n) // d)
+        padded_size = micro * -(-n // micro)
+      if n > padded_size:
+        raise ValueError(
+            f"batch {i} has {n} examples, more than the first batch ({padded_size} after padding); "
+            "put the largest batch first or use equal batch sizes.")
+      size, mb = padded_size, micro
+      placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
+    proj, sq = _project_batch_sharded(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed)
+    values.append(proj if n == size else proj[:n])
+    norms.append(sq if n == size else sq[:n])
+  if not values:
+    raise ValueError("batches is empty: nothing to project.")
+  values, norms = _concatenate_by_example(values, mesh), _concatenate_by_example(norms, mesh)
+  return Projections(values, norms if with_sq_norms else None)
+
+
+def _concatenate_by_example(pieces, mesh):
+  """Returns the pieces concatenated along examples, sharded P('data') when the count divides evenly."""
+  total = sum(x.shape[0] for x in pieces)
+  if total % sharding_lib.axis_size(mesh, sharding_lib.DATA):
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+  spec = sharding_lib.PROJECTIONS_SPEC if pieces[0].ndim == 2 else sharding_lib.BATCH_SPEC
+  return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding_lib.named(mesh, spec))(*pieces)
+
+
+def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
+                          *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory).
+
+  With a `mesh`, the batch is host data and the result is laid out P(None, 'model')
+  when p is a multiple of the 'model' size (replicated otherwise).
+  """
   flat, unravel = ravel_pytree(params)
-  return jax.jit(jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex)))(
-      jax.tree.map(jnp.asarray, batch))
+  if mesh is None:
+    fn = jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))
+    return jax.jit(fn)(jax.tree.map(jnp.asarray, batch))
+
+  def grads(params, batch):
+    flat, unravel = ravel_pytree(params)
+    return jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
+
+  rep = sharding_lib.replicated(mesh)
+  out = rep if flat.size % sharding_lib.axis_size(mesh, sharding_lib.MODEL) else sharding_lib.basis_sharding(mesh)
+  return jax.jit(grads, out_shardings=out)(sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, rep))
