@@ -146,8 +146,8 @@ def _step(matvec: Callable, block_size: int, dim: int, mesh: Optional[jax.shardi
   v = _constrain(basis[i], mesh, sharding_lib.VECTOR_SPEC)
   # The operator gets the whole p-vector (one all-gather of p numbers), laid
   # out as it wants; its result is cut back into this device's columns.
-  w = matvec(operands, _constrain(v, mesh, sharding_lib.REPLICATED) if dim == p else
-             _constrain(v, mesh, sharding_lib.REPLICATED)[:dim])
+  whole = _constrain(v, mesh, sharding_lib.REPLICATED)
+  w = matvec(operands, whole if dim == p else whole[:dim])
   w = _constrain(sharding_lib.pad_last(w, p), mesh, sharding_lib.VECTOR_SPEC)
   w_norm = jnp.linalg.norm(w)
   # The operator is symmetric: in exact arithmetic only q_i and q_{i-1} have
