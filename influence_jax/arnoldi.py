@@ -148,6 +148,7 @@ def _step(matvec: Callable, block_size: int, dim: int, mesh: Optional[jax.shardi
   # out as it wants; its result is cut back into this device's columns.
   whole = _constrain(v, mesh, sharding_lib.REPLICATED)
   w = matvec(operands, whole if dim == p else whole[:dim])
+  w = _constrain(w, mesh, sharding_lib.REPLICATED)
   w = _constrain(sharding_lib.pad_last(w, p), mesh, sharding_lib.VECTOR_SPEC)
   w_norm = jnp.linalg.norm(w)
   # The operator is symmetric: in exact arithmetic only q_i and q_{i-1} have
