@@ -6,6 +6,14 @@ jitted function: the curvature product, the symmetric three-term recurrence,
 a full block-Gram-Schmidt re-orthogonalisation over the filled blocks of the
 basis (a second one when the first removed much, the DGKS test), and the
 in-place update of the basis and the Hessenberg matrix.
+
+Sharded (a `mesh` given to `init` and `run`, or carried by the operator): the
+basis is laid out `P(None, 'model')`, its p columns (zero-padded to a multiple
+of the 'model' size, see `sharding.padded_dim`) split over 'model', and each
+step keeps it so: every device reads and writes only its own columns; the
+Gram-Schmidt coefficients c_b = Q_b w are local partial dot products summed
+across 'model' (block-size scalars per block), and the operator sees the
+unpadded p-vector. The Hessenberg matrix and scalars are replicated.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from influence_jax import sharding as sharding_lib
 from influence_jax.curvature import LinearOperator
 
 
@@ -39,11 +49,15 @@ class ArnoldiState(NamedTuple):
   breakdown: jax.Array
 
 
-def init(start: jax.Array, n_iters: int, *, block_size: int = 32) -> ArnoldiState:
+def init(start: jax.Array, n_iters: int, *, block_size: int = 32,
+         mesh: Optional[jax.sharding.Mesh] = None) -> ArnoldiState:
   """Returns the state before step 0, with `start` normalised as the first basis vector.
 
   The basis is read in blocks of `block_size` rows; only blocks holding
   vectors are read, so a step streams about as much as the basis has filled.
+  With a `mesh` the basis is created sharded `P(None, 'model')` with
+  `sharding.padded_dim(p, mesh)` columns (the padding zero) and never exists
+  whole on one device; the Hessenberg matrix and scalars are replicated.
   """
   if n_iters < 1:
     raise ValueError(f"n_iters must be at least 1, got {n_iters}.")
@@ -51,6 +65,9 @@ def init(start: jax.Array, n_iters: int, *, block_size: int = 32) -> ArnoldiStat
   if not bool(norm > 0) or not bool(jnp.isfinite(norm)):
     raise ValueError("The Arnoldi start vector must be finite and non-zero.")
   rows = block_size * math.ceil((n_iters + 1) / block_size)
+  if mesh is not None:
+    start = sharding_lib.put(start / norm, sharding_lib.replicated(mesh))
+    return _sharded_init(rows, n_iters, sharding_lib.padded_dim(start.size, mesh), mesh)(start)
   basis = jnp.zeros((rows, start.size), start.dtype).at[0].set(start / norm)
   return ArnoldiState(
       basis=basis,
@@ -59,6 +76,25 @@ def init(start: jax.Array, n_iters: int, *, block_size: int = 32) -> ArnoldiStat
       norm_estimate=jnp.zeros((), start.dtype),
       breakdown=jnp.zeros((), bool),
   )
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_init(rows: int, n_iters: int, padded: int, mesh: jax.sharding.Mesh) -> Callable:
+  """Returns a jitted start ↦ ArnoldiState whose outputs are created directly with their shardings."""
+  rep = sharding_lib.replicated(mesh)
+  shardings = ArnoldiState(sharding_lib.basis_sharding(mesh), rep, rep, rep, rep)
+
+  def make(start):
+    first = sharding_lib.pad_last(start, padded)
+    return ArnoldiState(
+        basis=jnp.zeros((rows, padded), start.dtype).at[0].set(first),
+        hessenberg=jnp.zeros((rows, n_iters), start.dtype),
+        num_steps=jnp.zeros((), jnp.int32),
+        norm_estimate=jnp.zeros((), start.dtype),
+        breakdown=jnp.zeros((), bool),
+    )
+
+  return jax.jit(make, out_shardings=shardings)
 
 
 def default_tolerance(dtype) -> float:
@@ -89,15 +125,31 @@ def _orthogonalize(blocks: jax.Array, num_blocks: jax.Array, w: jax.Array) -> tu
 _DGKS_ETA = 1 / math.sqrt(2)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _step(matvec: Callable, block_size: int, operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
-  """One Arnoldi step: product, three-term recurrence, full re-orthogonalisation, update in place."""
+def _constrain(x: jax.Array, mesh: Optional[jax.sharding.Mesh], spec) -> jax.Array:
+  return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.named(mesh, spec))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _step(matvec: Callable, block_size: int, dim: int, mesh: Optional[jax.sharding.Mesh],
+          operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
+  """One Arnoldi step: product, three-term recurrence, full re-orthogonalisation, update in place.
+
+  `dim` is the operator's size (≤ the basis' padded column count); `mesh`
+  (static) pins the basis to P(None, 'model') and vectors to P('model').
+  """
   basis, hess, i = state.basis, state.hessenberg, state.num_steps
   rows, p = basis.shape
+  basis = _constrain(basis, mesh, sharding_lib.BASIS_SPEC)
   blocks = basis.reshape(rows // block_size, block_size, p)
+  blocks = _constrain(blocks, mesh, P(None, None, sharding_lib.MODEL))
   num_blocks = i // block_size + 1
-  v = basis[i]
-  w = matvec(operands, v)
+  v = _constrain(basis[i], mesh, sharding_lib.VECTOR_SPEC)
+  # The operator gets the whole p-vector (one all-gather of p numbers), laid
+  # out as it wants; its result is cut back into this device's columns.
+  whole = _constrain(v, mesh, sharding_lib.REPLICATED)
+  w = matvec(operands, whole if dim == p else whole[:dim])
+  w = _constrain(w, mesh, sharding_lib.REPLICATED)
+  w = _constrain(sharding_lib.pad_last(w, p), mesh, sharding_lib.VECTOR_SPEC)
   w_norm = jnp.linalg.norm(w)
   # The operator is symmetric: in exact arithmetic only q_i and q_{i-1} have
   # non-zero coefficients. Remove those first (cheap), then re-orthogonalise
@@ -120,9 +172,9 @@ def _step(matvec: Callable, block_size: int, operands: Any, state: ArnoldiState,
   norm_estimate = jnp.maximum(state.norm_estimate, w_norm)
   closed = beta <= tol * norm_estimate
   new_vector = jnp.where(closed, jnp.zeros_like(w), w / jnp.where(closed, 1, beta))
-  basis = basis.at[i + 1].set(new_vector)
+  basis = _constrain(basis.at[i + 1].set(new_vector), mesh, sharding_lib.BASIS_SPEC)
   h = h.at[i + 1].set(jnp.where(closed, 0, beta))
-  hess = hess.at[:, i].set(h)
+  hess = _constrain(hess.at[:, i].set(h), mesh, sharding_lib.REPLICATED)
   return ArnoldiState(basis, hess, i + 1, norm_estimate, closed)
 
 
@@ -134,6 +186,7 @@ def run(
     tol: Optional[float] = None,
     block_size: int = 32,
     callback: Optional[Callable[[ArnoldiState], None]] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> ArnoldiState:
   """Returns `state` advanced by up to `num_steps` steps (default: to the end), stopping at breakdown.
 
@@ -141,18 +194,25 @@ def run(
   after every step (for progress and checkpointing); it must not keep
   references to the state, whose buffers are donated to the next step.
   Breakdown (the Krylov space closed: the new direction is smaller than
-  `tol` × ‖A‖ estimate) ends the run cleanly.
+  `tol` × ‖A‖ estimate) ends the run cleanly. `mesh` (default: the
+  operator's) keeps the basis sharded as `init(..., mesh=mesh)` laid it out.
   """
+  mesh = op.mesh if mesh is None else mesh
   n_iters = state.hessenberg.shape[1]
   if state.basis.shape[0] % block_size:
     raise ValueError(f"The basis has {state.basis.shape[0]} rows, not a multiple of block_size={block_size}.")
   tol = default_tolerance(state.basis.dtype) if tol is None else tol
-  tol = jnp.asarray(tol, state.basis.dtype)
+  if state.basis.shape[1] != sharding_lib.padded_dim(op.dim, mesh):
+    raise ValueError(
+        f"The basis has {state.basis.shape[1]} columns; an operator of size {op.dim} on this mesh "
+        f"needs {sharding_lib.padded_dim(op.dim, mesh)}: pass the same mesh to init() and run().")
+  # A host scalar on a mesh (valid on every process), a device scalar otherwise.
+  tol = (jnp if mesh is None else np).asarray(tol, state.basis.dtype)
   done = int(state.num_steps)
   stop = n_iters if num_steps is None else min(n_iters, done + num_steps)
   breakdown = bool(state.breakdown)
   while done < stop and not breakdown:
-    state = _step(op.matvec, block_size, op.operands, state, tol)
+    state = _step(op.matvec, block_size, op.dim, mesh, op.operands, state, tol)
     done += 1
     breakdown = bool(state.breakdown)
     if callback is not None:
@@ -181,8 +241,9 @@ def ritz(state: ArnoldiState) -> Ritz:
   size = int(state.num_steps)
   if size == 0:
     raise ValueError("No Arnoldi steps were taken; run() the state first.")
-  beta = float(state.hessenberg[size, size - 1])
-  t = np.asarray(state.hessenberg[:size, :size], np.float64)
+  hess = sharding_lib.to_host(state.hessenberg)
+  beta = float(hess[size, size - 1])
+  t = np.asarray(hess[:size, :size], np.float64)
   t = (t + t.T) / 2
   values, vectors = np.linalg.eigh(t)
   order = np.argsort(values)[::-1]

@@ -14,9 +14,11 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import sharding as sharding_lib
 
 Params = Any
 Batch = Any
@@ -79,12 +81,14 @@ class LinearOperator(NamedTuple):
   `matvec(operands, v)` is pure and traceable, so it can be fused into a jitted
   Arnoldi or CG step; `operands` (a pytree of arrays: params, fixed batches)
   is passed in explicitly rather than baked into the compiled program.
+  `mesh`: the device mesh the operands are laid out on (None: one device).
   """
 
   matvec: Callable[[Any, jax.Array], jax.Array]
   operands: Any
   dim: int
   dtype: Any
+  mesh: Optional[jax.sharding.Mesh] = None
 
   def __call__(self, v: jax.Array) -> jax.Array:
     return _apply_jit(self.matvec, self.operands, v)
@@ -103,6 +107,7 @@ def curvature_operator(
     curvature: str = "hessian",
     damping: float = 0.0,
     microbatch_size: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> LinearOperator:
   """Returns v ↦ (C + damping·I) v, C the curvature of the example-weighted mean loss over `batches`.
 
@@ -110,6 +115,12 @@ def curvature_operator(
   (needs a `SplitLoss`). `batches` are fixed once: every product sums over
   the same examples, in micro-batches of `microbatch_size` examples (default:
   each whole batch) so memory does not grow with the batch.
+
+  With a `mesh` ('data', 'model'; see `sharding.make_mesh`) every micro-batch
+  is split over 'data' (its size rounded down to a multiple of the 'data'
+  size; the few left-over examples are processed replicated), and params keep
+  an existing sharding on that mesh (others are replicated). `batches` must
+  then be host data (numpy), the same on every process.
   """
   if curvature not in PRODUCTS:
     raise ValueError(f"Unknown curvature {curvature!r}; expected one of {sorted(PRODUCTS)}.")
@@ -119,13 +130,20 @@ def curvature_operator(
   everything = data_lib.concatenate(batches)
   total = data_lib.batch_size(everything)
   micro = microbatch_size or max(data_lib.batch_size(b) for b in batches)
+  data_size = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  if mesh is not None and micro >= data_size:
+    micro -= micro % data_size
   stacked, remainder = data_lib.stack_microbatches(everything, micro)
   micro = data_lib.batch_size(jax.tree.map(lambda x: x[0], stacked))
   matvec = _AveragedProduct(loss_fn, curvature, float(damping), micro, total)
-  to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
-  operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
   flat, _ = ravel_pytree(params)
-  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype)
+  if mesh is None:
+    to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
+    operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
+  else:
+    operands = (sharding_lib.place_params(params, mesh), _place_examples(stacked, 1, mesh),
+                None if remainder is None else _place_examples(remainder, 0, mesh))
+  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +175,15 @@ class _AveragedProduct:
     if self.damping:
       out = out + self.damping * v
     return out
+
+
+def _place_examples(tree, axis: int, mesh):
+  """Returns `tree` with its example `axis` split over 'data' when divisible, else replicated."""
+  n = np.shape(jax.tree.leaves(tree)[0])[axis]
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  spec = sharding_lib.MICROBATCHES_SPEC if axis == 1 else sharding_lib.BATCH_SPEC
+  target = sharding_lib.named(mesh, spec if n % d == 0 else sharding_lib.REPLICATED)
+  return sharding_lib.put_tree(tree, target)
 
 
 def to_dense(op: LinearOperator) -> jax.Array:

@@ -22,6 +22,7 @@ from influence_jax import arnoldi
 from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import projection
+from influence_jax import sharding as sharding_lib
 from influence_jax import validation
 
 
@@ -89,18 +90,23 @@ def distill(
     damping: float = 0.0,
     compute_residuals: bool = True,
     info: Optional[EigenspaceInfo] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Eigenspace:
   """Returns the top-k eigenpairs of `op` from a finished Arnoldi `state`.
 
   U = Vᵀ Q: Ritz vectors of the kept Ritz values. With `compute_residuals`,
-  each pair's ‖Cu − λu‖ costs one more curvature product.
+  each pair's ‖Cu − λu‖ costs one more curvature product. On a `mesh`
+  (default: the operator's) see `fit_eigenspace` for the layout.
   """
+  mesh = op.mesh if mesh is None else mesh
   ritz = arnoldi.ritz(state)
   keep = arnoldi.select(ritz.values, top_k, selection)
   if keep.size == 0:
     raise ValueError(
         f"No eigenvalue passed the {selection!r} selection (all {ritz.size} Ritz values are "
         "non-positive or negligible): is the curvature zero at these params?")
+  if mesh is not None:
+    return _distill_sharded(op, state, ritz, keep, damping, compute_residuals, info, mesh)
   basis = state.basis[: ritz.size]
   coeffs = jnp.asarray(ritz.vectors[:, keep].T, basis.dtype)
   vectors = coeffs @ basis
@@ -115,6 +121,49 @@ def distill(
       eigenvectors=vectors,
       residuals=residuals,
       ritz_estimates=jnp.asarray(ritz.estimates[keep], basis.dtype),
+      damping=float(damping),
+      info=info,
+  )
+
+
+def eigenvector_sharding(num_params: int, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Returns the layout of (k, p) eigenvectors on `mesh`.
+
+  P(None, 'model') when p is a multiple of the 'model' size; otherwise the
+  padded columns were stripped and the (k, p) result is replicated.
+  """
+  if sharding_lib.padded_dim(num_params, mesh) == num_params:
+    return sharding_lib.basis_sharding(mesh)
+  return sharding_lib.replicated(mesh)
+
+
+def _distill_sharded(op, state, ritz, keep, damping, compute_residuals, info, mesh) -> Eigenspace:
+  """`distill` on a mesh: U = VᵀQ computed column-sharded, padding stripped, small arrays replicated."""
+  dtype = state.basis.dtype
+  p, padded = op.dim, state.basis.shape[1]
+  rep = sharding_lib.replicated(mesh)
+  coeffs = np.asarray(ritz.vectors[:, keep].T, dtype)
+  values = np.asarray(ritz.values[keep], dtype)
+
+  def compute(operands, basis, coeffs, values):
+    vectors = coeffs @ basis[: coeffs.shape[1]]
+    vectors = jax.lax.with_sharding_constraint(vectors, sharding_lib.basis_sharding(mesh))
+    if compute_residuals:
+      whole = lambda u: jax.lax.with_sharding_constraint(u, rep)[:p]
+      apply = lambda u: sharding_lib.pad_last(op.matvec(operands, whole(u)), padded)
+      products = jax.lax.map(apply, vectors)
+      residuals = jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
+    else:
+      residuals = jnp.full(values.shape, jnp.nan, dtype)
+    return vectors if p == padded else vectors[:, :p], residuals
+
+  vectors, residuals = jax.jit(compute, out_shardings=(eigenvector_sharding(p, mesh), rep))(
+      op.operands, state.basis, coeffs, values)
+  return Eigenspace(
+      eigenvalues=sharding_lib.put(values, rep),
+      eigenvectors=vectors,
+      residuals=residuals,
+      ritz_estimates=sharding_lib.put(np.asarray(ritz.estimates[keep], dtype), rep),
       damping=float(damping),
       info=info,
   )
@@ -137,6 +186,7 @@ def fit_eigenspace(
     block_size: int = 32,
     callback: Optional[Callable[[arnoldi.ArnoldiState], None]] = None,
     initial_state: Optional[arnoldi.ArnoldiState] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Eigenspace:
   """Returns the top-k eigenpairs of the curvature of the mean loss over `batches`.
 
@@ -148,6 +198,13 @@ def fit_eigenspace(
 
   `callback(state)` runs after every step (progress, checkpoints);
   `initial_state` resumes a run saved from such a callback (same inputs).
+
+  With a `mesh` (`sharding.make_mesh`): curvature batches are split over
+  'data', the Krylov basis over 'model' (P(None, 'model'), never whole on one
+  device), and the eigenvectors come back (k, p) laid out as
+  `eigenvector_sharding(p, mesh)`; eigenvalues and diagnostics replicated.
+  The same start vector is used, so results equal the one-device fit up to
+  rounding.
   """
   if not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
     raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}.")
@@ -166,15 +223,16 @@ def fit_eigenspace(
     raise ValueError(f"loss_fn must return a scalar; got shape {np.shape(loss)}.")
   validation.check_finite_scalar(loss, "loss_fn(params, batches[0])")
   op = curvature_lib.curvature_operator(
-      loss_fn, params, batches, curvature=curvature, microbatch_size=microbatch_size)
+      loss_fn, params, batches, curvature=curvature, microbatch_size=microbatch_size, mesh=mesh)
   state = initial_state
   if state is None:
-    state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters, block_size=block_size)
-  elif state.basis.shape[1] != op.dim or state.hessenberg.shape[1] != n_iters:
+    state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters, block_size=block_size, mesh=mesh)
+  elif (state.basis.shape[1] != sharding_lib.padded_dim(op.dim, mesh)
+        or state.hessenberg.shape[1] != n_iters):
     raise ValueError(
         f"initial_state has a basis of shape {state.basis.shape} for n_iters={state.hessenberg.shape[1]}, "
         f"but this fit has {op.dim} parameters and n_iters={n_iters}.")
-  state = arnoldi.run(op, state, tol=tol, block_size=block_size, callback=callback)
+  state = arnoldi.run(op, state, tol=tol, block_size=block_size, callback=callback, mesh=mesh)
   validation.check_finite(state.hessenberg, "the Arnoldi Hessenberg matrix (the curvature products)")
   info = EigenspaceInfo(
       curvature=curvature,
@@ -189,7 +247,7 @@ def fit_eigenspace(
       param_signature=validation.param_signature(params),
   )
   return distill(op, state, top_k=top_k, selection=selection, damping=damping,
-                 compute_residuals=compute_residuals, info=info)
+                 compute_residuals=compute_residuals, info=info, mesh=mesh)
 
 
 def project(
@@ -200,10 +258,15 @@ def project(
     *,
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> jax.Array:
-  """Returns the (N, k) projections G(z) = U ∇ℓ(z) of every example in `batches`, in order."""
+  """Returns the (N, k) projections G(z) = U ∇ℓ(z) of every example in `batches`, in order.
+
+  With a `mesh` the batches are split over 'data' and the result is sharded by
+  example (see `projection.project_on`).
+  """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")
   return projection.project_on(
       eigenspace.eigenvectors, per_example_loss_fn, params, batches,
-      method=method, microbatch_size=microbatch_size).values
+      method=method, microbatch_size=microbatch_size, mesh=mesh).values

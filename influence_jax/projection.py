@@ -18,6 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import sharding as sharding_lib
 
 METHODS = ("vjp", "jvp")
 _MICROBATCH_BYTES = 256 * 2**20
@@ -40,9 +41,8 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
   return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
-  """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions):
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros)."""
   flat, unravel = ravel_pytree(params)
 
   def one_micro(mb):
@@ -57,8 +57,42 @@ def _project_batch(per_example_loss_fn, method, with_norms, params, directions, 
     proj = jax.lax.map(jvp_one, directions, batch_size=min(16, directions.shape[0])).T.astype(directions.dtype)
     return proj, jnp.zeros(proj.shape[:1], proj.dtype)
 
+  return one_micro
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
+  """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
   proj, sq = jax.lax.map(one_micro, batch)
   return proj.reshape(-1, proj.shape[-1]), sq.reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _project_batch_sharded(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch):
+  """Returns ((S, k) projections sharded P('data', None), (S,) norms) of a (S, ...) batch sharded P('data').
+
+  Each 'data' device owns a contiguous S/d rows; micro-step j takes micro/d
+  rows from every device, so no example moves between devices and the
+  result keeps the input's order and layout.
+  """
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  size = data_lib.batch_size(batch)
+  steps, local = size // micro, micro // d
+  spec = lambda *s: sharding_lib.named(mesh, jax.sharding.PartitionSpec(*s))
+
+  def to_micro(x):
+    x = x.reshape((d, steps, local) + x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape((steps, micro) + x.shape[3:])
+    return jax.lax.with_sharding_constraint(x, spec(None, sharding_lib.DATA))
+
+  def from_micro(y):
+    y = jnp.swapaxes(y.reshape((steps, d, local) + y.shape[2:]), 0, 1).reshape((size,) + y.shape[2:])
+    return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
+
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
+  proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
+  return from_micro(proj), from_micro(sq)
 
 
 def project_on(
@@ -71,6 +105,7 @@ def project_on(
     microbatch_size: Optional[int] = None,
     with_sq_norms: bool = False,
     pad_to: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Projections:
   """Returns the projections D ∇ℓ(z) of every example of `batches`, in order.
 
@@ -78,7 +113,15 @@ def project_on(
   the first batch's size (one compiled program) and results sliced back.
   `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp"). `pad_to`
   fixes the padded batch size across calls (a streaming caller's last, smaller
-  batch then reuses the compiled program).
+  batch then reuses the compiled program; without a mesh).
+
+  With a `mesh`, every batch is split over 'data' (micro-batches rounded up to
+  a multiple of the 'data' size), params keep an existing sharding on the
+  mesh, and the (N, k) result is sharded by example, P('data', None), when N
+  is a multiple of the 'data' size (otherwise laid out as XLA chose). Batches
+  may be host data (the same on every process) or global arrays already
+  sharded P('data') (e.g. from `sharding.global_batches`); a global batch is
+  used whole (no padding or slicing: mask its padding rows yourself).
   """
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
@@ -89,6 +132,9 @@ def project_on(
     raise ValueError(
         f"directions have shape {directions.shape}, but params have {flat.size} numbers: "
         "expected (k, num_params).")
+  if mesh is not None:
+    return _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size,
+                            with_sq_norms, mesh)
   values, norms = [], []
   padded_size = None
   for i, batch in enumerate(batches):
@@ -114,9 +160,86 @@ def project_on(
   return Projections(jnp.concatenate(values), jnp.concatenate(norms) if with_sq_norms else None)
 
 
-def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any) -> jax.Array:
-  """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory)."""
-  return _per_example_gradients(per_example_loss_fn, params, jax.tree.map(jnp.asarray, batch))
+def _is_on_mesh(batch, mesh) -> bool:
+  """Returns True if every leaf is a jax.Array already laid out P('data') on `mesh` (a global batch)."""
+  want = sharding_lib.batch_sharding(mesh)
+  return all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(want, x.ndim) for x in jax.tree.leaves(batch))
+
+
+def _global_micro(size: int, micro: int, d: int) -> int:
+  """Returns the largest multiple of d that divides `size` and is at most max(micro, d)."""
+  local = size // d
+  best = 1
+  for q in range(1, local + 1):
+    if local % q == 0 and q * d <= max(micro, d):
+      best = q
+  return best * d
+
+
+def _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size, with_sq_norms, mesh):
+  """`project_on` with batches split over the mesh's 'data' axis."""
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+  flat, _ = ravel_pytree(params)
+  params = sharding_lib.place_params(params, mesh)
+  if not (isinstance(directions, jax.Array) and isinstance(directions.sharding, jax.sharding.NamedSharding)
+          and directions.sharding.mesh == mesh):
+    directions = sharding_lib.put(directions, sharding_lib.replicated(mesh)
+                                  if directions.shape[1] % sharding_lib.axis_size(mesh, sharding_lib.MODEL)
+                                  else sharding_lib.basis_sharding(mesh))
+  values, norms = [], []
+  padded_size = micro = None
+  for i, batch in enumerate(batches):
+    n = data_lib.batch_size(batch)
+    if n == 0:
+      raise ValueError(f"batch {i} holds no examples.")
+    if _is_on_mesh(batch, mesh):
+      if n % d:
+        raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")
+      want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
+      size, mb, placed = n, _global_micro(n, want, d), batch
+    else:
+      if padded_size is None:
+        want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
+        micro = d * -(-min(want, n) // d)
+        padded_size = micro * -(-n // micro)
+      if n > padded_size:
+        raise ValueError(
+            f"batch {i} has {n} examples, more than the first batch ({padded_size} after padding); "
+            "put the largest batch first or use equal batch sizes.")
+      size, mb = padded_size, micro
+      placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
+    proj, sq = _project_batch_sharded(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed)
+    values.append(proj if n == size else proj[:n])
+    norms.append(sq if n == size else sq[:n])
+  if not values:
+    raise ValueError("batches is empty: nothing to project.")
+  values, norms = _concatenate_by_example(values, mesh), _concatenate_by_example(norms, mesh)
+  return Projections(values, norms if with_sq_norms else None)
+
+
+def _concatenate_by_example(pieces, mesh):
+  """Returns the pieces concatenated along examples, sharded P('data') when the count divides evenly."""
+  total = sum(x.shape[0] for x in pieces)
+  if total % sharding_lib.axis_size(mesh, sharding_lib.DATA):
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+  spec = sharding_lib.PROJECTIONS_SPEC if pieces[0].ndim == 2 else sharding_lib.BATCH_SPEC
+  return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding_lib.named(mesh, spec))(*pieces)
+
+
+def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
+                          *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory).
+
+  With a `mesh`, the batch is host data and the result is laid out P(None, 'model')
+  when p is a multiple of the 'model' size (replicated otherwise).
+  """
+  if mesh is None:
+    return _per_example_gradients(per_example_loss_fn, params, jax.tree.map(jnp.asarray, batch))
+  flat, _ = ravel_pytree(params)
+  rep = sharding_lib.replicated(mesh)
+  out = rep if flat.size % sharding_lib.axis_size(mesh, sharding_lib.MODEL) else sharding_lib.basis_sharding(mesh)
+  return jax.jit(_per_example_gradients, static_argnums=0, out_shardings=out)(
+      per_example_loss_fn, sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, rep))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -125,10 +248,11 @@ def _per_example_gradients(per_example_loss_fn, params, batch):
   return jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
 
 
-def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64) -> jax.Array:
+def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64,
+              *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """Returns the (T, p) flat per-example gradients of every example of `batches`, `chunk_size` at a time.
 
   For the few test examples whose gradients serve as directions; T × p numbers are held.
   """
-  return jnp.concatenate([per_example_gradients(per_example_loss_fn, params, chunk)
+  return jnp.concatenate([per_example_gradients(per_example_loss_fn, params, chunk, mesh=mesh)
                           for b in batches for chunk in data_lib.iterate(b, chunk_size)])

@@ -156,6 +156,7 @@ def influence(
     damping: Optional[float] = None,
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> jax.Array:
   """Returns the (T, N) influence scores of every train example on every test example.
 
@@ -164,17 +165,21 @@ def influence(
   examples are projected on [eigenvectors; test gradients] in one pass, so no
   p-sized per-example gradient of the training set is ever held (the T test
   gradients are: T × p numbers).
+  With a `mesh`, test and train batches are split over 'data' (see
+  `projection.project_on`; global train batches keep their padding rows,
+  to be masked by the caller) and the scores' train axis follows the train
+  projections' layout.
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")
   test_batches = data_lib.materialize(test_batches, "test_batches")
   train_batches = data_lib.materialize(train_batches, "train_batches")
-  kw = dict(method=method, microbatch_size=microbatch_size)
+  kw = dict(method=method, microbatch_size=microbatch_size, mesh=mesh)
   if not tail:
     test_proj = projection.project_on(eigenspace.eigenvectors, per_example_loss_fn, params, test_batches, **kw).values
     train_proj = projection.project_on(eigenspace.eigenvectors, per_example_loss_fn, params, train_batches, **kw).values
     return influence_scores(eigenspace, test_proj, train_proj, damping=damping)
-  test_grads = projection.gradients(per_example_loss_fn, params, test_batches)
+  test_grads = projection.gradients(per_example_loss_fn, params, test_batches, mesh=mesh)
   test_grads = test_grads.astype(eigenspace.eigenvectors.dtype)
   test_proj = test_grads @ eigenspace.eigenvectors.T
   directions = jnp.concatenate([eigenspace.eigenvectors, test_grads])

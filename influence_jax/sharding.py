@@ -1,0 +1,265 @@
+"""Device meshes and partition specs for sharded influence computations (DESIGN §3).
+
+One mesh with two axes:
+- 'data': examples of a batch (curvature products, projections) are split over it;
+- 'model': the parameter axis of the flat (rows, p) Krylov basis and of the
+  (k, p) eigenvectors is split over it, so no device holds a whole basis and a
+  dot product with it reduces only a few scalars across devices.
+
+Flat layout. The basis and eigenvectors live in `ravel_pytree(params)` order,
+and their p columns are cut into contiguous pieces over 'model'. When p is not
+a multiple of the 'model' size, the columns are padded with zeros up to
+`padded_dim(p, mesh)`; the padded columns stay exactly zero (the operator is
+extended by zero on them) and are stripped from everything returned to the
+user (eigenvectors come back (k, p)). A model whose parameters are already
+sharded keeps its own layout: params are passed to every product as they are;
+only the p-vector being multiplied is redistributed between the flat
+'model'-sharded layout and the parameters' layout, once per product (p numbers,
+never the n × p basis).
+
+Several processes: `initialize_distributed` first, then a mesh over all
+devices of all processes (`make_mesh`), then `process_slice` /
+`global_batches` to feed each process's own examples into global batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from influence_jax import data as data_lib
+
+DATA = "data"
+MODEL = "model"
+AXES = (DATA, MODEL)
+
+# Partition specs of the arrays the library shards (see the module docstring).
+BASIS_SPEC = P(None, MODEL)        # (rows, p) Krylov basis, (k, p) eigenvectors
+VECTOR_SPEC = P(MODEL)             # one (p,) vector of the basis
+BATCH_SPEC = P(DATA)               # a batch leaf (B, ...)
+MICROBATCHES_SPEC = P(None, DATA)  # stacked micro-batches (num_micro, micro, ...)
+PROJECTIONS_SPEC = P(DATA, None)   # (N, k) per-example projections
+REPLICATED = P()
+
+
+def _shape_from(mesh_shape) -> Optional[tuple]:
+  """Returns mesh_shape as a tuple, reading `.mesh_shape` or ['mesh_shape'] from a config."""
+  if mesh_shape is None:
+    return None
+  if hasattr(mesh_shape, "mesh_shape"):
+    mesh_shape = mesh_shape.mesh_shape
+  elif isinstance(mesh_shape, dict) and "mesh_shape" in mesh_shape:
+    mesh_shape = mesh_shape["mesh_shape"]
+  if mesh_shape is None:
+    return None
+  return tuple(int(s) for s in mesh_shape)
+
+
+def make_mesh(mesh_shape=None, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """Returns a Mesh with axes ('data', 'model') over `devices` (default: all devices of all processes).
+
+  `mesh_shape` is (data, model), or a config with a `mesh_shape` field; one
+  entry may be -1 (fill with the remaining devices). Default: every device on
+  'data', (num_devices, 1). The axes are AxisType.Auto: the library places
+  arrays with explicit NamedShardings and XLA propagates them through the
+  unannotated model code.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = _shape_from(mesh_shape) or (n, 1)
+  if len(shape) != 2:
+    raise ValueError(f"mesh_shape must have two entries (data, model), got {shape}.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh_shape entries must be positive (at most one -1), got {shape}.")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if n % known:
+      raise ValueError(f"mesh_shape {shape}: {n} devices are not a multiple of {known}.")
+    shape = tuple(n // known if s == -1 else s for s in shape)
+  if math.prod(shape) != n:
+    raise ValueError(f"mesh_shape {shape} needs {math.prod(shape)} devices, but {n} are available.")
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def axis_size(mesh: Optional[Mesh], axis: str) -> int:
+  """Returns the number of devices along `axis` (1 without a mesh)."""
+  return 1 if mesh is None else int(mesh.shape[axis])
+
+
+def named(mesh: Mesh, spec: P) -> NamedSharding:
+  return NamedSharding(mesh, spec)
+
+
+def basis_sharding(mesh: Mesh) -> NamedSharding:
+  """Returns the sharding of a (rows, p) basis or (k, p) eigenvectors: columns over 'model'."""
+  return NamedSharding(mesh, BASIS_SPEC)
+
+
+def vector_sharding(mesh: Mesh) -> NamedSharding:
+  """Returns the sharding of one flat (p,) parameter-space vector: split over 'model'."""
+  return NamedSharding(mesh, VECTOR_SPEC)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Returns the sharding of a batch leaf (B, ...): examples over 'data'."""
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def projections_sharding(mesh: Mesh) -> NamedSharding:
+  """Returns the sharding of (N, k) per-example projections: examples over 'data'."""
+  return NamedSharding(mesh, PROJECTIONS_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, REPLICATED)
+
+
+def padded_dim(dim: int, mesh: Optional[Mesh]) -> int:
+  """Returns `dim` rounded up to a multiple of the 'model' size (the basis' column count)."""
+  m = axis_size(mesh, MODEL)
+  return m * -(-dim // m)
+
+
+def pad_last(x: jax.Array, size: int) -> jax.Array:
+  """Returns `x` with its last axis zero-padded to `size` (traceable; no copy when already that size)."""
+  extra = size - x.shape[-1]
+  if extra == 0:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """Returns `x` as a global jax.Array laid out with `sharding`.
+
+  A jax.Array already laid out so is returned as is. Host values (numpy, or
+  arrays on this process's devices) must hold the same global value on every
+  process; each device receives only its own slice.
+  """
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda a: a, out_shardings=sharding)(x)
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def put_tree(tree: Any, sharding: NamedSharding) -> Any:
+  return jax.tree.map(lambda x: put(x, sharding), tree)
+
+
+def place_params(params: Any, mesh: Mesh) -> Any:
+  """Returns params on `mesh`: leaves already sharded over this mesh keep their layout, others are replicated."""
+
+  def place(x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return put(x, replicated(mesh))
+
+  return jax.tree.map(place, params)
+
+
+def is_global(tree: Any) -> bool:
+  """Returns True if some leaf is a jax.Array spanning devices of other processes."""
+  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """Returns the full value of a (possibly multi-process) array as numpy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, **kwargs) -> None:
+  """Joins this process to a multi-process JAX run (call before any other JAX computation).
+
+  On CPU the cross-process collectives use gloo
+  (`jax_cpu_collectives_implementation='gloo'`). Extra keyword arguments go
+  to `jax.distributed.initialize` (e.g. `local_device_ids`).
+  """
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs)
+
+
+def process_slice(num_examples: int, *, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> np.ndarray:
+  """Returns the global example ids this process reads: a contiguous near-equal share of range(num_examples)."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  bounds = np.linspace(0, num_examples, count + 1).round().astype(np.int64)
+  return np.arange(bounds[index], bounds[index + 1])
+
+
+class GlobalBatch(NamedTuple):
+  """One global batch: `batch` (leaves (G, ...) sharded over 'data'), `ids` (G,) global example ids
+  (−1 on padding rows) and `mask` (G,) True on real examples."""
+
+  batch: Any
+  ids: jax.Array
+  mask: jax.Array
+
+
+def num_steps(num_local: int, local_batch_size: int) -> int:
+  """Returns the number of batches every process runs: the largest process's count (agreed across processes)."""
+  mine = -(-num_local // local_batch_size)
+  if jax.process_count() == 1:
+    return mine
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray([mine], np.int64))))
+
+
+def global_batches(local_data: Any, local_ids: np.ndarray, global_batch_size: int, mesh: Mesh) -> Iterator[GlobalBatch]:
+  """Yields global batches of `global_batch_size` examples, each process contributing its own examples.
+
+  `local_data` holds this process's examples (a batch pytree, leading axis
+  len(local_ids)) and `local_ids` their global ids (e.g. from
+  `process_slice`). Every process runs the same number of steps: short or
+  missing last batches are padded by repeating an example, with mask False
+  and id −1. Built with `jax.make_array_from_process_local_data`; the 'data'
+  axis must span the processes (its size a multiple of the process count).
+  """
+  count = jax.process_count()
+  if global_batch_size % count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {count} processes.")
+  data_size = axis_size(mesh, DATA)
+  if global_batch_size % data_size:
+    raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the 'data' axis ({data_size}).")
+  if count > 1 and data_size % count:
+    raise ValueError(
+        f"The mesh's 'data' axis ({data_size}) must be a multiple of the process count ({count}) "
+        "so that each process feeds its own examples.")
+  local_ids = np.asarray(local_ids, np.int64)
+  n = len(local_ids)
+  if n and data_lib.batch_size(local_data) != n:
+    raise ValueError(f"local_data has {data_lib.batch_size(local_data)} examples but {n} local_ids.")
+  local_size = global_batch_size // count
+  steps = num_steps(n, local_size)
+  sharding = batch_sharding(mesh)
+  if n == 0:
+    raise ValueError("This process has no examples; give every process at least one (padding needs a real row).")
+  make = lambda x, shape: jax.make_array_from_process_local_data(sharding, x, shape)
+  for step in range(steps):
+    start, stop = step * local_size, min((step + 1) * local_size, n)
+    chunk = data_lib.take(local_data, start, stop) if start < n else data_lib.take(local_data, 0, 1)
+    real = max(0, stop - start)
+    chunk = data_lib.pad(chunk, local_size)
+    ids = np.full((local_size,), -1, np.int32)
+    if real:
+      ids[:real] = local_ids[start:stop]
+    mask = ids >= 0
+    batch = jax.tree.map(lambda x: make(np.asarray(x), (global_batch_size,) + np.shape(x)[1:]), chunk)
+    yield GlobalBatch(batch, make(ids, (global_batch_size,)), make(mask, (global_batch_size,)))

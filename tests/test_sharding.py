@@ -1,0 +1,220 @@
+"""Sharded Arnoldi, projections and scores on 8 virtual CPU devices against the one-device results."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import influence_jax as ij
+from influence_jax import arnoldi, curvature, eigenspace, projection, sharding
+from tests import sharding_problem, toy_problems
+
+MESHES = [(8, 1), (1, 8), (2, 4)]
+TOL = dict(rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def single():
+  """The problem and its one-device results (no mesh anywhere)."""
+  params, loss, per_example, batches, test, kw = sharding_problem.problem()
+  es = ij.fit_eigenspace(loss, params, batches, **kw)
+  return dict(
+      problem=(params, loss, per_example, batches, test, kw),
+      es=es,
+      proj=np.asarray(ij.project(es, per_example, params, batches)),
+      scores=np.asarray(ij.influence(es, per_example, params, test, batches)),
+  )
+
+
+def _signs(u, ref):
+  """Returns ±1 per row aligning eigenvectors u with ref (an eigenvector's sign is arbitrary)."""
+  return np.sign(np.sum(np.asarray(u) * np.asarray(ref), axis=1))
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_results_equal_single_device(single, shape):
+  params, loss, per_example, batches, test, kw = single["problem"]
+  mesh = sharding.make_mesh(shape)
+  es = ij.fit_eigenspace(loss, params, batches, mesh=mesh, **kw)
+  np.testing.assert_allclose(es.eigenvalues, single["es"].eigenvalues, **TOL)
+  np.testing.assert_allclose(es.residuals, single["es"].residuals, atol=1e-8)
+  assert es.eigenvectors.shape == single["es"].eigenvectors.shape
+  assert es.eigenvectors.sharding.spec == sharding.BASIS_SPEC
+  signs = _signs(es.eigenvectors, single["es"].eigenvectors)
+  np.testing.assert_allclose(np.asarray(es.eigenvectors) * signs[:, None], single["es"].eigenvectors, atol=1e-8)
+
+  proj = ij.project(es, per_example, params, batches, mesh=mesh)
+  np.testing.assert_allclose(np.asarray(proj) * signs, single["proj"], **TOL)
+  # 58 examples is not a multiple of 8: where it is, the result is sharded by example.
+  even = ij.project(es, per_example, params, [{k: v[:16] for k, v in batches[0].items()}], mesh=mesh)
+  assert even.sharding.spec == sharding.PROJECTIONS_SPEC
+  assert {s.data.shape[0] for s in even.addressable_shards} == {16 // shape[0]}
+
+  scores = ij.influence(es, per_example, params, test, batches, mesh=mesh)
+  np.testing.assert_allclose(scores, single["scores"], **TOL)
+
+
+def test_tail_scores_and_jvp_projections_on_a_mesh(single):
+  params, loss, per_example, batches, test, kw = single["problem"]
+  es = single["es"]  # fitted on one device: a mesh only for scoring works too.
+  mesh = sharding.make_mesh((2, 4))
+  want = ij.influence(es, per_example, params, test, batches, tail=True)
+  got = ij.influence(es, per_example, params, test, batches, tail=True, mesh=mesh)
+  np.testing.assert_allclose(got, want, **TOL)
+  jvp = ij.project(es, per_example, params, batches, method="jvp", microbatch_size=3, mesh=mesh)
+  np.testing.assert_allclose(jvp, single["proj"], **TOL)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4)])
+def test_basis_is_split_along_parameters(single, shape):
+  params, loss, _, batches, _, _ = single["problem"]
+  mesh = sharding.make_mesh(shape)
+  model = shape[1]
+  op = curvature.curvature_operator(loss, params, batches, mesh=mesh)
+  assert op.dim % model == 0
+  state = arnoldi.init(eigenspace.start_vector(op.dim, op.dtype, 0), 12, block_size=8, mesh=mesh)
+  state = arnoldi.run(op, state, block_size=8)
+  shards = state.basis.addressable_shards
+  assert len(shards) == 8
+  cols = op.dim // model
+  for s in shards:
+    assert s.data.shape == (16, cols)  # every device: all rows, p / model columns
+  starts = sorted({s.index[1].start for s in shards})
+  assert starts == list(range(0, op.dim, cols))  # together the shards cover every column once per replica
+  assert state.hessenberg.sharding.is_fully_replicated
+  # The step's program never gathers the basis or a block of it: the only p-sized
+  # collective is the one vector handed to the operator, and the Gram-Schmidt
+  # reductions carry block-size (8) coefficient vectors.
+  hlo = arnoldi._step.lower(op.matvec, 8, op.dim, mesh, op.operands, state, np.asarray(1e-8)).compile().as_text()
+  collectives = [(kind, tuple(int(d) for d in dims.split(",") if d))
+                 for dims, kind in re.findall(r"= f64\[([\d,]*)\]\S* (all-gather|all-reduce|all-to-all)\(", hlo)]
+  assert ("all-gather", (op.dim,)) in collectives
+  assert not [c for c in collectives if op.dim in c[1] and np.prod(c[1]) > op.dim]
+  assert ("all-reduce", (8,)) in collectives
+
+
+def test_parameters_not_a_multiple_of_model_are_padded_and_stripped():
+  params, loss, per_example, batches = toy_problems.small_mlp_problem()
+  p = 51
+  mesh = sharding.make_mesh((1, 8))
+  seen = []
+
+  def callback(state):  # the basis has 56 columns and the padding stays exactly zero
+    seen.append((state.basis.shape, float(np.abs(np.asarray(state.basis)[:, p:]).max())))
+
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=5, selection="magnitude", mesh=mesh,
+                         callback=callback)
+  assert seen and all(s == ((32, 56), 0.0) for s in seen)
+  ref = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=5, selection="magnitude")
+  assert es.eigenvectors.shape == (5, p)
+  np.testing.assert_allclose(es.eigenvalues, ref.eigenvalues, **TOL)
+  signs = _signs(es.eigenvectors, ref.eigenvectors)
+  np.testing.assert_allclose(
+      np.asarray(ij.project(es, per_example, params, batches, mesh=mesh)) * signs,
+      ij.project(ref, per_example, params, batches), **TOL)
+  op = curvature.curvature_operator(loss, params, batches, mesh=mesh)
+  with pytest.raises(ValueError, match="same mesh"):
+    arnoldi.run(op, arnoldi.init(eigenspace.start_vector(p, op.dtype, 0), 10, block_size=8), block_size=8)
+
+
+def test_sharded_params_keep_their_layout(single):
+  params, loss, per_example, batches, test, kw = single["problem"]
+  mesh = sharding.make_mesh((2, 4))
+  w = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.MODEL))
+  laid_out = [{"w": jax.device_put(layer["w"], w), "b": layer["b"]} for layer in params]
+  placed = sharding.place_params(laid_out, mesh)
+  assert placed[0]["w"].sharding == w and placed[0]["b"].sharding.is_fully_replicated
+  es = ij.fit_eigenspace(loss, laid_out, batches, mesh=mesh, **kw)
+  np.testing.assert_allclose(es.eigenvalues, single["es"].eigenvalues, **TOL)
+  np.testing.assert_allclose(ij.influence(es, per_example, laid_out, test, batches, mesh=mesh),
+                             single["scores"], **TOL)
+
+
+def test_make_mesh_shapes_and_errors():
+  assert sharding.make_mesh().shape == {"data": 8, "model": 1}
+  assert sharding.make_mesh((2, -1)).shape == {"data": 2, "model": 4}
+  config = ml_collections.ConfigDict({"mesh_shape": (4, 2)})
+  assert sharding.make_mesh(config).shape == {"data": 4, "model": 2}
+  assert sharding.make_mesh((1, 2), devices=jax.devices()[:2]).shape == {"data": 1, "model": 2}
+  with pytest.raises(ValueError, match="needs 6 devices, but 8"):
+    sharding.make_mesh((3, 2))
+  with pytest.raises(ValueError, match="two entries"):
+    sharding.make_mesh((8,))
+  with pytest.raises(ValueError, match="not a multiple of 3"):
+    sharding.make_mesh((3, -1))
+  assert sharding.padded_dim(51, sharding.make_mesh((1, 8))) == 56
+  assert sharding.padded_dim(51, None) == 51
+
+
+def test_process_slices_cover_every_example_once():
+  slices = [sharding.process_slice(58, process_index=i, process_count=3) for i in range(3)]
+  np.testing.assert_array_equal(np.concatenate(slices), np.arange(58))
+  assert [len(s) for s in slices] == [19, 20, 19]
+
+
+def test_global_batches_pad_and_mask_the_last_batch():
+  mesh = sharding.make_mesh((8, 1))
+  x = np.arange(20.0)[:, None] * np.ones((1, 3))
+  ids = np.arange(100, 120)
+  out = list(sharding.global_batches({"x": x}, ids, 8, mesh))
+  assert len(out) == 3
+  for g in out:
+    assert g.batch["x"].shape == (8, 3) and g.batch["x"].sharding.spec == sharding.BATCH_SPEC
+  got_ids = np.concatenate([np.asarray(g.ids) for g in out])
+  mask = np.concatenate([np.asarray(g.mask) for g in out])
+  np.testing.assert_array_equal(got_ids[mask], ids)
+  assert not mask[20:].any() and np.all(got_ids[20:] == -1)
+  rows = np.concatenate([np.asarray(g.batch["x"]) for g in out])
+  np.testing.assert_array_equal(rows[mask], x)
+  with pytest.raises(ValueError, match="multiple of the 'data' axis"):
+    next(sharding.global_batches({"x": x}, ids, 12, mesh))
+
+
+def test_global_batches_project_like_host_batches(single):
+  params, _, per_example, batches, _, _ = single["problem"]
+  mesh = sharding.make_mesh((2, 4))
+  whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  out = list(sharding.global_batches(whole, np.arange(58), 16, mesh))
+  proj = np.asarray(ij.project(single["es"], per_example, params, [g.batch for g in out], mesh=mesh))
+  mask = np.concatenate([np.asarray(g.mask) for g in out])
+  np.testing.assert_allclose(proj[mask], single["proj"], **TOL)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process(single, tmp_path):
+  """2 processes × 4 CPU devices (gloo) on a global (2, 4) mesh, each reading its own examples."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  port, out = _free_port(), tmp_path / "result.npz"
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "multiprocess_worker.py"),
+                             str(port), str(i), "2", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  r = np.load(out)
+  assert int(r["num_steps"]) == 4  # 29 examples a process, 8 a step: the last step padded and masked
+  np.testing.assert_array_equal(r["ids"], np.arange(58))
+  np.testing.assert_allclose(r["eigenvalues"], single["es"].eigenvalues, **TOL)
+  signs = _signs(r["eigenvectors"], single["es"].eigenvectors)
+  np.testing.assert_allclose(r["projections"] * signs, single["proj"], **TOL)
+  np.testing.assert_allclose(r["scores"], single["scores"], **TOL)
