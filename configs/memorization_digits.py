@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=800, batch_size=128, l2=1e-4)
   c.memorization = dict(
       method="last_layer",  # or "eigenspace" (Arnoldi over all parameters).
-      damping=1e-2,  # δ: H + δI is inverted (l2 alone leaves H nearly singular).
-      self_influence_quantile=0.0,  # > 0: "memorized" also needs s(z) ≥ this quantile of s.
-      arnoldi=dict(n_iters=200, top_k=150, curvature="hessian", batch_size=2048, tail=True),
+      damping=1e-2,  # Last layer: H + δI is inverted (l2 alone leaves H nearly singular).
+      self_influence_quantile=0.5,  # > 0: "memorized" also needs s(z) ≥ this quantile of s (0: off).
+      arnoldi=dict(n_iters=200, top_k=150, curvature="hessian", damping=0.1, batch_size=2048, tail=True),
   )
   return ml_collections.ConfigDict(c)

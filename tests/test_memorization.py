@@ -69,16 +69,26 @@ def _newton_fit(x, y):
   return unravel(f)
 
 
-def test_mislabelled_point_is_memorized_and_clean_points_generalize():
-  x, y, _, rx, ry = _memorization_problem()
-  params = _newton_fit(x, y)
+MISLABELLED = (0, 7)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+  """(x, y, rx, ry, params): the problem with points 0 and 7 mislabelled, fitted by Newton (float64)."""
+  x, y, _, rx, ry = _memorization_problem(mislabelled=MISLABELLED)
+  return x, y, rx, ry, _newton_fit(x, y)
+
+
+def test_mislabelled_points_are_memorized_and_clean_points_generalize(fitted):
+  x, y, rx, ry, params = fitted
   mem = mz.last_layer_memorization(x, y, rx, ry, params["kernel"], params["bias"], l2=L2)
-  assert mem.own_margin[0] > 0  # the mislabelled point is fitted (through its identity feature)
-  assert mem.influence[0] <= 0 and mem.label[0] == mz.MEMORIZED
-  assert np.all(mem.influence[1:] > 0) and np.all(mem.label[1:] == mz.GENERALIZES)
+  bad = np.isin(np.arange(y.size), MISLABELLED)
+  assert np.all(mem.own_margin[bad] > 0)  # the mislabelled points are fitted (through their identity features)
+  assert np.all(mem.influence[bad] <= 0) and np.all(mem.label[bad] == mz.MEMORIZED)
+  assert np.all(mem.influence[~bad] > 0) and np.all(mem.label[~bad] == mz.GENERALIZES)
   np.testing.assert_array_equal(mem.strength, np.abs(mem.influence))
   assert np.all(mem.self_influence > 0)
-  np.testing.assert_array_equal(mz.removal_ranking(mem), [0])
+  np.testing.assert_array_equal(np.sort(mz.removal_ranking(mem)), MISLABELLED)
 
 
 def test_labels_follow_the_documented_rule():
@@ -98,9 +108,8 @@ def test_labels_follow_the_documented_rule():
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.05])
-def test_A_is_the_mean_exact_classification_influence(damping):
-  x, y, _, rx, ry = _memorization_problem(mislabelled=(0, 7))
-  params = _newton_fit(x, y)
+def test_A_is_the_mean_exact_classification_influence(fitted, damping):
+  x, y, rx, ry, params = fitted
   mem = mz.last_layer_memorization(x, y, rx, ry, params["kernel"], params["bias"], l2=L2, damping=damping)
   train, ref = {"x": x, "y": y}, {"x": rx, "y": ry}
   cls = cl.exact_classification_influence(_loss, _per_example_ce, _logits, params, [ref], [train], damping=damping)
@@ -133,9 +142,8 @@ def test_eigenspace_path_equals_exact_with_the_full_spectrum():
   np.testing.assert_array_equal(mem.label, closed.label)
 
 
-def test_eigenspace_path_with_top_k_and_tail_matches_its_formula():
-  x, y, _, rx, ry = _memorization_problem(mislabelled=(0, 7))
-  params = _newton_fit(x, y)
+def test_eigenspace_path_with_top_k_and_tail_matches_its_formula(fitted):
+  x, y, rx, ry, params = fitted
   train, ref = {"x": x, "y": y}, {"x": rx, "y": ry}
   es = fit_eigenspace(_loss, params, [train], n_iters=20, top_k=8, damping=0.01)
   u, lam = np.asarray(es.eigenvectors), np.asarray(es.eigenvalues)
@@ -246,12 +254,13 @@ def test_selective_removal_job_writes_its_table(tmp_path):
   proc = _run("selective_removal.py", "selective_removal_digits.py", workdir, "--config.removal.num_seeds=2",
               "--config.removal.epochs=(10,20)", "--config.removal.budgets=(5,5)")
   table = open(os.path.join(workdir, "removal.md")).read()
-  assert "Over 2 seeds" in table and table in proc.stdout
+  assert "Over 2 seeds" in table and table in proc.stdout and table.count("\n| ") == 6  # header + 5 arms
   runs = json.load(open(os.path.join(workdir, "removal.json")))["runs"]
   assert [r["seed"] for r in runs] == [0, 1]
   for r in runs:
     assert r["none"]["num_removed"] == 0 and r["none"]["example_epochs"] == 150 * 30
     assert r["influence"]["num_removed"] <= 10
-    assert r["random"]["removed_per_event"] == r["influence"]["removed_per_event"]
+    for arm in ("random", "lowest_A", "self_influence"):
+      assert r[arm]["removed_per_event"] == r["influence"]["removed_per_event"]
     assert r["influence"]["example_epochs"] == 150 * 30 - 20 * r["influence"]["removed_per_event"][0] - \
         10 * r["influence"]["removed_per_event"][1]
