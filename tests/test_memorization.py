@@ -201,6 +201,7 @@ def test_removal_loop_drops_the_budgeted_most_negative_points():
   _, hist = mz.train_with_removal(_loss, params, {"x": x, "y": y}, optimizer=optax.adam(0.1), num_epochs=60,
                                   batch_size=6, removal_epochs=(30, 45), rank_fn=rank, budgets=budgets)
   assert len(hist.removed) == 2
+  assert any((mem.label == mz.MEMORIZED).sum() > b for (_, mem), b in zip(seen, budgets))  # a budget binds
   for (kept, mem), dropped, budget in zip(seen, hist.removed, budgets):
     candidates = mem.label == mz.MEMORIZED
     assert candidates.sum() >= 1  # the check below is not vacuous
