@@ -1,0 +1,23 @@
+r"""Labels every training point memorized / generalizes (DESIGN §5) on digits with flipped labels.
+
+Writes --workdir/{memorization.csv, histogram.png, metrics.json} and prints the metrics.
+
+  python scripts/memorization.py --config=configs/memorization_digits.py --workdir=runs/memorization
+"""
+
+import json
+
+from absl import app
+
+from influence_jax import cli, memorization_pipeline
+
+
+def main(argv):
+  del argv
+  config, workdir, _, _ = cli.setup()
+  metrics = memorization_pipeline.run_memorization(config, workdir)
+  print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
