@@ -26,6 +26,17 @@ from influence_jax.last_layer import (
     last_layer_inverse_hvp,
     last_layer_self_influence,
 )
+from influence_jax.memorization import (
+    GENERALIZES,
+    MEMORIZED,
+    NEITHER,
+    Memorization,
+    eigenspace_memorization,
+    last_layer_memorization,
+    linen_memorization,
+    memorization_labels,
+    split_linen_last_layer,
+)
 from influence_jax.relative import relative_floor, relative_influence
 from influence_jax.scoring import (
     TopK,
