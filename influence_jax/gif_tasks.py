@@ -3,10 +3,13 @@
 Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
 `logits_fn(params, x) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.
 The training loss is taken to be mean(per_example_loss_fn) (any L2 term inside
-it). The step size applied to an update Δ is chosen *without test labels*, by
-a line search of the edited training objective (the loss on the remaining or
-corrected training set) over θ + sΔ; `line_search` with a test-set objective is
-the oracle, to be reported separately.
+it). An edit is an `EditProblem` (θ, g, the curvature operator, the edited
+training loss: `class_removal_problem`, `label_change_problem`), solved by
+`solve_edit` for any method and target set. The step size applied to an
+update Δ is chosen *without test labels*, by a line search of the edited
+training objective (the loss on the remaining or corrected training set) over
+θ + sΔ; `oracle_scale` (test metrics closest to the retrained model's) is the
+oracle, to be reported separately. `removal_f1` combines forgetting and keeping.
 """
 
 from __future__ import annotations
