@@ -22,11 +22,13 @@ the training set, then
   predicted as the target class.
 
 Each edit (IF on every parameter; GIF, FIF, PIF on the units chosen by each
-selection in config.edit.selections) takes the step size with the lowest
+selection in config.edit.selections; output and gradient selection score units
+on the examples being edited: the removed class, or the corrupted examples with
+their wrong labels) takes the step size with the lowest
 edited *training* loss (no test labels). Reported apart: the plain first-order
-step (scale 1, columns prefixed "first_order_") and the oracle step (test
-metrics closest to the retrained model's, `gif_tasks.oracle_scale`, prefixed
-"oracle_"). The job writes to the work directory:
+step (scale 1, columns prefixed "first_order_") and the oracle step (metrics,
+test labels included, closest to the retrained model's, `gif_tasks.oracle_scale`,
+prefixed "oracle_"). Mean ± std are over seeds, std with ddof=0. The job writes to the work directory:
 
   results.md    mean ± std over seeds, one table per step rule, one row per model / method (selection)
   results.csv   one row per seed and model: every metric
@@ -51,6 +53,11 @@ from absl import logging
 from influence_jax import datasets, flax_adapters, gif, gif_tasks, pipeline, training
 
 TASKS = ("class_removal", "label_change")
+STEP_RULES = (
+    ("", "step size by the line search on the edited training loss (no test labels)"),
+    ("first_order_", "plain first-order step, scale 1"),
+    ("oracle_", "oracle step size: metrics closest to the retrained model's (looks at test labels)"),
+)
 _COLUMNS = {
     "class_removal": ("removed", "rest", "f1", "f1_rel"),
     "label_change": ("clean", "relabelled", "corrupted", "attack"),
@@ -194,13 +201,6 @@ def summarise(per_seed: list[dict]) -> dict:
       out[name][key] = {"mean": float(finite.mean()) if finite.size else float("nan"),
                         "std": float(finite.std()) if finite.size else float("nan"), "values": v.tolist()}
   return out
-
-
-STEP_RULES = (
-    ("", "step size by the line search on the edited training loss (no test labels)"),
-    ("first_order_", "plain first-order step, scale 1"),
-    ("oracle_", "oracle step size: test metrics closest to the retrained model's (looks at test labels)"),
-)
 
 
 def _cell(stat) -> str:
