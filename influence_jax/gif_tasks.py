@@ -3,10 +3,13 @@
 Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
 `logits_fn(params, x) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.
 The training loss is taken to be mean(per_example_loss_fn) (any L2 term inside
-it). The step size applied to an update Δ is chosen *without test labels*, by
-a line search of the edited training objective (the loss on the remaining or
-corrected training set) over θ + sΔ; `line_search` with a test-set objective is
-the oracle, to be reported separately.
+it). An edit is an `EditProblem` (θ, g, the curvature operator, the edited
+training loss: `class_removal_problem`, `label_change_problem`), solved by
+`solve_edit` for any method and target set. The step size applied to an
+update Δ is chosen *without test labels*, by a line search of the edited
+training objective (the loss on the remaining or corrected training set) over
+θ + sΔ; `oracle_scale` (test metrics closest to the retrained model's) is the
+oracle, to be reported separately. `removal_f1` combines forgetting and keeping.
 """
 
 from __future__ import annotations
@@ -100,15 +103,89 @@ def label_change_metrics(logits_fn: Callable, params: Params, test_batch: Batch,
           "backdoor": float(np.mean(pred == np.asarray(wrong_labels)))}
 
 
-def _edit(per_example_loss_fn, params, new_train_batch, g, method, mask, damping, curvature_kind,
-          microbatch_size, scales, solver_kwargs):
+class EditProblem(NamedTuple):
+  """One edit to make, independent of the method: θ, g, the curvature and the edited training objective.
+
+  hessian: curvature of the mean loss on the edited training set (+ damping·I),
+    or on a fixed random subset of it (`hessian_examples`), a
+    `curvature.LinearOperator`; build it once and reuse it for every method
+    and target set (the jitted CG loops are then compiled once).
+  train_loss: jitted θ ↦ mean loss on the edited training set (the line-search
+    objective, no test labels).
+  """
+
+  params: Params
+  g: Params
+  hessian: curvature.LinearOperator
+  train_loss: Callable[[Params], jax.Array]
+
+
+def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature_kind, microbatch_size,
+             hessian_examples, seed):
   loss_fn = lambda p, b: jnp.mean(per_example_loss_fn(p, b))
-  hessian = curvature.curvature_operator(loss_fn, params, [new_train_batch], curvature=curvature_kind,
+  n = np.shape(new_train_batch["y"])[0]
+  curv_batch = new_train_batch
+  if hessian_examples is not None and 0 < hessian_examples < n:
+    keep = np.zeros(n, bool)
+    keep[np.random.default_rng(seed).choice(n, int(hessian_examples), replace=False)] = True
+    curv_batch = select_examples(new_train_batch, keep)
+  hessian = curvature.curvature_operator(loss_fn, params, [curv_batch], curvature=curvature_kind,
                                          damping=damping, microbatch_size=microbatch_size)
-  update = influence_update(method, hessian, g, mask, **solver_kwargs)
-  train_loss = jax.jit(lambda p: loss_fn(p, new_train_batch))
-  scale, losses = line_search(train_loss, params, update.delta, scales)
-  return EditResult(gif.apply_update(params, update, scale), update, scale, tuple(scales), losses)
+  batch = jax.tree.map(jnp.asarray, new_train_batch)
+  return EditProblem(params, g, hessian, jax.jit(lambda p: loss_fn(p, batch)))
+
+
+def solve_edit(problem: EditProblem, method: str, mask: Optional[Params] = None,
+               scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs) -> EditResult:
+  """Returns θ + sΔ, Δ the `method` update on `mask` and s the scale of `scales` with the lowest edited training loss."""
+  update = influence_update(method, problem.hessian, problem.g, mask, **solver_kwargs)
+  scale, losses = line_search(problem.train_loss, problem.params, update.delta, scales)
+  return EditResult(gif.apply_update(problem.params, update, scale), update, scale, tuple(scales), losses)
+
+
+def oracle_scale(metrics_fn: Callable[[Params], dict], target: dict, params: Params, delta: Params,
+                 scales: Sequence[float] = DEFAULT_SCALES) -> tuple[float, dict]:
+  """Returns (s, metrics_fn(θ + sΔ)) for the scale s of `scales` whose metrics are closest to `target`.
+
+  Closeness is Σ_k |metrics_fn(θ + sΔ)[k] − target[k]| over target's keys,
+  target = the retrained model's test metrics: this looks at test labels and
+  at the retrained model, so it is the oracle line search, reported apart
+  from the label-free one.
+  """
+  gap = lambda p: sum(abs(metrics_fn(p)[k] - v) for k, v in target.items())
+  s, _ = line_search(gap, params, delta, scales)
+  return s, metrics_fn(gif.apply_update(params, delta, s))
+
+
+def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
+  """Returns the harmonic mean of forgetting (1 − removed-class accuracy) and keeping (rest accuracy).
+
+  1 for a model that never predicts the removed class on its examples and is
+  right on every other; 0 when either is 0. Compare it with the retrained
+  model's value (`class_removal_metrics` reports both parts).
+  """
+  forget, keep = 1.0 - removed_accuracy, rest_accuracy
+  return 0.0 if forget + keep == 0 else 2.0 * forget * keep / (forget + keep)
+
+
+def class_removal_problem(
+    per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
+    damping: float = 0.0, curvature_kind: str = "hessian", microbatch_size: Optional[int] = None,
+    hessian_examples: Optional[int] = None, seed: int = 0,
+) -> EditProblem:
+  """Returns the EditProblem of forgetting every training example of `removed_class`.
+
+  g = removal_gradient over that class, H = curvature of the mean loss on the
+  remaining training examples (+ damping·I); with `hessian_examples` = k, on
+  k of them drawn once (numpy, `seed`) to make each product cheaper.
+  """
+  is_removed = np.asarray(train_batch["y"]) == removed_class
+  if not is_removed.any() or is_removed.all():
+    raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
+  removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
+  g = gif.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
+  return _problem(per_example_loss_fn, params, remaining, g, damping, curvature_kind, microbatch_size,
+                  hessian_examples, seed)
 
 
 def class_removal_edit(
@@ -123,26 +200,22 @@ def class_removal_edit(
   is the scale of `scales` with the lowest remaining-set training loss (pass
   scales=(1.0,) for the plain first-order edit).
   """
-  is_removed = np.asarray(train_batch["y"]) == removed_class
-  if not is_removed.any() or is_removed.all():
-    raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
-  removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
-  g = gif.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
-  return _edit(per_example_loss_fn, params, remaining, g, method, mask, damping, curvature_kind, microbatch_size,
-               scales, solver_kwargs)
+  problem = class_removal_problem(per_example_loss_fn, params, train_batch, removed_class, damping=damping,
+                                  curvature_kind=curvature_kind, microbatch_size=microbatch_size)
+  return solve_edit(problem, method, mask, scales, **solver_kwargs)
 
 
-def label_change_edit(
+def label_change_problem(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
-    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
-    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
-) -> EditResult:
-  """Returns θ (trained on train_batch's wrong labels) edited towards retraining on corrected labels.
+    damping: float = 0.0, curvature_kind: str = "hessian", microbatch_size: Optional[int] = None,
+    hessian_examples: Optional[int] = None, seed: int = 0,
+) -> EditProblem:
+  """Returns the EditProblem of fixing the labels of the `changed` training examples.
 
   `changed` is a boolean (N,) array of the examples whose label is fixed and
   `corrected_labels` their new labels (in order). g = label_change_gradient
-  (scaled by 1/N), H = curvature of the mean loss on the corrected training
-  set; the step is chosen by the corrected-set training loss.
+  (scaled by 1/N), H = curvature of the mean loss on the corrected training set
+  (or on `hessian_examples` of its examples drawn once with `seed`).
   """
   changed = np.asarray(changed, bool)
   corrected_labels = np.asarray(corrected_labels)
@@ -156,5 +229,19 @@ def label_change_edit(
   new_y[changed] = fixed["y"]
   corrected = dict(train_batch, y=new_y)
   g = gif.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
-  return _edit(per_example_loss_fn, params, corrected, g, method, mask, damping, curvature_kind, microbatch_size,
-               scales, solver_kwargs)
+  return _problem(per_example_loss_fn, params, corrected, g, damping, curvature_kind, microbatch_size,
+                  hessian_examples, seed)
+
+
+def label_change_edit(
+    per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
+    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
+    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
+) -> EditResult:
+  """Returns θ (trained on train_batch's wrong labels) edited towards retraining on corrected labels.
+
+  See `label_change_problem`; the step is chosen by the corrected-set training loss.
+  """
+  problem = label_change_problem(per_example_loss_fn, params, train_batch, changed, corrected_labels,
+                                 damping=damping, curvature_kind=curvature_kind, microbatch_size=microbatch_size)
+  return solve_edit(problem, method, mask, scales, **solver_kwargs)

@@ -143,3 +143,35 @@ def test_edits_reject_bad_input(data):
     gif_tasks.class_removal_edit(_per_example, theta, {"x": x, "y": y}, 7, method="if")
   with pytest.raises(ValueError, match="one label per changed example"):
     gif_tasks.label_change_edit(_per_example, theta, {"x": x, "y": y}, np.ones(y.size, bool), [1, 2], method="if")
+
+
+def test_hessian_examples_average_the_curvature_over_a_fixed_subset(data):
+  x, y, theta = data
+  batch = {"x": x, "y": y}
+  full = gif_tasks.class_removal_problem(_per_example, theta, batch, 3)
+  sub = gif_tasks.class_removal_problem(_per_example, theta, batch, 3, hessian_examples=50, seed=4)
+  # Same g and line-search objective; H is the exact Hessian of the mean loss on the 50 drawn remaining examples.
+  np.testing.assert_array_equal(_flat(sub.g), _flat(full.g))
+  assert float(sub.train_loss(theta)) == float(full.train_loss(theta))
+  remaining = {"x": x[y != 3], "y": y[y != 3]}
+  drawn = np.zeros(remaining["y"].size, bool)
+  drawn[np.random.default_rng(4).choice(drawn.size, 50, replace=False)] = True
+  flat, unravel = ravel_pytree(theta)
+  exact = jax.hessian(lambda v: _loss(unravel(v), {"x": remaining["x"][drawn], "y": remaining["y"][drawn]}))(flat)
+  np.testing.assert_allclose(curvature.to_dense(sub.hessian), exact, rtol=1e-10, atol=1e-12)
+  assert not np.allclose(curvature.to_dense(full.hessian), exact)
+  # solve_edit on the problem is the edit function's result.
+  res = gif_tasks.solve_edit(full, "if", scales=(1.0,), solver="cg", tol=1e-12)
+  ref = gif_tasks.class_removal_edit(_per_example, theta, batch, 3, method="if", scales=(1.0,), solver="cg", tol=1e-12)
+  np.testing.assert_allclose(_flat(res.params), _flat(ref.params), rtol=1e-12)
+
+
+def test_oracle_scale_and_removal_f1():
+  params = {"a": jnp.array([0.0])}
+  delta = {"a": jnp.array([1.0])}
+  metrics = lambda p: {"removed": float(abs(1.0 - p["a"][0] / 4)), "rest": 0.9}
+  s, m = gif_tasks.oracle_scale(metrics, {"removed": 0.5, "rest": 0.9}, params, delta, (0.0, 1.0, 2.0, 3.0))
+  assert s == 2.0 and m == {"removed": 0.5, "rest": 0.9}
+  assert gif_tasks.removal_f1(0.0, 1.0) == 1.0 and gif_tasks.removal_f1(1.0, 0.9) == 0.0
+  assert gif_tasks.removal_f1(0.5, 0.9) == pytest.approx(2 * 0.5 * 0.9 / 1.4)
+  assert gif_tasks.removal_f1(1.0, 0.0) == 0.0
