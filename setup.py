@@ -24,5 +24,5 @@ setup(
         "matplotlib>=3.7",
         "scipy>=1.10",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )
