@@ -266,3 +266,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
       logging.info("seed %d done after %.0f s", seed, time.perf_counter() - t0)
   summary = summarise(per_seed)
   return _write(workdir, config, per_seed, summary, _COLUMNS[config.task], time.perf_counter() - t0)
+
+
+def job_main(task: str) -> Callable[[list], None]:
+  """Returns the absl `main` of the job for `task` ("class_removal" or "label_change").
+
+  It reads --config/--workdir (influence_jax.cli), refuses a config made for the other task,
+  runs `run`, and prints the results table and the paths written.
+  """
+  from influence_jax import cli  # Defines the absl flags: only the jobs need them.
+
+  def main(argv):
+    del argv
+    config, workdir, quiet, _ = cli.setup()
+    if config.task != task:
+      raise ValueError(f"config.task is {config.task!r}; this job runs {task!r} (use configs/gif_{task}_*.py).")
+    paths = run(config, workdir, quiet=quiet)
+    with open(paths["md"]) as f:
+      print(f.read())
+    print("\n".join(f"  {k}: {v}" for k, v in paths.items()))
+
+  return main
