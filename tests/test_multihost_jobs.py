@@ -28,8 +28,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(script, workdir, *extra, num_processes=2, timeout=240):
-  """Runs `script` in `num_processes` processes of 4 CPU devices joined on 127.0.0.1; returns their logs."""
+# p = 75 × 18 + 10 = 1360 = 8 × 170 parameters: eigenvectors split over a 'model' axis of 8 unpadded.
+FEATURES = "--config.model.features=(18,)"
+
+
+def run_processes(script, workdir, *extra, num_processes=2, timeout=240, check=True):
+  """Runs `script` in `num_processes` processes of 4 CPU devices joined on 127.0.0.1; returns them
+  (with .log) after all ended."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
   env.pop("XLA_FLAGS", None)
   port = _free_port()
@@ -38,17 +43,16 @@ def run_processes(script, workdir, *extra, num_processes=2, timeout=240):
        f"--workdir={workdir}", "--quiet", *SMALL, *extra, f"--coordinator_address=127.0.0.1:{port}",
        f"--num_processes={num_processes}", f"--process_id={i}"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
-  logs = []
   try:
     for p in procs:
-      logs.append(p.communicate(timeout=timeout)[0])
+      p.log = p.communicate(timeout=timeout)[0]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"{script} process {i} failed ({p.returncode}):\n{log[-3000:]}"
-  return logs
+  for i, p in enumerate(procs):
+    assert not check or p.returncode == 0, f"{script} process {i} failed ({p.returncode}):\n{p.log[-3000:]}"
+  return procs
 
 
 def _rows(path):
@@ -85,19 +89,28 @@ def _compare_outputs(got_dir, want_dir):
 def single(tmp_path_factory):
   """Train, fit and score in one process on one device (the reference)."""
   workdir = str(tmp_path_factory.mktemp("single"))
-  run_job("run_all.py", workdir)
+  run_job("run_all.py", workdir, FEATURES)
   return workdir
 
 
 def test_two_processes_match_one_process(single, tmp_path):
   workdir = str(tmp_path / "multi")
   shutil.copytree(os.path.join(single, "model"), os.path.join(workdir, "model"))
-  # Fitted on a (2, 4) mesh (p = 1210 columns padded to 1212 over 'model'), scored on (8, 1): the
-  # eigenspace is loaded on another mesh.
-  run_processes("fit_eigenspace.py", workdir, "--config.mesh_shape=(2,4)")
-  run_processes("score.py", workdir, "--config.mesh_shape=(8,1)")
+  # Fit on a (1, 8) mesh: the Krylov basis is split over 'model' across both processes, so each
+  # process saves its own columns. Both die after Arnoldi step 13 (progress saved at step 10).
+  procs = run_processes("fit_eigenspace.py", workdir, FEATURES, "--config.mesh_shape=(1,8)",
+                        "--fault_injection=arnoldi:13", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
+  progress = os.path.join(workdir, "arnoldi_progress")
+  assert sorted(os.listdir(progress), key=int) == ["5", "10"]
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(progress, "10", "state")))
+  assert not os.path.exists(os.path.join(workdir, "eigenvalues.json"))
+  # Resume on another mesh, (2, 4): the progress is restored onto this layout; then score, each
+  # process feeding its own half of the training set into the global batches.
+  procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
+  assert "Done. Results in" in procs[0].log
   _compare_outputs(workdir, single)
-  # Only process 0 wrote the tables; the shards name their rows: each process fed its own half.
+  # Only process 0 wrote the shards; they name their rows: each process fed its own half.
   shards = sorted(f for f in os.listdir(os.path.join(workdir, "scores", "projections")) if f.startswith("ids"))
   rows = [np.load(os.path.join(workdir, "scores", "projections", f)) for f in shards]
   assert len(rows) == 5 and all(len(r) == 32 for r in rows)
