@@ -377,9 +377,11 @@ def _train_batches(train: dict, s, mesh) -> tuple:
     return num_batches, host
   rows = sharding.process_slice(num_train)
   local = jax.tree.map(lambda x: np.asarray(x)[rows], _without_ids(train))
-  if s.batch_size % jax.process_count():
-    raise ValueError(f"config.score.batch_size ({s.batch_size}) must be a multiple of the "
-                     f"{jax.process_count()} processes (it is the global batch).")
+  data = sharding.axis_size(mesh, sharding.DATA)
+  if s.batch_size % data or s.batch_size % jax.process_count():
+    raise ValueError(f"config.score.batch_size ({s.batch_size}) is the global batch: it must be a multiple "
+                     f"of the mesh's 'data' axis ({data}, config.mesh_shape) and of the "
+                     f"{jax.process_count()} processes.")
   num_batches = sharding.num_steps(len(rows), s.batch_size // jax.process_count())
 
   def on_mesh(start):

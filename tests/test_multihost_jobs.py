@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -18,7 +20,7 @@ from influence_jax import checkpoint, sharding
 from tests import sharding_problem
 from tests.test_jobs import ROOT, SMALL, run_job
 
-REL = 2e-4  # float32 jobs: sharded sums are reordered.
+REL = 2e-5  # float32 jobs, sums reordered by sharding (measured: 5e-7 of the largest score).
 TIE = 1e-5
 
 
@@ -34,22 +36,31 @@ FEATURES = "--config.model.features=(18,)"
 
 def run_processes(script, workdir, *extra, num_processes=2, timeout=240, check=True):
   """Runs `script` in `num_processes` processes of 4 CPU devices joined on 127.0.0.1; returns them
-  (with .log) after all ended."""
+  (with .log) once all ended. When one fails the others get 30 s, then are killed (no hang)."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
   env.pop("XLA_FLAGS", None)
   port = _free_port()
+  logs = [tempfile.TemporaryFile("w+") for _ in range(num_processes)]
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "scripts", script), "--config", os.path.join(ROOT, "configs/digits_mlp.py"),
        f"--workdir={workdir}", "--quiet", *SMALL, *extra, f"--coordinator_address=127.0.0.1:{port}",
        f"--num_processes={num_processes}", f"--process_id={i}"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+      env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
+  deadline = time.monotonic() + timeout
   try:
-    for p in procs:
-      p.log = p.communicate(timeout=timeout)[0]
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      if any(p.returncode for p in procs):
+        deadline = min(deadline, time.monotonic() + 30)
+      time.sleep(0.2)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+        p.wait()
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    p.log = log.read()
+    log.close()
   for i, p in enumerate(procs):
     assert not check or p.returncode == 0, f"{script} process {i} failed ({p.returncode}):\n{p.log[-3000:]}"
   return procs
@@ -67,7 +78,8 @@ def _assert_same_ranking(got, want, key, score):
   w = np.array([float(r[score]) for r in want])
   np.testing.assert_allclose(g, w, rtol=REL, atol=REL * np.abs(w).max())
   for i, (a, b) in enumerate(zip(got, want)):
-    assert {k: v for k, v in a.items() if k not in (key, score)} == {k: v for k, v in b.items() if k not in (key, score)}
+    same = lambda r: {k: v for k, v in r.items() if k not in (key, score, "train_label")}
+    assert same(a) == same(b)
     if a[key] != b[key]:  # a different example here must be one whose reference score ties with this one
       tied = [r[key] for r in want if abs(float(r[score]) - w[i]) <= TIE * max(1.0, abs(w[i]))
               and all(r[c] == b[c] for c in b if c not in (key, score, "rank", "train_label"))]
