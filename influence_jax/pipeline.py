@@ -12,7 +12,8 @@ Work directory layout:
   eigenvalues.json    eigenvalues, residuals, Ritz estimates, how it was fitted
   spectrum.png        the eigenvalue spectrum
   scores/progress/    orbax: running top-k every `score.checkpoint_every` batches
-  scores/projections/ train_00000.npy, …: the (B, k) projections G(z) = U∇ℓ(z), a shard a batch
+  scores/projections/ train_00000.npy, …: the (B, k) projections G(z) = U∇ℓ(z), a shard a batch;
+                      ids_00000.npy, …: their rows in the training split
   scores/top_k.csv    per test example its top proponents and opponents
   scores/self_influence.csv   training examples ranked by self-influence
   scores/influence_grid.png   test images with their top proponents / opponents
@@ -34,9 +35,10 @@ same job on a shared work directory):
   on another;
 - the projections (k numbers an example) are gathered to every process and
   process 0 alone writes the shared outputs: the JSON, CSV and PNG files and
-  the projection shards. On a mesh each shard train_NNNNN.npy holds the real
-  (unmasked) rows of global batch NNNNN and ids_NNNNN.npy their row numbers in
-  the training split; the tables are written in row-number order.
+  the projection shards. Shard train_NNNNN.npy holds the real (unmasked) rows
+  of global batch NNNNN, which come from every process's slice, and
+  ids_NNNNN.npy their row numbers in the training split (written on one
+  process too, where they are consecutive); tables are in row-number order.
 Training is single-process (a model trained once is loaded by every process).
 """
 
