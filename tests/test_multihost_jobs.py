@@ -118,9 +118,15 @@ def test_two_processes_match_one_process(single, tmp_path):
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(progress, "10", "state")))
   assert not os.path.exists(os.path.join(workdir, "eigenvalues.json"))
   # Resume on another mesh, (2, 4): the progress is restored onto this layout; then score, each
-  # process feeding its own half of the training set into the global batches.
-  procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
-  assert "Done. Results in" in procs[0].log
+  # process feeding its own half of the training set into the global batches; both die after
+  # scoring batch 3 (progress saved at batch 2) and the scoring job resumes.
+  procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)",
+                        "--fault_injection=score:3", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
+  assert os.path.exists(os.path.join(workdir, "eigenvalues.json"))
+  assert os.listdir(os.path.join(workdir, "scores", "progress")) == ["2"]
+  assert not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+  run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
   _compare_outputs(workdir, single)
   # Only process 0 wrote the shards; they name their rows: each process fed its own half.
   shards = sorted(f for f in os.listdir(os.path.join(workdir, "scores", "projections")) if f.startswith("ids"))
