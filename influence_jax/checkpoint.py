@@ -17,8 +17,10 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from influence_jax.eigenspace import Eigenspace, EigenspaceInfo
+from influence_jax import sharding as sharding_lib
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, eigenvector_sharding
 
 
 class FingerprintMismatch(ValueError):
@@ -71,14 +73,22 @@ class Store:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: Optional[dict] = None) -> None:
-    """Saves `state` (a pytree of arrays) and `meta` (JSON) as `step`, atomically."""
+    """Saves `state` (a pytree of arrays) and `meta` (JSON) as `step`, atomically.
+
+    With several processes every process calls it with the same step: each
+    writes its own shards of sharded arrays, process 0 the rest.
+    """
     record = dict(meta or {}, fingerprint=self.fingerprint)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
     self.manager.wait_until_finished()
 
   def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
-    """Returns (state, meta) of `step`; raises FingerprintMismatch if it was made from other inputs."""
+    """Returns (state, meta) of `step`; raises FingerprintMismatch if it was made from other inputs.
+
+    Arrays come back with the shapes, dtypes and shardings of `target`'s
+    leaves (so state saved on one mesh restores onto another).
+    """
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if meta.get("fingerprint") != self.fingerprint:
       raise FingerprintMismatch(
@@ -133,8 +143,34 @@ def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra
   store.close()
 
 
-def load_eigenspace(directory: str, fingerprint: Optional[str] = None) -> Eigenspace:
-  """Returns the Eigenspace saved in `directory`; checks its fingerprint when one is given."""
+def _saved_shapes(directory: str, step: int) -> dict:
+  """Returns {name: ShapeDtypeStruct-like (shape, dtype)} of the arrays saved in `step` (no data read)."""
+  path = epath.Path(os.path.abspath(directory)) / str(step) / "state"
+  tree = ocp.StandardCheckpointHandler().metadata(path)
+  return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
+
+
+def _eigenspace_target(shapes: dict, mesh: Optional[jax.sharding.Mesh]) -> dict:
+  """Returns restore targets: on `mesh` eigenvectors laid out as `eigenvector_sharding`, the rest
+  replicated; without a mesh everything on this process's first device."""
+  if mesh is None:
+    where = lambda name: jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    num_params = shapes["eigenvectors"][0][1]
+    where = lambda name: (eigenvector_sharding(num_params, mesh) if name == "eigenvectors"
+                          else sharding_lib.replicated(mesh))
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=where(name)) for name, (shape, dtype) in shapes.items()}
+
+
+def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> Eigenspace:
+  """Returns the Eigenspace saved in `directory`; checks its fingerprint when one is given.
+
+  The arrays are laid out for `mesh` whatever mesh they were saved from
+  (eigenvectors `eigenspace.eigenvector_sharding(p, mesh)`, the rest
+  replicated), or on this process's first device without a mesh. With
+  several processes every process must call it (a collective restore).
+  """
   mngr = _manager(directory, read_only=True)
   step = mngr.latest_step()
   if step is None:
@@ -144,7 +180,8 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None) -> Eigens
     raise FingerprintMismatch(
         f"The eigenspace in {directory} was fitted on a different model, config or data set "
         f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}).")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  target = _eigenspace_target(_saved_shapes(directory, step), mesh)
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
   mngr.close()
   return Eigenspace(
       eigenvalues=state["eigenvalues"], eigenvectors=state["eigenvectors"],

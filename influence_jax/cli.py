@@ -1,4 +1,5 @@
-"""Flags shared by the absl jobs in scripts/: --config, --workdir, --quiet, --fault_injection."""
+"""Flags shared by the absl jobs in scripts/: --config, --workdir, --quiet, --fault_injection, and the
+multi-process flags --coordinator_address, --num_processes, --process_id (jax.distributed)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ FAULT = flags.DEFINE_string(
     "fault_injection", None, "For resume tests: 'arnoldi:N' or 'score:N' SIGKILLs the job after "
     "Arnoldi step N or scoring batch N.")
 
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed); "
+    "unset: one process. Every process gets the same --config and --workdir (a shared directory).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,8 +36,28 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
+def initialize_distributed() -> None:
+  """Joins a multi-process run when --coordinator_address is given (before any JAX computation).
+
+  On CPU the cross-process collectives use gloo. Raises ValueError naming
+  the missing flag when the three flags are not given together.
+  """
+  given = {"--coordinator_address": COORDINATOR.value, "--num_processes": NUM_PROCESSES.value,
+           "--process_id": PROCESS_ID.value}
+  if all(v is None for v in given.values()):
+    return
+  missing = [name for name, v in given.items() if v is None]
+  if missing:
+    raise ValueError(f"A multi-process run needs --coordinator_address, --num_processes and --process_id "
+                     f"together; missing {', '.join(missing)}.")
+  from influence_jax import sharding  # noqa: PLC0415 (imports jax; no computation yet)
+  sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+
+
 def setup() -> tuple:
-  """Returns (config, workdir, quiet, fault) after creating the workdir and setting log verbosity."""
+  """Returns (config, workdir, quiet, fault) after joining a multi-process run (if asked), creating
+  the workdir and setting log verbosity."""
+  initialize_distributed()
   workdir = os.path.abspath(WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -12,15 +12,40 @@ Work directory layout:
   eigenvalues.json    eigenvalues, residuals, Ritz estimates, how it was fitted
   spectrum.png        the eigenvalue spectrum
   scores/progress/    orbax: running top-k every `score.checkpoint_every` batches
-  scores/projections/ train_00000.npy, …: the (B, k) projections G(z) = U∇ℓ(z), a shard a batch
+  scores/projections/ train_00000.npy, …: the (B, k) projections G(z) = U∇ℓ(z), a shard a batch;
+                      ids_00000.npy, …: their rows in the training split
   scores/top_k.csv    per test example its top proponents and opponents
   scores/self_influence.csv   training examples ranked by self-influence
   scores/influence_grid.png   test images with their top proponents / opponents
+
+Sharded and multi-process (DESIGN §3). `config.mesh_shape` (data, model) lays
+fit and score out on a device mesh over all devices of all processes (None:
+every device on 'data'; with a single device and no mesh_shape, no mesh at
+all: the one-device code path). With several processes (cli flags
+--coordinator_address/--num_processes/--process_id, every process running the
+same job on a shared work directory):
+- the curvature batches are host data, the same on every process;
+- when scoring, each process projects only its own contiguous slice of the
+  training set (`sharding.process_slice`), fed into global batches of
+  `config.score.batch_size` examples (`sharding.global_batches`; every process
+  runs the same number of steps, the last batch padded and masked);
+- orbax checkpoints (model, Arnoldi progress, eigenspace, scoring progress)
+  are saved and restored by every process together; restore targets carry
+  this run's shardings, so an eigenspace or progress saved on one mesh loads
+  on another;
+- the projections (k numbers an example) are gathered to every process and
+  process 0 alone writes the shared outputs: the JSON, CSV and PNG files and
+  the projection shards. Shard train_NNNNN.npy holds the real (unmasked) rows
+  of global batch NNNNN, which come from every process's slice, and
+  ids_NNNNN.npy their row numbers in the training split (written on one
+  process too, where they are consecutive); tables are in row-number order.
+Training is single-process (a model trained once is loaded by every process).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import signal
@@ -45,6 +70,7 @@ from influence_jax import plots
 from influence_jax import progress as progress_lib
 from influence_jax import projection
 from influence_jax import scoring
+from influence_jax import sharding
 from influence_jax import training
 
 
@@ -155,6 +181,20 @@ def maybe_kill(fault: Optional[str], stage: str, count: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def job_mesh(config) -> Optional[jax.sharding.Mesh]:
+  """Returns the mesh of fit and score: `sharding.make_mesh(config.mesh_shape)` over all devices of all
+  processes, or None (the one-device path) when there is one device and no config.mesh_shape."""
+  shape = config.get("mesh_shape", None)
+  if shape is None and jax.device_count() == 1:
+    return None
+  return sharding.make_mesh(shape)
+
+
+def is_writer() -> bool:
+  """Returns True on the process that writes shared outputs (process 0)."""
+  return jax.process_index() == 0
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -187,6 +227,10 @@ def run_train(config, workdir: str, *, quiet: bool = False) -> Any:
     logging.info("Model already trained in %s (%s)", store.directory, found[2].get("metrics"))
     store.close()
     return found[1]
+  if jax.process_count() > 1:
+    store.close()
+    raise ValueError(f"No trained model in {store.directory}: training is single-process; run "
+                     "scripts/train.py once without the multi-process flags, then fit and score.")
   fns = model_fns(task, template, config)
   t = config.train
   if not quiet:
@@ -224,24 +268,35 @@ def hessian_batches(task: Task, config) -> list:
 
 
 def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] = None) -> eigenspace_lib.Eigenspace:
-  """Fits (or loads, or resumes) the eigenspace; writes eigenvalues.json and spectrum.png."""
+  """Fits (or loads, or resumes) the eigenspace; writes eigenvalues.json and spectrum.png.
+
+  On a mesh (`job_mesh`) the Krylov basis and eigenvectors are split over
+  'model' and the curvature batches over 'data'; the eigenspace comes back
+  laid out on that mesh.
+  """
   task, variables = load_model(config, workdir)
+  mesh = job_mesh(config)
   fp = eigenspace_fingerprint(config, task)
   final_dir = os.path.join(workdir, "eigenspace")
   if os.path.isdir(final_dir):
     try:
-      return checkpoint.load_eigenspace(final_dir, fingerprint=fp)
+      return checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=mesh)
     except FileNotFoundError:
       pass  # A directory with no finished step: fit again.
   fns = model_fns(task, variables, config)
   a = config.arnoldi
   dtype = ravel_pytree(fns.params)[0].dtype
-  template = arnoldi.init(eigenspace_lib.start_vector(models.num_params(fns.params), dtype, config.seed),
-                          a.n_iters, block_size=a.block_size)
-  store = checkpoint.Store(os.path.join(workdir, "arnoldi_progress"), fp)
+  num_params = models.num_params(fns.params)
+  template = arnoldi.init(eigenspace_lib.start_vector(num_params, dtype, config.seed),
+                          a.n_iters, block_size=a.block_size, mesh=mesh)
+  columns = sharding.padded_dim(num_params, mesh)
+  # A basis padded for another 'model' size has other columns: not this job's progress.
+  store = checkpoint.Store(os.path.join(workdir, "arnoldi_progress"),
+                           fp if columns == num_params else checkpoint.fingerprint(fp, columns))
   found = store.restore_latest(target=template._asdict())
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
-  bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps), quiet=quiet)
+  bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps),
+                              quiet=quiet or not is_writer())
 
   def callback(s: arnoldi.ArnoldiState) -> None:
     bar.update()
@@ -254,7 +309,7 @@ def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] =
       fns.loss_fn, fns.params, hessian_batches(task, config), n_iters=a.n_iters, top_k=a.top_k,
       damping=a.damping, curvature=a.curvature, seed=config.seed, selection=a.selection,
       microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
-      initial_state=state)
+      initial_state=state, mesh=mesh)
   checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
   store.close()
   _write_spectrum(workdir, es, config)
@@ -262,10 +317,14 @@ def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] =
 
 
 def _write_spectrum(workdir: str, es: eigenspace_lib.Eigenspace, config) -> None:
+  """Writes eigenvalues.json and spectrum.png (process 0; every process must call it)."""
+  host = {name: sharding.to_host(getattr(es, name)) for name in ("eigenvalues", "residuals", "ritz_estimates")}
+  if not is_writer():
+    return
   record = {
-      "eigenvalues": np.asarray(es.eigenvalues, np.float64).tolist(),
-      "residuals": np.asarray(es.residuals, np.float64).tolist(),
-      "ritz_estimates": np.asarray(es.ritz_estimates, np.float64).tolist(),
+      "eigenvalues": host["eigenvalues"].astype(np.float64).tolist(),
+      "residuals": host["residuals"].astype(np.float64).tolist(),
+      "ritz_estimates": host["ritz_estimates"].astype(np.float64).tolist(),
       "damping": es.damping,
       "arnoldi": config.arnoldi.to_dict(),
       "num_steps": es.info.num_steps,
@@ -274,8 +333,7 @@ def _write_spectrum(workdir: str, es: eigenspace_lib.Eigenspace, config) -> None
       "num_examples": es.info.num_examples,
   }
   _atomic_write_text(os.path.join(workdir, "eigenvalues.json"), json.dumps(record, indent=1))
-  plots.spectrum(os.path.join(workdir, "spectrum.png"), np.asarray(es.eigenvalues),
-                 np.asarray(es.residuals), es.damping,
+  plots.spectrum(os.path.join(workdir, "spectrum.png"), host["eigenvalues"], host["residuals"], es.damping,
                  title=f"{config.model.name}: top-{es.k} {config.arnoldi.curvature} eigenvalues")
 
 
@@ -286,70 +344,141 @@ def _without_ids(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k != "id"}
 
 
+def _test_projections(es, fns, test_batch: dict, s, mesh) -> tuple:
+  """Returns (directions, test_proj on the host): [U; test gradients] with the tail, else U."""
+  kw = dict(method=s.method, microbatch_size=s.microbatch_size or None, mesh=mesh)
+  directions = es.eigenvectors
+  if s.tail:
+    grads = projection.gradients(fns.per_example_loss_fn, fns.params, [test_batch], mesh=mesh)
+    grads = grads.astype(directions.dtype)
+    test_proj = grads @ es.eigenvectors.T
+    directions = jnp.concatenate([directions, grads])
+  else:
+    test_proj = projection.project_on(directions, fns.per_example_loss_fn, fns.params,
+                                      data_lib.iterate(test_batch, s.batch_size), **kw).values
+  return directions, sharding.to_host(test_proj)
+
+
+def _train_batches(train: dict, s, mesh) -> tuple:
+  """Returns (num_batches, start ↦ iterator of (batch, rows, mask)) over the training split.
+
+  rows: the batch's row numbers in the split; mask: True on real rows. Without
+  a mesh: host batches of s.batch_size in order (no padding, mask all True).
+  On a mesh: global batches of s.batch_size examples, each process feeding
+  only its own slice `sharding.process_slice` (padded and masked at the end).
+  """
+  num_train = data_lib.batch_size(train)
+  if mesh is None:
+    num_batches = -(-num_train // s.batch_size)
+
+    def host(start):
+      for b in range(start, num_batches):
+        lo, hi = b * s.batch_size, min((b + 1) * s.batch_size, num_train)
+        yield _without_ids(data_lib.take(train, lo, hi)), np.arange(lo, hi), np.ones(hi - lo, bool)
+
+    return num_batches, host
+  rows = sharding.process_slice(num_train)
+  local = jax.tree.map(lambda x: np.asarray(x)[rows], _without_ids(train))
+  data = sharding.axis_size(mesh, sharding.DATA)
+  if s.batch_size % data or s.batch_size % jax.process_count():
+    raise ValueError(f"config.score.batch_size ({s.batch_size}) is the global batch: it must be a multiple "
+                     f"of the mesh's 'data' axis ({data}, config.mesh_shape) and of the "
+                     f"{jax.process_count()} processes.")
+  num_batches = sharding.num_steps(len(rows), s.batch_size // jax.process_count())
+
+  def on_mesh(start):
+    for g in itertools.islice(sharding.global_batches(local, rows, s.batch_size, mesh), start, None):
+      yield g.batch, sharding.to_host(g.ids), sharding.to_host(g.mask)
+
+  return num_batches, on_mesh
+
+
+def _merge_rows(running: scoring.TopK, block: np.ndarray, rows: np.ndarray) -> scoring.TopK:
+  """Returns `running` merged with the (T, len(rows)) scores of training rows `rows` (runs of consecutive
+  rows merged at once; the result does not depend on the split)."""
+  breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+  for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+    if hi > lo:
+      running = scoring.merge_top_k(running, block[:, lo:hi], int(rows[lo]))
+  return running
+
+
 def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
   """Projects the training set once (shards on disk), keeps the top-k per test example, writes tables.
 
-  Returns the paths written. Resumes from the last checkpointed batch.
+  Returns the paths written ({} on processes other than 0, which write
+  nothing). Resumes from the last checkpointed batch. On a mesh each process
+  projects only its own slice of the training set (see the module docstring).
   """
   task, variables = load_model(config, workdir)
-  es = checkpoint.load_eigenspace(os.path.join(workdir, "eigenspace"), fingerprint=eigenspace_fingerprint(config, task))
+  mesh = job_mesh(config)
+  es = checkpoint.load_eigenspace(os.path.join(workdir, "eigenspace"),
+                                  fingerprint=eigenspace_fingerprint(config, task), mesh=mesh)
+  # The scoring arithmetic runs on the host, the same on every process: only Λ is needed there.
+  es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
   fns = model_fns(task, variables, config)
   s = config.score
   out = os.path.join(workdir, "scores")
   shard_dir = os.path.join(out, "projections")
   os.makedirs(shard_dir, exist_ok=True)
   train, test = task.splits["train"], task.splits["test"]
-  test_batch = _without_ids(test)
   kw = dict(method=s.method, microbatch_size=s.microbatch_size or None)
-
-  directions = es.eigenvectors
-  if s.tail:
-    grads = projection.gradients(fns.per_example_loss_fn, fns.params, [test_batch])
-    directions = jnp.concatenate([directions, grads.astype(directions.dtype)])
-    test_proj = grads.astype(directions.dtype) @ es.eigenvectors.T
-  else:
-    test_proj = projection.project_on(directions, fns.per_example_loss_fn, fns.params,
-                                      data_lib.iterate(test_batch, s.batch_size), **kw).values
+  directions, test_proj = _test_projections(es, fns, _without_ids(test), s, mesh)
 
   with_norms = bool(s.tail) and s.method == "vjp"  # Self-influence with the tail needs ‖∇ℓ(z)‖².
-  num_train = data_lib.batch_size(train)
-  num_batches = -(-num_train // s.batch_size)
+  num_batches, batches_from = _train_batches(train, s, mesh)
   num_test = test_proj.shape[0]
-  store = checkpoint.Store(os.path.join(out, "progress"), scores_fingerprint(config, task))
-  template = scoring.empty_top_k(num_test, s.top_k, np.asarray(test_proj).dtype)
+  fp = scores_fingerprint(config, task)
+  if jax.process_count() > 1:  # Batches hold other rows with another process count: not this job's progress.
+    fp = checkpoint.fingerprint(fp, "processes", jax.process_count())
+  store = checkpoint.Store(os.path.join(out, "progress"), fp)
+  template = scoring.empty_top_k(num_test, s.top_k, test_proj.dtype)
   found = store.restore_latest(target=template._asdict())
   running, start = (scoring.TopK(**found[1]), found[0]) if found is not None else (template, 0)
-  bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet)
-  for b in range(start, num_batches):
-    lo = b * s.batch_size
-    batch = _without_ids(data_lib.take(train, lo, min(lo + s.batch_size, num_train)))
-    both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
-                                           with_sq_norms=with_norms, pad_to=s.batch_size, **kw)
-    proj = both[:, : es.k]
-    if with_norms:
-      _atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))
-    if s.tail:
-      block = scoring.influence_scores_with_tail(es, test_proj, proj, both[:, es.k:].T)
+  bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet or not is_writer())
+  for b, (batch, rows, mask) in enumerate(batches_from(start), start):
+    if mesh is None:
+      both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
+                                             with_sq_norms=with_norms, pad_to=s.batch_size, **kw)
     else:
-      block = scoring.influence_scores(es, test_proj, proj)
-    _atomic_save_npy(os.path.join(shard_dir, f"train_{b:05d}.npy"), np.asarray(proj))
-    running = scoring.merge_top_k(running, block, lo)
+      both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
+                                             with_sq_norms=with_norms, mesh=mesh, **kw)
+      both = sharding.to_host(both)[mask]
+      sq_norms = sharding.to_host(sq_norms)[mask] if with_norms else None
+      rows = rows[mask]
+    proj = both[:, : es.k]
+    if s.tail:
+      block = scoring.influence_scores_with_tail(es_host, test_proj, proj, both[:, es.k:].T)
+    else:
+      block = scoring.influence_scores(es_host, test_proj, proj)
+    if is_writer():
+      if with_norms:
+        _atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))
+      _atomic_save_npy(os.path.join(shard_dir, f"ids_{b:05d}.npy"), np.asarray(rows, np.int64))
+      _atomic_save_npy(os.path.join(shard_dir, f"train_{b:05d}.npy"), np.asarray(proj))
+    running = _merge_rows(running, np.asarray(block), rows)
     bar.update()
     if (b + 1) % s.checkpoint_every == 0 or b + 1 == num_batches:
       store.save(b + 1, running._asdict())
     maybe_kill(fault, "score", b + 1)
   store.close()
-  return _write_score_outputs(out, task, es, running, num_batches, config)
+  if not is_writer():
+    return {}
+  return _write_score_outputs(out, task, es_host, running, num_batches, config)
 
 
 def _write_score_outputs(out: str, task: Task, es, running: scoring.TopK, num_batches: int, config) -> dict:
   train, test = task.splits["train"], task.splits["test"]
-  train_proj = np.concatenate([np.load(os.path.join(out, "projections", f"train_{b:05d}.npy"))
-                               for b in range(num_batches)])
-  norms_path = lambda b: os.path.join(out, "projections", f"sq_norms_{b:05d}.npy")
+  shard = lambda name, b: os.path.join(out, "projections", f"{name}_{b:05d}.npy")
+  load = lambda name: np.concatenate([np.load(shard(name, b)) for b in range(num_batches)])
+  ids = np.concatenate([_shard_rows(shard, b, config.score.batch_size) for b in range(num_batches)])
+  order_rows = np.argsort(ids, kind="stable")  # Shards hold rows in batch order: back to row order.
+  if not np.array_equal(ids[order_rows], np.arange(data_lib.batch_size(train))):
+    raise ValueError(f"The projection shards in {out}/projections do not cover every training row once.")
+  train_proj = load("train")[order_rows]
   sq_norms = None
-  if config.score.tail and all(os.path.exists(norms_path(b)) for b in range(num_batches)):
-    sq_norms = jnp.asarray(np.concatenate([np.load(norms_path(b)) for b in range(num_batches)]))
+  if config.score.tail and all(os.path.exists(shard("sq_norms", b)) for b in range(num_batches)):
+    sq_norms = jnp.asarray(load("sq_norms")[order_rows])
   self_infl = np.asarray(scoring.self_influence(es, jnp.asarray(train_proj), sq_norms=sq_norms))
   label = lambda batch, i: _label_text(batch[task.label_key][i])
 
@@ -380,6 +509,15 @@ def _write_score_outputs(out: str, task: Task, es, running: scoring.TopK, num_ba
   paths["summary"] = os.path.join(out, "summary.json")
   _atomic_write_text(paths["summary"], json.dumps(summary, indent=1))
   return paths
+
+
+def _shard_rows(shard, b: int, batch_size: int) -> np.ndarray:
+  """Returns the training rows of projection shard b: ids_b.npy, or (shards written before ids files
+  existed, one process) the consecutive rows from b × batch_size."""
+  if os.path.exists(shard("ids", b)):
+    return np.load(shard("ids", b))
+  n = np.load(shard("train", b), mmap_mode="r").shape[0]
+  return np.arange(b * batch_size, b * batch_size + n)
 
 
 def _label_text(y) -> str:

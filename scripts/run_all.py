@@ -1,6 +1,9 @@
 r"""Train, fit the eigenspace and score in one command (the README demo). Each stage resumes.
 
   python scripts/run_all.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+
+With the multi-process flags (--coordinator_address, --num_processes, --process_id) the model must
+already be trained (scripts/train.py, one process); fit and score then run on all processes.
 """
 
 from absl import app

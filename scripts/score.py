@@ -4,6 +4,11 @@ Writes --workdir/scores/{top_k.csv, self_influence.csv, influence_grid.png, proj
 resumes from --workdir/scores/progress when run again after an interruption.
 
   python scripts/score.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+
+On several processes run the same command in each, sharing --workdir, with
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I: each projects only its own
+slice of the training set (config.score.batch_size is the global batch; the mesh's 'data' axis a
+multiple of N); process 0 writes the tables, pictures and projection shards.
 """
 
 from absl import app, logging

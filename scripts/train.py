@@ -1,6 +1,8 @@
 r"""Trains the config's example model and saves it with orbax in --workdir/model.
 
   python scripts/train.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+
+Training is single-process: run it once, then fit and score on as many processes as wanted.
 """
 
 from absl import app, logging

@@ -1,0 +1,168 @@
+"""The command-line jobs sharded and on several processes: 2 processes × 4 CPU devices (gloo) against
+the one-process outputs; eigenspaces saved on one mesh and loaded on another."""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import influence_jax as ij
+from influence_jax import checkpoint, sharding
+from tests import sharding_problem
+from tests.test_jobs import ROOT, SMALL, run_job
+
+REL = 2e-5  # float32 jobs, sums reordered by sharding (measured: 5e-7 of the largest score).
+TIE = 1e-5
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# p = 75 × 18 + 10 = 1360 = 8 × 170 parameters: eigenvectors split over a 'model' axis of 8 unpadded.
+FEATURES = "--config.model.features=(18,)"
+
+
+def run_processes(script, workdir, *extra, num_processes=2, timeout=240, check=True):
+  """Runs `script` in `num_processes` processes of 4 CPU devices joined on 127.0.0.1; returns them
+  (with .log) once all ended. When one fails the others get 30 s, then are killed (no hang)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  logs = [tempfile.TemporaryFile("w+") for _ in range(num_processes)]
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "scripts", script), "--config", os.path.join(ROOT, "configs/digits_mlp.py"),
+       f"--workdir={workdir}", "--quiet", *SMALL, *extra, f"--coordinator_address=127.0.0.1:{port}",
+       f"--num_processes={num_processes}", f"--process_id={i}"],
+      env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for i, log in enumerate(logs)]
+  deadline = time.monotonic() + timeout
+  try:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      if any(p.returncode for p in procs):
+        deadline = min(deadline, time.monotonic() + 30)
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    p.log = log.read()
+    log.close()
+  for i, p in enumerate(procs):
+    assert not check or p.returncode == 0, f"{script} process {i} failed ({p.returncode}):\n{p.log[-3000:]}"
+  return procs
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _assert_same_ranking(got, want, key, score):
+  """Same rows in the same order, scores to REL; ids may swap only between scores tied within TIE."""
+  assert len(got) == len(want)
+  g = np.array([float(r[score]) for r in got])
+  w = np.array([float(r[score]) for r in want])
+  np.testing.assert_allclose(g, w, rtol=REL, atol=REL * np.abs(w).max())
+  for i, (a, b) in enumerate(zip(got, want)):
+    same = lambda r: {k: v for k, v in r.items() if k not in (key, score, "train_label")}
+    assert same(a) == same(b)
+    if a[key] != b[key]:  # a different example here must be one whose reference score ties with this one
+      tied = [r[key] for r in want if abs(float(r[score]) - w[i]) <= TIE * max(1.0, abs(w[i]))
+              and all(r[c] == b[c] for c in b if c not in (key, score, "rank", "train_label"))]
+      assert a[key] in tied, f"row {i}: {a} instead of {b}"
+
+
+def _compare_outputs(got_dir, want_dir):
+  got_ev = json.load(open(os.path.join(got_dir, "eigenvalues.json")))
+  want_ev = json.load(open(os.path.join(want_dir, "eigenvalues.json")))
+  np.testing.assert_allclose(got_ev["eigenvalues"], want_ev["eigenvalues"], rtol=REL)
+  assert got_ev["num_steps"] == want_ev["num_steps"] and got_ev["num_params"] == want_ev["num_params"]
+  _assert_same_ranking(_rows(os.path.join(got_dir, "scores", "top_k.csv")),
+                       _rows(os.path.join(want_dir, "scores", "top_k.csv")), "train_id", "score")
+  _assert_same_ranking(_rows(os.path.join(got_dir, "scores", "self_influence.csv")),
+                       _rows(os.path.join(want_dir, "scores", "self_influence.csv")), "train_id", "self_influence")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """Train, fit and score in one process on one device (the reference)."""
+  workdir = str(tmp_path_factory.mktemp("single"))
+  run_job("run_all.py", workdir, FEATURES)
+  return workdir
+
+
+def test_two_processes_match_one_process(single, tmp_path):
+  workdir = str(tmp_path / "multi")
+  shutil.copytree(os.path.join(single, "model"), os.path.join(workdir, "model"))
+  # Fit on a (1, 8) mesh: the Krylov basis is split over 'model' across both processes, so each
+  # process saves its own columns. Both die after Arnoldi step 13 (progress saved at step 10).
+  procs = run_processes("fit_eigenspace.py", workdir, FEATURES, "--config.mesh_shape=(1,8)",
+                        "--fault_injection=arnoldi:13", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
+  progress = os.path.join(workdir, "arnoldi_progress")
+  assert sorted(os.listdir(progress), key=int) == ["5", "10"]
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(progress, "10", "state")))
+  assert not os.path.exists(os.path.join(workdir, "eigenvalues.json"))
+  # Resume on another mesh, (2, 4): the progress is restored onto this layout; then score, each
+  # process feeding its own half of the training set into the global batches; both die after
+  # scoring batch 3 (progress saved at batch 2) and the scoring job resumes.
+  procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)",
+                        "--fault_injection=score:3", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
+  assert os.path.exists(os.path.join(workdir, "eigenvalues.json"))
+  assert os.listdir(os.path.join(workdir, "scores", "progress")) == ["2"]
+  assert not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+  run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
+  _compare_outputs(workdir, single)
+  # Only process 0 wrote the shards; they name their rows: each process fed its own half.
+  shards = sorted(f for f in os.listdir(os.path.join(workdir, "scores", "projections")) if f.startswith("ids"))
+  rows = [np.load(os.path.join(workdir, "scores", "projections", f)) for f in shards]
+  assert len(rows) == 5 and all(len(r) == 32 for r in rows)
+  assert set(rows[0]) == set(range(0, 16)) | set(range(80, 96))
+  np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(160))
+
+
+def test_distributed_flags_come_together(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",
+                         os.path.join(ROOT, "configs/digits_mlp.py"), f"--workdir={tmp_path}",
+                         "--coordinator_address=127.0.0.1:1"], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode != 0 and "missing --num_processes, --process_id" in proc.stderr
+
+
+@pytest.mark.parametrize("load_on", [(8, 1), (2, 4), None])
+def test_eigenspace_saved_on_one_mesh_loads_on_another(tmp_path, load_on):
+  params, loss, per_example, batches, _, _ = sharding_problem.problem()  # p = 136 = 8 × 17
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=16, top_k=6, damping=0.1,
+                         mesh=sharding.make_mesh((1, 8)))
+  assert es.eigenvectors.sharding.spec == sharding.BASIS_SPEC
+  checkpoint.save_eigenspace(str(tmp_path / "es"), es, fingerprint="fp")
+  mesh = None if load_on is None else sharding.make_mesh(load_on)
+  back = checkpoint.load_eigenspace(str(tmp_path / "es"), fingerprint="fp", mesh=mesh)
+  for name in ("eigenvalues", "eigenvectors", "residuals", "ritz_estimates"):
+    np.testing.assert_array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(es, name)))
+  assert back.damping == 0.1 and back.info == es.info
+  if mesh is None:
+    assert back.eigenvectors.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    want = ij.eigenspace.eigenvector_sharding(es.eigenvectors.shape[1], mesh)
+    assert back.eigenvectors.sharding == want and back.eigenvalues.sharding.is_fully_replicated
+  # The loaded eigenspace projects like the saved one.
+  np.testing.assert_allclose(ij.project(back, per_example, params, batches, mesh=mesh),
+                             ij.project(es, per_example, params, batches), rtol=1e-6, atol=1e-10)
