@@ -25,12 +25,15 @@ Batch = Any
 LossFn = Callable[[Params, Batch], jax.Array]
 
 
-class SplitLoss(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
   """A loss written as output_loss_fn(outputs_fn(params, batch), batch) + regularizer(params).
 
   Callable like any `loss_fn(params, batch) -> scalar`; the split is what the
   Gauss-Newton product needs (J = ∂outputs/∂params, H_out = ∂²loss/∂outputs²).
   The regularizer's exact Hessian is added to the Gauss-Newton product.
+  A frozen dataclass: hashable and weakly referenceable, so jit can take it as
+  a static argument like any function.
   """
 
   outputs_fn: Callable[[Params, Batch], Any]

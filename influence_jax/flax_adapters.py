@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from influence_jax import curvature
+
 Params = Any
 Batch = Any
 
@@ -53,7 +55,8 @@ class ModelFns(NamedTuple):
   """What the adapters return.
 
   params: the trainable parameters (a pytree) at which the model was given.
-  loss_fn(params, batch) -> scalar: mean per-example loss + (l2/2)‖params‖².
+  loss_fn(params, batch) -> scalar: mean per-example loss + (l2/2)‖params‖²; a
+    curvature.SplitLoss, so curvature="gauss_newton" works with it as well.
   per_example_loss_fn(params, batch) -> (B,): per-example losses, no L2 term.
   logits_fn(params, batch) -> model outputs (e.g. (B, C) logits), eval mode.
   merge(params) -> the model with these params: Linen, the full variables
@@ -99,10 +102,11 @@ def _make_fns(params, logits_fn, per_example_loss, labels, l2, merge) -> ModelFn
   def per_example_loss_fn(params, batch):
     return per_example_loss(logits_fn(params, batch), labels(batch))
 
-  def loss_fn(params, batch):
-    loss = jnp.mean(per_example_loss_fn(params, batch))
-    return loss + l2 * l2_penalty(params) if l2 else loss
-
+  # The mean loss, written as outputs → loss (+ L2) so that curvature="gauss_newton" can use it too.
+  loss_fn = curvature.SplitLoss(
+      outputs_fn=logits_fn,
+      output_loss_fn=lambda outputs, batch: jnp.mean(per_example_loss(outputs, labels(batch))),
+      regularizer=(lambda params: l2 * l2_penalty(params)) if l2 else None)
   return ModelFns(params, loss_fn, per_example_loss_fn, logits_fn, merge)
 
 

@@ -29,7 +29,6 @@ import optax
 from absl import logging
 from sklearn import metrics as sk_metrics
 
-from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import datasets
 from influence_jax import eigenspace as eigenspace_lib
@@ -95,13 +94,7 @@ def compute_memorization(config, module, variables, data: NoisyDigits) -> mz.Mem
   elif c.method == "eigenspace":
     a = c.arnoldi
     batches = list(data_lib.iterate(train, a.batch_size))
-    loss_fn = fns.loss_fn
-    if a.curvature == "gauss_newton":  # The Gauss-Newton product needs the model outputs split from the loss.
-      l2 = config.train.l2
-      loss_fn = curvature_lib.SplitLoss(
-          fns.logits_fn, lambda out, b: jnp.mean(models.softmax_cross_entropy(out, b["y"])),
-          (lambda p: l2 * flax_adapters.l2_penalty(p)) if l2 else None)
-    es = eigenspace_lib.fit_eigenspace(loss_fn, fns.params, batches, n_iters=a.n_iters, top_k=a.top_k,
+    es = eigenspace_lib.fit_eigenspace(fns.loss_fn, fns.params, batches, n_iters=a.n_iters, top_k=a.top_k,
                                        damping=a.damping, curvature=a.curvature, seed=config.seed)
     mem = mz.eigenspace_memorization(es, fns.per_example_loss_fn, fns.logits_fn, fns.params, batches,
                                      list(data_lib.iterate(ref, a.batch_size)), tail=a.tail)

@@ -206,3 +206,19 @@ def test_linen_and_nnx_twins_give_identical_arnoldi_scores(data, twins):
     results.append((np.asarray(es.eigenvalues), np.asarray(plain), np.asarray(tail)))
   for a, b in zip(*results):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_adapter_loss_supports_gauss_newton(data, twins):
+  """loss_fn is a SplitLoss: the Gauss-Newton curvature works on Flax models out of the box."""
+  import influence_jax as ij
+  from influence_jax import curvature
+
+  train, _ = data
+  *_, linen, _ = twins
+  assert np.isclose(linen.loss_fn(linen.params, train),
+                    np.mean(linen.per_example_loss_fn(linen.params, train)) + L2 * flax_adapters.l2_penalty(linen.params))
+  op = curvature.curvature_operator(linen.loss_fn, linen.params, [train], curvature="gauss_newton")
+  exact = np.sort(np.linalg.eigvalsh(np.asarray(curvature.to_dense(op))))[::-1]
+  assert exact.min() > 0  # Gauss-Newton + L2 is positive definite.
+  es = ij.fit_eigenspace(linen.loss_fn, linen.params, [train], n_iters=60, top_k=5, curvature="gauss_newton")
+  np.testing.assert_allclose(es.eigenvalues, exact[:5], rtol=1e-6)
