@@ -123,7 +123,7 @@ def _info_to_json(info: Optional[EigenspaceInfo]) -> Optional[dict]:
   if info is None:
     return None
   d = dict(info.__dict__)
-  d["param_signature"] = [list(map(lambda x: list(x) if isinstance(x, tuple) else x, s)) for s in info.param_signature]
+  d["param_signature"] = [[path, list(shape), dtype] for path, shape, dtype in info.param_signature]
   return d
 
 

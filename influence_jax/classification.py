@@ -23,9 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from influence_jax import data as data_lib
 from influence_jax import last_layer as ll
 from influence_jax import solvers
 

@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib

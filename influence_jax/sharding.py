@@ -165,11 +165,6 @@ def place_params(params: Any, mesh: Mesh) -> Any:
   return jax.tree.map(place, params)
 
 
-def is_global(tree: Any) -> bool:
-  """Returns True if some leaf is a jax.Array spanning devices of other processes."""
-  return any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree.leaves(tree))
-
-
 def to_host(x: jax.Array) -> np.ndarray:
   """Returns the full value of a (possibly multi-process) array as numpy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -1,6 +1,5 @@
 """Attribution baselines against dense exact answers on a tiny L2 logistic regression (float64)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Influence scores against exact dense influence (float64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import influence_jax as ij
-from influence_jax import arnoldi, curvature, eigenspace, projection, sharding
+from influence_jax import arnoldi, curvature, eigenspace, sharding
 from tests import sharding_problem, toy_problems
 
 MESHES = [(8, 1), (1, 8), (2, 4)]

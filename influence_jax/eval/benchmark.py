@@ -14,7 +14,7 @@ import inspect
 import io
 import json
 import pathlib
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import numpy as np
