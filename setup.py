@@ -1,6 +1,21 @@
-"""Install influence_jax: `pip install -e .` (tests: `pip install -e .[test]`)."""
+"""Install influence_jax.
+
+`pip install -e .` installs the core library; extras: `jobs` (absl command-line jobs, grain
+input, reports), `examples` (example data sets, models, training loops, evaluation harness),
+`test` (everything, plus pytest).
+"""
 
 from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.7",
+    "jaxlib>=0.7",
+    "flax>=0.10",
+    "orbax-checkpoint>=0.11",
+    "numpy>=1.26",
+]
+EXAMPLES = ["optax>=0.2", "scikit-learn>=1.3", "scipy>=1.10"]
+JOBS = ["absl-py>=2.0", "ml_collections>=0.1.1", "matplotlib>=3.7", "grain>=0.2.10", "optax>=0.2"]
 
 setup(
     name="influence_jax",
@@ -11,18 +26,10 @@ setup(
     ),
     packages=find_packages(include=["influence_jax", "influence_jax.*"]),
     python_requires=">=3.11",
-    install_requires=[
-        "jax>=0.7",
-        "jaxlib>=0.7",
-        "flax>=0.10",
-        "optax>=0.2",
-        "orbax-checkpoint>=0.11",
-        "numpy>=1.26",
-        "absl-py>=2.0",
-        "ml_collections>=0.1.1",
-        "scikit-learn>=1.3",
-        "matplotlib>=3.7",
-        "scipy>=1.10",
-    ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    install_requires=CORE,
+    extras_require={
+        "jobs": JOBS,
+        "examples": EXAMPLES,
+        "test": sorted(set(JOBS + EXAMPLES)) + ["pytest>=8", "pytest-xdist>=3"],
+    },
 )

@@ -1,43 +1,20 @@
 """influence_jax: influence functions for JAX/Flax models that scale to big models and data.
 
-Sign convention everywhere (DESIGN §1): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z).
+Sign convention everywhere (docs/design.md §1): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z).
 Positive: training example z is a proponent of test example x.
+
+`import influence_jax` loads the core only (curvature, Arnoldi, eigenspace,
+projections, scoring, checkpoints, Flax adapters). The papers' methods in
+`influence_jax.methods` are exported here too, but loaded on first use, so
+that the core never imports optax, NNX or the jobs' dependencies.
 """
 
-from influence_jax.classification import (
-    classification_test_loss,
-    exact_classification_influence,
-    last_layer_classification_influence,
-    last_layer_margin_gradients,
-    margin,
-    margin_logit_gradients,
-    per_example_margin_fn,
-    per_example_margin_gradients,
-)
+import importlib
+
+from influence_jax.checkpoint import load_eigenspace, save_eigenspace
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
 from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
 from influence_jax.flax_adapters import ModelFns, linen_loss_fns, nnx_loss_fns, nnx_update
-from influence_jax.last_layer import (
-    LastLayerCurvature,
-    fit_last_layer,
-    last_layer_gradients,
-    last_layer_hessian,
-    last_layer_influence,
-    last_layer_inverse_hvp,
-    last_layer_self_influence,
-)
-from influence_jax.memorization import (
-    GENERALIZES,
-    MEMORIZED,
-    NEITHER,
-    Memorization,
-    eigenspace_memorization,
-    last_layer_memorization,
-    linen_memorization,
-    memorization_labels,
-    split_linen_last_layer,
-)
-from influence_jax.relative import relative_floor, relative_influence
 from influence_jax.scoring import (
     TopK,
     default_tail_constant,
@@ -47,18 +24,39 @@ from influence_jax.scoring import (
     self_influence,
     top_k,
 )
-from influence_jax.gif import (
-    InfluenceUpdate,
-    Selection,
-    apply_update,
-    fif_update,
-    gif_update,
-    if_update,
-    label_change_gradient,
-    pif_update,
-    removal_gradient,
-    select_parameters,
-)
+from influence_jax.sharding import make_mesh
 from influence_jax.solvers import CGResult, conjugate_gradient, dense_hessian, exact_influence
+
+# Methods of the papers, loaded on first attribute access: name -> module under influence_jax.methods.
+_LAZY = {
+    **dict.fromkeys(
+        ("classification_test_loss", "exact_classification_influence", "last_layer_classification_influence",
+         "last_layer_margin_gradients", "margin", "margin_logit_gradients", "per_example_margin_fn",
+         "per_example_margin_gradients"), "classification"),
+    **dict.fromkeys(
+        ("LastLayerCurvature", "fit_last_layer", "last_layer_gradients", "last_layer_hessian",
+         "last_layer_influence", "last_layer_inverse_hvp", "last_layer_self_influence"), "last_layer"),
+    **dict.fromkeys(
+        ("GENERALIZES", "MEMORIZED", "NEITHER", "Memorization", "eigenspace_memorization",
+         "last_layer_memorization", "linen_memorization", "memorization_labels", "split_linen_last_layer"),
+        "memorization"),
+    **dict.fromkeys(("relative_floor", "relative_influence"), "relative"),
+    **dict.fromkeys(
+        ("InfluenceUpdate", "Selection", "apply_update", "fif_update", "gif_update", "if_update",
+         "label_change_gradient", "pif_update", "removal_gradient", "select_parameters"), "gif"),
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(f"influence_jax.methods.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'influence_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_LAZY))
+
 
 __version__ = "0.1.0"

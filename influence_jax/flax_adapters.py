@@ -40,7 +40,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from influence_jax import curvature
 
@@ -171,6 +170,8 @@ def nnx_eval_view(model: nnx.Module) -> nnx.Module:
   Sets deterministic=True and use_running_average=True (nnx.view) on the
   sub-modules that have them; the given module is not modified.
   """
+  from flax import nnx  # noqa: PLC0415 (NNX is imported only by NNX users)
+
   if not hasattr(nnx, "view"):  # Older Flax: an eval-mode copy (variables copied, not shared).
     view = nnx.clone(model)
     view.eval()
@@ -192,7 +193,7 @@ def nnx_loss_fns(
     input_key: str | Sequence[str] = "x",
     label_key: str = "y",
     l2: float = 0.0,
-    params_filter: Any = nnx.Param,
+    params_filter: Any = None,
     eval_mode: bool = True,
 ) -> ModelFns:
   """Returns ModelFns for an NNX `model`: params = its nnx.Param state (an nnx.State pytree).
@@ -202,7 +203,11 @@ def nnx_loss_fns(
   is closed over. Outputs are nnx.merge(graphdef, params, rest)(*[batch[k]
   for k in input_key]); per_example_loss(outputs, batch[label_key]) -> (B,).
   `model` is not modified; write trained params back with nnx_update(model, params).
+  params_filter defaults to nnx.Param.
   """
+  from flax import nnx  # noqa: PLC0415
+
+  params_filter = nnx.Param if params_filter is None else params_filter
   if not isinstance(model, nnx.Module):
     raise TypeError(f"nnx_loss_fns needs an nnx.Module; got {type(model).__name__}.")
   view = nnx_eval_view(model) if eval_mode else model
@@ -220,5 +225,7 @@ def nnx_loss_fns(
 
 def nnx_update(model: nnx.Module, params: Params) -> nnx.Module:
   """Writes `params` (an nnx.Param state, e.g. from nnx_loss_fns after training) into `model`; returns it."""
+  from flax import nnx  # noqa: PLC0415
+
   nnx.update(model, params)
   return model

@@ -51,9 +51,9 @@ def main(argv):
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
 
-  from influence_jax import classification as cl
-  from influence_jax import last_layer as ll
-  from influence_jax import relative
+  from influence_jax.methods import classification as cl
+  from influence_jax.methods import last_layer as ll
+  from influence_jax.methods import relative
 
   dtype = np.float64 if _FLOAT64.value else np.float32
   x, y = load_digits(return_X_y=True)

@@ -12,7 +12,8 @@ shards of the Arnoldi progress and the eigenspace; process 0 writes eigenvalues.
 
 from absl import app, logging
 
-from influence_jax import cli, pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import pipeline
 
 
 def main(argv):

@@ -7,7 +7,7 @@ See influence_jax/gif_pipeline.py for the metrics and the files written.
 
 from absl import app
 
-from influence_jax import gif_pipeline
+from influence_jax.jobs import gif_pipeline
 
 if __name__ == "__main__":
   app.run(gif_pipeline.job_main("label_change"))

@@ -9,7 +9,8 @@ import json
 
 from absl import app
 
-from influence_jax import cli, memorization_pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import memorization_pipeline
 
 
 def main(argv):

@@ -8,7 +8,8 @@ already be trained (scripts/train.py, one process); fit and score then run on al
 
 from absl import app
 
-from influence_jax import cli, pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import pipeline
 
 
 def main(argv):

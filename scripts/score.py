@@ -13,7 +13,8 @@ multiple of N); process 0 writes the tables, pictures and projection shards.
 
 from absl import app, logging
 
-from influence_jax import cli, pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import pipeline
 
 
 def main(argv):

@@ -7,7 +7,8 @@ Writes --workdir/{removal.md, removal.json} and prints the table.
 
 from absl import app
 
-from influence_jax import cli, memorization_pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import memorization_pipeline
 
 
 def main(argv):

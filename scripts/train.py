@@ -7,7 +7,8 @@ Training is single-process: run it once, then fit and score on as many processes
 
 from absl import app, logging
 
-from influence_jax import cli, pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs import pipeline
 
 
 def main(argv):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import classification as cl
-from influence_jax import last_layer as ll
+from influence_jax.methods import classification as cl
+from influence_jax.methods import last_layer as ll
 
 D, C, N, T, L2 = 2, 3, 15, 6, 0.05
 

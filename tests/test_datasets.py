@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from influence_jax import datasets
+from influence_jax.examples import datasets
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,10 @@ import optax
 import pytest
 from flax import nnx
 
-from influence_jax import datasets, flax_adapters, models, solvers, training
+from influence_jax import flax_adapters, solvers
+from influence_jax.examples import datasets
+from influence_jax.examples import models
+from influence_jax.examples import training
 
 L2 = 1e-2
 

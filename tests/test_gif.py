@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import curvature, gif, solvers
+from influence_jax import curvature, solvers
+from influence_jax.methods import gif
 
 TIGHT = dict(tol=1e-13, max_iters=3000)
 

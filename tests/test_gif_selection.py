@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax import gif
+from influence_jax.methods import gif
 
 
 class _ConvNet(nn.Module):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import curvature, gif, gif_tasks
+from influence_jax import curvature
+from influence_jax.methods import gif
+from influence_jax.methods import gif_tasks
 
 LAM = 1e-2
 

@@ -13,10 +13,10 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import classification as cl
-from influence_jax import last_layer as ll
-from influence_jax import memorization as mz
-from influence_jax import models
+from influence_jax.methods import classification as cl
+from influence_jax.methods import last_layer as ll
+from influence_jax.methods import memorization as mz
+from influence_jax.examples import models
 from influence_jax.eigenspace import fit_eigenspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from influence_jax import datasets, flax_adapters, models, training
+from influence_jax import flax_adapters
+from influence_jax.examples import datasets
+from influence_jax.examples import models
+from influence_jax.examples import training
 
 
 @pytest.fixture(scope="module")

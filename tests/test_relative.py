@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from influence_jax import last_layer as ll
-from influence_jax import relative
+from influence_jax.methods import last_layer as ll
+from influence_jax.methods import relative
 
 D, C, N, T = 3, 3, 12, 4
 

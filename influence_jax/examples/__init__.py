@@ -1,1 +1,1 @@
-"""Runnable examples (python -m influence_jax.examples.<name>)."""
+"""Example data sets, models and training loops (python -m influence_jax.examples.<name>)."""

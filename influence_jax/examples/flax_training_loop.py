@@ -29,7 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from influence_jax import datasets, eigenspace, flax_adapters, models, scoring, solvers
+from influence_jax import eigenspace, flax_adapters, scoring, solvers
+from influence_jax.examples import datasets
+from influence_jax.examples import models
 
 
 def _measure(fns: flax_adapters.ModelFns, params: Any, train: dict, probe: dict, damping: float,

@@ -76,13 +76,13 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import classification as cl
+from influence_jax.methods import classification as cl
 from influence_jax import data as data_lib
 from influence_jax import flax_adapters
-from influence_jax import last_layer as ll
+from influence_jax.methods import last_layer as ll
 from influence_jax import projection
 from influence_jax import scoring
-from influence_jax import training
+from influence_jax.examples import training
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, check_params
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax import curvature, gif
+from influence_jax import curvature
+from influence_jax.methods import gif
 
 Params = Any
 Batch = Any

@@ -11,13 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from influence_jax.jobs import common  # noqa: E402
+
 
 def _save(fig, path: str) -> str:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)  # Atomic: never a half-written picture.
-  return path
+  try:
+    return common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+                               binary=True)
+  finally:
+    plt.close(fig)
 
 
 def spectrum(path: str, eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = None,

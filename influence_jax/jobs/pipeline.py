@@ -61,17 +61,18 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import arnoldi
 from influence_jax import checkpoint
+from influence_jax.jobs import common
 from influence_jax import data as data_lib
-from influence_jax import datasets
+from influence_jax.examples import datasets
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import flax_adapters
-from influence_jax import models
-from influence_jax import plots
-from influence_jax import progress as progress_lib
+from influence_jax.examples import models
+from influence_jax.jobs import plots
+from influence_jax.jobs import progress as progress_lib
 from influence_jax import projection
 from influence_jax import scoring
 from influence_jax import sharding
-from influence_jax import training
+from influence_jax.examples import training
 
 
 class Task(NamedTuple):
@@ -160,27 +161,6 @@ def scores_fingerprint(config, task: Task) -> str:
   return checkpoint.fingerprint(eigenspace_fingerprint(config, task), config.score.to_dict())
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
-
-
-def maybe_kill(fault: Optional[str], stage: str, count: int) -> None:
-  """Fault injection for resume tests: SIGKILL this process when fault == f"{stage}:{count}"."""
-  if fault and fault == f"{stage}:{count}":
-    logging.warning("Fault injection: killing the process at %s", fault)
-    logging.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def job_mesh(config) -> Optional[jax.sharding.Mesh]:
   """Returns the mesh of fit and score: `sharding.make_mesh(config.mesh_shape)` over all devices of all
   processes, or None (the one-device path) when there is one device and no config.mesh_shape."""
@@ -190,21 +170,7 @@ def job_mesh(config) -> Optional[jax.sharding.Mesh]:
   return sharding.make_mesh(shape)
 
 
-def is_writer() -> bool:
-  """Returns True on the process that writes shared outputs (process 0)."""
-  return jax.process_index() == 0
-
-
 # ----------------------------------------------------------------------------- train
-
-
-def _optimizer(config) -> optax.GradientTransformation:
-  t = config.train
-  if t.optimizer == "adam":
-    return optax.adam(t.learning_rate)
-  if t.optimizer == "sgd":
-    return optax.sgd(t.learning_rate, momentum=t.get("momentum", 0.9))
-  raise ValueError(f"Unknown config.train.optimizer {t.optimizer!r}; expected 'adam' or 'sgd'.")
 
 
 def evaluate(task: Task, fns: flax_adapters.ModelFns, params) -> dict:
@@ -237,7 +203,7 @@ def run_train(config, workdir: str, *, quiet: bool = False) -> Any:
     logging.info("Training %s (%d params) on %d examples for %d epochs", config.model.name,
                  models.num_params(fns.params), data_lib.batch_size(task.splits["train"]), t.num_epochs)
   train_batch = {k: v for k, v in task.splits["train"].items() if k != "id"}
-  params, history = training.train(fns.loss_fn, fns.params, train_batch, optimizer=_optimizer(config),
+  params, history = training.train(fns.loss_fn, fns.params, train_batch, optimizer=common.optimizer_from_config(config.train),
                                    num_epochs=t.num_epochs, batch_size=t.batch_size, seed=config.seed)
   variables = fns.merge(params)
   metrics = evaluate(task, fns, params)
@@ -296,14 +262,14 @@ def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] =
   found = store.restore_latest(target=template._asdict())
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
   bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps),
-                              quiet=quiet or not is_writer())
+                              quiet=quiet or not common.is_writer())
 
   def callback(s: arnoldi.ArnoldiState) -> None:
     bar.update()
     step = int(s.num_steps)
     if step % a.checkpoint_every == 0 and step < a.n_iters and not bool(s.breakdown):
       store.save(step, s._asdict())
-    maybe_kill(fault, "arnoldi", step)
+    common.maybe_kill(fault, "arnoldi", step)
 
   es = eigenspace_lib.fit_eigenspace(
       fns.loss_fn, fns.params, hessian_batches(task, config), n_iters=a.n_iters, top_k=a.top_k,
@@ -319,7 +285,7 @@ def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] =
 def _write_spectrum(workdir: str, es: eigenspace_lib.Eigenspace, config) -> None:
   """Writes eigenvalues.json and spectrum.png (process 0; every process must call it)."""
   host = {name: sharding.to_host(getattr(es, name)) for name in ("eigenvalues", "residuals", "ritz_estimates")}
-  if not is_writer():
+  if not common.is_writer():
     return
   record = {
       "eigenvalues": host["eigenvalues"].astype(np.float64).tolist(),
@@ -332,7 +298,7 @@ def _write_spectrum(workdir: str, es: eigenspace_lib.Eigenspace, config) -> None
       "num_params": es.info.num_params,
       "num_examples": es.info.num_examples,
   }
-  _atomic_write_text(os.path.join(workdir, "eigenvalues.json"), json.dumps(record, indent=1))
+  common.atomic_write_text(os.path.join(workdir, "eigenvalues.json"), json.dumps(record, indent=1))
   plots.spectrum(os.path.join(workdir, "spectrum.png"), host["eigenvalues"], host["residuals"], es.damping,
                  title=f"{config.model.name}: top-{es.k} {config.arnoldi.curvature} eigenvalues")
 
@@ -435,7 +401,7 @@ def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str]
   template = scoring.empty_top_k(num_test, s.top_k, test_proj.dtype)
   found = store.restore_latest(target=template._asdict())
   running, start = (scoring.TopK(**found[1]), found[0]) if found is not None else (template, 0)
-  bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet or not is_writer())
+  bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet or not common.is_writer())
   for b, (batch, rows, mask) in enumerate(batches_from(start), start):
     if mesh is None:
       both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
@@ -451,18 +417,18 @@ def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str]
       block = scoring.influence_scores_with_tail(es_host, test_proj, proj, both[:, es.k:].T)
     else:
       block = scoring.influence_scores(es_host, test_proj, proj)
-    if is_writer():
+    if common.is_writer():
       if with_norms:
-        _atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))
-      _atomic_save_npy(os.path.join(shard_dir, f"ids_{b:05d}.npy"), np.asarray(rows, np.int64))
-      _atomic_save_npy(os.path.join(shard_dir, f"train_{b:05d}.npy"), np.asarray(proj))
+        common.atomic_save_npy(os.path.join(shard_dir, f"sq_norms_{b:05d}.npy"), np.asarray(sq_norms))
+      common.atomic_save_npy(os.path.join(shard_dir, f"ids_{b:05d}.npy"), np.asarray(rows, np.int64))
+      common.atomic_save_npy(os.path.join(shard_dir, f"train_{b:05d}.npy"), np.asarray(proj))
     running = _merge_rows(running, np.asarray(block), rows)
     bar.update()
     if (b + 1) % s.checkpoint_every == 0 or b + 1 == num_batches:
       store.save(b + 1, running._asdict())
-    maybe_kill(fault, "score", b + 1)
+    common.maybe_kill(fault, "score", b + 1)
   store.close()
-  if not is_writer():
+  if not common.is_writer():
     return {}
   return _write_score_outputs(out, task, es_host, running, num_batches, config)
 
@@ -493,9 +459,9 @@ def _write_score_outputs(out: str, task: Task, es, running: scoring.TopK, num_ba
         rows.append([int(test["id"][t]), label(test, t), kind, r + 1, int(train["id"][j]), label(train, j),
                      f"{float(sc[t, r]):.6g}"])
   paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(out, "self_influence.csv")}
-  _write_csv(paths["top_k"], rows)
+  common.atomic_write_csv(paths["top_k"], rows)
   order = np.argsort(-self_infl, kind="stable")
-  _write_csv(paths["self_influence"], [["rank", "train_id", "train_label", "self_influence"]] + [
+  common.atomic_write_csv(paths["self_influence"], [["rank", "train_id", "train_label", "self_influence"]] + [
       [r + 1, int(train["id"][j]), label(train, j), f"{self_infl[j]:.6g}"] for r, j in enumerate(order)])
   if task.image_side is not None:
     shown = min(config.score.grid_examples, running.proponents.shape[0])
@@ -507,7 +473,7 @@ def _write_score_outputs(out: str, task: Task, es, running: scoring.TopK, num_ba
              "k": es.k, "tail": bool(config.score.tail),
              "most_self_influential_train_ids": [int(train["id"][j]) for j in order[:10]]}
   paths["summary"] = os.path.join(out, "summary.json")
-  _atomic_write_text(paths["summary"], json.dumps(summary, indent=1))
+  common.atomic_write_text(paths["summary"], json.dumps(summary, indent=1))
   return paths
 
 
@@ -524,10 +490,3 @@ def _label_text(y) -> str:
   """Returns a class label as '7', a token sequence as '3 1 4'."""
   y = np.asarray(y)
   return str(int(y)) if y.ndim == 0 else " ".join(str(int(t)) for t in y.ravel())
-
-
-def _write_csv(path: str, rows: list) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    csv.writer(f).writerows(rows)
-  os.replace(tmp, path)

@@ -30,13 +30,14 @@ from absl import logging
 from sklearn import metrics as sk_metrics
 
 from influence_jax import data as data_lib
-from influence_jax import datasets
+from influence_jax.jobs import common
+from influence_jax.examples import datasets
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import flax_adapters
-from influence_jax import memorization as mz
-from influence_jax import models
-from influence_jax import plots
-from influence_jax import training
+from influence_jax.methods import memorization as mz
+from influence_jax.examples import models
+from influence_jax.jobs import plots
+from influence_jax.examples import training
 
 
 class NoisyDigits(NamedTuple):
@@ -73,14 +74,6 @@ def _module(config) -> models.MLP:
 
 def _xy(batch: dict) -> dict:
   return {"x": jnp.asarray(batch["x"]), "y": jnp.asarray(batch["y"])}
-
-
-def _optimizer(config) -> optax.GradientTransformation:
-  if config.train.optimizer == "adam":
-    return optax.adam(config.train.learning_rate)
-  if config.train.optimizer == "sgd":
-    return optax.sgd(config.train.learning_rate, momentum=0.9)
-  raise ValueError(f"Unknown config.train.optimizer {config.train.optimizer!r}; expected 'adam' or 'sgd'.")
 
 
 def compute_memorization(config, module, variables, data: NoisyDigits) -> mz.Memorization:
@@ -124,20 +117,6 @@ def detection_metrics(mem: mz.Memorization, flipped: np.ndarray) -> dict:
   }
 
 
-def _write_csv(path: str, rows: list) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    csv.writer(f).writerows(rows)
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains on noisy digits, labels every training point, writes CSV / PNG / metrics; returns the metrics."""
   start = time.time()
@@ -146,7 +125,7 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = module.init(jax.random.key(config.seed), jnp.asarray(data.train["x"][:2]))
   fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=config.train.l2)
   t = config.train
-  params, _ = training.train(fns.loss_fn, fns.params, _xy(data.train), optimizer=_optimizer(config),
+  params, _ = training.train(fns.loss_fn, fns.params, _xy(data.train), optimizer=common.optimizer_from_config(config.train),
                              num_epochs=t.num_epochs, batch_size=t.batch_size, seed=config.seed)
   acc = lambda b: training.accuracy(fns.logits_fn, params, _xy(b))
   flipped_batch = {"x": data.train["x"][data.flipped], "y": data.train["y"][data.flipped]}
@@ -164,13 +143,13 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{mem.influence[i]:.6g}", mz.LABEL_NAMES[mem.label[i]], f"{mem.strength[i]:.6g}",
                  f"{mem.own_margin[i]:.6g}", f"{mem.self_influence[i]:.6g}"])
   os.makedirs(workdir, exist_ok=True)
-  _write_csv(os.path.join(workdir, "memorization.csv"), rows)
+  common.atomic_write_csv(os.path.join(workdir, "memorization.csv"), rows)
   plots.histogram(os.path.join(workdir, "histogram.png"),
                   {"clean": mem.influence[~data.flipped], "flipped": mem.influence[data.flipped]},
                   "A(z) = mean held-out classification influence",
                   title=f"{config.memorization.method}: AUC(−A) = {out['auc_minus_A']:.3f}, "
                         f"AUC(self-influence) = {out['auc_self_influence']:.3f}")
-  _write_json(os.path.join(workdir, "metrics.json"), out)
+  common.atomic_write_json(os.path.join(workdir, "metrics.json"), out)
   return out
 
 
@@ -220,7 +199,7 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     variables = module.init(jax.random.key(seed), jnp.asarray(data.train["x"][:2]))
     fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=cfg.train.l2)
     train = _xy(data.train)
-    common = dict(optimizer=_optimizer(cfg), num_epochs=cfg.train.num_epochs, batch_size=cfg.train.batch_size,
+    common = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs, batch_size=cfg.train.batch_size,
                   seed=seed)
     row = {"seed": seed, "num_flipped": int(data.flipped.sum())}
     counts = None
@@ -249,11 +228,8 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     runs.append(row)
   table = removal_table(runs)
   os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
-  tmp = os.path.join(workdir, "removal.md.tmp")
-  with open(tmp, "w") as f:
-    f.write(table)
-  os.replace(tmp, os.path.join(workdir, "removal.md"))
+  common.atomic_write_json(os.path.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
+  common.atomic_write_text(os.path.join(workdir, "removal.md"), table)
   return {"runs": runs, "table": table}
 
 

@@ -37,8 +37,6 @@ prefixed "oracle_"). Mean ± std are over seeds, std with ddof=0. The job writes
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from typing import Callable
@@ -46,10 +44,14 @@ from typing import Callable
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from influence_jax import datasets, flax_adapters, gif, gif_tasks, pipeline, training
+from influence_jax import flax_adapters
+from influence_jax.examples import datasets
+from influence_jax.methods import gif
+from influence_jax.methods import gif_tasks
+from influence_jax.jobs import common, pipeline
+from influence_jax.examples import training
 
 TASKS = ("class_removal", "label_change")
 STEP_RULES = (
@@ -224,23 +226,18 @@ def markdown_table(summary: dict, columns: tuple[str, ...], prefix: str = "") ->
 def _write(workdir: str, config, per_seed: list[dict], summary: dict, columns, seconds: float) -> dict:
   paths = {k: os.path.join(workdir, f"results.{k}") for k in ("md", "csv", "json")}
   keys = sorted({k for r in per_seed for row in r.values() for k in row})
-  with open(paths["csv"] + ".tmp", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["seed", "model"] + keys)
-    for seed, r in enumerate(per_seed):
-      for name, row in r.items():
-        w.writerow([seed, name] + [f"{row[k]:.6g}" if k in row else "" for k in keys])
+  rows = [["seed", "model"] + keys]
+  for seed, r in enumerate(per_seed):
+    for name, row in r.items():
+      rows.append([seed, name] + [f"{row[k]:.6g}" if k in row else "" for k in keys])
   record = {"task": config.task, "config": config.to_dict(), "seeds": len(per_seed), "seconds": seconds,
             "summary": summary}
-  with open(paths["json"] + ".tmp", "w") as f:
-    json.dump(record, f, indent=1, default=list)
   header = (f"# {config.task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} seeds "
             f"({seconds:.0f} s)\n\n")
   tables = [f"## {what}\n\n{markdown_table(summary, columns, prefix)}\n" for prefix, what in STEP_RULES]
-  with open(paths["md"] + ".tmp", "w") as f:
-    f.write(header + "\n".join(tables))
-  for p in paths.values():
-    os.replace(p + ".tmp", p)
+  common.atomic_write_csv(paths["csv"], rows)
+  common.atomic_write_json(paths["json"], record)
+  common.atomic_write_text(paths["md"], header + "\n".join(tables))
   return paths
 
 
@@ -255,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     raise ValueError(f"Unknown config.edit.methods {sorted(bad)}; expected some of {gif_tasks.METHODS}.")
   os.makedirs(workdir, exist_ok=True)
   models = _models(config)
-  optimizer = optax.adam(config.train.learning_rate)
+  optimizer = common.optimizer_from_config(config.train)
   run_seed = _class_removal_seed if config.task == "class_removal" else _label_change_seed
   t0 = time.perf_counter()
   per_seed = []
@@ -273,7 +270,7 @@ def job_main(task: str) -> Callable[[list], None]:
   It reads --config/--workdir (influence_jax.cli), refuses a config made for the other task,
   runs `run`, and prints the results table and the paths written.
   """
-  from influence_jax import cli  # Defines the absl flags: only the jobs need them.
+  from influence_jax.jobs import cli# Defines the absl flags: only the jobs need them.
 
   def main(argv):
     del argv

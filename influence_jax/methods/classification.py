@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax import last_layer as ll
+from influence_jax.methods import last_layer as ll
 from influence_jax import solvers
 
 
