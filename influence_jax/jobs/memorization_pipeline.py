@@ -199,7 +199,7 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     variables = module.init(jax.random.key(seed), jnp.asarray(data.train["x"][:2]))
     fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=cfg.train.l2)
     train = _xy(data.train)
-    common = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs, batch_size=cfg.train.batch_size,
+    train_kw = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs, batch_size=cfg.train.batch_size,
                   seed=seed)
     row = {"seed": seed, "num_flipped": int(data.flipped.sum())}
     counts = None
@@ -207,12 +207,12 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     for arm in arms:
       start = time.time()
       if arm == "none":
-        params, hist = mz.train_with_removal(fns.loss_fn, fns.params, train, **common)
+        params, hist = mz.train_with_removal(fns.loss_fn, fns.params, train, **train_kw)
       else:
         budgets = list(r.budgets) if arm == "influence" else counts
         params, hist = mz.train_with_removal(
             fns.loss_fn, fns.params, train, removal_epochs=tuple(r.epochs),
-            rank_fn=_ranker(arm, cfg, module, fns, data, seed), budgets=budgets, **common)
+            rank_fn=_ranker(arm, cfg, module, fns, data, seed), budgets=budgets, **train_kw)
       if arm == "influence":
         counts = [int(d.size) for d in hist.removed]
       removed = np.concatenate(hist.removed) if hist.removed else np.zeros(0, int)
