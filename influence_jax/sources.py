@@ -3,6 +3,8 @@
 A source is any object with `len(source)` and `source[i]` returning one example as a pytree of
 numpy arrays (grain's random-access sources, e.g. `grain.sources.ArrayRecordDataSource` followed
 by a parse step, or a plain class over numpy files). A batch is examples stacked on a leading axis.
+A source may also offer `read_batch(indices)` returning the stacked batch at once (a vectorised
+read: much faster than one example at a time in Python) or grain's `_getitems(indices)`.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ class ArraySource:
   def __getitem__(self, index: int) -> Any:
     return jax.tree.map(lambda x: x[index], self.arrays)
 
-  def _getitems(self, indices: Sequence[int]) -> list:  # grain reads batches through this
+  def read_batch(self, indices: Sequence[int]) -> Any:
+    """Returns examples `indices` stacked into a batch (one fancy-indexing read per array)."""
     idx = np.asarray(indices)
-    block = jax.tree.map(lambda x: x[idx], self.arrays)
-    return [jax.tree.map(lambda x: x[j], block) for j in range(len(idx))]
+    return jax.tree.map(lambda x: x[idx], self.arrays)
 
   def fingerprint_parts(self) -> list:
     """Returns what identifies this source beyond sampled examples: every array's dtype and shape."""
@@ -81,14 +83,20 @@ def example_signature(example: Any) -> tuple:
 def stack(examples: Sequence[Any], what: str, first_index: int = 0) -> Any:
   """Returns `examples` stacked into a batch; raises ValueError naming the first that differs in structure
   or shape from the first one (`first_index` is the first example's index in `what`)."""
-  ref = example_signature(examples[0])
-  for j, ex in enumerate(examples[1:], 1):
-    sig = example_signature(ex)
-    if sig != ref:
-      raise ValueError(
-          f"{what}[{first_index + j}] differs from {what}[{first_index}] in structure or shape: "
-          f"{_describe(sig)} vs {_describe(ref)}. Every example of a source must have the same leaves and shapes.")
-  return jax.tree.map(lambda *xs: np.stack(xs), *examples)
+  flat = [jax.tree.flatten(ex) for ex in examples]
+  treedef = flat[0][1]
+  try:
+    if any(t != treedef for _, t in flat):
+      raise ValueError
+    leaves = [np.stack([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
+  except ValueError:
+    ref = example_signature(examples[0])
+    j = next(j for j, ex in enumerate(examples) if example_signature(ex) != ref)
+    raise ValueError(
+        f"{what}[{first_index + j}] differs from {what}[{first_index}] in structure or shape: "
+        f"{_describe(example_signature(examples[j]))} vs {_describe(ref)}. Every example of a source must have "
+        "the same leaves and shapes.") from None
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _describe(signature: tuple) -> str:

@@ -3,7 +3,7 @@ reader threads, each process reading only the rows it is given; never a whole sp
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -15,43 +15,43 @@ from influence_jax import sharding
 from influence_jax import sources
 
 
-class _Rows:
-  """source restricted to `rows`, each example tagged with its row: (row, example)."""
+class _Batches:
+  """A random-access source whose element i is (rows, batch) for the i-th `batch_size` slice of `rows`.
 
-  def __init__(self, source: Any, rows: np.ndarray):
-    self.source, self.rows = source, rows
+  grain reads whole batches with its threads, so its per-element cost is paid once a batch. A
+  batch comes from `source.read_batch(rows)` when the source has it (one vectorised read), else
+  from grain's batched-read protocol `source._getitems(rows)`, else `source[row]` one by one.
+  """
+
+  def __init__(self, source: Any, rows: np.ndarray, batch_size: int, what: str):
+    self.source, self.rows, self.batch_size, self.what = source, rows, batch_size, what
 
   def __len__(self) -> int:
-    return len(self.rows)
+    return -(-len(self.rows) // self.batch_size)
 
   def __getitem__(self, i: int):
-    row = int(self.rows[i])
-    return row, self.source[row]
-
-  def _getitems(self, indices: Sequence[int]) -> list:
-    rows = [int(self.rows[i]) for i in indices]
+    rows = self.rows[i * self.batch_size:(i + 1) * self.batch_size]
+    if hasattr(self.source, "read_batch"):
+      return rows, self.source.read_batch(rows)
     if hasattr(self.source, "_getitems"):
-      return list(zip(rows, self.source._getitems(rows)))  # noqa: SLF001 (grain's batched-read protocol)
-    return [(r, self.source[r]) for r in rows]
+      examples = self.source._getitems([int(r) for r in rows])  # noqa: SLF001 (grain's batched-read protocol)
+    else:
+      examples = [self.source[int(r)] for r in rows]
+    return rows, sources.stack(examples, self.what, int(rows[0]))
 
 
 def batches(source: Any, rows: np.ndarray, batch_size: int, what: str, *,
             num_threads: int = 8) -> Iterator[tuple[np.ndarray, Any]]:
   """Yields (rows, batch) for consecutive `batch_size` slices of `rows` of `source`, in order.
 
-  Examples are read by grain's reader threads ahead of use. Raises ValueError naming the first
+  Batches are read by grain's reader threads ahead of use. Raises ValueError naming the first
   example whose structure or shapes differ from its batch's first example.
   """
   rows = np.asarray(rows, np.int64)
   if rows.size == 0:
     return
-
-  def stack(items):
-    ids = np.asarray([r for r, _ in items], np.int64)
-    return ids, sources.stack([ex for _, ex in items], what, int(ids[0]))
-
-  dataset = grain.MapDataset.source(_Rows(source, rows)).batch(batch_size, batch_fn=stack)
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, 2 * num_threads))
+  dataset = grain.MapDataset.source(_Batches(source, rows, batch_size, what))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
   yield from dataset.to_iter_dataset(options)
 
 

@@ -8,6 +8,7 @@ finished one. A chunk whose files are missing is recomputed (its marker is dropp
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import jax
@@ -81,6 +82,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
                  meta.num_rows, rows.size, meta.k, meta.sketch_dim)
   bar = progress_lib.Progress(int(rows.size), "projection", "examples", quiet=quiet or not common.is_writer())
   pending, chunk_queue = [], list(mine)
+  start = time.perf_counter()
   for step, (ids, batch) in enumerate(input_lib.global_batches(
       ctx.task.train, rows, c.batch_size, mesh, "Task.train", num_threads=c.num_threads), 1):
     out = sketch_lib.project_and_sketch(es.eigenvectors, sketch, ctx.task.per_example_loss_fn, params, batch,
@@ -94,6 +96,9 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
   if pending or chunk_queue:
     raise RuntimeError(f"Projection ended with {len(chunk_queue)} chunks unwritten: the training source "
                        "returned fewer rows than its len().")
+  seconds = time.perf_counter() - start
+  logging.warning("Projected %d examples in %.1f s (%.0f examples/s on process %d)", rows.size, seconds,
+                  rows.size / max(seconds, 1e-9), jax.process_index())
   _sync("influence_jax store written")
   return store_lib.open_store(store.directory, meta.fingerprint)
 

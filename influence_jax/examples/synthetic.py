@@ -1,0 +1,107 @@
+"""A synthetic task of any size on disk: ArrayRecord files read through grain, a small MLP.
+
+The scale benchmark (scripts/bench_scale.py) writes N examples with `write_array_records` and runs
+the jobs on `get_task` (config.user.data_dir, config.user.hidden). ArrayRecord is grain's native
+random-access format (one seekable file of records per shard, read in batches by grain), so the
+training set is never held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence_jax.jobs.task import Task
+
+NUM_FEATURES, NUM_CLASSES = 16, 10
+_RECORD = np.dtype([("x", "<f4", (NUM_FEATURES,)), ("y", "<i4")])
+
+
+def write_array_records(directory: str, num_examples: int, *, prefix: str = "train", num_shards: int = 4,
+                        seed: int = 0, block: int = 65536) -> list[str]:
+  """Writes `num_examples` labelled examples (16 features, 10 classes) as ArrayRecord shards; returns paths."""
+  from array_record.python import array_record_module  # noqa: PLC0415
+
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  centers = np.random.default_rng(1234).normal(size=(NUM_CLASSES, NUM_FEATURES)).astype(np.float32)
+  bounds = np.linspace(0, num_examples, num_shards + 1).astype(np.int64)
+  paths = []
+  for shard in range(num_shards):
+    path = os.path.join(directory, f"{prefix}-{shard:05d}-of-{num_shards:05d}.array_record")
+    writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
+    for lo in range(int(bounds[shard]), int(bounds[shard + 1]), block):
+      n = min(block, int(bounds[shard + 1]) - lo)
+      records = np.empty(n, _RECORD)
+      records["y"] = rng.integers(0, NUM_CLASSES, n)
+      records["x"] = centers[records["y"]] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
+      for r in records:
+        writer.write(r.tobytes())
+    writer.close()
+    os.replace(path + ".tmp", path)
+    paths.append(path)
+  return paths
+
+
+class ArrayRecordSource:
+  """Examples {"x": (16,) float32, "y": int32} from ArrayRecord shards, through grain's data source."""
+
+  def __init__(self, paths: list[str]):
+    import grain  # noqa: PLC0415
+
+    self.paths = list(paths)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @staticmethod
+  def _parse(record: bytes) -> dict:
+    r = np.frombuffer(record, _RECORD)[0]
+    return {"x": np.array(r["x"]), "y": np.int32(r["y"])}
+
+  def __getitem__(self, index: int) -> dict:
+    return self._parse(self._source[index])
+
+  def read_batch(self, indices) -> dict:
+    """Returns examples `indices` stacked: {"x": (B, 16), "y": (B,)} (one vectorised parse)."""
+    records = np.frombuffer(b"".join(self._source.__getitems__([int(i) for i in indices])), _RECORD)
+    return {"x": np.array(records["x"]), "y": records["y"].astype(np.int32)}
+
+
+def init_params(hidden: int, seed: int = 0) -> dict:
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  f32 = jnp.float32
+  return {"w1": jax.random.normal(k1, (NUM_FEATURES, hidden), f32) / np.sqrt(NUM_FEATURES),
+          "b1": jnp.zeros(hidden, f32),
+          "w2": jax.random.normal(k2, (hidden, NUM_CLASSES), f32) / np.sqrt(hidden), "b2": jnp.zeros(NUM_CLASSES, f32)}
+
+
+def per_example_loss(params: dict, batch: dict) -> jax.Array:
+  """Returns (B,) softmax cross-entropy of the MLP 16 → hidden (tanh) → 10."""
+  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+  logp = jax.nn.log_softmax(h @ params["w2"] + params["b2"])
+  return -jnp.take_along_axis(logp, batch["y"].astype(jnp.int32)[:, None], axis=1)[:, 0]
+
+
+def loss(params: dict, batch: dict) -> jax.Array:
+  """Returns the mean loss plus (1e-3 / 2)‖params‖²."""
+  return jnp.mean(per_example_loss(params, batch)) + 5e-4 * sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
+
+
+def shard_paths(directory: str, prefix: str) -> list[str]:
+  names = sorted(n for n in os.listdir(directory) if n.startswith(prefix + "-") and n.endswith(".array_record"))
+  if not names:
+    raise FileNotFoundError(f"No {prefix}-*.array_record files in {directory}.")
+  return [os.path.join(directory, n) for n in names]
+
+
+def get_task(config) -> Task:
+  """The synthetic task: config.user.data_dir holds train-* and queries-* ArrayRecord shards."""
+  d = config.user.data_dir
+  return Task(params=init_params(config.user.get("hidden", 32)), loss_fn=loss, per_example_loss_fn=per_example_loss,
+              train=ArrayRecordSource(shard_paths(d, "train")), queries=ArrayRecordSource(shard_paths(d, "queries")),
+              label_fn=lambda ex: str(int(ex["y"])))
