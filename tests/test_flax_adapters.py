@@ -94,10 +94,10 @@ def test_nnx_params_written_back_after_training(data, twins):
   params, hist = training.train(fns.loss_fn, fns.params, train, optimizer=optax.adam(1e-2), num_steps=10)
   assert hist["final_loss"] < hist["loss"][0]
   before = nnx_model(train["x"])
-  np.testing.assert_allclose(before, fns.logits_fn(fns.params, train), rtol=1e-12)  # Untouched so far.
-  np.testing.assert_allclose(fns.merge(params)(train["x"]), fns.logits_fn(params, train), rtol=1e-12)
+  np.testing.assert_allclose(before, fns.outputs_fn(fns.params, train), rtol=1e-12)  # Untouched so far.
+  np.testing.assert_allclose(fns.merge(params)(train["x"]), fns.outputs_fn(params, train), rtol=1e-12)
   assert flax_adapters.nnx_update(nnx_model, params) is nnx_model
-  np.testing.assert_allclose(nnx_model(train["x"]), fns.logits_fn(params, train), rtol=1e-12)
+  np.testing.assert_allclose(nnx_model(train["x"]), fns.outputs_fn(params, train), rtol=1e-12)
   assert np.abs(nnx_model(train["x"]) - before).max() > 1e-3
 
 

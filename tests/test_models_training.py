@@ -133,7 +133,7 @@ def test_full_batch_sgd_equals_gradient_descent(digits):
 
 
 def test_minibatch_indices_are_epoch_permutations():
-  idx = np.asarray(training._epoch_indices(jax.random.key(0), 10, 3, 7))
+  idx = np.asarray(training.epoch_indices(jax.random.key(0), 10, 3, 7))
   assert idx.shape == (7, 3)
   for epoch in (idx[0:3], idx[3:6]):
     assert len(set(epoch.ravel())) == 9  # 3 batches of 3, one example dropped, none repeated.
@@ -150,9 +150,9 @@ def test_train_reduces_loss_is_deterministic_and_accurate(digits):
   assert h1["final_loss"] < 0.2 * float(fns.loss_fn(fns.params, digits["train"]))
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)))
-  acc = training.accuracy(fns.logits_fn, p1, digits["test"])
+  acc = training.accuracy(fns.outputs_fn, p1, digits["test"])
   assert acc > 0.92
-  logits = fns.logits_fn(p1, digits["test"])
+  logits = fns.outputs_fn(p1, digits["test"])
   assert acc == pytest.approx(float(np.mean(np.argmax(logits, -1) == digits["test"]["y"])))
 
 
@@ -164,7 +164,7 @@ def test_train_bad_arguments(digits):
   with pytest.raises(ValueError, match="non-finite"):
     training.train(fns.loss_fn, bad, digits["train"], optimizer=optax.sgd(0.1), num_steps=1)
   with pytest.raises(KeyError, match="label key"):
-    training.accuracy(fns.logits_fn, fns.params, {"x": digits["test"]["x"]})
+    training.accuracy(fns.outputs_fn, fns.params, {"x": digits["test"]["x"]})
 
 
 def test_train_to_convergence_reaches_stationary_point(digits):
@@ -189,4 +189,4 @@ def test_transformer_learns_reversal_a_little():
       input_key=("src", "tgt"), label_key="tgt")
   params, hist = training.train(fns.loss_fn, fns.params, d, optimizer=optax.adam(1e-2), num_epochs=25, batch_size=32)
   assert hist["final_loss"] < 0.7 * float(fns.loss_fn(fns.params, d))
-  assert training.accuracy(fns.logits_fn, params, d, label_key="tgt") > 0.4
+  assert training.accuracy(fns.outputs_fn, params, d, label_key="tgt") > 0.4

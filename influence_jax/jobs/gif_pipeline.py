@@ -75,7 +75,7 @@ def _models(config) -> tuple[pipeline.Task, flax_adapters.ModelFns, Callable, Ca
   fns = pipeline.model_fns(task, pipeline.init_variables(task, config), config)
   l2 = config.train.l2
   per_example = lambda p, b: fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
-  logits = jax.jit(lambda p, x: fns.logits_fn(p, {"x": x}))
+  logits = jax.jit(lambda p, x: fns.outputs_fn(p, {"x": x}))
   return task, fns, per_example, logits
 
 

@@ -177,7 +177,7 @@ def evaluate(task: Task, fns: flax_adapters.ModelFns, params) -> dict:
   """Returns {"train_loss", "test_loss", "train_accuracy", "test_accuracy"} (accuracy per label token)."""
   out = {}
   for split, batch in task.splits.items():
-    logits = jax.jit(fns.logits_fn)(params, batch)
+    logits = jax.jit(fns.outputs_fn)(params, batch)
     out[f"{split}_loss"] = float(jnp.mean(jax.jit(fns.per_example_loss_fn)(params, batch)))
     out[f"{split}_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == batch[task.label_key]))
   return out
