@@ -160,7 +160,7 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _ranker(kind: str, config, module, fns, data: NoisyDigits, seed: int):
   """Returns rank_fn(params, kept, event) for train_with_removal.
 
-  'influence': the MEMORIZED kept points, most negative A first (memorization.removal_ranking);
+  'influence': the MEMORIZED kept points, most negative A first (selective_removal.removal_ranking);
   'lowest_A': every kept point (fitted or not), most negative A first; 'self_influence': every
   kept point, highest self-influence first; 'random': a random permutation.
   """

@@ -177,18 +177,9 @@ def _rows(fn, x, chunk):
 
 
 def last_layer_memorization(
-    train_features,
-    train_labels,
-    reference_features,
-    reference_labels,
-    kernel,
-    bias,
-    *,
-    l2: float,
-    damping: float = 0.0,
-    min_self_influence: Optional[float] = None,
-    curvature: Optional[ll.LastLayerCurvature] = None,
-    chunk_size: int = 4096,
+    train_features, train_labels, reference_features, reference_labels, kernel, bias, *,
+    l2: float, damping: float = 0.0, min_self_influence: Optional[float] = None,
+    curvature: Optional[ll.LastLayerCurvature] = None, chunk_size: int = 4096,
 ) -> Memorization:
   """Returns the Memorization of each training point with H the exact last-layer Hessian.
 
