@@ -140,6 +140,34 @@ def test_minibatch_indices_are_epoch_permutations():
   assert not np.array_equal(idx[0:3], idx[3:6])
 
 
+def test_train_segment_vmaps_over_weights_and_keys_and_resumes(digits):
+  batch = jax.tree.map(lambda a: jnp.asarray(a[:40]), {"x": digits["train"]["x"], "y": digits["train"]["y"]})
+  fns = _mlp_fns(batch["x"], features=(4,), dtype=jnp.float64)
+  opt = optax.adam(0.05)
+
+  def weighted_loss(params, b):  # The weights ride in the batch, so vmap can map over them.
+    return jnp.mean(b["weight"] * fns.per_example_loss_fn(params, b))
+
+  def run(weights, key, batch_size=8, num_steps=6, params=fns.params, opt_state=None):
+    opt_state = opt.init(params) if opt_state is None else opt_state
+    return training.train_segment(weighted_loss, opt, params, opt_state, dict(batch, weight=weights), key,
+                                  batch_size=batch_size, num_steps=num_steps)
+
+  weights = jnp.asarray(np.random.default_rng(0).random((3, 40)))
+  keys = jax.random.split(jax.random.key(1), 3)
+  mapped = jax.vmap(run)(weights, keys)
+  for m in range(3):
+    looped = run(weights[m], keys[m])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[m], b, rtol=1e-10, atol=1e-12), mapped, looped)
+  assert not np.allclose(mapped[2][0], mapped[2][1])  # Other weights and keys, other losses.
+  # Resumable: two full-batch segments of 3 steps are one of 6.
+  whole = run(weights[0], keys[0], batch_size=40, num_steps=6)
+  half = run(weights[0], keys[0], batch_size=40, num_steps=3)
+  rest = run(weights[0], keys[0], batch_size=40, num_steps=3, params=half[0], opt_state=half[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), whole[0], rest[0])
+  np.testing.assert_allclose(whole[2], np.concatenate([half[2], rest[2]]), rtol=1e-10)
+
+
 def test_train_reduces_loss_is_deterministic_and_accurate(digits):
   fns = _mlp_fns(digits["train"]["x"], features=(16,), l2=1e-4)
   kw = dict(optimizer=optax.adam(1e-2), num_epochs=15, batch_size=64)
