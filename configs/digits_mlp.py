@@ -3,46 +3,27 @@ training image on every test image.
 
   python scripts/run_all.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
 
-Override any key, e.g. --config.arnoldi.n_iters=200 --config.score.tail=False.
-
-Sharded on a device mesh (fit and score): --config.mesh_shape=(2,4) (data, model); one entry may
-be -1. Several processes (hosts): train once in one process, then run fit_eigenspace.py and
-score.py in every process with --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
-(README, "Running on several hosts").
+Override any key, e.g. --config.arnoldi.n_iters=200 --config.score.tail=False. The built-in task
+is a factory of the same interface as your own (README, "Your own model and data").
 """
 
 import ml_collections
 
+from influence_jax.jobs import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # Device mesh (data, model) of fit and score; None: every device of every process on 'data'
-  # (no mesh at all with a single device). Not part of any fingerprint: an eigenspace fitted on
-  # one mesh is loaded on another.
-  c.mesh_shape = ml_collections.config_dict.placeholder(tuple)
+  c = default_config()
+  c.task = "influence_jax.examples.tasks:get_task"
+  c.model_dir = ""  # "": WORKDIR/model (scripts/train.py writes it).
   c.data = dict(name="digits", test_fraction=0.2, num_train=-1, num_test=-1, label_noise=0.0)
   c.model = dict(name="mlp", features=(64,), num_classes=10, activation="tanh")
   c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=80, batch_size=128, l2=1e-3, momentum=0.9)
-  c.arnoldi = dict(
-      n_iters=150,  # Krylov steps.
-      top_k=100,  # Eigenpairs kept.
-      damping=1e-2,  # δ in (Λ + δ)⁻¹, fixed in advance (≈ 1% of the top eigenvalue).
-      curvature="hessian",  # or "gauss_newton"
-      selection="largest",  # or "magnitude"
-      num_examples=-1,  # Training examples the curvature averages over (-1: all).
-      batch_size=2048,
-      microbatch_size=0,  # 0: whole batches.
-      block_size=32,
-      checkpoint_every=25,
-  )
-  c.score = dict(
-      batch_size=256,  # Training examples projected per step (one shard each).
-      top_k=10,  # Proponents and opponents kept per test example.
-      tail=True,  # Add the spectral tail (DESIGN §2).
-      method="vjp",  # or "jvp"
-      microbatch_size=0,
-      checkpoint_every=2,
-      grid_examples=6,
-  )
-  return ml_collections.ConfigDict(c)
+  c.arnoldi.n_iters = 150
+  c.arnoldi.top_k = 100
+  c.arnoldi.damping = 1e-2  # ≈ 1 % of the top eigenvalue, fixed in advance.
+  c.arnoldi.num_examples = -1  # The curvature averages over all 1,438 training images.
+  c.project.batch_size = 256
+  c.project.chunk_rows = 512
+  c.score.rows_per_block = 1024
+  return c

@@ -15,15 +15,18 @@ from influence_jax.checkpoint import load_eigenspace, save_eigenspace
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
 from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
 from influence_jax.flax_adapters import ModelFns, linen_loss_fns, nnx_loss_fns, nnx_update
+from influence_jax.ranking import TopK, merge_rows, stream_top_k, top_k
 from influence_jax.scoring import (
-    TopK,
     default_tail_constant,
     influence,
     influence_scores,
     influence_scores_with_tail,
+    query_side,
+    row_side,
     self_influence,
-    top_k,
 )
+from influence_jax.sketch import KroneckerSketch, make_sketch, project_and_sketch
+from influence_jax.store import ProjectionStore, StoreError, open_store
 from influence_jax.sharding import make_mesh
 from influence_jax.solvers import CGResult, conjugate_gradient, dense_hessian, exact_influence
 

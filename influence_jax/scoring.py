@@ -19,11 +19,20 @@ from influence_jax.eigenspace import Eigenspace, check_params
 
 
 def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
-  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping. Raises if some λ_j + δ is 0."""
+  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping.
+
+  Raises ValueError when δ is not finite, or some λ_j + δ is zero or not finite (a negative λ_j + δ
+  is allowed: eigenpairs kept by magnitude invert an indefinite curvature).
+  """
   delta = eigenspace.damping if damping is None else float(damping)
+  if not np.isfinite(delta):
+    raise ValueError(f"The damping δ must be finite, got {delta}.")
   shifted = eigenspace.eigenvalues + delta
-  if bool(jnp.any(shifted == 0)):
-    raise ValueError("Some eigenvalue + damping is exactly 0; use a positive damping.")
+  bad = ~jnp.isfinite(shifted) | (shifted == 0)
+  if bool(jnp.any(bad)):
+    j = int(jnp.argmax(bad))
+    raise ValueError(f"Eigenvalue {j} + damping is {float(shifted[j])}: λ + δ must be finite and non-zero "
+                     f"(δ = {delta}); use a positive damping.")
   return 1.0 / shifted
 
 
@@ -31,6 +40,16 @@ def default_tail_constant(eigenspace: Eigenspace, damping: Optional[float] = Non
   """Returns λ_k + δ: the smallest kept eigenvalue plus damping (DESIGN §2, the spectral tail)."""
   delta = eigenspace.damping if damping is None else float(damping)
   return float(jnp.min(eigenspace.eigenvalues)) + delta
+
+
+def tail_constant_or_default(eigenspace: Eigenspace, damping: Optional[float] = None,
+                             tail_constant: Optional[float] = None) -> float:
+  """Returns `tail_constant`, or λ_k + δ when None; raises ValueError unless it is finite and positive."""
+  c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
+  if not (np.isfinite(c) and c > 0):
+    raise ValueError(f"The tail constant c must be finite and positive, got {c} (λ_k + δ by default: "
+                     "check the damping).")
+  return c
 
 
 def _check_proj(eigenspace: Eigenspace, proj: jax.Array, name: str) -> None:
@@ -68,9 +87,7 @@ def influence_scores_with_tail(
   `gradient_dots` is the (T, N) matrix ∇ℓ(x)ᵀ∇ℓ(z); c defaults to λ_k + δ.
   Positive: z is a proponent of x.
   """
-  c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
-  if not c > 0:
-    raise ValueError(f"The tail constant must be positive, got {c}.")
+  c = tail_constant_or_default(eigenspace, damping, tail_constant)
   if gradient_dots.shape != (test_proj.shape[0], train_proj.shape[0]):
     raise ValueError(
         f"gradient_dots has shape {gradient_dots.shape}; expected "
@@ -94,54 +111,36 @@ def self_influence(
   _check_proj(eigenspace, train_proj, "train_proj")
   out = jnp.sum(train_proj**2 * inverse_eigenvalues(eigenspace, damping), axis=1)
   if sq_norms is not None:
-    c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
+    c = tail_constant_or_default(eigenspace, damping, tail_constant)
     out = out + (sq_norms - jnp.sum(train_proj**2, axis=1)) / c
   return out
 
 
-class TopK(NamedTuple):
-  """Per test example: indices and scores of the most positive (proponents) and most negative (opponents)."""
+def query_side(
+    eigenspace: Eigenspace,
+    query_proj: jax.Array,
+    query_sketch: Optional[jax.Array] = None,
+    *,
+    damping: Optional[float] = None,
+    tail_constant: Optional[float] = None,
+) -> jax.Array:
+  """Returns (T, k [+ m]) query vectors q(x) with score(z, x) ≈ q(x) · row_side(z).
 
-  proponents: np.ndarray
-  proponent_scores: np.ndarray
-  opponents: np.ndarray
-  opponent_scores: np.ndarray
-
-
-def top_k(scores: jax.Array, k: int) -> TopK:
-  """Returns the k largest (proponents, descending) and k smallest (opponents, ascending) per row."""
-  k = min(k, scores.shape[1])
-  pro_s, pro_i = jax.lax.top_k(scores, k)
-  opp_s, opp_i = jax.lax.top_k(-scores, k)
-  return TopK(np.asarray(pro_i), np.asarray(pro_s), np.asarray(opp_i), np.asarray(-opp_s))
-
-
-def empty_top_k(num_test: int, k: int, dtype=jnp.float32) -> TopK:
-  """Returns a running TopK with no candidates yet (indices −1, scores ∓inf)."""
-  idx = -np.ones((num_test, k), np.int32)
-  inf = np.full((num_test, k), np.inf, dtype)
-  return TopK(idx, -inf, idx.copy(), inf.copy())
-
-
-def merge_top_k(running: TopK, scores: jax.Array, offset: int) -> TopK:
-  """Returns `running` updated with a (T, B) block of scores for train examples offset..offset+B−1.
-
-  Merging blocks in any split gives the same result as `top_k` over all
-  columns at once (ties broken toward the lower index).
+  q(x) = [G(x)(Λ+δ)⁻¹, S(x)/c]: with the sketches S = R(I − UᵀU)∇ℓ of `sketch.py` the second
+  part gives the spectral tail (∇ℓ(x)ᵀ(I − UᵀU)∇ℓ(z))/c; without them, top-k scores only.
+  Positive scores: z is a proponent of x.
   """
-  k = running.proponents.shape[1]
-  scores = np.asarray(scores)
-  cols = np.broadcast_to(np.arange(offset, offset + scores.shape[1], dtype=np.int32), scores.shape)
+  _check_proj(eigenspace, query_proj, "query_proj")
+  top = query_proj * inverse_eigenvalues(eigenspace, damping)
+  if query_sketch is None:
+    return top
+  c = tail_constant_or_default(eigenspace, damping, tail_constant)
+  return jnp.concatenate([top, query_sketch / c], axis=1)
 
-  def best(cand_idx, cand_scores, sign):
-    order = np.lexsort((cand_idx, -sign * cand_scores), axis=1)[:, :k]
-    return np.take_along_axis(cand_idx, order, 1), np.take_along_axis(cand_scores, order, 1)
 
-  pro = best(np.concatenate([running.proponents, cols], 1),
-             np.concatenate([running.proponent_scores, scores.astype(running.proponent_scores.dtype)], 1), 1)
-  opp = best(np.concatenate([running.opponents, cols], 1),
-             np.concatenate([running.opponent_scores, scores.astype(running.opponent_scores.dtype)], 1), -1)
-  return TopK(pro[0], pro[1], opp[0], opp[1])
+def row_side(projections: jax.Array, sketch: Optional[jax.Array] = None) -> jax.Array:
+  """Returns (N, k [+ m]) training-side vectors [G(z), S(z)] matching `query_side`."""
+  return projections if sketch is None else jnp.concatenate([projections, sketch], axis=1)
 
 
 def influence(

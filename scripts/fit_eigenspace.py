@@ -1,4 +1,4 @@
-r"""Loads the trained model, fits the top-k curvature eigenspace by Arnoldi, saves it with orbax.
+r"""Fits the top-k curvature eigenspace of the task's model by Arnoldi and saves it with orbax.
 
 Resumes from --workdir/arnoldi_progress when run again after an interruption.
 
@@ -6,23 +6,19 @@ Resumes from --workdir/arnoldi_progress when run again after an interruption.
 
 On a device mesh add --config.mesh_shape=(DATA,MODEL) (the basis split over MODEL). On several
 processes run the same command in each, sharing --workdir, with
---coordinator_address=HOST0:PORT --num_processes=N --process_id=I (every process saves its own
-shards of the Arnoldi progress and the eigenspace; process 0 writes eigenvalues.json and the picture).
+--coordinator_address=HOST0:PORT --num_processes=N --process_id=I.
 """
 
-from absl import app, logging
+from absl import logging
 
-from influence_jax.jobs import cli
-from influence_jax.jobs import pipeline
+from influence_jax.jobs import cli, stages
 
 
-def main(argv):
-  del argv
-  config, workdir, quiet, fault = cli.setup()
-  es = pipeline.run_fit(config, workdir, quiet=quiet, fault=fault)
-  logging.warning("Eigenspace (k=%d, top eigenvalue %.4g) saved in %s/eigenspace; spectrum in %s/spectrum.png",
-                  es.k, float(es.eigenvalues[0]), workdir, workdir)
+def job(ctx, quiet, fault):
+  es = stages.fit_stage(ctx, quiet=quiet, fault=fault)
+  logging.warning("Eigenspace (k=%d) saved in %s; eigenvalues in %s", es.k, ctx.path("eigenspace"),
+                  ctx.path("eigenvalues.json"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job)

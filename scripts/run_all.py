@@ -1,28 +1,19 @@
-r"""Train, fit the eigenspace and score in one command (the README demo). Each stage resumes.
+r"""Trains the built-in example model, fits the eigenspace, projects the training set and scores the
+queries, in one command (the README demo). Each stage resumes, or is skipped when done.
 
   python scripts/run_all.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
 
-With the multi-process flags (--coordinator_address, --num_processes, --process_id) the model must
-already be trained (scripts/train.py, one process); fit and score then run on all processes.
+With the multi-process flags the model must already be trained (scripts/train.py, one process).
 """
 
-from absl import app
-
-from influence_jax.jobs import cli
-from influence_jax.jobs import pipeline
+from influence_jax.examples import tasks
+from influence_jax.jobs import cli, stages
 
 
-def main(argv):
-  del argv
-  config, workdir, quiet, fault = cli.setup()
-  pipeline.run_train(config, workdir, quiet=quiet)
-  es = pipeline.run_fit(config, workdir, quiet=quiet, fault=fault)
-  paths = pipeline.run_score(config, workdir, quiet=quiet, fault=fault)
-  lines = [f"Done. Results in {workdir}:",
-           f"  eigenvalues (k={es.k}): {workdir}/eigenvalues.json, picture {workdir}/spectrum.png"]
-  lines += [f"  {name}: {path}" for name, path in paths.items()]
-  print("\n".join(lines))
+def job(ctx, quiet, fault):
+  paths = stages.all_stages(ctx, quiet=quiet, fault=fault)
+  print("\n".join([f"Done. Results in {ctx.workdir}:"] + [f"  {name}: {path}" for name, path in paths.items()]))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job, before_task=lambda config, workdir, quiet: tasks.train_example(config, workdir, quiet=quiet))

@@ -1,29 +1,21 @@
-r"""Projects the training set on the eigenspace once, scores every test example, writes the tables.
-
-Writes --workdir/scores/{top_k.csv, self_influence.csv, influence_grid.png, projections/};
-resumes from --workdir/scores/progress when run again after an interruption.
+r"""Scores a query set against the projection store: top proponents and opponents of every query, and
+the training set ranked by self-influence. Only the queries are projected.
 
   python scripts/score.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
-
-On several processes run the same command in each, sharing --workdir, with
---coordinator_address=HOST0:PORT --num_processes=N --process_id=I: each projects only its own
-slice of the training set (config.score.batch_size is the global batch; the mesh's 'data' axis a
-multiple of N); process 0 writes the tables, pictures and projection shards.
+  # another query set, same store: tables in --workdir/scores/NAME/
+  python scripts/score.py --config=... --workdir=... --config.score.queries=my_pkg.data:other_queries \
+      --config.score.name=NAME
 """
 
-from absl import app, logging
+from absl import logging
 
-from influence_jax.jobs import cli
-from influence_jax.jobs import pipeline
+from influence_jax.jobs import cli, stages
 
 
-def main(argv):
-  del argv
-  config, workdir, quiet, fault = cli.setup()
-  paths = pipeline.run_score(config, workdir, quiet=quiet, fault=fault)
-  for name, path in paths.items():
+def job(ctx, quiet, fault):
+  for name, path in stages.score_stage(ctx, quiet=quiet, fault=fault).items():
     logging.warning("%s: %s", name, path)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job)

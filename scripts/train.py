@@ -1,22 +1,21 @@
-r"""Trains the config's example model and saves it with orbax in --workdir/model.
+r"""Trains the built-in example model of a config (configs/digits_*.py, seq2seq_transformer.py) and
+saves it with orbax in --workdir/model (or config.model_dir). Your own model: train it your way.
 
   python scripts/train.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
 
-Training is single-process: run it once, then fit and score on as many processes as wanted.
+Training is single-process: run it once, then fit, project and score on as many processes as wanted.
 """
 
-from absl import app, logging
+from absl import logging
 
+from influence_jax.examples import tasks
 from influence_jax.jobs import cli
-from influence_jax.jobs import pipeline
 
 
-def main(argv):
-  del argv
-  config, workdir, quiet, _ = cli.setup()
-  pipeline.run_train(config, workdir, quiet=quiet)
-  logging.warning("Model saved in %s/model", workdir)
+def train(config, workdir, quiet):
+  tasks.train_example(config, workdir, quiet=quiet)
+  logging.warning("Model saved in %s", tasks.model_dir(config, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(before_task=train)

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from influence_jax import flax_adapters, solvers
+from influence_jax import flax_adapters, projection, solvers
 from influence_jax.examples import datasets
 from influence_jax.examples import models
 from influence_jax.examples import training
@@ -65,12 +65,12 @@ def test_linen_and_nnx_twins_agree_on_losses_and_gradients(data, twins):
   g_linen = jax.grad(linen.loss_fn)(linen.params, train)
   assert jax.tree.structure(g_nnx) == jax.tree.structure(g_linen)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), g_nnx, g_linen)
-  pe_nnx = solvers.per_example_gradients(nnx_fns.per_example_loss_fn, nnx_fns.params, [train])
-  pe_linen = solvers.per_example_gradients(linen.per_example_loss_fn, linen.params, [train])
+  pe_nnx = projection.gradients(nnx_fns.per_example_loss_fn, nnx_fns.params, [train])
+  pe_linen = projection.gradients(linen.per_example_loss_fn, linen.params, [train])
   assert pe_nnx.shape == (24, 235)
   np.testing.assert_allclose(pe_nnx, pe_linen, rtol=1e-6, atol=1e-6)
   # The Linen per-example gradients are those of the hand-written loss.
-  pe_ref = solvers.per_example_gradients(_reference_per_example_loss, variables["params"], [train])
+  pe_ref = projection.gradients(_reference_per_example_loss, variables["params"], [train])
   np.testing.assert_allclose(pe_linen, pe_ref, rtol=1e-10, atol=1e-12)
 
 

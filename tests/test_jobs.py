@@ -10,12 +10,15 @@ import sys
 import numpy as np
 import pytest
 
+import influence_jax as ij
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "--config.data.num_train=160", "--config.data.num_test=12", "--config.train.num_epochs=10",
     "--config.train.batch_size=32", "--config.model.features=(16,)", "--config.arnoldi.n_iters=24",
     "--config.arnoldi.top_k=12", "--config.arnoldi.checkpoint_every=5", "--config.arnoldi.block_size=8",
-    "--config.score.batch_size=32", "--config.score.top_k=4", "--config.score.checkpoint_every=2",
+    "--config.project.batch_size=32", "--config.project.chunk_rows=32", "--config.score.top_k=4",
+    "--config.score.rows_per_block=32", "--config.score.checkpoint_every=2",
 ]
 
 
@@ -35,12 +38,24 @@ def read(path):
     return f.read()
 
 
+def stored(workdir):
+  """Returns every array of the workdir's projection store."""
+  store = ij.open_store(os.path.join(workdir, "store"))
+  return store.read(0, store.meta.num_rows)
+
+
 def outputs(workdir):
-  """Returns the deterministic outputs of fit and score."""
+  """Returns the deterministic outputs of fit, project and score."""
   ev = json.loads(read(os.path.join(workdir, "eigenvalues.json")))
-  shards = sorted(os.listdir(os.path.join(workdir, "scores", "projections")))
-  proj = np.concatenate([np.load(os.path.join(workdir, "scores", "projections", s)) for s in shards if s.startswith("train")])
-  return ev, read(os.path.join(workdir, "scores", "top_k.csv")), read(os.path.join(workdir, "scores", "self_influence.csv")), proj
+  return (ev, read(os.path.join(workdir, "scores", "top_k.csv")),
+          read(os.path.join(workdir, "scores", "self_influence.csv")), stored(workdir))
+
+
+def assert_same_outputs(got, ref):
+  assert got[0] == ref[0] and got[1] == ref[1] and got[2] == ref[2]
+  assert got[3].keys() == ref[3].keys()
+  for name in ref[3]:
+    np.testing.assert_array_equal(got[3][name], ref[3][name])
 
 
 @pytest.fixture(scope="module")
@@ -69,26 +84,23 @@ def test_jobs_write_their_outputs(reference):
 
 def test_separate_jobs_equal_run_all(reference, tmp_path):
   workdir = str(tmp_path / "w")
-  for script in ("train.py", "fit_eigenspace.py", "score.py"):
+  for script in ("train.py", "fit_eigenspace.py", "project.py", "score.py"):
     run_job(script, workdir)
-  ref, got = outputs(reference), outputs(workdir)
-  assert got[0] == ref[0] and got[1] == ref[1] and got[2] == ref[2]
-  np.testing.assert_array_equal(got[3], ref[3])
+  assert_same_outputs(outputs(workdir), outputs(reference))
 
 
-@pytest.mark.parametrize("fault", ["arnoldi:3", "arnoldi:13", "score:1", "score:3"])
+@pytest.mark.parametrize("fault", ["arnoldi:3", "arnoldi:13", "project:2", "score:1", "score:3"])
 def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, fault):
   workdir = str(tmp_path / "w")
   shutil.copytree(os.path.join(reference, "model"), os.path.join(workdir, "model"))
-  if fault.startswith("score"):
+  if not fault.startswith("arnoldi"):
     shutil.copytree(os.path.join(reference, "eigenspace"), os.path.join(workdir, "eigenspace"))
-    shutil.copy(os.path.join(reference, "eigenvalues.json"), workdir)
+  if fault.startswith("score"):
+    shutil.copytree(os.path.join(reference, "store"), os.path.join(workdir, "store"))
   proc = run_job("run_all.py", workdir, f"--fault_injection={fault}", check=False)
   assert proc.returncode == -9, proc.stderr[-2000:]
   run_job("run_all.py", workdir)
-  ref, got = outputs(reference), outputs(workdir)
-  assert got[0] == ref[0] and got[1] == ref[1] and got[2] == ref[2]
-  np.testing.assert_array_equal(got[3], ref[3])
+  assert_same_outputs(outputs(workdir), outputs(reference))
 
 
 def test_foreign_checkpoint_is_refused(reference, tmp_path):
@@ -119,7 +131,8 @@ def test_cnn_and_transformer_examples_run_end_to_end(tmp_path, config, extra):
   env.pop("XLA_FLAGS", None)
   small = ["--config.train.num_epochs=2", "--config.arnoldi.n_iters=8", "--config.arnoldi.top_k=4",
            "--config.arnoldi.checkpoint_every=4", "--config.arnoldi.block_size=8", "--config.score.top_k=3",
-           "--config.data.num_train=96", "--config.score.batch_size=48", "--config.score.tail=False"]
+           "--config.data.num_train=96", "--config.project.batch_size=48", "--config.score.tail=False",
+           "--config.project.sketch_dim=0"]
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "run_all.py"), "--config", os.path.join(ROOT, "configs", config),
          f"--workdir={tmp_path}", "--quiet", *small, *extra]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

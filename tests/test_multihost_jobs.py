@@ -117,23 +117,24 @@ def test_two_processes_match_one_process(single, tmp_path):
   assert sorted(os.listdir(progress), key=int) == ["5", "10"]
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(os.path.join(progress, "10", "state")))
   assert not os.path.exists(os.path.join(workdir, "eigenvalues.json"))
-  # Resume on another mesh, (2, 4): the progress is restored onto this layout; then score, each
-  # process feeding its own half of the training set into the global batches; both die after
-  # scoring batch 3 (progress saved at batch 2) and the scoring job resumes.
+  # Resume on another mesh, (2, 4): the progress is restored onto this layout; then project, each
+  # process projecting and writing its own chunks of the store; both die after projection batch 2
+  # (chunks of 32 rows, 16 rows a process a batch: each has finished its first chunk).
   procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)",
-                        "--fault_injection=score:3", check=False)
+                        "--fault_injection=project:2", check=False)
   assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
   assert os.path.exists(os.path.join(workdir, "eigenvalues.json"))
-  assert os.listdir(os.path.join(workdir, "scores", "progress")) == ["2"]
+  assert sorted(os.listdir(os.path.join(workdir, "store", "done"))) == ["chunk_00000000", "chunk_00000002"]
   assert not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+  # Score, killed after the first block of each process, then resumed.
+  procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)",
+                        "--fault_injection=score:1", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
   run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
   _compare_outputs(workdir, single)
-  # Only process 0 wrote the shards; they name their rows: each process fed its own half.
-  shards = sorted(f for f in os.listdir(os.path.join(workdir, "scores", "projections")) if f.startswith("ids"))
-  rows = [np.load(os.path.join(workdir, "scores", "projections", f)) for f in shards]
-  assert len(rows) == 5 and all(len(r) == 32 for r in rows)
-  assert set(rows[0]) == set(range(0, 16)) | set(range(80, 96))
-  np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(160))
+  got, want = ij.open_store(os.path.join(workdir, "store")), ij.open_store(os.path.join(single, "store"))
+  for name, rows in want.read(0, 160).items():
+    np.testing.assert_allclose(got.read(0, 160)[name], rows, rtol=REL, atol=REL * np.abs(rows).max())
 
 
 def test_distributed_flags_come_together(tmp_path):

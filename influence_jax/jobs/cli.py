@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging as py_logging
 import os
+import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
@@ -15,8 +16,8 @@ CONFIG = config_flags.DEFINE_config_file(
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed).")
 QUIET = flags.DEFINE_bool("quiet", False, "Log only warnings and the final result (no progress).")
 FAULT = flags.DEFINE_string(
-    "fault_injection", None, "For resume tests: 'arnoldi:N' or 'score:N' SIGKILLs the job after "
-    "Arnoldi step N or scoring batch N.")
+    "fault_injection", None, "For resume tests: 'arnoldi:N', 'project:N' or 'score:N' SIGKILLs the job "
+    "after Arnoldi step N, projection batch N or scoring block N.")
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed); "
@@ -66,3 +67,34 @@ def setup() -> tuple:
   else:
     logging.set_verbosity(logging.INFO)
   return CONFIG.value, workdir, QUIET.value, FAULT.value
+
+
+# Errors that mean "this input cannot be used" (bad config, foreign or damaged store, missing stage):
+# reported as one line naming the problem, exit status 1, no traceback (INFLUENCE_JAX_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def run(job=None, *, before_task=None) -> None:
+  """Runs an absl program: `before_task(config, workdir, quiet)` (e.g. training a built-in example),
+  then `job(ctx, quiet, fault)` on the Context of --config / --workdir."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config, workdir, quiet, fault = setup()
+    from influence_jax.jobs import context  # noqa: PLC0415 (imports jax after the flags are parsed)
+
+    try:
+      if "workdir" in config:
+        config.workdir = workdir
+      if before_task is not None:
+        before_task(config, workdir, quiet)
+      if job is not None:
+        job(context.prepare(config, workdir), quiet, fault)
+    except USER_ERRORS as e:
+      if os.environ.get("INFLUENCE_JAX_DEBUG"):
+        raise
+      sys.stderr.write(f"Error: {e}\n")
+      sys.exit(1)
+
+  app.run(main)

@@ -50,7 +50,8 @@ from influence_jax import flax_adapters
 from influence_jax.examples import datasets
 from influence_jax.methods import gif
 from influence_jax.methods import gif_tasks
-from influence_jax.jobs import common, pipeline
+from influence_jax.examples import tasks
+from influence_jax.jobs import common
 from influence_jax.examples import training
 
 TASKS = ("class_removal", "label_change")
@@ -65,14 +66,14 @@ _COLUMNS = {
 }
 
 
-def _models(config) -> tuple[pipeline.Task, flax_adapters.ModelFns, Callable, Callable]:
+def _models(config) -> tuple[tasks.Example, flax_adapters.ModelFns, Callable, Callable]:
   """Returns (task of seed 0, ModelFns, per-example loss with the L2 term inside, jitted logits(params, x)).
 
   The functions do not depend on the seed, so the jitted training, curvature
   and CG loops are compiled once for all seeds.
   """
-  task = pipeline.build_task(config)
-  fns = pipeline.model_fns(task, pipeline.init_variables(task, config), config)
+  task = tasks.build_example(config)
+  fns = tasks.model_fns(task, tasks.init_variables(task, config), config)
   l2 = config.train.l2
   per_example = lambda p, b: fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
   logits = jax.jit(lambda p, x: fns.outputs_fn(p, {"x": x}))
@@ -113,7 +114,7 @@ def _class_removal_seed(config, seed: int, models, optimizer) -> dict:
   task, fns, per_example, logits = models
   c = config.edit.removed_class
   train_b, test_b = _splits(config, seed)
-  init = pipeline.init_variables(task, _with_seed(config, seed))["params"]
+  init = tasks.init_variables(task, _with_seed(config, seed))["params"]
   keep = train_b["y"] != c
   params = _train(config, fns, init, train_b, seed, optimizer)
   retrained = _train(config, fns, init, gif_tasks.select_examples(train_b, keep), seed, optimizer)
@@ -138,7 +139,7 @@ def _label_change_seed(config, seed: int, models, optimizer) -> dict:
   task, fns, per_example, logits = models
   k = config.corruption
   train_b, test_b = _splits(config, seed)
-  init = pipeline.init_variables(task, _with_seed(config, seed))["params"]
+  init = tasks.init_variables(task, _with_seed(config, seed))["params"]
   x, y = train_b["x"], train_b["y"]
   if k.kind == "trigger":
     x, wrong_y, changed = datasets.add_trigger(x, y, fraction=k.fraction, target_class=k.target_class, seed=seed,
@@ -186,7 +187,7 @@ def _with_seed(config, seed: int):
 
 
 def _splits(config, seed: int) -> tuple[dict, dict]:
-  task = pipeline.build_task(_with_seed(config, seed))
+  task = tasks.build_example(_with_seed(config, seed))
   strip = lambda b: {"x": b["x"], "y": b["y"]}
   return strip(task.splits["train"]), strip(task.splits["test"])
 

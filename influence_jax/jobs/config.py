@@ -1,0 +1,117 @@
+"""Every job key with its default, and the checks run on a config before any work starts.
+
+A config file starts from `default_config()`, sets `config.task = "my_pkg.my_module:get_task"`
+and overrides what it needs; keys a task factory reads go under `config.user` (or any new key).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns a ConfigDict with every job key and its default (see the comments for meanings)."""
+  c = ml_collections.ConfigDict()
+  c.task = ""  # "package.module:get_task": a factory returning influence_jax.jobs.Task.
+  c.seed = 0  # Start vector of Arnoldi, curvature sample, sketch.
+  c.workdir = ""  # Set by the jobs to --workdir (a task factory may read it); not part of any fingerprint.
+  # Device mesh (data, model) of every stage; None: every device of every process on 'data'.
+  c.mesh_shape = config_dict.placeholder(tuple)
+  c.user = ml_collections.ConfigDict()  # Free-form keys for the task factory.
+  c.arnoldi = dict(
+      n_iters=150,  # Krylov steps (curvature products).
+      top_k=100,  # Eigenpairs kept.
+      damping=1e-2,  # δ in (Λ + δ)⁻¹.
+      curvature="hessian",  # or "gauss_newton" (needs a SplitLoss loss_fn)
+      selection="largest",  # or "magnitude"
+      num_examples=8192,  # Size of the fixed curvature sample of the training set (-1: all of it).
+      batch_size=2048,  # Examples per curvature batch.
+      microbatch_size=0,  # 0: whole batches.
+      block_size=32,  # Gram-Schmidt block.
+      residuals=True,  # Measure ‖Hu − λu‖ for every kept pair (one more product each).
+      checkpoint_every=0,  # Save progress every N steps (0: by time only).
+      checkpoint_seconds=60.0,  # Save progress at most this often.
+  )
+  c.project = dict(
+      batch_size=1024,  # Training examples projected per step (global, over all processes).
+      method="vjp",  # Projection method: "vjp" or "jvp".
+      microbatch_size=0,  # 0: chosen from the model size.
+      chunk_rows=8192,  # Rows per store chunk (the unit of writing, resuming and verifying).
+      sketch_dim=1024,  # m of the sketched remainder R(I − UᵀU)∇ℓ(z) (0: no sketch; the tail then needs it).
+      num_threads=8,  # grain reader threads.
+  )
+  c.score = dict(
+      top_k=10,  # Proponents and opponents kept per query.
+      tail=True,  # Add the spectral tail through the store's sketch.
+      queries="",  # "module:fn" returning another query source (fn(config)); "": Task.queries.
+      name="",  # Query set name: tables in scores/<name>/ ("": scores/).
+      batch_size=256,  # Queries projected per step.
+      rows_per_block=16384,  # Store rows scored per block (memory: queries × rows_per_block).
+      self_influence_rows=10000,  # Rows of self_influence.csv (the highest; -1: every training example).
+      checkpoint_seconds=60.0,  # Save progress at most this often.
+      checkpoint_every=0,  # ... and every N blocks (0: by time only).
+      grid_examples=6,  # Queries shown in influence_grid.png (needs Task.image_fn).
+  )
+  return c
+
+
+# (key, check, what it must be). Checked for every config before a job starts.
+_RULES = (
+    ("arnoldi.n_iters", lambda v: v >= 1, "a positive integer"),
+    ("arnoldi.top_k", lambda v: v >= 1, "a positive integer"),
+    ("arnoldi.damping", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    ("arnoldi.curvature", lambda v: v in ("hessian", "gauss_newton"), "'hessian' or 'gauss_newton'"),
+    ("arnoldi.selection", lambda v: v in ("largest", "magnitude"), "'largest' or 'magnitude'"),
+    ("arnoldi.num_examples", lambda v: v == -1 or v >= 1, "a positive integer or -1 (all)"),
+    ("arnoldi.batch_size", lambda v: v >= 1, "a positive integer"),
+    ("arnoldi.microbatch_size", lambda v: v >= 0, "≥ 0 (0: whole batches)"),
+    ("arnoldi.block_size", lambda v: v >= 1, "a positive integer"),
+    ("arnoldi.checkpoint_every", lambda v: v >= 0, "≥ 0 (0: by time only)"),
+    ("arnoldi.checkpoint_seconds", lambda v: v > 0, "a positive number of seconds"),
+    ("project.batch_size", lambda v: v >= 1, "a positive integer"),
+    ("project.method", lambda v: v in ("vjp", "jvp"), "'vjp' or 'jvp'"),
+    ("project.microbatch_size", lambda v: v >= 0, "≥ 0 (0: automatic)"),
+    ("project.chunk_rows", lambda v: v >= 1, "a positive integer"),
+    ("project.sketch_dim", lambda v: v >= 0, "≥ 0"),
+    ("project.num_threads", lambda v: v >= 1, "a positive integer"),
+    ("score.top_k", lambda v: v >= 1, "a positive integer"),
+    ("score.batch_size", lambda v: v >= 1, "a positive integer"),
+    ("score.rows_per_block", lambda v: v >= 1, "a positive integer"),
+    ("score.self_influence_rows", lambda v: v == -1 or v >= 0, "≥ 0, or -1 (all)"),
+    ("score.checkpoint_seconds", lambda v: v > 0, "a positive number of seconds"),
+    ("score.checkpoint_every", lambda v: v >= 0, "≥ 0 (0: by time only)"),
+    ("score.grid_examples", lambda v: v >= 0, "≥ 0"),
+)
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the first config key that is missing or out of range."""
+  if not config.get("task"):
+    raise ValueError("config.task is not set: it must name a task factory, 'package.module:get_task'.")
+  top_k = None
+  for key, ok, expected in _RULES:
+    try:
+      value = _get(config, key)
+    except (KeyError, AttributeError):
+      raise ValueError(f"config.{key} is missing; start the config from influence_jax.jobs.default_config().")
+    try:
+      good = bool(ok(value))
+    except TypeError:
+      good = False
+    if not good:
+      raise ValueError(f"config.{key} = {value!r}: it must be {expected}.")
+    if key == "arnoldi.top_k":
+      top_k = value
+  if top_k > config.arnoldi.n_iters:
+    raise ValueError(f"config.arnoldi.top_k = {top_k} exceeds config.arnoldi.n_iters = {config.arnoldi.n_iters}: "
+                     "Arnoldi cannot find more eigenpairs than it takes steps.")

@@ -1,0 +1,78 @@
+"""What every stage starts from: the checked config, the task, the mesh, and the fingerprints that
+tie each stage's outputs to what they were computed from.
+
+Work directory layout:
+  arnoldi_progress/   orbax: Arnoldi state (resume)
+  eigenspace/         orbax: the fitted Eigenspace
+  eigenvalues.json, spectrum.png
+  store/              the projection store (influence_jax.store): every training example, once
+  scores/             tables of the task's query set (scores/<name>/ for a named set)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+import jax
+
+from influence_jax import checkpoint
+from influence_jax import sharding
+from influence_jax import sources
+from influence_jax.jobs import config as config_lib
+from influence_jax.jobs import task as task_lib
+
+# Keys that change how a stage runs, not what it computes: left out of fingerprints.
+_RUN_ONLY = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
+             "self_influence_rows", "batch_size", "rows_per_block", "name", "method")
+
+
+def _what(section) -> dict:
+  return {k: v for k, v in section.to_dict().items() if k not in _RUN_ONLY}
+
+
+@dataclasses.dataclass
+class Context:
+  """A stage's inputs: config (checked), workdir, task, mesh; fingerprints computed on first use."""
+
+  config: Any
+  workdir: str
+  task: task_lib.Task
+  mesh: jax.sharding.Mesh
+
+  @functools.cached_property
+  def params_fingerprint(self) -> str:
+    return checkpoint.fingerprint(self.task.params)
+
+  @functools.cached_property
+  def eigenspace_fingerprint(self) -> str:
+    c = self.config
+    return checkpoint.fingerprint(c.task, self.params_fingerprint, c.seed, _what(c.arnoldi),
+                                  sources.fingerprint(task_lib.curvature_source(self.task, c)))
+
+  @functools.cached_property
+  def store_fingerprint(self) -> str:
+    c = self.config
+    return checkpoint.fingerprint(self.eigenspace_fingerprint, sources.fingerprint(self.task.train),
+                                  c.project.sketch_dim, c.project.chunk_rows, c.seed)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+
+def job_mesh(config) -> jax.sharding.Mesh:
+  """Returns the mesh of every stage: `sharding.make_mesh(config.mesh_shape)` over all devices of all
+  processes (a single device is a 1 × 1 mesh)."""
+  return sharding.make_mesh(config.get("mesh_shape", None))
+
+
+def prepare(config, workdir: str, *, task: Optional[task_lib.Task] = None) -> Context:
+  """Returns the Context of a stage: checks the config, sets config.workdir, loads the task."""
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  if "workdir" in config and config.workdir != workdir:
+    config.workdir = workdir
+  task = task_lib.load_task(config) if task is None else task
+  return Context(config, workdir, task, job_mesh(config))

@@ -1,0 +1,129 @@
+"""The fit stage: the top-k eigenspace of the curvature over a fixed sample of the training set.
+
+Resumes from `arnoldi_progress/` (saved by wall-time interval and every `checkpoint_every` steps);
+the eigenspace is committed to `eigenspace/`, and its reports (eigenvalues.json, spectrum.png)
+are (re)written from it whenever they are missing, so a finished stage always has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+from absl import logging
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import arnoldi
+from influence_jax import checkpoint
+from influence_jax import data as data_lib
+from influence_jax import eigenspace as eigenspace_lib
+from influence_jax import sharding
+from influence_jax.jobs import common
+from influence_jax.jobs import input as input_lib
+from influence_jax.jobs import plots
+from influence_jax.jobs import progress as progress_lib
+from influence_jax.jobs import task as task_lib
+from influence_jax.jobs.context import Context
+
+
+def curvature_batches(ctx: Context) -> list:
+  """Returns the fixed list of batches the curvature averages over (the curvature source, read once)."""
+  source = task_lib.curvature_source(ctx.task, ctx.config)
+  a = ctx.config.arnoldi
+  return [b for _, b in input_lib.batches(source, np.arange(len(source)), a.batch_size, "curvature source")]
+
+
+class Checkpointer:
+  """Decides when to save progress: every `every` steps (0: never by count) or after `seconds` of wall time."""
+
+  def __init__(self, every: int, seconds: float):
+    self.every, self.seconds, self.last = every, seconds, time.monotonic()
+
+  def due(self, step: int) -> bool:
+    if (self.every and step % self.every == 0) or time.monotonic() - self.last >= self.seconds:
+      self.last = time.monotonic()
+      return True
+    return False
+
+
+def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -> eigenspace_lib.Eigenspace:
+  """Fits (or loads, or resumes) the eigenspace; returns it, laid out on the stage's mesh."""
+  final_dir = ctx.path("eigenspace")
+  fp = ctx.eigenspace_fingerprint
+  if os.path.isdir(final_dir):
+    try:
+      es = checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=ctx.mesh)
+      write_reports(ctx, es, only_missing=True)
+      return es
+    except FileNotFoundError:
+      pass  # A directory with no finished step: fit again.
+  task, a, mesh = ctx.task, ctx.config.arnoldi, ctx.mesh
+  flat = ravel_pytree(task.params)[0]
+  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, flat.dtype, ctx.config.seed),
+                          a.n_iters, block_size=a.block_size, mesh=mesh)
+  columns = sharding.padded_dim(flat.size, mesh)
+  # A basis padded for another 'model' size has other columns: not this job's progress.
+  store = checkpoint.Store(ctx.path("arnoldi_progress"),
+                           fp if columns == flat.size else checkpoint.fingerprint(fp, columns))
+  found = store.restore_latest(target=template._asdict())
+  state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
+  batches = curvature_batches(ctx)
+  if not quiet:
+    logging.info("Fitting the top-%d eigenspace: %d parameters, curvature over %d examples, %d steps",
+                 a.top_k, flat.size, sum(data_lib.batch_size(b) for b in batches), a.n_iters)
+  bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps),
+                              quiet=quiet or not common.is_writer())
+  saver = Checkpointer(a.checkpoint_every, a.checkpoint_seconds)
+
+  def callback(s: arnoldi.ArnoldiState) -> None:
+    bar.update()
+    step = int(s.num_steps)
+    if step < a.n_iters and not bool(s.breakdown) and saver.due(step):
+      store.save(step, s._asdict())
+    common.maybe_kill(fault, "arnoldi", step)
+
+  es = eigenspace_lib.fit_eigenspace(
+      task.loss_fn, task.params, batches, n_iters=a.n_iters, top_k=a.top_k, damping=a.damping,
+      curvature=a.curvature, seed=ctx.config.seed, selection=a.selection,
+      microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
+      initial_state=state, compute_residuals=a.residuals, mesh=mesh)
+  checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
+  store.close()
+  write_reports(ctx, es)
+  return es
+
+
+def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: bool = False) -> dict:
+  """Writes eigenvalues.json and spectrum.png from `es` (process 0; every process must call it).
+
+  With `only_missing`, a report is rewritten only when absent or unreadable.
+  """
+  host = {name: sharding.to_host(getattr(es, name)) for name in ("eigenvalues", "residuals", "ritz_estimates")}
+  paths = {"eigenvalues": ctx.path("eigenvalues.json"), "spectrum": ctx.path("spectrum.png")}
+  if not common.is_writer():
+    return paths
+  if not (only_missing and _readable_json(paths["eigenvalues"], es.k)):
+    record = {
+        "eigenvalues": host["eigenvalues"].astype(np.float64).tolist(),
+        "residuals": host["residuals"].astype(np.float64).tolist(),
+        "ritz_estimates": host["ritz_estimates"].astype(np.float64).tolist(),
+        "damping": es.damping, "arnoldi": ctx.config.arnoldi.to_dict(),
+        "num_steps": es.info.num_steps, "breakdown": es.info.breakdown,
+        "num_params": es.info.num_params, "num_examples": es.info.num_examples,
+    }
+    common.atomic_write_json(paths["eigenvalues"], record)
+  if not (only_missing and os.path.exists(paths["spectrum"])):
+    plots.spectrum(paths["spectrum"], host["eigenvalues"], host["residuals"], es.damping,
+                   title=f"top-{es.k} {ctx.config.arnoldi.curvature} eigenvalues")
+  return paths
+
+
+def _readable_json(path: str, k: int) -> bool:
+  try:
+    with open(path) as f:
+      return len(json.load(f)["eigenvalues"]) == k
+  except (OSError, ValueError, KeyError, TypeError):
+    return False

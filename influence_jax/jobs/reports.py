@@ -1,0 +1,100 @@
+"""The score stage's tables and pictures, written atomically from the merged ranking.
+
+scores/top_k.csv          test_id, test_label, kind, rank, train_id, train_label, score
+scores/self_influence.csv rank, train_id, train_label, self_influence (highest first)
+scores/summary.json       what was scored, with what
+scores/influence_grid.png queries next to their top proponents / opponents (with Task.image_fn)
+Ids are indices into Task.train / the query source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from influence_jax import ranking
+from influence_jax.jobs import common
+from influence_jax.jobs import plots
+from influence_jax.jobs import task as task_lib
+
+TOP_K_HEADER = ["test_id", "test_label", "kind", "rank", "train_id", "train_label", "score"]
+SELF_INFLUENCE_HEADER = ["rank", "train_id", "train_label", "self_influence"]
+
+
+class _Labels:
+  """Labels of source rows, each example read at most once."""
+
+  def __init__(self, task: task_lib.Task, source: Any):
+    self.task, self.source, self.cache = task, source, {}
+
+  def __call__(self, i: int) -> str:
+    if i not in self.cache:
+      self.cache[i] = task_lib.label(self.task, self.source[i])
+    return self.cache[i]
+
+
+def top_k_rows(running: ranking.TopK, train_label, query_label) -> list:
+  """Returns top_k.csv's rows (header first); unfilled slots (fewer training examples than k) are skipped."""
+  rows = [TOP_K_HEADER]
+  for t in range(running.proponents.shape[0]):
+    for kind, idx, sc in (("proponent", running.proponents, running.proponent_scores),
+                          ("opponent", running.opponents, running.opponent_scores)):
+      for r in range(idx.shape[1]):
+        j = int(idx[t, r])
+        if j >= 0:
+          rows.append([t, query_label(t), kind, r + 1, j, train_label(j), f"{float(sc[t, r]):.6g}"])
+  return rows
+
+
+def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: Any,
+                       running: ranking.TopK, largest: ranking.RunningLargest, summary: dict,
+                       *, grid_examples: int) -> dict:
+  """Writes the tables (and the picture when the task has image_fn); returns their paths.
+
+  top_k.csv and summary.json go to `out` (the query set's directory); self_influence.csv, a
+  property of the training set alone, to `train_out`.
+  """
+  train_label, query_label = _Labels(task, task.train), _Labels(task, queries)
+  paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(train_out, "self_influence.csv"),
+           "summary": os.path.join(out, "summary.json")}
+  common.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
+  keep = largest.indices >= 0
+  record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"]}
+  if _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"]):
+    # A property of the store alone: written once, not again for every query set.
+    common.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
+        [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
+        for r, (j, v) in enumerate(zip(largest.indices[keep], largest.values[keep]))])
+    common.atomic_write_json(paths["self_influence"] + ".json", record)
+  shown = min(grid_examples, running.proponents.shape[0])
+  if task.image_fn is not None and shown:
+    paths["grid"] = _grid(os.path.join(out, "influence_grid.png"), task, queries, query_label, train_label,
+                          running, shown)
+  summary = dict(summary, most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
+  common.atomic_write_json(paths["summary"], summary)
+  return paths
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _grid(path, task, queries, query_label, train_label, running: ranking.TopK, shown: int, num_shown: int = 4):
+  cols = min(num_shown, running.proponents.shape[1])
+  pro, opp = running.proponents[:shown, :cols], running.opponents[:shown, :cols]
+  needed = [int(j) for j in np.unique(np.concatenate([pro.ravel(), opp.ravel()])) if j >= 0]
+  where = {j: i for i, j in enumerate(needed)}
+  remap = np.vectorize(lambda j: where.get(int(j), 0))
+  image = lambda source, i: np.asarray(task.image_fn(source[i]))
+  return plots.influence_grid(
+      path, np.stack([image(queries, t) for t in range(shown)]), [query_label(t) for t in range(shown)],
+      np.stack([image(task.train, j) for j in needed]), [train_label(j) for j in needed],
+      remap(pro), running.proponent_scores[:shown, :cols], remap(opp), running.opponent_scores[:shown, :cols],
+      num_shown=cols)

@@ -1,0 +1,206 @@
+"""The score stage: a query set scored against the projection store, many times, without the training set.
+
+Only the queries are projected; the store is streamed in blocks of `score.rows_per_block` rows,
+each one jitted matmul + top-k merge on the device, so memory is bounded by the block and the
+top-k state, never by N. Each process scores its own chunks of the store; the per-process states
+are merged at the end and process 0 writes the tables. Progress (the running state and the next
+row) is saved per process by wall-time interval; a query set that changed since (another
+fingerprint) starts clean: scoring a new query set in the same workdir is the normal case.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import checkpoint
+from influence_jax import ranking
+from influence_jax import scoring
+from influence_jax import sharding
+from influence_jax import sketch as sketch_lib
+from influence_jax import sources
+from influence_jax import store as store_lib
+from influence_jax.eigenspace import Eigenspace
+from influence_jax.jobs import common
+from influence_jax.jobs import fit as fit_lib
+from influence_jax.jobs import input as input_lib
+from influence_jax.jobs import progress as progress_lib
+from influence_jax.jobs import project as project_lib
+from influence_jax.jobs import reports
+from influence_jax.jobs import task as task_lib
+from influence_jax.jobs.context import Context
+
+
+def output_dir(ctx: Context) -> str:
+  """Returns where the query set's tables go: scores/, or scores/<score.name>/ for a named set."""
+  name = ctx.config.score.name
+  return ctx.path("scores", name) if name else ctx.path("scores")
+
+
+def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries: Any) -> np.ndarray:
+  """Returns the (T, d) query vectors q(x) of `scoring.query_side` on the host."""
+  s = ctx.config.score
+  batch = input_lib.read_all(queries, "query source", s.batch_size)
+  mesh = ctx.mesh
+  params = sharding.place_params(ctx.task.params, mesh)
+  sketch = None
+  if s.tail:
+    sk = project_lib.make_sketch(ctx, ravel_pytree(ctx.task.params)[0].size)
+    sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
+  parts = []
+  for lo in range(0, len(queries), s.batch_size):
+    chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
+    chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
+    out = sketch_lib.project_and_sketch(es.eigenvectors, sketch, ctx.task.per_example_loss_fn, params, chunk,
+                                        microbatch_size=ctx.config.project.microbatch_size)
+    parts.append((sharding.to_host(out.projections), sharding.to_host(out.sketch) if s.tail else None))
+  proj = np.concatenate([p for p, _ in parts])
+  sk_part = np.concatenate([q for _, q in parts]) if s.tail else None
+  es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
+  vectors = scoring.query_side(es_host, jnp.asarray(proj), None if sk_part is None else jnp.asarray(sk_part),
+                               tail_constant=store.meta.attrs["tail_constant"] if s.tail else None)
+  return np.asarray(vectors)
+
+
+def _progress_path(out: str) -> str:
+  return os.path.join(out, "progress", f"process_{jax.process_index():04d}.npz")
+
+
+def _load_progress(path: str, fingerprint: str) -> Optional[dict]:
+  """Returns the saved state when it exists, is intact and belongs to `fingerprint`; else None."""
+  try:
+    with np.load(path) as f:
+      state = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError):
+    return None
+  if str(state.get("fingerprint")) != fingerprint or checkpoint.fingerprint(
+      {k: v for k, v in state.items() if k not in ("fingerprint", "checksum")}) != str(state.get("checksum")):
+    return None
+  return state
+
+
+def _save_progress(path: str, fingerprint: str, running: ranking.TopK, largest: ranking.RunningLargest,
+                   next_row: int) -> None:
+  state = dict(ranking.to_host(running)._asdict(), largest_indices=largest.indices, largest_values=largest.values,
+               next_row=np.int64(next_row))
+  state["checksum"] = np.asarray(checkpoint.fingerprint(state))
+  state["fingerprint"] = np.asarray(fingerprint)
+  buffer = io.BytesIO()
+  np.savez(buffer, **state)
+  common.atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
+def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarray, inverse: np.ndarray,
+               rows: range, fingerprint: str, out: str, *, quiet: bool, fault: Optional[str]) -> tuple:
+  """Returns (TopK, RunningLargest self-influence) over store rows `rows` (this process's), resuming."""
+  s = ctx.config.score
+  k = s.top_k
+  num_largest = store.meta.num_rows if s.self_influence_rows < 0 else s.self_influence_rows
+  path = _progress_path(out)
+  saved = _load_progress(path, fingerprint)
+  if saved is not None:
+    running = ranking.TopK(*(saved[n] for n in ranking.TopK._fields))
+    largest = ranking.RunningLargest(saved["largest_indices"], saved["largest_values"])
+    start = int(saved["next_row"])
+  else:
+    running, largest, start = ranking.empty_top_k(vectors.shape[0], k, np.float32), ranking.empty_largest(num_largest), rows.start
+  names = ("projections", "sketch", "self_influence") if s.tail else ("projections", "sq_norms")
+  queries = jnp.asarray(vectors)
+  block = s.rows_per_block
+  bar = progress_lib.Progress(len(rows), "scoring", "examples", start=start - rows.start,
+                              quiet=quiet or not common.is_writer())
+  saver = fit_lib.Checkpointer(s.checkpoint_every, s.checkpoint_seconds)
+  for count, lo in enumerate(range(start, rows.stop, block), 1):
+    hi = min(lo + block, rows.stop)
+    part = store.read(lo, hi, names)
+    side = part["projections"] if not s.tail else np.concatenate([part["projections"], part["sketch"]], axis=1)
+    padded = np.zeros((block, side.shape[1]), np.float32)
+    padded[: hi - lo] = side
+    running = ranking.merge_rows(running, queries, padded, lo, hi - lo)
+    if s.tail:
+      self_infl = part["self_influence"]
+    else:
+      g = part["projections"].astype(np.float64)
+      self_infl = np.sum(g * g * inverse, axis=1)
+    largest = ranking.merge_largest(largest, self_infl, lo)
+    bar.update(hi - lo)
+    if saver.due(count) and hi < rows.stop:
+      _save_progress(path, fingerprint, running, largest, hi)
+    common.maybe_kill(fault, "score", count)
+  _save_progress(path, fingerprint, running, largest, rows.stop)
+  return ranking.to_host(running), largest
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+  """Returns (processes, ...) stacking every process's `x` (x itself, with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def combine(running: ranking.TopK, largest: ranking.RunningLargest) -> tuple:
+  """Returns the TopK and self-influence ranking over all processes' states (ties to the lower index)."""
+  tops = [_gather(x) for x in running]
+  out = []
+  k = running.proponents.shape[1]
+  for idx_all, sc_all, sign in ((tops[0], tops[1], 1.0), (tops[2], tops[3], -1.0)):
+    idx = np.concatenate(list(idx_all), axis=1)
+    sc = np.concatenate(list(sc_all), axis=1).astype(np.float64)
+    key_idx = np.where(idx < 0, np.iinfo(np.int64).max, idx)
+    order = np.lexsort((key_idx, -sign * sc), axis=1)[:, :k]
+    out += [np.take_along_axis(idx, order, 1), np.take_along_axis(np.concatenate(list(sc_all), 1), order, 1)]
+  merged = ranking.empty_largest(largest.indices.shape[0])
+  for idx, vals in zip(_gather(largest.indices), _gather(largest.values)):
+    keep = idx >= 0
+    merged = _merge_pairs(merged, idx[keep], vals[keep])
+  return ranking.TopK(*out), merged
+
+
+def _merge_pairs(running: ranking.RunningLargest, idx: np.ndarray, vals: np.ndarray) -> ranking.RunningLargest:
+  k = running.indices.shape[0]
+  all_idx = np.concatenate([running.indices, idx])
+  all_vals = np.concatenate([running.values, vals])
+  order = np.lexsort((np.where(all_idx < 0, np.iinfo(np.int64).max, all_idx), -all_vals))[:k]
+  return ranking.RunningLargest(all_idx[order], all_vals[order])
+
+
+def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
+  """Scores the query set against the store; returns the paths written ({} on processes other than 0)."""
+  s = ctx.config.score
+  store = store_lib.open_store(ctx.path("store"), ctx.store_fingerprint)
+  if s.tail and not store.meta.sketch_dim:
+    raise ValueError("config.score.tail=True needs the store's sketch of the remainder, but it was built with "
+                     "config.project.sketch_dim=0: set project.sketch_dim > 0 and run scripts/project.py in a fresh "
+                     "workdir, or score with --config.score.tail=False.")
+  queries = task_lib.query_source(ctx.task, ctx.config)
+  inverse = np.asarray(sharding.to_host(scoring.inverse_eigenvalues(es)), np.float64)
+  vectors = project_queries(ctx, es, store, queries)
+  out = output_dir(ctx)
+  fingerprint = checkpoint.fingerprint(store.meta.fingerprint, sources.fingerprint(queries),
+                                       {k: v for k, v in s.to_dict().items() if k in ("top_k", "tail", "queries")},
+                                       s.get("self_influence_rows"), jax.process_count())
+  owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
+  lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
+  hi = store.meta.chunk_bounds(owned.stop - 1)[1] if len(owned) else store.meta.num_rows
+  if not quiet:
+    logging.info("Scoring %d queries against %d stored training examples (rows %d–%d here)",
+                 vectors.shape[0], store.meta.num_rows, lo, hi)
+  running, largest = score_rows(ctx, store, vectors, inverse, range(lo, hi), fingerprint, out, quiet=quiet, fault=fault)
+  running, largest = combine(running, largest)
+  if not common.is_writer():
+    return {}
+  return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest,
+                                    {"num_train": store.meta.num_rows, "num_queries": int(vectors.shape[0]),
+                                     "k": store.meta.k, "tail": bool(s.tail), "sketch_dim": store.meta.sketch_dim,
+                                     "store": store_lib.describe(store), "store_fingerprint": store.meta.fingerprint,
+                                     "fingerprint": fingerprint},
+                                    grid_examples=s.grid_examples)

@@ -1,0 +1,133 @@
+"""Top-k proponents and opponents, over all training examples at once or streamed block by block.
+
+Streaming keeps, per query, the k largest scores (proponents, descending) and the k smallest
+(opponents, ascending) with their training indices, on the device: each block of training rows
+is one jitted matmul + `lax.top_k` merged with the running state, so memory is bounded by the
+block and k, never by N. Merging blocks in any split gives the same result as `top_k` over all
+columns at once; ties go to the lower training index.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TopK(NamedTuple):
+  """Per query (rows): indices and scores of the most positive (proponents) and most negative (opponents).
+
+  Slots not filled yet (fewer than k training examples seen) hold index −1 and score ∓inf.
+  """
+
+  proponents: np.ndarray
+  proponent_scores: np.ndarray
+  opponents: np.ndarray
+  opponent_scores: np.ndarray
+
+
+def top_k(scores: jax.Array, k: int) -> TopK:
+  """Returns the k largest (proponents, descending) and k smallest (opponents, ascending) per row."""
+  k = min(k, scores.shape[1])
+  pro_s, pro_i = jax.lax.top_k(scores, k)
+  opp_s, opp_i = jax.lax.top_k(-scores, k)
+  return TopK(np.asarray(pro_i), np.asarray(pro_s), np.asarray(opp_i), np.asarray(-opp_s))
+
+
+def empty_top_k(num_queries: int, k: int, dtype=jnp.float32) -> TopK:
+  """Returns a running TopK with no candidates yet (indices −1, scores ∓inf)."""
+  idx = -np.ones((num_queries, k), np.int32)
+  inf = np.full((num_queries, k), np.inf, dtype)
+  return TopK(idx, -inf, idx.copy(), inf.copy())
+
+
+def _merge_side(run_scores, run_idx, block_scores, offset):
+  k = run_scores.shape[1]
+  cand_s, cand_i = jax.lax.top_k(block_scores, min(k, block_scores.shape[1]))
+  scores = jnp.concatenate([run_scores, cand_s], axis=1)
+  idx = jnp.concatenate([run_idx, cand_i.astype(run_idx.dtype) + offset], axis=1)
+  best_s, pos = jax.lax.top_k(scores, k)  # Stable: the running (lower-index) entries win ties.
+  return best_s, jnp.take_along_axis(idx, pos, axis=1)
+
+
+@jax.jit
+def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid: jax.Array) -> TopK:
+  valid = jnp.arange(scores.shape[1]) < num_valid
+  pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents,
+                             jnp.where(valid, scores, -jnp.inf), offset)
+  opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents,
+                             jnp.where(valid, -scores, -jnp.inf), offset)
+  return TopK(pro_i, pro_s, opp_i, -opp_s)
+
+
+def merge_top_k(running: TopK, scores: jax.Array, offset: int, num_valid: Optional[int] = None) -> TopK:
+  """Returns `running` updated with a (T, B) block of scores of training examples offset..offset+B−1.
+
+  Only the first `num_valid` columns count (padding after them is ignored). Runs on the device;
+  the result holds jax arrays (convert with `to_host`).
+  """
+  num_valid = scores.shape[1] if num_valid is None else num_valid
+  return _merge_scores(running, jnp.asarray(scores), jnp.int32(offset), jnp.int32(num_valid))
+
+
+@jax.jit
+def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.Array,
+                num_valid: jax.Array) -> TopK:
+  return _merge_scores(running, queries @ rows.T, offset, num_valid)
+
+
+def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
+               num_valid: Optional[int] = None) -> TopK:
+  """Returns `running` updated with the scores queries @ rowsᵀ of training rows offset..offset+B−1.
+
+  `queries` (T, d) and `rows` (B, d) are the two sides of a bilinear score (e.g.
+  `store_scoring.query_side` and `store_scoring.row_side`); a block padded to a fixed B (with
+  `num_valid` real rows) compiles once.
+  """
+  num_valid = rows.shape[0] if num_valid is None else num_valid
+  return _merge_rows(running, jnp.asarray(queries), jnp.asarray(rows), jnp.int32(offset), jnp.int32(num_valid))
+
+
+def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k: int,
+                 running: Optional[TopK] = None) -> TopK:
+  """Returns the top-k of queries @ rowsᵀ over every (offset, rows) block, on the host."""
+  running = empty_top_k(queries.shape[0], k, queries.dtype) if running is None else running
+  for offset, rows in blocks:
+    running = merge_rows(running, queries, rows, offset)
+  return to_host(running)
+
+
+def to_host(running: TopK) -> TopK:
+  """Returns `running` with numpy arrays."""
+  return TopK(*(np.asarray(x) for x in running))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _largest(values: jax.Array, k: int):
+  return jax.lax.top_k(values, k)
+
+
+class RunningLargest(NamedTuple):
+  """The `k` largest values seen so far and their indices (−1 / −inf where not filled)."""
+
+  indices: np.ndarray
+  values: np.ndarray
+
+
+def empty_largest(k: int) -> RunningLargest:
+  return RunningLargest(-np.ones(k, np.int64), np.full(k, -np.inf, np.float64))
+
+
+def merge_largest(running: RunningLargest, values: np.ndarray, offset: int) -> RunningLargest:
+  """Returns `running` updated with values[i] of index offset + i (ties to the lower index)."""
+  k = running.indices.shape[0]
+  if k == 0 or values.size == 0:
+    return running
+  cand = np.argsort(-np.asarray(values, np.float64), kind="stable")[:k]
+  idx = np.concatenate([running.indices, cand + offset])
+  vals = np.concatenate([running.values, np.asarray(values, np.float64)[cand]])
+  order = np.lexsort((idx, -vals))[:k]
+  return RunningLargest(idx[order], vals[order])

@@ -1,0 +1,128 @@
+"""A Kronecker-structured random sketch of per-example gradients, for a reusable spectral tail.
+
+The tail term of a score needs ∇ℓ(x)ᵀ(I − UᵀU)∇ℓ(z) for every query x and training example z
+(docs/design.md §2). Storing, beside G(z) = U∇ℓ(z), the sketch S(z) = R(I − UᵀU)∇ℓ(z) with a
+random R of m rows and E[RᵀR] = I makes that term S(x)ᵀS(z) for any later query set, without
+touching the training set again (Johnson–Lindenstrauss, as TRAK does for whole gradients).
+
+R = A ⊗ B acts on the flat gradient reshaped to (p₁, p₂), p₁p₂ ≥ p (zero padded): R g = A G Bᵀ,
+with A (m₁ × p₁) and B (m₂ × p₂) having orthonormal rows scaled by √(p₁/m₁) and √(p₂/m₂), so
+m = m₁m₂ and applying it costs m₁(p + m₂p₂) per example instead of m·p. When m ≥ p₁p₂ the sketch
+is an orthogonal map and S(x)ᵀS(z) is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import data as data_lib
+
+
+class KroneckerSketch(NamedTuple):
+  """R = left ⊗ right on gradients reshaped to (left.shape[1], right.shape[1]); dim = m₁m₂ rows."""
+
+  left: jax.Array
+  right: jax.Array
+  num_params: int
+
+  @property
+  def dim(self) -> int:
+    return self.left.shape[0] * self.right.shape[0]
+
+
+def _factor_shape(num_params: int) -> tuple[int, int]:
+  p1 = math.isqrt(num_params)
+  p1 += p1 * p1 < num_params
+  return p1, -(-num_params // p1)
+
+
+def _scaled_orthonormal_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+  q, _ = np.linalg.qr(rng.standard_normal((cols, rows)))
+  return (q.T * np.sqrt(cols / rows)).astype(np.float32)
+
+
+def make_sketch(num_params: int, dim: int, seed: int, dtype=jnp.float32) -> KroneckerSketch:
+  """Returns a sketch of about `dim` rows (m₁m₂ ≤ dim, m₁ ≈ m₂; exact when dim ≥ p₁p₂) fixed by `seed`."""
+  if dim < 1:
+    raise ValueError(f"The sketch dimension must be positive, got {dim}.")
+  p1, p2 = _factor_shape(num_params)
+  if dim >= p1 * p2:
+    m1, m2 = p1, p2
+  else:
+    m1 = min(p1, max(1, math.isqrt(dim)))
+    m2 = min(p2, max(1, dim // m1))
+  rng = np.random.default_rng(seed)
+  left = _scaled_orthonormal_rows(rng, m1, p1)
+  right = _scaled_orthonormal_rows(rng, m2, p2)
+  return KroneckerSketch(jnp.asarray(left, dtype), jnp.asarray(right, dtype), int(num_params))
+
+
+def apply_sketch(sketch: KroneckerSketch, vectors: jax.Array) -> jax.Array:
+  """Returns (B, m) R v for (B, p) flat vectors v."""
+  p1, p2 = sketch.left.shape[1], sketch.right.shape[1]
+  padded = jnp.pad(vectors, ((0, 0), (0, p1 * p2 - vectors.shape[1]))).reshape(-1, p1, p2)
+  half = jnp.einsum("ai,bij->baj", sketch.left, padded.astype(sketch.left.dtype))
+  return jnp.einsum("baj,cj->bac", half, sketch.right).reshape(vectors.shape[0], -1)
+
+
+class SketchedProjections(NamedTuple):
+  """Per example: projections (B, k) U∇ℓ, sq_norms (B,) ‖∇ℓ‖², sketch (B, m) R(I − UᵀU)∇ℓ (or (B, 0))."""
+
+  projections: jax.Array
+  sq_norms: jax.Array
+  sketch: jax.Array
+
+
+def divisor_at_most(n: int, limit: int) -> int:
+  """Returns the largest divisor of n that is ≤ limit (≥ 1)."""
+  best = 1
+  for d in range(1, int(math.isqrt(n)) + 1):
+    if n % d == 0:
+      for c in (d, n // d):
+        if best < c <= limit:
+          best = c
+  return best
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, params, directions, sketch, batch):
+  flat, unravel = ravel_pytree(params)
+  sketched_directions = apply_sketch(sketch, directions) if sketch is not None else None  # (k, m): R Uᵀ columns
+
+  def example_grad(example):
+    one = jax.tree.map(lambda x: x[None], example)
+    return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+
+  def one_micro(mb):
+    grads = jax.vmap(example_grad)(mb).astype(directions.dtype)
+    proj = grads @ directions.T
+    sq = jnp.sum(grads * grads, axis=1)
+    if sketch is None:
+      return proj, sq, jnp.zeros((grads.shape[0], 0), grads.dtype)
+    return proj, sq, apply_sketch(sketch, grads) - proj @ sketched_directions
+
+  size = data_lib.batch_size(batch)
+  stacked = jax.tree.map(lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:]), batch)
+  proj, sq, sk = jax.lax.map(one_micro, stacked)
+  return proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1)
+
+
+def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: Callable,
+                       params: Any, batch: Any, *, microbatch_size: int = 0) -> SketchedProjections:
+  """Returns U∇ℓ, ‖∇ℓ‖² and R(I − UᵀU)∇ℓ for every example of `batch` (directions U: (k, p) orthonormal).
+
+  Per-example gradients exist one micro-batch at a time (a divisor of the batch size; 0: the
+  largest whose gradients take ≤ 256 MiB).
+  """
+  size = data_lib.batch_size(batch)
+  p = directions.shape[1]
+  budget = microbatch_size or max(1, (256 * 2**20) // (4 * p))
+  micro = divisor_at_most(size, budget)
+  return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))

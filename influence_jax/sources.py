@@ -1,0 +1,138 @@
+"""Random-access example sources: what the jobs stream training and query examples from.
+
+A source is any object with `len(source)` and `source[i]` returning one example as a pytree of
+numpy arrays (grain's random-access sources, e.g. `grain.sources.ArrayRecordDataSource` followed
+by a parse step, or a plain class over numpy files). A batch is examples stacked on a leading axis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+
+class ArraySource:
+  """A source over in-memory arrays: `ArraySource({"x": (N, ...), "y": (N,)})[i]` is example i."""
+
+  def __init__(self, arrays: Any):
+    leaves = jax.tree.leaves(arrays)
+    if not leaves:
+      raise ValueError("ArraySource needs at least one array.")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"ArraySource arrays must share a leading example axis; got sizes {sorted(map(str, sizes))}.")
+    self.arrays = jax.tree.map(np.asarray, arrays)
+    self._len = sizes.pop()
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> Any:
+    return jax.tree.map(lambda x: x[index], self.arrays)
+
+  def _getitems(self, indices: Sequence[int]) -> list:  # grain reads batches through this
+    idx = np.asarray(indices)
+    block = jax.tree.map(lambda x: x[idx], self.arrays)
+    return [jax.tree.map(lambda x: x[j], block) for j in range(len(idx))]
+
+  def fingerprint_parts(self) -> list:
+    """Returns what identifies this source beyond sampled examples: every array's dtype and shape."""
+    return [f"{x.dtype}{x.shape}" for x in jax.tree.leaves(self.arrays)]
+
+
+class SubsetSource:
+  """The examples `indices` of `source`, in that order (e.g. the fixed curvature sample)."""
+
+  def __init__(self, source: Any, indices: Sequence[int]):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self.source[int(self.indices[index])]
+
+  def fingerprint_parts(self) -> list:
+    return [fingerprint(self.source), hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]]
+
+
+def check_source(source: Any, what: str) -> int:
+  """Returns len(source); raises ValueError naming `what` if it is not a non-empty random-access source."""
+  if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+    raise TypeError(f"{what} must be a random-access source (len() and [i]), got {type(source).__name__}.")
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"{what} is empty: it holds no examples.")
+  return n
+
+
+def example_signature(example: Any) -> tuple:
+  """Returns (pytree structure, per-leaf (shape, dtype)) of one example, to compare examples by."""
+  leaves, treedef = jax.tree.flatten(example)
+  return treedef, tuple((np.shape(x), np.asarray(x).dtype.str) for x in leaves)
+
+
+def stack(examples: Sequence[Any], what: str, first_index: int = 0) -> Any:
+  """Returns `examples` stacked into a batch; raises ValueError naming the first that differs in structure
+  or shape from the first one (`first_index` is the first example's index in `what`)."""
+  ref = example_signature(examples[0])
+  for j, ex in enumerate(examples[1:], 1):
+    sig = example_signature(ex)
+    if sig != ref:
+      raise ValueError(
+          f"{what}[{first_index + j}] differs from {what}[{first_index}] in structure or shape: "
+          f"{_describe(sig)} vs {_describe(ref)}. Every example of a source must have the same leaves and shapes.")
+  return jax.tree.map(lambda *xs: np.stack(xs), *examples)
+
+
+def _describe(signature: tuple) -> str:
+  treedef, leaves = signature
+  return f"{treedef} with leaves {list(leaves)}"
+
+
+def sample_indices(num_examples: int, num_samples: int, seed: int) -> np.ndarray:
+  """Returns min(num_samples, N) distinct indices of range(num_examples), sorted, fixed by `seed`
+  (all of them when num_samples < 0)."""
+  if num_samples < 0 or num_samples >= num_examples:
+    return np.arange(num_examples)
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(num_examples, size=num_samples, replace=False))
+
+
+def fingerprint(source: Any, num_samples: int = 8) -> str:
+  """Returns a short hash of what identifies `source`, without reading it all.
+
+  Parts: its type and length; what the source says identifies it (`fingerprint_parts()`, e.g. file
+  names and sizes; for sources with a `paths` attribute, each path's name, size and mtime); and
+  the bytes of `num_samples` examples spread evenly over it (the first and last included).
+  """
+  n = check_source(source, "source")
+  h = hashlib.sha256()
+  h.update(f"{type(source).__module__}.{type(source).__qualname__}:{n}".encode())
+  if hasattr(source, "fingerprint_parts"):
+    h.update(json.dumps(source.fingerprint_parts(), default=str).encode())
+  for path in getattr(source, "paths", None) or ():
+    st = os.stat(path)
+    h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+  for i in np.unique(np.linspace(0, n - 1, min(num_samples, n)).round().astype(np.int64)):
+    for leaf in jax.tree.leaves(source[int(i)]):
+      arr = np.ascontiguousarray(np.asarray(leaf))
+      h.update(f"{arr.dtype}{arr.shape}".encode())
+      h.update(arr.tobytes())
+  return h.hexdigest()[:16]
+
+
+def first_example(source: Any, what: str) -> Any:
+  """Returns source[0] after checking the source (for templates: shapes of one example)."""
+  check_source(source, what)
+  return source[0]
+
+
+def maybe_len(source: Optional[Any]) -> Optional[int]:
+  return None if source is None else len(source)

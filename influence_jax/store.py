@@ -1,0 +1,222 @@
+"""The projection store: every training example projected once, kept on disk, read in chunks.
+
+A store is a directory of row-aligned on-disk arrays (tensorstore's zarr v3 driver, one file per
+chunk of rows, each with a crc32c checksum that tensorstore verifies on every read):
+
+  meta.json        what the rows are: num_rows, k, sketch_dim, chunk_rows, fingerprint, attrs
+  projections/     (N, k)  G(z) = U ∇ℓ(z)
+  sq_norms/        (N,)    ‖∇ℓ(z)‖²
+  self_influence/  (N,)    G(z)ᵀ(Λ+δ)⁻¹G(z) + (‖∇ℓ(z)‖² − ‖G(z)‖²)/c, with δ and c of meta.json's attrs
+  sketch/          (N, m)  R(I − UᵀU)∇ℓ(z), the sketched remainder (only when sketch_dim > 0)
+  done/            one empty file per finished chunk of rows
+
+Rows are written chunk by chunk; a chunk counts only once its `done/` marker exists, so a writer
+killed at any moment loses at most the chunks it had not finished, and a reader never sees a
+half-written chunk. Missing chunk files are an error on read (never zeros), as is a checksum
+mismatch. Several processes write disjoint chunk ranges of one store (`chunk_owner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT = 1
+ARRAYS = ("projections", "sq_norms", "self_influence", "sketch")
+
+
+class StoreError(ValueError):
+  """A store that cannot be used as asked: from another eigenspace, incomplete, or corrupted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMeta:
+  """What a store's rows are. `fingerprint` names what they were computed from (eigenspace, data)."""
+
+  num_rows: int
+  k: int
+  sketch_dim: int
+  chunk_rows: int
+  fingerprint: str
+  attrs: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.num_rows // self.chunk_rows)
+
+  def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+    """Returns the rows [lo, hi) of `chunk`."""
+    lo = chunk * self.chunk_rows
+    return lo, min(lo + self.chunk_rows, self.num_rows)
+
+  def shapes(self) -> dict:
+    out = {"projections": (self.num_rows, self.k), "sq_norms": (self.num_rows,),
+           "self_influence": (self.num_rows,)}
+    if self.sketch_dim:
+      out["sketch"] = (self.num_rows, self.sketch_dim)
+    return out
+
+
+def chunk_owner(meta: StoreMeta, process_index: int, process_count: int) -> range:
+  """Returns the chunks process `process_index` of `process_count` writes: a contiguous near-equal share."""
+  bounds = np.linspace(0, meta.num_chunks, process_count + 1).round().astype(int)
+  return range(int(bounds[process_index]), int(bounds[process_index + 1]))
+
+
+def _spec(directory: str, name: str, shape: Optional[tuple] = None, chunk_rows: int = 0) -> dict:
+  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
+          "fill_missing_data_reads": False}
+  if shape is not None:
+    spec["metadata"] = {
+        "shape": list(shape), "data_type": "float32",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape[1:]]}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+    }
+  return spec
+
+
+def _read_meta(directory: str) -> Optional[StoreMeta]:
+  path = os.path.join(directory, "meta.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if record.pop("format", None) != FORMAT:
+      raise ValueError("unknown format")
+    return StoreMeta(**record)
+  except (ValueError, TypeError) as e:
+    raise StoreError(f"{path} is not a projection store's metadata ({e}); delete {directory} and run the "
+                     "projection job again to recompute it.") from e
+
+
+class ProjectionStore:
+  """An open store: `write_chunk`, `read`, `chunks`; see the module docstring for the layout."""
+
+  def __init__(self, directory: str, meta: StoreMeta, arrays: dict):
+    self.directory = directory
+    self.meta = meta
+    self._arrays = arrays
+
+  # ------------------------------------------------------------------ progress
+
+  def _marker(self, chunk: int) -> str:
+    return os.path.join(self.directory, "done", f"chunk_{chunk:08d}")
+
+  def is_done(self, chunk: int) -> bool:
+    return os.path.exists(self._marker(chunk))
+
+  def done_chunks(self) -> list[int]:
+    """Returns the finished chunks, ascending."""
+    names = os.listdir(os.path.join(self.directory, "done"))
+    return sorted(int(n[len("chunk_"):]) for n in names if n.startswith("chunk_"))
+
+  def missing_chunks(self) -> list[int]:
+    done = set(self.done_chunks())
+    return [c for c in range(self.meta.num_chunks) if c not in done]
+
+  @property
+  def is_complete(self) -> bool:
+    return not self.missing_chunks()
+
+  # ------------------------------------------------------------------ writing
+
+  def write_chunk(self, chunk: int, rows: dict) -> None:
+    """Writes all rows of `chunk` ({array name: (rows, ...)}), then marks it done (atomically)."""
+    lo, hi = self.meta.chunk_bounds(chunk)
+    futures = []
+    for name, array in self._arrays.items():
+      value = np.asarray(rows[name], np.float32)
+      if value.shape != (hi - lo,) + array.shape[1:]:
+        raise ValueError(f"Chunk {chunk} of {name}: got shape {value.shape}, expected {(hi - lo,) + array.shape[1:]}.")
+      futures.append(array[lo:hi].write(value))
+    for f in futures:
+      f.result()
+    with open(self._marker(chunk), "w"):
+      pass
+
+  # ------------------------------------------------------------------ reading
+
+  def read(self, lo: int, hi: int, names: Optional[tuple] = None) -> dict:
+    """Returns {array name: rows [lo, hi)} as float32 numpy arrays; raises StoreError on damage."""
+    names = tuple(self._arrays) if names is None else names
+    try:
+      futures = {n: self._arrays[n][lo:hi].read() for n in names}
+      return {n: np.asarray(f.result()) for n, f in futures.items()}
+    except ValueError as e:
+      raise StoreError(f"The projection store {self.directory} is damaged (rows {lo}–{hi}: {e}). Delete "
+                       f"{self.directory} and run the projection job again to recompute it.") from e
+
+  def chunks(self, rows_per_read: Optional[int] = None, names: Optional[tuple] = None,
+             start: int = 0) -> Iterator[tuple[int, dict]]:
+    """Yields (lo, rows) blocks of `rows_per_read` rows (a multiple of chunk_rows) from row `start` on."""
+    step = rows_per_read or self.meta.chunk_rows
+    for lo in range(start, self.meta.num_rows, step):
+      yield lo, self.read(lo, min(lo + step, self.meta.num_rows), names)
+
+
+def create(directory: str, meta: StoreMeta, *, writer: bool = True) -> ProjectionStore:
+  """Returns the store at `directory` for writing: created empty, or reopened when it holds the same meta.
+
+  A store made from other inputs (another fingerprint or shape) is refused with StoreError: nothing
+  is mixed. With several processes, only `writer` (process 0) creates; the others must open after it.
+  """
+  found = _read_meta(directory)
+  if found is not None and found != meta:
+    raise StoreError(
+        f"{directory} holds projections made from other inputs (fingerprint {found.fingerprint}, "
+        f"{found.num_rows}×{found.k}; this job's: {meta.fingerprint}, {meta.num_rows}×{meta.k}). Use another "
+        "--workdir, or delete that directory to recompute it.")
+  if found is None and writer:
+    os.makedirs(os.path.join(directory, "done"), exist_ok=True)
+    for name, shape in meta.shapes().items():
+      ts.open(_spec(directory, name, shape, meta.chunk_rows), create=True, delete_existing=True).result()
+    record = dict(dataclasses.asdict(meta), format=FORMAT)
+    tmp = os.path.join(directory, f".meta.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(directory, "meta.json"))  # The store exists once meta.json does.
+  return open_store(directory, meta.fingerprint, require_complete=False)
+
+
+def open_store(directory: str, fingerprint: Optional[str] = None, *,
+               require_complete: bool = True) -> ProjectionStore:
+  """Returns the store at `directory`; checks its fingerprint (when given) and that every chunk is done.
+
+  Raises StoreError naming the directory when it is not a store, was made from other inputs, or
+  (with `require_complete`) has unfinished chunks.
+  """
+  meta = _read_meta(directory)
+  if meta is None:
+    raise StoreError(f"No projection store in {directory}: run the projection job (scripts/project.py) first.")
+  if fingerprint is not None and meta.fingerprint != fingerprint:
+    raise StoreError(
+        f"The projection store {directory} was made from another eigenspace or training set (fingerprint "
+        f"{meta.fingerprint}, expected {fingerprint}). Run scripts/project.py with this config to rebuild "
+        "it, or delete that directory.")
+  try:
+    arrays = {name: ts.open(_spec(directory, name), read=True, write=True).result()
+              for name in meta.shapes()}
+  except ValueError as e:
+    raise StoreError(f"The projection store {directory} is damaged ({e}). Delete {directory} and run the "
+                     "projection job again to recompute it.") from e
+  store = ProjectionStore(directory, meta, arrays)
+  os.makedirs(os.path.join(directory, "done"), exist_ok=True)
+  if require_complete:
+    missing = store.missing_chunks()
+    if missing:
+      raise StoreError(f"The projection store {directory} is incomplete: {len(missing)} of {meta.num_chunks} "
+                       f"chunks are not finished (first: {missing[0]}). Run scripts/project.py to finish it.")
+  return store
+
+
+def describe(store: ProjectionStore) -> dict[str, Any]:
+  """Returns a JSON-able summary of `store` (rows, k, sketch size, chunks done)."""
+  m = store.meta
+  return {"directory": store.directory, "num_rows": m.num_rows, "k": m.k, "sketch_dim": m.sketch_dim,
+          "chunk_rows": m.chunk_rows, "chunks_done": len(store.done_chunks()), "num_chunks": m.num_chunks}

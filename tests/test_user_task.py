@@ -1,0 +1,143 @@
+"""A user's own model and on-disk data through the task interface: fit → project → score as jobs,
+tables against in-memory influence, a second query set from the same store, kills, bad inputs."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import influence_jax as ij
+from influence_jax import checkpoint
+from tests import user_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+CONFIG = os.path.join(TESTS, "user_task_config.py")
+
+
+def run(script, workdir, data_dir, *extra, check=True):
+  """Runs a job the way a user would: from the directory holding their task module."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--config={CONFIG}", f"--workdir={workdir}",
+         "--quiet", f"--config.user.data_dir={data_dir}", *extra]
+  proc = subprocess.run(cmd, env=env, cwd=TESTS, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("data"))
+  user_task.write_data(d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  for script in ("fit_eigenspace.py", "project.py", "score.py"):
+    run(script, workdir, data_dir)
+  return workdir
+
+
+def in_memory_scores(workdir, data_dir, queries_prefix):
+  """Returns (scores (T, N), self-influence (N,)) from influence_jax.influence on the same data."""
+  train = user_task.NpySource(data_dir, "train")
+  queries = user_task.NpySource(data_dir, queries_prefix)
+  batch = lambda s: {"x": np.asarray(s.x, np.float32), "y": np.asarray(s.y, np.int32)}
+  params = user_task.trained_params(train)
+  es = checkpoint.load_eigenspace(os.path.join(workdir, "eigenspace"))
+  scores = ij.influence(es, user_task.per_example_loss, params, [batch(queries)], [batch(train)], tail=True)
+  proj = ij.project(es, user_task.per_example_loss, params, [batch(train)])
+  grads = ij.projection.gradients(user_task.per_example_loss, params, [batch(train)])
+  self_infl = ij.self_influence(es, proj, sq_norms=np.sum(np.asarray(grads) ** 2, axis=1))
+  return np.asarray(scores), np.asarray(self_infl)
+
+
+def assert_tables_match(table_dir, self_dir, scores, self_infl, k=5):
+  table = rows(os.path.join(table_dir, "top_k.csv"))
+  assert len(table) == scores.shape[0] * 2 * k
+  for r in table:
+    t, j, rank = int(r["test_id"]), int(r["train_id"]), int(r["rank"]) - 1
+    order = np.argsort(-scores[t] if r["kind"] == "proponent" else scores[t], kind="stable")
+    assert order[rank] == j, r
+    np.testing.assert_allclose(float(r["score"]), scores[t, j], rtol=2e-3, atol=1e-4 * np.abs(scores).max())
+  table = rows(os.path.join(self_dir, "self_influence.csv"))
+  assert [int(r["train_id"]) for r in table] == list(np.argsort(-self_infl, kind="stable"))
+  np.testing.assert_allclose([float(r["self_influence"]) for r in table], np.sort(self_infl)[::-1], rtol=2e-3)
+
+
+def test_tables_equal_in_memory_influence(reference, data_dir):
+  scores, self_infl = in_memory_scores(reference, data_dir, "queries")
+  assert_tables_match(os.path.join(reference, "scores"), os.path.join(reference, "scores"), scores, self_infl)
+  labels = {r["train_id"]: r["train_label"] for r in rows(os.path.join(reference, "scores", "top_k.csv"))}
+  y = np.load(os.path.join(data_dir, "train_y.npy"))
+  assert all(int(label) == y[int(j)] for j, label in labels.items())
+
+
+def test_second_query_set_reuses_the_store(reference, data_dir, tmp_path):
+  chunk = os.path.join(reference, "store", "projections", "c", "0", "0")
+  before = os.stat(chunk).st_mtime_ns
+  log = str(tmp_path / "reads.log")
+  run("score.py", reference, data_dir, "--config.score.queries=user_task:other_queries",
+      "--config.score.name=other", f"--config.user.read_log={log}")
+  assert os.stat(chunk).st_mtime_ns == before  # The store was not rewritten ...
+  with open(log) as f:
+    read = {int(line) for line in f}
+  assert len(read) < 60  # ... nor the training set projected again (reads: labels and a fingerprint).
+  scores, self_infl = in_memory_scores(reference, data_dir, "other")
+  assert_tables_match(os.path.join(reference, "scores", "other"), os.path.join(reference, "scores"), scores, self_infl)
+
+
+@pytest.mark.parametrize("stage, fault", [("project.py", "project:2"), ("score.py", "score:2")])
+def test_sigkill_then_rerun_gives_identical_outputs(reference, data_dir, tmp_path, stage, fault):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(os.path.join(reference, "eigenspace"), os.path.join(workdir, "eigenspace"))
+  if stage == "score.py":
+    shutil.copytree(os.path.join(reference, "store"), os.path.join(workdir, "store"))
+  else:
+    run("project.py", workdir, data_dir, f"--fault_injection={fault}", check=False)
+    assert 0 < len(os.listdir(os.path.join(workdir, "store", "done"))) < 5
+    run("project.py", workdir, data_dir)
+  proc = run("score.py", workdir, data_dir, f"--fault_injection={'score:2' if stage == 'score.py' else 'none'}",
+             check=False)
+  if stage == "score.py":
+    assert proc.returncode == -9 and not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+    run("score.py", workdir, data_dir)
+  want, got = ij.open_store(os.path.join(reference, "store")), ij.open_store(os.path.join(workdir, "store"))
+  for name, value in want.read(0, 300).items():
+    np.testing.assert_array_equal(got.read(0, 300)[name], value)
+  for table in ("top_k.csv", "self_influence.csv"):
+    with open(os.path.join(workdir, "scores", table)) as f, open(os.path.join(reference, "scores", table)) as g:
+      assert f.read() == g.read()
+
+
+def test_store_from_other_settings_is_refused(reference, data_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  proc = run("project.py", workdir, data_dir, "--config.project.sketch_dim=16", check=False)
+  assert proc.returncode == 1 and "other inputs" in proc.stderr and "store" in proc.stderr
+  proc = run("score.py", workdir, data_dir, "--config.project.sketch_dim=16", check=False)
+  assert proc.returncode == 1 and "another eigenspace or training set" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.score.queries=user_task_config:empty_queries"], "is empty"),
+    (["--config.score.queries=user_task_config:ragged_queries"], "differs from"),
+    (["--config.score.top_k=0"], "config.score.top_k = 0"),
+    (["--config.task=user_task:no_such_factory"], "has no attribute 'no_such_factory'"),
+])
+def test_bad_inputs_are_refused_with_a_sentence(reference, data_dir, extra, message):
+  proc = run("score.py", reference, data_dir, *extra, check=False)
+  assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

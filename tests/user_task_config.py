@@ -1,0 +1,39 @@
+"""The config of tests/user_task.py: default_config() plus the user's keys, small settings."""
+
+import numpy as np
+
+from influence_jax.jobs import default_config
+from influence_jax.sources import ArraySource
+
+
+def get_config():
+  c = default_config()
+  c.task = "user_task:get_task"
+  c.user.data_dir = ""
+  c.user.read_log = ""
+  c.arnoldi.n_iters = 40
+  c.arnoldi.top_k = 20
+  c.arnoldi.checkpoint_every = 10
+  c.project.batch_size = 32
+  c.project.chunk_rows = 64  # 300 rows: 5 chunks.
+  c.project.sketch_dim = 100  # ≥ p₁p₂ = 8 × 7 for p = 53: the sketched tail is exact.
+  c.score.top_k = 5
+  c.score.rows_per_block = 64
+  c.score.checkpoint_every = 1
+  return c
+
+
+def empty_queries(config):
+  return ArraySource({"x": np.zeros((0, 6), np.float32), "y": np.zeros((0,), np.int32)})
+
+
+class _Ragged:
+  def __len__(self):
+    return 6
+
+  def __getitem__(self, i):
+    return {"x": np.zeros(6 if i != 3 else 5, np.float32), "y": np.int32(0)}
+
+
+def ragged_queries(config):
+  return _Ragged()
