@@ -57,7 +57,7 @@ class ModelFns(NamedTuple):
   loss_fn(params, batch) -> scalar: mean per-example loss + (l2/2)‖params‖²; a
     curvature.SplitLoss, so curvature="gauss_newton" works with it as well.
   per_example_loss_fn(params, batch) -> (B,): per-example losses, no L2 term.
-  logits_fn(params, batch) -> model outputs (e.g. (B, C) logits), eval mode.
+  outputs_fn(params, batch) -> model outputs (e.g. (B, C) logits), eval mode.
   merge(params) -> the model with these params: Linen, the full variables
     dict {"params": params, **other collections}; NNX, a new module
     (nnx.merge of graphdef, params and the other state; the given module is
@@ -67,7 +67,7 @@ class ModelFns(NamedTuple):
   params: Params
   loss_fn: Callable[[Params, Batch], jax.Array]
   per_example_loss_fn: Callable[[Params, Batch], jax.Array]
-  logits_fn: Callable[[Params, Batch], Any]
+  outputs_fn: Callable[[Params, Batch], Any]
   merge: Callable[[Params], Any]
 
 
@@ -94,19 +94,19 @@ def _input_getter(input_key: str | Sequence[str], label_key: str) -> tuple[Calla
   return inputs, labels
 
 
-def _make_fns(params, logits_fn, per_example_loss, labels, l2, merge) -> ModelFns:
+def _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge) -> ModelFns:
   if l2 < 0:
     raise ValueError(f"l2 must be non-negative; got {l2}.")
 
   def per_example_loss_fn(params, batch):
-    return per_example_loss(logits_fn(params, batch), labels(batch))
+    return per_example_loss(outputs_fn(params, batch), labels(batch))
 
   # The mean loss, written as outputs → loss (+ L2) so that curvature="gauss_newton" can use it too.
   loss_fn = curvature.SplitLoss(
-      outputs_fn=logits_fn,
+      outputs_fn=outputs_fn,
       output_loss_fn=lambda outputs, batch: jnp.mean(per_example_loss(outputs, labels(batch))),
       regularizer=(lambda params: l2 * l2_penalty(params)) if l2 else None)
-  return ModelFns(params, loss_fn, per_example_loss_fn, logits_fn, merge)
+  return ModelFns(params, loss_fn, per_example_loss_fn, outputs_fn, merge)
 
 
 def _eval_kwargs(fn: Callable) -> dict[str, Any]:
@@ -157,11 +157,11 @@ def linen_loss_fns(
   kwargs = {**_eval_kwargs(fn), **dict(apply_kwargs or {})}
   inputs, labels = _input_getter(input_key, label_key)
 
-  def logits_fn(params, batch):
+  def outputs_fn(params, batch):
     return module.apply({"params": params, **rest}, *inputs(batch), method=method, mutable=False, **kwargs)
 
   merge = lambda params: {"params": params, **rest}
-  return _make_fns(params, logits_fn, per_example_loss, labels, l2, merge)
+  return _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
 
 
 def nnx_eval_view(model: nnx.Module) -> nnx.Module:
@@ -216,11 +216,11 @@ def nnx_loss_fns(
     raise ValueError(f"the model has no variables matching params_filter={params_filter!r}.")
   inputs, labels = _input_getter(input_key, label_key)
 
-  def logits_fn(params, batch):
+  def outputs_fn(params, batch):
     return nnx.merge(graphdef, params, rest)(*inputs(batch))
 
   merge = lambda params: nnx.merge(graphdef, params, rest)
-  return _make_fns(params, logits_fn, per_example_loss, labels, l2, merge)
+  return _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
 
 
 def nnx_update(model: nnx.Module, params: Params) -> nnx.Module:

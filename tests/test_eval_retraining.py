@@ -121,3 +121,19 @@ def test_retrain_rejects_bad_input():
     retraining.retrain(f, ev, np.ones((3, 5)), np.arange(3), cache_dir="/tmp/unused")
   with pytest.raises(ValueError, match="training indices"):
     retraining.loo_ground_truth(f, ev, 5, [7])
+
+
+def test_digits_problem_trains_by_one_segment_vmapped_or_checkpointed():
+  prob = problems.digits_logreg(num_train=30, num_test=5)
+  assert sum(x.size for x in jax.tree.leaves(prob.init_fn(jax.random.key(0)))) == 650
+  train_fn = problems.make_train_fn(prob, steps=20, learning_rate=0.05)
+  final, ckpts = problems.train_with_checkpoints(prob, steps=20, learning_rate=0.05, num_checkpoints=4, seed=3)
+  ones = jnp.ones(30)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+  jax.tree.map(close, final, train_fn(ones, 3))
+  assert [c.step for c in ckpts] == [5, 10, 15, 20]
+  weights = jnp.stack([ones, ones.at[0].set(0.0)])
+  mapped = jax.vmap(train_fn)(weights, jnp.asarray([3, 3], jnp.uint32))
+  jax.tree.map(lambda a, b: close(a[1], b), mapped, train_fn(weights[1], 3))
+  assert not np.allclose(mapped["output"]["kernel"][0], mapped["output"]["kernel"][1])  # z_0 removed.
+  assert problems.gradient_norm(prob, final) < problems.gradient_norm(prob, prob.init_fn(jax.random.key(3)))

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from influence_jax import flax_adapters, solvers
+from influence_jax import flax_adapters, projection, solvers
 from influence_jax.examples import datasets
 from influence_jax.examples import models
 from influence_jax.examples import training
@@ -65,12 +65,12 @@ def test_linen_and_nnx_twins_agree_on_losses_and_gradients(data, twins):
   g_linen = jax.grad(linen.loss_fn)(linen.params, train)
   assert jax.tree.structure(g_nnx) == jax.tree.structure(g_linen)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), g_nnx, g_linen)
-  pe_nnx = solvers.per_example_gradients(nnx_fns.per_example_loss_fn, nnx_fns.params, [train])
-  pe_linen = solvers.per_example_gradients(linen.per_example_loss_fn, linen.params, [train])
+  pe_nnx = projection.gradients(nnx_fns.per_example_loss_fn, nnx_fns.params, [train])
+  pe_linen = projection.gradients(linen.per_example_loss_fn, linen.params, [train])
   assert pe_nnx.shape == (24, 235)
   np.testing.assert_allclose(pe_nnx, pe_linen, rtol=1e-6, atol=1e-6)
   # The Linen per-example gradients are those of the hand-written loss.
-  pe_ref = solvers.per_example_gradients(_reference_per_example_loss, variables["params"], [train])
+  pe_ref = projection.gradients(_reference_per_example_loss, variables["params"], [train])
   np.testing.assert_allclose(pe_linen, pe_ref, rtol=1e-10, atol=1e-12)
 
 
@@ -94,10 +94,10 @@ def test_nnx_params_written_back_after_training(data, twins):
   params, hist = training.train(fns.loss_fn, fns.params, train, optimizer=optax.adam(1e-2), num_steps=10)
   assert hist["final_loss"] < hist["loss"][0]
   before = nnx_model(train["x"])
-  np.testing.assert_allclose(before, fns.logits_fn(fns.params, train), rtol=1e-12)  # Untouched so far.
-  np.testing.assert_allclose(fns.merge(params)(train["x"]), fns.logits_fn(params, train), rtol=1e-12)
+  np.testing.assert_allclose(before, fns.outputs_fn(fns.params, train), rtol=1e-12)  # Untouched so far.
+  np.testing.assert_allclose(fns.merge(params)(train["x"]), fns.outputs_fn(params, train), rtol=1e-12)
   assert flax_adapters.nnx_update(nnx_model, params) is nnx_model
-  np.testing.assert_allclose(nnx_model(train["x"]), fns.logits_fn(params, train), rtol=1e-12)
+  np.testing.assert_allclose(nnx_model(train["x"]), fns.outputs_fn(params, train), rtol=1e-12)
   assert np.abs(nnx_model(train["x"]) - before).max() > 1e-3
 
 

@@ -73,11 +73,14 @@ def test_softmax_shift_directions_are_null_and_gradients_orthogonal():
   assert np.sum(np.linalg.eigvalsh(np.asarray(hess)) < 1e-12) == D + 1
 
 
+@pytest.mark.parametrize("factorization", ["cholesky", "eigh"])
 @pytest.mark.parametrize("l2,damping", [(0.05, 0.0), (0.0, 0.02), (0.01, 0.03)])
-def test_influence_matches_dense_exact_influence(l2, damping):
+def test_influence_matches_dense_exact_influence(l2, damping, factorization):
   feats, labels, tfeats, tlabels, params = _problem()
   k, b = params["kernel"], params["bias"]
-  curv = ll.fit_last_layer(feats, labels, k, b, l2=l2, damping=damping)
+  curv = ll.fit_last_layer(feats, labels, k, b, l2=l2, damping=damping, factorization=factorization)
+  assert (curv.cholesky is not None) == (factorization == "cholesky")
+  assert (curv.eigenvectors is not None) == (factorization == "eigh")
   g_train = ll.last_layer_gradients(feats, labels, k, b)
   g_test = ll.last_layer_gradients(tfeats, tlabels, k, b)
   got = ll.last_layer_influence(curv, g_test, g_train)
@@ -97,7 +100,9 @@ def test_influence_matches_dense_exact_influence(l2, damping):
 def test_zero_regularization_is_the_pseudo_inverse_limit():
   feats, labels, tfeats, tlabels, params = _problem(seed=1)
   k, b = params["kernel"], params["bias"]
-  curv = ll.fit_last_layer(feats, labels, k, b, l2=0.0)
+  curv = ll.fit_last_layer(feats, labels, k, b, l2=0.0)  # "auto": eigh, the pseudo-inverse
+  with pytest.raises(ValueError, match="Cholesky factorization needs l2 \\+ damping > 0"):
+    ll.fit_last_layer(feats, labels, k, b, l2=0.0, factorization="cholesky")
   assert int(np.sum(curv.inverse_eigenvalues == 0)) == D + 1  # the softmax shift directions
   g_train = ll.last_layer_gradients(feats, labels, k, b)
   g_test = ll.last_layer_gradients(tfeats, tlabels, k, b)
@@ -215,6 +220,8 @@ def test_bad_inputs_raise_clear_errors():
     ll.fit_last_layer(feats, labels, k * np.inf, b, l2=0.1)
   with pytest.raises(ValueError, match="l2 and damping"):
     ll.fit_last_layer(feats, labels, k, b, l2=-1.0)
+  with pytest.raises(ValueError, match="factorization must be one of"):
+    ll.fit_last_layer(feats, labels, k, b, l2=0.1, factorization="qr")
   curv = ll.fit_last_layer(feats, labels, k, b, l2=0.1)
   g = ll.last_layer_gradients(feats, labels, k, b)
   with pytest.raises(ValueError, match="test_grads has 5 columns"):

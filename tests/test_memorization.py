@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 from influence_jax.methods import classification as cl
 from influence_jax.methods import last_layer as ll
 from influence_jax.methods import memorization as mz
+from influence_jax.methods import selective_removal as sr
 from influence_jax.examples import models
 from influence_jax.eigenspace import fit_eigenspace
 
@@ -88,7 +89,7 @@ def test_mislabelled_points_are_memorized_and_clean_points_generalize(fitted):
   assert np.all(mem.influence[~bad] > 0) and np.all(mem.label[~bad] == mz.GENERALIZES)
   np.testing.assert_array_equal(mem.strength, np.abs(mem.influence))
   assert np.all(mem.self_influence > 0)
-  np.testing.assert_array_equal(np.sort(mz.removal_ranking(mem)), MISLABELLED)
+  np.testing.assert_array_equal(np.sort(sr.removal_ranking(mem)), MISLABELLED)
 
 
 def test_labels_follow_the_documented_rule():
@@ -99,8 +100,8 @@ def test_labels_follow_the_documented_rule():
   np.testing.assert_array_equal(mem.label, [0, 1, 2, 1, 1, 0])  # A = 0 and fitted counts as memorized
   mem = mz.memorization_labels(a, m, s, min_self_influence=1.5)
   np.testing.assert_array_equal(mem.label, [0, 1, 2, 2, 1, 0])
-  np.testing.assert_array_equal(mz.removal_ranking(mem), [4, 1])
-  np.testing.assert_array_equal(mz.removal_ranking(mem, np.array([10, 11, 12, 13, 14, 15])), [14, 11])
+  np.testing.assert_array_equal(sr.removal_ranking(mem), [4, 1])
+  np.testing.assert_array_equal(sr.removal_ranking(mem, np.array([10, 11, 12, 13, 14, 15])), [14, 11])
   with pytest.raises(ValueError, match="one length"):
     mz.memorization_labels(a, m[:3], s)
   with pytest.raises(ValueError, match="influence"):
@@ -121,7 +122,8 @@ def test_A_is_the_mean_exact_classification_influence(fitted, damping):
   s = np.einsum("np,np->n", g, np.linalg.solve(hess + damping * np.eye(hess.shape[0]), g.T).T)
   np.testing.assert_allclose(mem.self_influence, s, rtol=1e-9)
   np.testing.assert_allclose(mem.own_margin, cl.margin(_logits(params, train), y), rtol=1e-12)
-  curv = ll.fit_last_layer(x, y, params["kernel"], params["bias"], l2=L2, damping=damping)  # the eigh path
+  curv = ll.fit_last_layer(x, y, params["kernel"], params["bias"], l2=L2, damping=damping,
+                           factorization="eigh")
   by_eigh = mz.last_layer_memorization(x, y, rx, ry, params["kernel"], params["bias"], l2=L2, curvature=curv)
   np.testing.assert_allclose(by_eigh.influence, mem.influence, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(by_eigh.self_influence, mem.self_influence, rtol=1e-9)
@@ -178,13 +180,13 @@ def test_split_linen_last_layer_reproduces_the_logits():
 def test_select_removals_takes_the_budget_in_order_and_never_twice():
   removed = np.zeros(10, bool)
   removed[[3]] = True
-  np.testing.assert_array_equal(mz.select_removals([5, 3, 1, 8, 2], 3, removed), [5, 1, 8])
-  np.testing.assert_array_equal(mz.select_removals([5, 3], 4, removed), [5])
-  assert mz.select_removals([5, 3], 0, removed).size == 0
+  np.testing.assert_array_equal(sr.select_removals([5, 3, 1, 8, 2], 3, removed), [5, 1, 8])
+  np.testing.assert_array_equal(sr.select_removals([5, 3], 4, removed), [5])
+  assert sr.select_removals([5, 3], 0, removed).size == 0
   with pytest.raises(ValueError, match="repeats"):
-    mz.select_removals([5, 5], 1, removed)
+    sr.select_removals([5, 5], 1, removed)
   with pytest.raises(ValueError, match="outside"):
-    mz.select_removals([10], 1, removed)
+    sr.select_removals([10], 1, removed)
 
 
 def test_removal_loop_drops_the_budgeted_most_negative_points():
@@ -195,10 +197,10 @@ def test_removal_loop_drops_the_budgeted_most_negative_points():
   def rank(params, kept, event):
     mem = mz.last_layer_memorization(x[kept], y[kept], rx, ry, params["kernel"], params["bias"], l2=L2)
     seen.append((kept, mem))
-    return mz.removal_ranking(mem, kept)
+    return sr.removal_ranking(mem, kept)
 
   budgets = (2, 3)
-  _, hist = mz.train_with_removal(_loss, params, {"x": x, "y": y}, optimizer=optax.adam(0.1), num_epochs=60,
+  _, hist = sr.train_with_removal(_loss, params, {"x": x, "y": y}, optimizer=optax.adam(0.1), num_epochs=60,
                                   batch_size=6, removal_epochs=(30, 45), rank_fn=rank, budgets=budgets)
   assert len(hist.removed) == 2
   assert any((mem.label == mz.MEMORIZED).sum() > b for (_, mem), b in zip(seen, budgets))  # a budget binds
@@ -216,7 +218,7 @@ def test_removal_loop_drops_the_budgeted_most_negative_points():
   np.testing.assert_array_equal(hist.kept_per_epoch, [x.shape[0]] * 30 + [n1] * 15 + [hist.kept.sum()] * 15)
   assert hist.example_epochs == hist.kept_per_epoch.sum()
   with pytest.raises(ValueError, match="removal_epochs"):
-    mz.train_with_removal(_loss, params, {"x": x, "y": y}, optimizer=optax.adam(0.1), num_epochs=10,
+    sr.train_with_removal(_loss, params, {"x": x, "y": y}, optimizer=optax.adam(0.1), num_epochs=10,
                           batch_size=6, removal_epochs=(10,), rank_fn=rank, budgets=1)
 
 

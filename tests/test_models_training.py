@@ -133,11 +133,39 @@ def test_full_batch_sgd_equals_gradient_descent(digits):
 
 
 def test_minibatch_indices_are_epoch_permutations():
-  idx = np.asarray(training._epoch_indices(jax.random.key(0), 10, 3, 7))
+  idx = np.asarray(training.epoch_indices(jax.random.key(0), 10, 3, 7))
   assert idx.shape == (7, 3)
   for epoch in (idx[0:3], idx[3:6]):
     assert len(set(epoch.ravel())) == 9  # 3 batches of 3, one example dropped, none repeated.
   assert not np.array_equal(idx[0:3], idx[3:6])
+
+
+def test_train_segment_vmaps_over_weights_and_keys_and_resumes(digits):
+  batch = jax.tree.map(lambda a: jnp.asarray(a[:40]), {"x": digits["train"]["x"], "y": digits["train"]["y"]})
+  fns = _mlp_fns(batch["x"], features=(4,), dtype=jnp.float64)
+  opt = optax.adam(0.05)
+
+  def weighted_loss(params, b):  # The weights ride in the batch, so vmap can map over them.
+    return jnp.mean(b["weight"] * fns.per_example_loss_fn(params, b))
+
+  def run(weights, key, batch_size=8, num_steps=6, params=fns.params, opt_state=None):
+    opt_state = opt.init(params) if opt_state is None else opt_state
+    return training.train_segment(weighted_loss, opt, params, opt_state, dict(batch, weight=weights), key,
+                                  batch_size=batch_size, num_steps=num_steps)
+
+  weights = jnp.asarray(np.random.default_rng(0).random((3, 40)))
+  keys = jax.random.split(jax.random.key(1), 3)
+  mapped = jax.vmap(run)(weights, keys)
+  for m in range(3):
+    looped = run(weights[m], keys[m])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[m], b, rtol=1e-10, atol=1e-12), mapped, looped)
+  assert not np.allclose(mapped[2][0], mapped[2][1])  # Other weights and keys, other losses.
+  # Resumable: two full-batch segments of 3 steps are one of 6.
+  whole = run(weights[0], keys[0], batch_size=40, num_steps=6)
+  half = run(weights[0], keys[0], batch_size=40, num_steps=3)
+  rest = run(weights[0], keys[0], batch_size=40, num_steps=3, params=half[0], opt_state=half[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), whole[0], rest[0])
+  np.testing.assert_allclose(whole[2], np.concatenate([half[2], rest[2]]), rtol=1e-10)
 
 
 def test_train_reduces_loss_is_deterministic_and_accurate(digits):
@@ -150,9 +178,9 @@ def test_train_reduces_loss_is_deterministic_and_accurate(digits):
   assert h1["final_loss"] < 0.2 * float(fns.loss_fn(fns.params, digits["train"]))
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p3)))
-  acc = training.accuracy(fns.logits_fn, p1, digits["test"])
+  acc = training.accuracy(fns.outputs_fn, p1, digits["test"])
   assert acc > 0.92
-  logits = fns.logits_fn(p1, digits["test"])
+  logits = fns.outputs_fn(p1, digits["test"])
   assert acc == pytest.approx(float(np.mean(np.argmax(logits, -1) == digits["test"]["y"])))
 
 
@@ -164,7 +192,7 @@ def test_train_bad_arguments(digits):
   with pytest.raises(ValueError, match="non-finite"):
     training.train(fns.loss_fn, bad, digits["train"], optimizer=optax.sgd(0.1), num_steps=1)
   with pytest.raises(KeyError, match="label key"):
-    training.accuracy(fns.logits_fn, fns.params, {"x": digits["test"]["x"]})
+    training.accuracy(fns.outputs_fn, fns.params, {"x": digits["test"]["x"]})
 
 
 def test_train_to_convergence_reaches_stationary_point(digits):
@@ -189,4 +217,4 @@ def test_transformer_learns_reversal_a_little():
       input_key=("src", "tgt"), label_key="tgt")
   params, hist = training.train(fns.loss_fn, fns.params, d, optimizer=optax.adam(1e-2), num_epochs=25, batch_size=32)
   assert hist["final_loss"] < 0.7 * float(fns.loss_fn(fns.params, d))
-  assert training.accuracy(fns.logits_fn, params, d, label_key="tgt") > 0.4
+  assert training.accuracy(fns.outputs_fn, params, d, label_key="tgt") > 0.4

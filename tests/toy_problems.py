@@ -6,7 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import datasets, preprocessing
+from sklearn import datasets as sk_datasets
+from sklearn import preprocessing
+
+from influence_jax.examples import datasets, training
 
 
 def logistic_regression(num_examples=80, num_features=5, l2=0.05, seed=0):
@@ -69,11 +72,9 @@ def small_mlp_problem(seed=0):
 
 def digits(num_train=None, seed=0):
   """Returns ((x_train, y_train), (x_test, y_test)) of scikit-learn digits in [0, 1], float64."""
-  d = datasets.load_digits()
-  x = d.data / 16.0
-  y = d.target.astype(np.int32)
+  x, y = datasets.digits_arrays()
   perm = np.random.default_rng(seed).permutation(len(y))
-  x, y = x[perm], y[perm]
+  x, y = x[perm].astype(np.float64), y[perm]
   split = int(0.8 * len(y))
   xtr, ytr, xte, yte = x[:split], y[:split], x[split:], y[split:]
   if num_train is not None:
@@ -82,19 +83,8 @@ def digits(num_train=None, seed=0):
 
 
 def train_full_batch(loss_fn, params, batch, steps=500, lr=0.05):
-  """Returns params after `steps` full-batch Adam steps (deterministic)."""
-  opt = optax.adam(lr)
-  state = opt.init(params)
-
-  @jax.jit
-  def step(carry, _):
-    p, s = carry
-    g = jax.grad(loss_fn)(p, batch)
-    u, s = opt.update(g, s, p)
-    return (optax.apply_updates(p, u), s), None
-
-  (params, _), _ = jax.lax.scan(step, (params, state), None, length=steps)
-  return params
+  """Returns params after `steps` full-batch Adam steps (deterministic; examples.training.train)."""
+  return training.train(loss_fn, params, batch, optimizer=optax.adam(lr), num_steps=steps)[0]
 
 
 def newton_minimize(loss_fn, params, batch, steps=30):
@@ -115,7 +105,7 @@ def newton_minimize(loss_fn, params, batch, steps=30):
 
 def breast_cancer(seed=0):
   """Returns standardised (x, y) of scikit-learn's breast-cancer data (569 × 30, labels 0/1)."""
-  d = datasets.load_breast_cancer()
+  d = sk_datasets.load_breast_cancer()
   x = preprocessing.StandardScaler().fit_transform(d.data)
   perm = np.random.default_rng(seed).permutation(len(d.target))
   return x[perm], d.target[perm].astype(np.float64)

@@ -1,4 +1,4 @@
-"""Benchmark problems: tiny models with per-example weighted objectives, and their training loops.
+"""Benchmark problems: tiny models with per-example weighted objectives, and their training.
 
 A problem's objective with per-example weights w (DESIGN §1):
 
@@ -6,8 +6,11 @@ A problem's objective with per-example weights w (DESIGN §1):
 
 so w = 1 is the training objective, w = 1 − e_j removes z_j (upweighting it by
 ε = −1/N) and w = mask / fraction is the mean over a subset. Training is a
-pure function `train_fn(weights, seed) -> params`, so retraining many models is
-one `jax.vmap` over (weights, seed).
+pure function `train_fn(weights, seed) -> params` (one
+`examples.training.train_segment`, the weights riding in the batch under
+"weight"), so retraining many models is one `jax.vmap` over (weights, seed).
+The models are `examples.models.MLP` through `flax_adapters.linen_loss_fns`,
+the data `examples.datasets.digits_arrays`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn import datasets
+
+from influence_jax import flax_adapters
+from influence_jax.examples import datasets, models, training
 
 Params = Any
 Batch = Any
+
+WEIGHT_KEY = "weight"
 
 
 class Problem(NamedTuple):
@@ -44,70 +51,63 @@ class Problem(NamedTuple):
 
   def loss_fn(self, params: Params, batch: Batch) -> jax.Array:
     """Returns mean ℓ over `batch` + (λ/2)‖θ‖²: the training objective, as a loss_fn."""
-    return jnp.mean(self.per_example_loss_fn(params, batch)) + l2_penalty(params, self.l2)
+    return jnp.mean(self.per_example_loss_fn(params, batch)) + self.l2 * flax_adapters.l2_penalty(params)
 
-  def weighted_loss(self, params: Params, weights: jax.Array) -> jax.Array:
-    """Returns (1/N) Σ w_i ℓ(z_i) + (λ/2)‖θ‖² over the training set."""
-    losses = self.per_example_loss_fn(params, self.train)
-    return jnp.sum(weights * losses) / losses.shape[0] + l2_penalty(params, self.l2)
+  def weighted_loss(self, params: Params, batch: Batch) -> jax.Array:
+    """Returns (1/B) Σ w_i ℓ(z_i) + (λ/2)‖θ‖² over `batch`, w = batch[WEIGHT_KEY] (B,)."""
+    losses = self.per_example_loss_fn(params, batch)
+    return jnp.sum(batch[WEIGHT_KEY] * losses) / losses.shape[0] + self.l2 * flax_adapters.l2_penalty(params)
 
-
-def l2_penalty(params: Params, l2: float) -> jax.Array:
-  """Returns (l2/2) ‖θ‖² summed over every leaf."""
-  return 0.5 * l2 * sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
+  def weighted_train(self, weights: jax.Array) -> Batch:
+    """Returns the training batch with `weights` (N,) under WEIGHT_KEY, for `weighted_loss`."""
+    return {**self.train, WEIGHT_KEY: weights}
 
 
 def digits(num_train: int, num_test: int, *, seed: int = 0, dtype=np.float64):
   """Returns (train, test) batches {"x": (n, 64) in [0, 1], "y": int32} of scikit-learn digits.
 
-  The 1,797 images are shuffled with `seed`; train and test never overlap.
+  The 1,797 images of datasets.digits_arrays are shuffled with `seed`; train and test never overlap.
   """
-  d = datasets.load_digits()
-  if num_train + num_test > len(d.target):
-    raise ValueError(f"digits has {len(d.target)} examples; asked for {num_train} + {num_test}.")
-  perm = np.random.default_rng(seed).permutation(len(d.target))
-  x = (d.data[perm] / 16.0).astype(dtype)
-  y = d.target[perm].astype(np.int32)
+  x, y = datasets.digits_arrays()
+  if num_train + num_test > len(y):
+    raise ValueError(f"digits has {len(y)} examples; asked for {num_train} + {num_test}.")
+  perm = np.random.default_rng(seed).permutation(len(y))
+  x, y = x[perm].astype(dtype), y[perm]
   train = {"x": x[:num_train], "y": y[:num_train]}
   test = {"x": x[num_train:num_train + num_test], "y": y[num_train:num_train + num_test]}
   return train, test
 
 
-def mlp_init(sizes, dtype) -> Callable[[jax.Array], Params]:
-  """Returns init_fn(key) -> [{"w", "b"}, ...] for a tanh MLP with layer `sizes`."""
+def mlp_classifier(hidden, num_inputs: int, num_classes: int, dtype) -> tuple[Callable, Callable]:
+  """Returns (init_fn(key) -> params, per_example_loss_fn) of a tanh `models.MLP` with softmax cross-entropy.
 
-  def init(key):
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [
-        {"w": jax.random.normal(k, (m, n), dtype) / np.sqrt(m), "b": jnp.zeros((n,), dtype)}
-        for k, m, n in zip(keys, sizes[:-1], sizes[1:])
-    ]
+  hidden=() is multinomial logistic regression. init_fn is pure (vmappable
+  over keys) and casts the parameters to `dtype`.
+  """
+  module = models.MLP(features=tuple(hidden), num_classes=num_classes, activation="tanh")
+  example = jnp.zeros((1, num_inputs), dtype)
 
-  return init
+  def init_fn(key):
+    return jax.tree.map(lambda a: a.astype(dtype), module.init(key, example)["params"])
 
-
-def mlp_logits(params: Params, x: jax.Array) -> jax.Array:
-  h = x
-  for layer in params[:-1]:
-    h = jnp.tanh(h @ layer["w"] + layer["b"])
-  return h @ params[-1]["w"] + params[-1]["b"]
+  fns = flax_adapters.linen_loss_fns(module, {"params": init_fn(jax.random.key(0))}, models.softmax_cross_entropy)
+  return init_fn, fns.per_example_loss_fn
 
 
-def cross_entropy(params: Params, batch: Batch) -> jax.Array:
-  """Returns (B,) softmax cross-entropy of `mlp_logits` (a linear model when params has one layer)."""
-  return optax.softmax_cross_entropy_with_integer_labels(mlp_logits(params, batch["x"]), batch["y"])
+def _digits_problem(name, hidden, l2, num_train, num_test, seed, dtype) -> Problem:
+  train, test = digits(num_train, num_test, seed=seed, dtype=dtype)
+  init_fn, per_example = mlp_classifier(hidden, train["x"].shape[1], datasets.DIGITS_NUM_CLASSES, dtype)
+  return Problem(name, init_fn, per_example, float(l2), train, test)
 
 
 def digits_mlp(*, hidden=(20,), l2=1e-3, num_train=500, num_test=100, seed=0, dtype=np.float64) -> Problem:
   """Returns a tanh MLP 64-hidden-10 on digits with softmax cross-entropy (1,510 params for hidden=(20,))."""
-  train, test = digits(num_train, num_test, seed=seed, dtype=dtype)
-  return Problem("digits_mlp", mlp_init((64, *hidden, 10), dtype), cross_entropy, float(l2), train, test)
+  return _digits_problem("digits_mlp", hidden, l2, num_train, num_test, seed, dtype)
 
 
 def digits_logreg(*, l2=1e-2, num_train=500, num_test=100, seed=0, dtype=np.float64) -> Problem:
   """Returns multinomial L2 logistic regression on digits (650 params; convex, H ⪰ λI)."""
-  train, test = digits(num_train, num_test, seed=seed, dtype=dtype)
-  return Problem("digits_logreg", mlp_init((64, 10), dtype), cross_entropy, float(l2), train, test)
+  return _digits_problem("digits_logreg", (), l2, num_train, num_test, seed, dtype)
 
 
 class Checkpoint(NamedTuple):
@@ -123,6 +123,14 @@ def schedule(learning_rate: float, steps: int) -> optax.Schedule:
   return optax.cosine_decay_schedule(learning_rate, steps, alpha=0.01)
 
 
+def _train_weighted(problem: Problem, optimizer, params, opt_state, weights, num_steps):
+  """Returns (params, opt_state) after `num_steps` full-batch steps on L_w (one training.train_segment)."""
+  params, opt_state, _, _ = training.train_segment(
+      problem.weighted_loss, optimizer, params, opt_state, problem.weighted_train(weights), jax.random.key(0),
+      batch_size=problem.num_train, num_steps=num_steps)
+  return params, opt_state
+
+
 def make_train_fn(problem: Problem, *, steps: int, learning_rate: float) -> Callable[[jax.Array, jax.Array], Params]:
   """Returns a pure train_fn(weights (N,), seed) -> params: full-batch Adam on L_w from init_fn(key(seed)).
 
@@ -130,20 +138,11 @@ def make_train_fn(problem: Problem, *, steps: int, learning_rate: float) -> Call
   1% of it, so the last iterates settle near a stationary point.
   Deterministic given (weights, seed); vmap it over both to retrain many models.
   """
-  opt = optax.adam(schedule(learning_rate, steps))
+  optimizer = optax.adam(schedule(learning_rate, steps))
 
   def train_fn(weights, seed):
     params = problem.init_fn(jax.random.key(seed))
-    state = opt.init(params)
-
-    def step(carry, _):
-      p, s = carry
-      g = jax.grad(problem.weighted_loss)(p, weights)
-      u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), None
-
-    (params, _), _ = jax.lax.scan(step, (params, state), None, length=steps)
-    return params
+    return _train_weighted(problem, optimizer, params, optimizer.init(params), weights, steps)[0]
 
   return train_fn
 
@@ -159,27 +158,16 @@ def train_with_checkpoints(
   if num_checkpoints < 1 or steps % num_checkpoints:
     raise ValueError(f"steps ({steps}) must be a positive multiple of num_checkpoints ({num_checkpoints}).")
   lr_schedule = schedule(learning_rate, steps)
-  opt = optax.adam(lr_schedule)
+  optimizer = optax.adam(lr_schedule)
   weights = jnp.ones((problem.num_train,), jax.tree.leaves(problem.train)[0].dtype)
   seg = steps // num_checkpoints
-
-  @jax.jit
-  def segment(carry):
-    def step(carry, _):
-      p, s = carry
-      g = jax.grad(problem.weighted_loss)(p, weights)
-      u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), None
-
-    return jax.lax.scan(step, carry, None, length=seg)[0]
-
   params = problem.init_fn(jax.random.key(seed))
-  carry = (params, opt.init(params))
+  opt_state = optimizer.init(params)
   checkpoints = []
   for c in range(num_checkpoints):
-    carry = segment(carry)
-    checkpoints.append(Checkpoint(carry[0], float(lr_schedule((c + 1) * seg - 1)), (c + 1) * seg))
-  return carry[0], checkpoints
+    params, opt_state = _train_weighted(problem, optimizer, params, opt_state, weights, seg)
+    checkpoints.append(Checkpoint(params, float(lr_schedule((c + 1) * seg - 1)), (c + 1) * seg))
+  return params, checkpoints
 
 
 def gradient_norm(problem: Problem, params: Params) -> float:

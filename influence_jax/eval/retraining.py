@@ -12,10 +12,8 @@ killed run reuses every finished chunk and recomputes only the rest.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import os
 import pathlib
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -23,6 +21,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from influence_jax.checkpoint import fingerprint
+from influence_jax.jobs import common
 
 
 class Retrained(NamedTuple):
@@ -34,17 +35,13 @@ class Retrained(NamedTuple):
 
 
 def cache_key(config: Any, weights: np.ndarray, seeds: np.ndarray) -> str:
-  """Returns a hex digest of (config as sorted JSON, weights, seeds).
+  """Returns checkpoint.fingerprint of (config as sorted JSON, weights, seeds): a short hex digest.
 
   `config` must name everything that defines train_fn and evaluate_fn (model,
   data, steps, learning rate, dtype...): functions themselves are not hashed.
   """
-  h = hashlib.sha256()
-  h.update(json.dumps(config, sort_keys=True, default=str).encode())
-  for a in (np.ascontiguousarray(weights), np.ascontiguousarray(seeds)):
-    h.update(str((a.shape, a.dtype.str)).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:20]
+  # The config as sorted JSON, so that its keys count too (fingerprint hashes pytree leaves).
+  return fingerprint(json.dumps(config, sort_keys=True, default=str), np.asarray(weights), np.asarray(seeds))
 
 
 def retrain(
@@ -82,7 +79,7 @@ def retrain(
   if cache_dir is not None:
     folder = pathlib.Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(
+    common.atomic_write_text(str(folder / "config.json"), json.dumps(
         {"config": config, "num_models": int(weights.shape[0]), "chunk_size": chunk_size},
         sort_keys=True, indent=1, default=str))
   run = _runner(train_fn, evaluate_fn)
@@ -110,9 +107,7 @@ def retrain(
     if not np.all(np.isfinite(out)):
       raise FloatingPointError(f"Retrained models {lo}..{hi - 1} gave non-finite targets.")
     if path is not None:
-      tmp = path.with_name(path.name + ".tmp.npz")
-      np.savez(tmp, targets=out)
-      os.replace(tmp, path)
+      common.atomic_write(str(path), lambda f, out=out: np.savez(f, targets=out), binary=True)
     outputs.append(out)
     if log is not None:
       log(f"retrained models {lo}..{hi - 1} of {num_models} ({time.perf_counter() - start:.1f}s so far)")

@@ -36,20 +36,29 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
   return train_idx, test_idx
 
 
-def load_digits(*, test_fraction: float = 0.2, seed: int = 0, image: bool = False) -> dict[str, dict[str, np.ndarray]]:
-  """Returns {"train": batch, "test": batch} from scikit-learn's bundled 8x8 digits (1,797 images).
+def digits_arrays(*, image: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (x, y): scikit-learn's bundled 8x8 digits (1,797 images) in their original order.
 
-  Each batch is {"x": float32 in [0, 1], shape (N, 64), or (N, 8, 8, 1) when
-  `image`; "y": int32 labels 0..9; "id": int32 index into the original data}.
-  The split is stratified by class and deterministic given `seed`.
+  x: float32 in [0, 1] (pixel / 16, exact), shape (N, 64), or (N, 8, 8, 1)
+  when `image`; y: int32 labels 0..9. The one digits loader of the package.
   """
   from sklearn import datasets as sk_datasets  # Local import: scikit-learn is only needed here.
 
   raw = sk_datasets.load_digits()
   x = (np.asarray(raw.data, np.float32) / 16.0).astype(np.float32)
-  y = np.asarray(raw.target, np.int32)
   if image:
     x = x.reshape(-1, DIGITS_SIDE, DIGITS_SIDE, 1)
+  return x, np.asarray(raw.target, np.int32)
+
+
+def load_digits(*, test_fraction: float = 0.2, seed: int = 0, image: bool = False) -> dict[str, dict[str, np.ndarray]]:
+  """Returns {"train": batch, "test": batch} of `digits_arrays`, split stratified by class.
+
+  Each batch is {"x": float32 in [0, 1], shape (N, 64), or (N, 8, 8, 1) when
+  `image`; "y": int32 labels 0..9; "id": int32 index into the original data}.
+  The split is deterministic given `seed`.
+  """
+  x, y = digits_arrays(image=image)
   ids = np.arange(y.size, dtype=np.int32)
   train_idx, test_idx = stratified_split(y, test_fraction, seed)
   split = lambda idx: {"x": x[idx], "y": y[idx], "id": ids[idx]}

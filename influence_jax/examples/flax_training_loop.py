@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from influence_jax import eigenspace, flax_adapters, scoring, solvers
+from influence_jax import eigenspace, flax_adapters, projection, scoring, solvers
 from influence_jax.examples import datasets
 from influence_jax.examples import models
 
@@ -38,7 +38,7 @@ def _measure(fns: flax_adapters.ModelFns, params: Any, train: dict, probe: dict,
              arnoldi_iters: int) -> dict:
   """Returns {"loss", "grad_norm" (mean over train), "self_influence" and "arnoldi_self_influence"
   (one per probe example)}."""
-  grads = solvers.per_example_gradients(fns.per_example_loss_fn, params, [train])
+  grads = projection.per_example_gradients(fns.per_example_loss_fn, params, train)
   scores = solvers.exact_influence(fns.loss_fn, fns.per_example_loss_fn, params, [probe], [probe],
                                    damping=damping, hessian_batches=[train])
   # The scalable path: eigenspace of H once per epoch, then each example's gradient projected on it.

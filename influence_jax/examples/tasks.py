@@ -117,9 +117,8 @@ def evaluate(example: Example, fns: flax_adapters.ModelFns, params) -> dict:
   """Returns {"train_loss", "test_loss", "train_accuracy", "test_accuracy"} (accuracy per label token)."""
   out = {}
   for split, batch in example.splits.items():
-    logits = jax.jit(fns.logits_fn)(params, batch)
     out[f"{split}_loss"] = float(jnp.mean(jax.jit(fns.per_example_loss_fn)(params, batch)))
-    out[f"{split}_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == batch[example.label_key]))
+    out[f"{split}_accuracy"] = training.accuracy(fns.outputs_fn, params, batch, label_key=example.label_key)
   return out
 
 

@@ -1,6 +1,7 @@
 """Pure, jitted optax training loops and accuracy.
 
-`train` runs minibatch (or full-batch) first-order training as one `lax.scan`;
+`train_segment` is the one training scan (pure, jit- and vmap-able, resumable);
+`train` runs minibatch (or full-batch) first-order training as one segment;
 `train_to_convergence` runs full-batch L-BFGS until the gradient norm is below a
 tolerance, which is what influence theory wants (θ* near a minimum of L). Any
 L2 term belongs in `loss_fn` (see flax_adapters).
@@ -24,7 +25,7 @@ Params = Any
 Batch = Any
 
 
-def _epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int) -> jax.Array:
+def epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int) -> jax.Array:
   """Returns (num_steps, batch_size) example indices: a fresh permutation each epoch, remainder dropped."""
   steps_per_epoch = n // batch_size
   num_epochs = -(-num_steps // steps_per_epoch)
@@ -35,10 +36,31 @@ def _epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int) -> j
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "num_steps"))
-def _train_scan(loss_fn, optimizer, params, train_batch, key, *, batch_size, num_steps):
+def train_segment(
+    loss_fn: Callable[[Params, Batch], jax.Array],
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    opt_state: Any,
+    train_batch: Batch,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    num_steps: int,
+) -> tuple[Params, Any, jax.Array, jax.Array]:
+  """Returns (params, opt_state, losses (num_steps,), grad_norms (num_steps,)) after `num_steps` updates.
+
+  The one training scan of the package: a pure function of its array
+  arguments, so it can be jitted (it is), resumed (pass the returned
+  opt_state back) and vmapped, e.g. over per-example weights carried in
+  `train_batch` (a leaf loss_fn reads, such as batch["weight"]) and over
+  `key`s. batch_size == N trains full-batch (key unused); otherwise
+  `epoch_indices(key, ...)` picks the minibatches. losses[i] is the minibatch
+  loss before update i and grad_norms[i] its gradient norm. `loss_fn`,
+  `optimizer`, `batch_size` and `num_steps` are static.
+  """
   n = data_lib.batch_size(train_batch)
   full_batch = batch_size == n
-  idx = None if full_batch else _epoch_indices(key, n, batch_size, num_steps)
+  idx = None if full_batch else epoch_indices(key, n, batch_size, num_steps)
 
   def step(carry, i):
     params, opt_state = carry
@@ -48,8 +70,8 @@ def _train_scan(loss_fn, optimizer, params, train_batch, key, *, batch_size, num
     params = optax.apply_updates(params, updates)
     return (params, opt_state), (loss, otu.tree_norm(grads))
 
-  (params, _), (losses, grad_norms) = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(num_steps))
-  return params, losses, grad_norms
+  (params, opt_state), (losses, grad_norms) = jax.lax.scan(step, (params, opt_state), jnp.arange(num_steps))
+  return params, opt_state, losses, grad_norms
 
 
 def train(
@@ -84,8 +106,9 @@ def train(
     raise ValueError(f"training needs at least one step; got num_steps/num_epochs giving {steps}.")
   validation.check_finite(params, "params")
   train_batch = jax.tree.map(jnp.asarray, train_batch)
-  params, losses, grad_norms = _train_scan(
-      loss_fn, optimizer, params, train_batch, jax.random.key(seed), batch_size=bs, num_steps=steps)
+  params, _, losses, grad_norms = train_segment(
+      loss_fn, optimizer, params, optimizer.init(params), train_batch, jax.random.key(seed),
+      batch_size=bs, num_steps=steps)
   history = {
       "loss": np.asarray(losses),
       "grad_norm": np.asarray(grad_norms),
@@ -142,19 +165,22 @@ def train_to_convergence(
   return params, info
 
 
-def predict(logits_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
+def predict(outputs_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
             *, batch_size: int = 1024) -> np.ndarray:
-  """Returns logits_fn(params, batch) computed in chunks of `batch_size` examples (numpy)."""
-  fn = jax.jit(logits_fn)
+  """Returns outputs_fn(params, batch) computed in chunks of `batch_size` examples (numpy)."""
+  fn = jax.jit(outputs_fn)
   return np.concatenate([np.asarray(fn(params, b)) for b in data_lib.iterate(batch, batch_size)])
 
 
-def accuracy(logits_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
+def accuracy(outputs_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
              *, label_key: str = "y", batch_size: int = 1024) -> float:
-  """Returns the fraction of argmax(logits, −1) equal to batch[label_key] (per token for sequences)."""
+  """Returns the fraction of argmax(outputs_fn(params, batch), −1) equal to batch[label_key].
+
+  Per token for sequence outputs (B, L, V) with labels (B, L).
+  """
   if label_key not in batch:
     raise KeyError(f"batch has no label key {label_key!r}; its keys are {sorted(batch)}.")
-  logits = predict(logits_fn, params, batch, batch_size=batch_size)
+  logits = predict(outputs_fn, params, batch, batch_size=batch_size)
   labels = np.asarray(batch[label_key])
   if logits.shape[:-1] != labels.shape:
     raise ValueError(f"logits {logits.shape} do not match labels {labels.shape} (expected labels.shape + (C,)).")

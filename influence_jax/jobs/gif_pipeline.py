@@ -76,7 +76,7 @@ def _models(config) -> tuple[tasks.Example, flax_adapters.ModelFns, Callable, Ca
   fns = tasks.model_fns(task, tasks.init_variables(task, config), config)
   l2 = config.train.l2
   per_example = lambda p, b: fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
-  logits = jax.jit(lambda p, x: fns.logits_fn(p, {"x": x}))
+  logits = jax.jit(lambda p, x: fns.outputs_fn(p, {"x": x}))
   return task, fns, per_example, logits
 
 

@@ -35,6 +35,7 @@ from influence_jax.examples import datasets
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import flax_adapters
 from influence_jax.methods import memorization as mz
+from influence_jax.methods import selective_removal
 from influence_jax.examples import models
 from influence_jax.jobs import plots
 from influence_jax.examples import training
@@ -89,7 +90,7 @@ def compute_memorization(config, module, variables, data: NoisyDigits) -> mz.Mem
     batches = list(data_lib.iterate(train, a.batch_size))
     es = eigenspace_lib.fit_eigenspace(fns.loss_fn, fns.params, batches, n_iters=a.n_iters, top_k=a.top_k,
                                        damping=a.damping, curvature=a.curvature, seed=config.seed)
-    mem = mz.eigenspace_memorization(es, fns.per_example_loss_fn, fns.logits_fn, fns.params, batches,
+    mem = mz.eigenspace_memorization(es, fns.per_example_loss_fn, fns.outputs_fn, fns.params, batches,
                                      list(data_lib.iterate(ref, a.batch_size)), tail=a.tail)
   else:
     raise ValueError(f"Unknown config.memorization.method {c.method!r}; expected 'last_layer' or 'eigenspace'.")
@@ -127,7 +128,7 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t = config.train
   params, _ = training.train(fns.loss_fn, fns.params, _xy(data.train), optimizer=common.optimizer_from_config(config.train),
                              num_epochs=t.num_epochs, batch_size=t.batch_size, seed=config.seed)
-  acc = lambda b: training.accuracy(fns.logits_fn, params, _xy(b))
+  acc = lambda b: training.accuracy(fns.outputs_fn, params, _xy(b))
   flipped_batch = {"x": data.train["x"][data.flipped], "y": data.train["y"][data.flipped]}
   trained = {"train_accuracy_noisy_labels": acc(data.train), "flipped_fitted": acc(flipped_batch),
              "test_accuracy": acc(data.test)}
@@ -159,7 +160,7 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _ranker(kind: str, config, module, fns, data: NoisyDigits, seed: int):
   """Returns rank_fn(params, kept, event) for train_with_removal.
 
-  'influence': the MEMORIZED kept points, most negative A first (memorization.removal_ranking);
+  'influence': the MEMORIZED kept points, most negative A first (selective_removal.removal_ranking);
   'lowest_A': every kept point (fitted or not), most negative A first; 'self_influence': every
   kept point, highest self-influence first; 'random': a random permutation.
   """
@@ -176,7 +177,7 @@ def _ranker(kind: str, config, module, fns, data: NoisyDigits, seed: int):
       return kept[np.argsort(-mem.self_influence, kind="stable")]
     if kind == "lowest_A":
       return kept[np.argsort(mem.influence, kind="stable")]
-    return mz.removal_ranking(mem, kept)
+    return selective_removal.removal_ranking(mem, kept)
 
   return rank
 
@@ -199,25 +200,25 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     variables = module.init(jax.random.key(seed), jnp.asarray(data.train["x"][:2]))
     fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=cfg.train.l2)
     train = _xy(data.train)
-    train_kw = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs, batch_size=cfg.train.batch_size,
-                  seed=seed)
+    train_kw = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs,
+                    batch_size=cfg.train.batch_size, seed=seed)
     row = {"seed": seed, "num_flipped": int(data.flipped.sum())}
     counts = None
     arms = ["none", "influence"] + [a for a in r.baselines if a not in ("none", "influence")]
     for arm in arms:
       start = time.time()
       if arm == "none":
-        params, hist = mz.train_with_removal(fns.loss_fn, fns.params, train, **train_kw)
+        params, hist = selective_removal.train_with_removal(fns.loss_fn, fns.params, train, **train_kw)
       else:
         budgets = list(r.budgets) if arm == "influence" else counts
-        params, hist = mz.train_with_removal(
+        params, hist = selective_removal.train_with_removal(
             fns.loss_fn, fns.params, train, removal_epochs=tuple(r.epochs),
             rank_fn=_ranker(arm, cfg, module, fns, data, seed), budgets=budgets, **train_kw)
       if arm == "influence":
         counts = [int(d.size) for d in hist.removed]
       removed = np.concatenate(hist.removed) if hist.removed else np.zeros(0, int)
       row[arm] = {
-          "test_accuracy": training.accuracy(fns.logits_fn, params, _xy(data.test)),
+          "test_accuracy": training.accuracy(fns.outputs_fn, params, _xy(data.test)),
           "example_epochs": hist.example_epochs,
           "num_removed": int(removed.size),
           "removed_flipped": int(data.flipped[removed].sum()),

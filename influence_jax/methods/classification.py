@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax.methods import last_layer as ll
+from influence_jax import data as data_lib
+from influence_jax import projection
 from influence_jax import solvers
+from influence_jax.methods import last_layer as ll
 
 
 def _check_logits(logits, labels) -> None:
@@ -81,8 +83,13 @@ def classification_test_loss(outputs_fn: Callable, label_key: str = "y") -> Call
 
 
 def per_example_margin_gradients(outputs_fn: Callable, params: Any, batches, label_key: str = "y") -> jax.Array:
-  """Returns the (N, p) matrix of flat ∇m(x) (order of ravel_pytree(params); tiny problems only)."""
-  return solvers.per_example_gradients(per_example_margin_fn(outputs_fn, label_key), params, batches)
+  """Returns the (N, p) matrix of flat ∇m(x) (order of ravel_pytree(params); N × p must fit in memory)."""
+  batches = data_lib.materialize(batches, "batches")
+  return projection.gradients(per_example_margin_fn(outputs_fn, label_key), params, batches)
+
+
+# Marks the test batches inside exact_classification_influence: their per-example loss is −m.
+_TEST_SIDE_KEY = "__classification_test_side__"
 
 
 def exact_classification_influence(
@@ -100,15 +107,20 @@ def exact_classification_influence(
 
   Positive: upweighting z raises the margin of x. H is the Hessian of the mean
   of `loss_fn` over `train_batches`; `outputs_fn(params, batch)` gives logits.
+  This is solvers.exact_influence with the test-side loss −m
+  (`classification_test_loss`); batches are dicts. Raises if H + damping·I is singular.
   """
-  hess = solvers.dense_hessian(loss_fn, params, train_batches)
-  hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
-  if np.linalg.cond(np.asarray(hess, np.float64)) > 1e15:
-    raise np.linalg.LinAlgError(
-        "H + damping·I is singular or nearly so; use a positive damping for exact influence.")
-  g_margin = per_example_margin_gradients(outputs_fn, params, test_batches, label_key)
-  g_train = solvers.per_example_gradients(per_example_loss_fn, params, train_batches)
-  return -(g_margin @ jnp.linalg.solve(hess, g_train.T))
+  test_loss = classification_test_loss(outputs_fn, label_key)
+
+  def either_loss(params, batch):
+    if _TEST_SIDE_KEY in batch:
+      return test_loss(params, {k: v for k, v in batch.items() if k != _TEST_SIDE_KEY})
+    return per_example_loss_fn(params, batch)
+
+  tagged = [dict(b, **{_TEST_SIDE_KEY: np.ones(data_lib.batch_size(b), bool)})
+            for b in data_lib.materialize(test_batches, "test_batches")]
+  train_batches = data_lib.materialize(train_batches, "train_batches")
+  return solvers.exact_influence(loss_fn, either_loss, params, tagged, train_batches, damping=damping)
 
 
 @jax.jit
@@ -116,7 +128,7 @@ def _last_layer_margin_gradients(features, labels, kernel, bias):
   dt = jnp.result_type(features, kernel, bias, jnp.float32)
   features, kernel, bias = (x.astype(dt) for x in (features, kernel, bias))
   dm = margin_logit_gradients(features @ kernel + bias, labels)
-  return ll._kron_rows(ll.augment(features), dm)
+  return ll.kron_rows(ll.augment(features), dm)
 
 
 def last_layer_margin_gradients(features, labels, kernel, bias) -> jax.Array:

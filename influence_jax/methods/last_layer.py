@@ -8,7 +8,7 @@ onehot(y) and p = softmax(logits):
     ∇ℓ(z) = a ⊗ r,                      a = [1, h] ∈ ℝᵈ⁺¹
     H     = (1/N) Σ (a aᵀ) ⊗ (diag p − p pᵀ) + (l2 + damping)·I,
 
-both of size P = (d+1)·C, small enough to form and diagonalise exactly.
+both of size P = (d+1)·C, small enough to form and factor exactly.
 
 Flat order. Vectors are in the order of `ravel_pytree({"bias": b, "kernel": W})`
 for a Flax Dense param dict: dict keys sort, so the C bias entries come first,
@@ -20,17 +20,19 @@ The softmax null space. Adding the same vector to every column of W̃ (adding
 aᵀv to every logit) leaves softmax unchanged: the cross-entropy Hessian is zero
 on the d+1 directions v ⊗ 1_C. Every cross-entropy gradient and every margin
 gradient is orthogonal to them (their class parts sum to zero). The loss part
-of H is positive semi-definite and is factored by `eigh`; its eigenvalues μ are
-clamped at 0 (rounding can make null ones slightly negative). Then:
+of H is positive semi-definite. `fit_last_layer` factors it one of two ways:
 - l2 + damping > 0 (the usual case; this is what handles the null space):
-  every direction gets 1/(μ + l2 + damping), the exact inverse of
-  H + (l2 + damping)·I. Keep l2 + damping well above the rounding level of the
-  curvature (machine epsilon · max μ; about 1e-7·max μ in float32).
-- l2 = damping = 0: the pseudo-inverse, directions with μ ≤ rcond·max μ get 0.
-  The null directions are dropped, which for gradients orthogonal to them is
-  the l2 → 0 limit of the regularised influence.
-Size: P up to a few thousand (eigh is O(P³): P = 1,290 took 0.2–1.5 s on a shared
-2-core CPU). Memory: O(chunk·P) per chunk of examples plus the P² factor; the
+  H + (l2 + damping)·I is positive definite and, by default, factored by
+  Cholesky (exact and cheaper than `eigh`; scripts/bench_last_layer.py times both).
+  With factorization="eigh" its eigenvalues μ are clamped at 0 (rounding can
+  make null ones slightly negative) and every direction gets 1/(μ + l2 + damping).
+  Keep l2 + damping well above the rounding level of the curvature (machine
+  epsilon · max μ; about 1e-7·max μ in float32).
+- l2 = damping = 0: `eigh` and the pseudo-inverse, directions with μ ≤ rcond·max μ
+  get 0. The null directions are dropped, which for gradients orthogonal to
+  them is the l2 → 0 limit of the regularised influence.
+Size: P up to a few thousand (both factorizations are O(P³)). Memory: O(chunk·P)
+per chunk of examples plus the P² factor; the
 score functions take gradient matrices, so score the training set in batches
 of rows when N·P is too large (columns are independent).
 """
@@ -42,27 +44,40 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 
 from influence_jax import validation
 
 
-class LastLayerCurvature(NamedTuple):
-  """The factored last-layer Hessian H = V diag(μ) Vᵀ + (l2 + damping)·I.
+FACTORIZATIONS = ("auto", "cholesky", "eigh")
 
-  eigenvectors: (P, P), columns orthonormal, P = (d+1)·C in the flat order of
-    the module docstring (bias first, then kernel row-major).
-  loss_eigenvalues: (P,) μ, eigenvalues of the cross-entropy part (≥ 0 up to rounding).
-  inverse_eigenvalues: (P,) what H⁻¹ applies along each eigenvector:
-    1/(max(μ, 0) + l2 + damping); when l2 + damping = 0, 0 where μ ≤ rcond·max μ
-    (pseudo-inverse).
+
+class LastLayerCurvature(NamedTuple):
+  """The factored last-layer Hessian H = (loss part) + (l2 + damping)·I, P = (d+1)·C.
+
+  Exactly one of two factorizations is held (the other fields are None):
+  cholesky: (P, P) lower-triangular L with H = L Lᵀ (l2 + damping > 0).
+  eigh: H = V diag(μ) Vᵀ + (l2 + damping)·I,
+    eigenvectors: (P, P) V, columns orthonormal, in the flat order of the
+      module docstring (bias first, then kernel row-major);
+    loss_eigenvalues: (P,) μ, eigenvalues of the cross-entropy part (≥ 0 up to rounding);
+    inverse_eigenvalues: (P,) what H⁻¹ applies along each eigenvector:
+      1/(max(μ, 0) + l2 + damping); when l2 + damping = 0, 0 where μ ≤ rcond·max μ
+      (pseudo-inverse).
   regularization: scalar l2 + damping.
   """
 
-  eigenvectors: jax.Array
-  loss_eigenvalues: jax.Array
-  inverse_eigenvalues: jax.Array
+  eigenvectors: Optional[jax.Array]
+  loss_eigenvalues: Optional[jax.Array]
+  inverse_eigenvalues: Optional[jax.Array]
   regularization: jax.Array
+  cholesky: Optional[jax.Array] = None
+
+  @property
+  def dim(self) -> int:
+    """P, the number of last-layer parameters."""
+    return (self.cholesky if self.cholesky is not None else self.eigenvectors).shape[0]
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +135,7 @@ def augment(features: jax.Array) -> jax.Array:
   return jnp.concatenate([ones, features], axis=-1)
 
 
-def _kron_rows(a: jax.Array, r: jax.Array) -> jax.Array:
+def kron_rows(a: jax.Array, r: jax.Array) -> jax.Array:
   """Row-wise a ⊗ r: (B, d+1), (B, C) -> (B, (d+1)·C), entry (i, c) at i·C + c."""
   return (a[:, :, None] * r[:, None, :]).reshape(a.shape[0], -1)
 
@@ -135,7 +150,7 @@ def _gradients(features, labels, kernel, bias):
   features, kernel, bias = (x.astype(dt) for x in (features, kernel, bias))
   p = jax.nn.softmax(features @ kernel + bias, axis=-1)
   r = p - jax.nn.one_hot(labels, kernel.shape[1], dtype=dt)
-  return _kron_rows(augment(features), r)
+  return kron_rows(augment(features), r)
 
 
 def last_layer_gradients(features, labels, kernel, bias) -> jax.Array:
@@ -167,7 +182,7 @@ def _loss_hessian(features, labels, kernel, bias, *, chunk_size):
     h, w = xs
     a = augment(h)
     p = jax.nn.softmax(h @ kernel + bias, axis=-1)
-    u = _kron_rows(a, p)  # rows a ⊗ p, (chunk, P)
+    u = kron_rows(a, p)  # rows a ⊗ p, (chunk, P)
     uw = u * w[:, None]
     # (a aᵀ) ⊗ diag p has only c = c' blocks: D[(i, c), j] = Σ_b w a_i p_c a_j, one matmul.
     diag_part = (uw.T @ a).reshape(d + 1, c, d + 1)
@@ -202,6 +217,12 @@ def _factor(hess, reg, *, rcond):
   return LastLayerCurvature(vecs, mu, inv, reg)
 
 
+@jax.jit
+def _cholesky(hess, reg):
+  lower = jnp.linalg.cholesky(hess + reg * jnp.eye(hess.shape[0], dtype=hess.dtype))
+  return LastLayerCurvature(None, None, None, reg, lower)
+
+
 def fit_last_layer(
     features,
     labels,
@@ -212,6 +233,7 @@ def fit_last_layer(
     damping: float = 0.0,
     rcond: Optional[float] = None,
     chunk_size: int = 1024,
+    factorization: str = "auto",
 ) -> LastLayerCurvature:
   """Returns the factored Hessian of the mean softmax cross-entropy of the last Dense layer.
 
@@ -221,9 +243,14 @@ def fit_last_layer(
   `damping` is extra, for influence only. With l2 + damping = 0 the inverse is
   the pseudo-inverse: eigenvalues at or below rcond·max μ (default rcond:
   10·P·machine epsilon) are dropped (see the module docstring). `labels` are
-  checked but H does not depend on them.
+  checked but H does not depend on them. `factorization`: "cholesky" (needs
+  l2 + damping > 0), "eigh", or "auto" (the default: Cholesky when
+  l2 + damping > 0 is known, else eigh). Every last_layer_* score function
+  takes either.
   """
   check_last_layer_inputs(features, labels, kernel, bias)
+  if factorization not in FACTORIZATIONS:
+    raise ValueError(f"factorization must be one of {FACTORIZATIONS}; got {factorization!r}.")
   if _concrete(l2, damping):
     validation.check_finite_scalar(l2, "l2")
     validation.check_finite_scalar(damping, "damping")
@@ -231,35 +258,54 @@ def fit_last_layer(
       raise ValueError(f"l2 and damping must be ≥ 0; got l2={l2}, damping={damping}.")
   if np.shape(features)[0] == 0:
     raise ValueError("features holds no examples; the Hessian is a mean over at least one.")
+  positive = _concrete(l2, damping) and l2 + damping > 0
+  if factorization == "cholesky" and not positive:
+    raise ValueError(f"the Cholesky factorization needs l2 + damping > 0 (known, not traced); "
+                     f"got l2={l2}, damping={damping}. Use factorization='eigh'.")
   hess = _loss_hessian(features, labels, kernel, bias, chunk_size=int(chunk_size))
+  reg = jnp.asarray(l2 + damping, hess.dtype)
+  if factorization == "cholesky" or (factorization == "auto" and positive):
+    return _cholesky(hess, reg)
   if rcond is None:
     rcond = 10.0 * hess.shape[0] * float(jnp.finfo(hess.dtype).eps)
-  return _factor(hess, jnp.asarray(l2 + damping, hess.dtype), rcond=float(rcond))
+  return _factor(hess, reg, rcond=float(rcond))
 
 
 # ---------------------------------------------------------------------------
 # Scores.
 
 
+def _whiten(curv: LastLayerCurvature, grads: jax.Array) -> jax.Array:
+  """Returns rows W g with gᵀH⁻¹g' = (W g)·(W g'): L⁻¹g (Cholesky) or √inverse_eigenvalues ⊙ Vᵀg (eigh)."""
+  if curv.cholesky is not None:
+    lower = curv.cholesky.astype(grads.dtype)
+    return jax.scipy.linalg.solve_triangular(lower, grads.T, lower=True).T
+  coords = grads @ curv.eigenvectors.astype(grads.dtype)
+  return coords * jnp.sqrt(curv.inverse_eigenvalues.astype(grads.dtype))
+
+
 @jax.jit
 def _inverse_hvp(curv, v):
+  if curv.cholesky is not None:
+    return jax.scipy.linalg.cho_solve((curv.cholesky, True), v.T).T
   coords = v @ curv.eigenvectors
   return (coords * curv.inverse_eigenvalues) @ curv.eigenvectors.T
 
 
 def last_layer_inverse_hvp(curv: LastLayerCurvature, vectors) -> jax.Array:
   """Returns (rows, P) H⁻¹ v for each row v of `vectors` (pseudo-inverse where eigenvalues were dropped)."""
-  _check_gradient_matrix(vectors, "vectors", curv.eigenvectors.shape[0])
+  _check_gradient_matrix(vectors, "vectors", curv.dim)
   return _inverse_hvp(curv, jnp.asarray(vectors))
+
+
+def _dtype_of(curv, *grads):
+  return jnp.result_type(*grads, curv.regularization)
 
 
 @jax.jit
 def _influence(curv, test_grads, train_grads):
-  dt = jnp.result_type(test_grads, train_grads, curv.eigenvectors)
-  vecs = curv.eigenvectors.astype(dt)
-  gt = test_grads.astype(dt) @ vecs
-  gz = train_grads.astype(dt) @ vecs
-  return (gt * curv.inverse_eigenvalues.astype(dt)) @ gz.T
+  dt = _dtype_of(curv, test_grads, train_grads)
+  return _whiten(curv, test_grads.astype(dt)) @ _whiten(curv, train_grads.astype(dt)).T
 
 
 def last_layer_influence(curv: LastLayerCurvature, test_grads, train_grads) -> jax.Array:
@@ -269,7 +315,7 @@ def last_layer_influence(curv: LastLayerCurvature, test_grads, train_grads) -> j
   (rows of `train_grads`), both from `last_layer_gradients`. Positive: z is a
   proponent of x (DESIGN §1); removing z raises the loss on x by about score/N.
   """
-  p_dim = curv.eigenvectors.shape[0]
+  p_dim = curv.dim
   _check_gradient_matrix(test_grads, "test_grads", p_dim)
   _check_gradient_matrix(train_grads, "train_grads", p_dim)
   return _influence(curv, jnp.asarray(test_grads), jnp.asarray(train_grads))
@@ -277,12 +323,11 @@ def last_layer_influence(curv: LastLayerCurvature, test_grads, train_grads) -> j
 
 @jax.jit
 def _self_influence(curv, grads):
-  dt = jnp.result_type(grads, curv.eigenvectors)
-  coords = grads.astype(dt) @ curv.eigenvectors.astype(dt)
-  return jnp.sum(coords * coords * curv.inverse_eigenvalues.astype(dt), axis=-1)
+  white = _whiten(curv, grads.astype(_dtype_of(curv, grads)))
+  return jnp.sum(white * white, axis=-1)
 
 
 def last_layer_self_influence(curv: LastLayerCurvature, grads) -> jax.Array:
   """Returns (N,) self-influence score(z, z) = ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) ≥ 0 (H positive semi-definite here)."""
-  _check_gradient_matrix(grads, "grads", curv.eigenvectors.shape[0])
+  _check_gradient_matrix(grads, "grads", curv.dim)
   return _self_influence(curv, jnp.asarray(grads))

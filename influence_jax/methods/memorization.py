@@ -34,57 +34,47 @@ min_self_influence=None (the library default) it is *reported* beside A and
 changes no label, "fitted and A ≤ 0" is the whole criterion. A threshold adds
 s(z) ≥ min_self_influence to the MEMORIZED condition (DESIGN §5's "its
 self-influence high"); points it excludes become NEITHER. It never changes A,
-its sign or the order of `removal_ranking` among the points still labelled
-MEMORIZED. The jobs (memorization_pipeline) set it to a quantile of s over the
-training set, by default the median: on digits with 20% flipped labels this
-raised the precision of MEMORIZED for the flipped points from 0.80 to 0.90
-for a recall of 0.85 instead of 0.87 (5 seeds, see the README section).
+its sign or the order of `selective_removal.removal_ranking` among the points
+still labelled MEMORIZED. The jobs (memorization_pipeline) set it to a quantile
+of s over the training set, by default the median, which raised the precision
+of MEMORIZED for flipped labels on digits (docs/memorization_results.md).
 
 Damping. With a small L2 the last-layer H is nearly singular along
 directions the data barely constrain, and H⁻¹ amplifies them: A then ranks
-flipped labels poorly (ROC AUC 0.74 on digits, L2 = 1e-4, no damping).
-Inverting H + δI with δ = 1e-2, about 3% of H's largest eigenvalue (0.38),
-gave AUC 0.92 ± 0.01 over 5 seeds; δ between 1e-2 and 1e-1 did about as well.
+flipped labels poorly; inverting H + δI with δ a few percent of H's largest
+eigenvalue ranks them much better (figures in docs/memorization_results.md).
 
 Two ways to get H⁻¹:
 - `last_layer_memorization`: exact closed form over the last Dense layer with
-  the body frozen (last_layer.py); `split_linen_last_layer` gives a Linen
-  model's body features and its last Dense kernel/bias. The default.
+  the body frozen (last_layer.py, Cholesky when l2 + damping > 0);
+  `split_linen_last_layer` gives a Linen model's body features and its last
+  Dense kernel/bias. The default.
 - `eigenspace_memorization`: a fitted Arnoldi eigenspace over all parameters,
   H⁻¹ ≈ Uᵀ(Λ+δ)⁻¹U (optionally + the spectral tail (I − UᵀU)/c, DESIGN §2),
   so that A(z) = −G_m(R)ᵀ(Λ+δ)⁻¹G(z) with G_m(R) = U ḡ_R, G(z) = U ∇ℓ(z).
 
-Selective removal (`select_removals`, `train_with_removal`): at chosen epochs,
-rank the still-kept training points (`removal_ranking`: the MEMORIZED ones,
-most negative A first), drop up to a budget of them, continue training on the
-rest. Measured on digits (README): it beats removing as many random points,
-but not ranking *all* kept points by A or by self-influence, because points
-not yet fitted at the removal epoch (many flipped labels early in training)
-are by definition not MEMORIZED and so are never candidates.
+Selective removal, which ranks points by these labels during training, is in
+selective_removal.py.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
-import jax.scipy.linalg
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
-from influence_jax.methods import classification as cl
 from influence_jax import data as data_lib
 from influence_jax import flax_adapters
-from influence_jax.methods import last_layer as ll
 from influence_jax import projection
 from influence_jax import scoring
-from influence_jax.examples import training
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, check_params
+from influence_jax.methods import classification as cl
+from influence_jax.methods import last_layer as ll
 
 GENERALIZES, MEMORIZED, NEITHER = 0, 1, 2
 LABEL_NAMES = ("generalizes", "memorized", "neither")
@@ -162,7 +152,8 @@ def split_linen_last_layer(module: nn.Module, variables: Any, *, layer: str = "o
   if set(dense) != {"kernel", "bias"} or np.ndim(dense["kernel"]) != 2:
     raise ValueError(f"layer {layer!r} is not a Dense layer with a (d, C) kernel and a bias; "
                      f"it holds {jax.tree.map(np.shape, dict(dense))}.")
-  kwargs = flax_adapters._eval_kwargs(module.__call__)
+  # The adapter applies the model in eval mode; its loss is not used here.
+  outputs_fn = flax_adapters.linen_loss_fns(module, variables, lambda outputs, labels: outputs).outputs_fn
 
   @jax.jit
   def features_fn(x):
@@ -174,7 +165,7 @@ def split_linen_last_layer(module: nn.Module, variables: Any, *, layer: str = "o
       return next_fun(*args, **kw)
 
     with nn.intercept_methods(grab):
-      module.apply(variables, x, **kwargs)
+      outputs_fn(params, {"x": x})
     h = captured["h"]
     return h.reshape(h.shape[0], -1)
 
@@ -186,25 +177,16 @@ def _rows(fn, x, chunk):
 
 
 def last_layer_memorization(
-    train_features,
-    train_labels,
-    reference_features,
-    reference_labels,
-    kernel,
-    bias,
-    *,
-    l2: float,
-    damping: float = 0.0,
-    min_self_influence: Optional[float] = None,
-    curvature: Optional[ll.LastLayerCurvature] = None,
-    chunk_size: int = 4096,
+    train_features, train_labels, reference_features, reference_labels, kernel, bias, *,
+    l2: float, damping: float = 0.0, min_self_influence: Optional[float] = None,
+    curvature: Optional[ll.LastLayerCurvature] = None, chunk_size: int = 4096,
 ) -> Memorization:
   """Returns the Memorization of each training point with H the exact last-layer Hessian.
 
   H = the Hessian of the mean softmax cross-entropy of the last Dense layer
-  over the training features + (l2 + damping)·I (last_layer.py), factored by
-  Cholesky when l2 + damping > 0, else the pseudo-inverse of
-  last_layer.fit_last_layer; or the given `curvature` (fit_last_layer's). A(z) =
+  over the training features + (l2 + damping)·I, from
+  last_layer.fit_last_layer (Cholesky when l2 + damping > 0, else the
+  pseudo-inverse), or the given `curvature` (fit_last_layer's). A(z) =
   −ḡ_Rᵀ H⁻¹ ∇ℓ(z) with ḡ_R the mean last-layer margin gradient of the
   reference set (true labels); exact mean over R of
   classification.last_layer_classification_influence. Training gradients are
@@ -215,24 +197,15 @@ def last_layer_memorization(
   if np.shape(reference_features)[0] == 0:
     raise ValueError("the reference set holds no examples; A(z) is a mean over at least one.")
   g_ref = cl.last_layer_margin_gradients(reference_features, reference_labels, kernel, bias)
-  g_bar = jnp.mean(g_ref, axis=0)
-  if curvature is None and l2 + damping > 0:
-    # Positive definite: a Cholesky factor is exact and ~10x cheaper than fit_last_layer's eigh.
-    hess = ll.last_layer_hessian(train_features, train_labels, kernel, bias, l2=l2 + damping)
-    factor = jax.scipy.linalg.cho_factor(hess, lower=True)
-    v = jax.scipy.linalg.cho_solve(factor, g_bar)
-    self_fn = lambda g: jnp.sum(jax.scipy.linalg.solve_triangular(factor[0], g.T, lower=True) ** 2, axis=0)
-  else:
-    if curvature is None:
-      curvature = ll.fit_last_layer(train_features, train_labels, kernel, bias, l2=l2, damping=damping)
-    v = ll.last_layer_inverse_hvp(curvature, g_bar[None])[0]
-    self_fn = lambda g: ll.last_layer_self_influence(curvature, g)
+  if curvature is None:
+    curvature = ll.fit_last_layer(train_features, train_labels, kernel, bias, l2=l2, damping=damping)
+  v = ll.last_layer_inverse_hvp(curvature, jnp.mean(g_ref, axis=0, keepdims=True))[0]
   train_features, train_labels = jnp.asarray(train_features), jnp.asarray(train_labels)
   a, s = [], []
   for i in range(0, train_features.shape[0], chunk_size):
     g = ll.last_layer_gradients(train_features[i:i + chunk_size], train_labels[i:i + chunk_size], kernel, bias)
     a.append(-(g @ v.astype(g.dtype)))
-    s.append(self_fn(g))
+    s.append(ll.last_layer_self_influence(curvature, g))
   logits = train_features @ jnp.asarray(kernel) + jnp.asarray(bias)
   own = cl.margin(logits, train_labels)
   return memorization_labels(np.asarray(jnp.concatenate(a)), np.asarray(own), np.asarray(jnp.concatenate(s)),
@@ -319,127 +292,3 @@ def eigenspace_memorization(
   s = scoring.self_influence(eigenspace, g_train, damping=damping, sq_norms=proj.sq_norms, tail_constant=c)
   own = jnp.concatenate([cl.margin(outputs_fn(params, b), jnp.asarray(b[label_key])) for b in train_batches])
   return memorization_labels(np.asarray(a), np.asarray(own), np.asarray(s), min_self_influence=min_self_influence)
-
-
-# ----------------------------------------------------------------------------- selective removal
-
-
-def removal_ranking(mem: Memorization, indices=None) -> np.ndarray:
-  """Returns the MEMORIZED points, most negative A first (ties: lower index first).
-
-  `indices` maps the rows of `mem` to training-set indices (default: 0..N−1);
-  the result is in those indices.
-  """
-  idx = np.arange(mem.label.size) if indices is None else np.asarray(indices)
-  if idx.shape != mem.label.shape:
-    raise ValueError(f"indices must have shape {mem.label.shape} like the labels; got {idx.shape}.")
-  rows = np.flatnonzero(mem.label == MEMORIZED)
-  order = np.lexsort((idx[rows], mem.influence[rows]))
-  return idx[rows[order]]
-
-
-def select_removals(ranking, budget: int, removed) -> np.ndarray:
-  """Returns the first `budget` entries of `ranking` not yet in `removed` (a bool mask), in order.
-
-  Raises ValueError on a negative budget or when `ranking` repeats an index.
-  """
-  ranking = np.asarray(ranking, np.int64)
-  removed = np.asarray(removed, bool)
-  if budget < 0:
-    raise ValueError(f"budget must be ≥ 0; got {budget}.")
-  if np.unique(ranking).size != ranking.size:
-    raise ValueError("ranking repeats a training index.")
-  if ranking.size and (ranking.min() < 0 or ranking.max() >= removed.size):
-    raise ValueError(f"ranking has indices outside [0, {removed.size}).")
-  return ranking[~removed[ranking]][:budget]
-
-
-class RemovalHistory(NamedTuple):
-  """What `train_with_removal` did.
-
-  removed: one int array per removal event, the training indices dropped then (in ranking order).
-  kept: (N,) bool, the points still trained on at the end.
-  kept_per_epoch: (num_epochs,) how many points each epoch trained on.
-  example_epochs: Σ over epochs of the points trained on (the training cost).
-  losses: (steps,) minibatch losses.
-  """
-
-  removed: list
-  kept: np.ndarray
-  kept_per_epoch: np.ndarray
-  example_epochs: int
-  losses: np.ndarray
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "num_steps"))
-def _segment(loss_fn, optimizer, params, opt_state, batch, key, *, batch_size, num_steps):
-  n = data_lib.batch_size(batch)
-  idx = training._epoch_indices(key, n, batch_size, num_steps)
-
-  def step(carry, i):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, jax.tree.map(lambda x: x[idx[i]], batch))
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
-  (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(num_steps))
-  return params, opt_state, losses
-
-
-def train_with_removal(
-    loss_fn: Callable,
-    params: Any,
-    train_batch: dict,
-    *,
-    optimizer: optax.GradientTransformation,
-    num_epochs: int,
-    batch_size: int,
-    removal_epochs: Sequence[int] = (),
-    rank_fn: Optional[Callable[[Any, np.ndarray, int], np.ndarray]] = None,
-    budgets: int | Sequence[int] = 0,
-    seed: int = 0,
-) -> tuple[Any, RemovalHistory]:
-  """Returns (params, RemovalHistory): minibatch training that drops points at chosen epochs.
-
-  Before epoch e for each e in `removal_epochs` (0 < e < num_epochs),
-  rank_fn(params, kept_indices, event) returns training indices to drop in
-  priority order (e.g. `removal_ranking` of the kept points' Memorization, or
-  a random permutation); the first budgets[event] of them not already
-  removed are dropped (`select_removals`), so no point is dropped twice.
-  Training goes on with the optimizer state carried over; each epoch is a
-  fresh permutation of the kept points in batches of min(batch_size, kept)
-  (remainder dropped). Deterministic given `seed`.
-  """
-  n = data_lib.batch_size(train_batch)
-  events = [int(e) for e in removal_epochs]
-  if any(not 0 < e < num_epochs for e in events) or events != sorted(set(events)):
-    raise ValueError(f"removal_epochs must be increasing epochs in (0, {num_epochs}); got {tuple(removal_epochs)}.")
-  budgets = [int(budgets)] * len(events) if np.ndim(budgets) == 0 else [int(b) for b in budgets]
-  if len(budgets) != len(events):
-    raise ValueError(f"budgets has {len(budgets)} entries for {len(events)} removal epochs.")
-  if events and rank_fn is None:
-    raise ValueError("removal_epochs given without a rank_fn.")
-  train_batch = jax.tree.map(jnp.asarray, train_batch)
-  opt_state = optimizer.init(params)
-  kept = np.ones(n, bool)
-  removed, kept_per_epoch, losses = [], [], []
-  keys = jax.random.split(jax.random.key(seed), len(events) + 1)
-  bounds = [0, *events, num_epochs]
-  for seg in range(len(bounds) - 1):
-    if seg > 0:
-      ranking = rank_fn(params, np.flatnonzero(kept), seg - 1)
-      drop = select_removals(ranking, budgets[seg - 1], ~kept)
-      kept[drop] = False
-      removed.append(drop)
-    idx = np.flatnonzero(kept)
-    if idx.size == 0:
-      raise ValueError("every training point was removed; lower the budgets.")
-    bs = min(batch_size, idx.size)
-    epochs = bounds[seg + 1] - bounds[seg]
-    subset = jax.tree.map(lambda x: x[idx], train_batch)
-    params, opt_state, seg_losses = _segment(loss_fn, optimizer, params, opt_state, subset, keys[seg],
-                                             batch_size=bs, num_steps=epochs * (idx.size // bs))
-    losses.append(np.asarray(seg_losses))
-    kept_per_epoch += [idx.size] * epochs
-  kpe = np.asarray(kept_per_epoch)
-  return params, RemovalHistory(removed, kept, kpe, int(kpe.sum()), np.concatenate(losses))
