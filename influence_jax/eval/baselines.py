@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import curvature, data as data_lib, projection, solvers
+from influence_jax import curvature, data as data_lib, projection, scoring, sketch, solvers
 from influence_jax.eigenspace import fit_eigenspace
 from influence_jax.scoring import influence
 
@@ -235,6 +235,26 @@ def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: f
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
+def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
+                     sketch_dim: int = 1024, seed: int = 0) -> MethodResult:
+  """Arnoldi influence with the spectral tail from stored sketches (what the projection store holds):
+  score = G(x)(Λ+δ)⁻¹G(z) + S(x)·S(z)/c with S = R(I − UᵀU)∇ℓ, R a Kronecker sketch of `sketch_dim` rows."""
+  n_iters = int(n_iters or round(1.5 * top_k))
+  clock = _Clock()
+  es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
+                      damping=damping, seed=seed)
+  fit_s = clock.lap(es.eigenvectors)
+  sk = sketch.make_sketch(es.eigenvectors.shape[1], sketch_dim, seed, es.eigenvectors.dtype)
+  side = lambda batches: [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b)
+                          for b in batches]
+  train, test = side(task.train_batches), side(task.test_batches)
+  cat = lambda parts, name: jnp.concatenate([getattr(p, name) for p in parts])
+  queries = scoring.query_side(es, cat(test, "projections"), cat(test, "sketch"))
+  scores = queries @ scoring.row_side(cat(train, "projections"), cat(train, "sketch")).T
+  score_s = clock.lap(scores)
+  return MethodResult(np.asarray(scores), fit_s, score_s, {"k": es.k, "n_iters": n_iters, "sketch_dim": sk.dim})
+
+
 METHODS = {
     "exact": exact,
     "cg": conjugate_gradients,
@@ -242,4 +262,5 @@ METHODS = {
     "gradient_dot": gradient_dot,
     "tracin": tracin,
     "arnoldi": arnoldi,
+    "arnoldi_sketched": arnoldi_sketched,
 }

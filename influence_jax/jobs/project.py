@@ -66,7 +66,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
   store = open_for_writing(ctx, meta)
   mine = [ch for ch in store_lib.chunk_owner(meta, jax.process_index(), jax.process_count())
           if not store.is_done(ch)]
-  rows = np.concatenate([np.arange(*meta.chunk_bounds(ch)) for ch in mine] or [np.zeros(0, np.int64)])
+  rows = input_lib.RowRanges([meta.chunk_bounds(ch) for ch in mine])
   c = ctx.config.project
   mesh = ctx.mesh
   params = sharding.place_params(ctx.task.params, mesh)

@@ -1,0 +1,49 @@
+"""Streaming top-k (device merges of blocks) against a full sort, with ties and fewer rows than k."""
+
+import numpy as np
+import pytest
+
+import influence_jax as ij
+from influence_jax import ranking
+
+
+def full_sort(scores, k):
+  cols = np.arange(scores.shape[1])
+  pro = np.stack([np.lexsort((cols, -row))[:k] for row in scores])
+  opp = np.stack([np.lexsort((cols, row))[:k] for row in scores])
+  return pro, opp
+
+
+@pytest.mark.parametrize("num_rows, block, k", [(1000, 128, 7), (300, 300, 5), (4, 3, 10), (257, 16, 16)])
+def test_streaming_top_k_equals_a_full_sort(num_rows, block, k):
+  rng = np.random.default_rng(num_rows)
+  queries = rng.integers(-2, 3, (6, 4)).astype(np.float32)  # Small integers: many exact ties.
+  rows = rng.integers(-2, 3, (num_rows, 4)).astype(np.float32)
+  scores = queries @ rows.T
+  blocks = [(lo, rows[lo:lo + block]) for lo in range(0, num_rows, block)]
+  got = ij.stream_top_k(queries, blocks, k)
+  pro, opp = full_sort(scores, k)
+  kk = min(k, num_rows)
+  np.testing.assert_array_equal(got.proponents[:, :kk], pro)
+  np.testing.assert_array_equal(got.opponents[:, :kk], opp)
+  np.testing.assert_array_equal(got.proponent_scores[:, :kk], np.take_along_axis(scores, pro, 1))
+  np.testing.assert_array_equal(got.opponent_scores[:, :kk], np.take_along_axis(scores, opp, 1))
+  assert (got.proponents[:, kk:] == -1).all() and np.isneginf(got.proponent_scores[:, kk:]).all()
+
+
+def test_padded_blocks_ignore_their_padding():
+  rng = np.random.default_rng(0)
+  queries, rows = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(10, 5)).astype(np.float32)
+  padded = np.concatenate([rows, np.full((6, 5), 100.0, np.float32)])  # Padding would win if it counted.
+  got = ranking.to_host(ranking.merge_rows(ranking.empty_top_k(3, 4), queries, padded, 0, num_valid=10))
+  want = ij.top_k(queries @ rows.T, 4)
+  np.testing.assert_array_equal(got.proponents, want.proponents)
+  np.testing.assert_array_equal(got.opponents, want.opponents)
+
+
+def test_running_largest_equals_a_sort_with_ties():
+  values = np.array([3, 1, 3, 2, 5, 3, 0, 5], np.float64)
+  running = ranking.empty_largest(5)
+  for lo in range(0, 8, 3):
+    running = ranking.merge_largest(running, values[lo:lo + 3], lo)
+  np.testing.assert_array_equal(running.indices, np.lexsort((np.arange(8), -values))[:5])
