@@ -9,7 +9,6 @@ columns at once; ties go to the lower training index.
 
 from __future__ import annotations
 
-import functools
 from typing import Iterable, NamedTuple, Optional
 
 import jax
@@ -103,11 +102,6 @@ def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k:
 def to_host(running: TopK) -> TopK:
   """Returns `running` with numpy arrays."""
   return TopK(*(np.asarray(x) for x in running))
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _largest(values: jax.Array, k: int):
-  return jax.lax.top_k(values, k)
 
 
 class RunningLargest(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -134,13 +134,3 @@ def fingerprint(source: Any, num_samples: int = 8) -> str:
       h.update(f"{arr.dtype}{arr.shape}".encode())
       h.update(arr.tobytes())
   return h.hexdigest()[:16]
-
-
-def first_example(source: Any, what: str) -> Any:
-  """Returns source[0] after checking the source (for templates: shapes of one example)."""
-  check_source(source, what)
-  return source[0]
-
-
-def maybe_len(source: Optional[Any]) -> Optional[int]:
-  return None if source is None else len(source)
