@@ -46,10 +46,14 @@ def _measure(fns: flax_adapters.ModelFns, params: Any, train: dict, probe: dict,
                                     damping=damping, selection="magnitude")
   proj = eigenspace.project(space, fns.per_example_loss_fn, params, [probe])
   sq_norms = jnp.sum(grads[: proj.shape[0]] ** 2, axis=1)  # probe = the first training examples.
+  # Early in training H is indefinite and λ_k + δ (the default tail constant) can be ≤ 0; the remainder's
+  # eigenvalues are smaller in magnitude than every kept one, so |λ|_min + δ bounds them.
+  tail = float(jnp.min(jnp.abs(space.eigenvalues))) + damping
   return {"loss": float(fns.loss_fn(params, train)),
           "grad_norm": float(jnp.mean(jnp.linalg.norm(grads, axis=1))),
           "self_influence": np.asarray(jnp.diag(scores)),
-          "arnoldi_self_influence": np.asarray(scoring.self_influence(space, proj, sq_norms=sq_norms))}
+          "arnoldi_self_influence": np.asarray(scoring.self_influence(space, proj, sq_norms=sq_norms,
+                                                                               tail_constant=tail))}
 
 
 def _setup(num_train: int, num_probe: int, hidden: int, seed: int, dtype):
