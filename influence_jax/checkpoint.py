@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from influence_jax import sharding as sharding_lib
-from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, eigenvector_sharding
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo
 
 
 class FingerprintMismatch(ValueError):
@@ -136,10 +136,13 @@ def _info_from_json(d: Optional[dict]) -> Optional[EigenspaceInfo]:
 
 
 def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra: Optional[dict] = None) -> None:
-  """Saves an Eigenspace (arrays with orbax, info and damping as JSON) atomically as step 0."""
+  """Saves an Eigenspace (arrays with orbax, info, damping and p as JSON) atomically as step 0.
+
+  The eigenvectors are saved as laid out (with their mesh's zero padding).
+  """
   store = Store(directory, fingerprint, max_to_keep=1)
   store.save(0, _eigenspace_state(es),
-             dict(extra or {}, damping=es.damping, info=_info_to_json(es.info)))
+             dict(extra or {}, damping=es.damping, num_params=es.num_params, info=_info_to_json(es.info)))
   store.close()
 
 
@@ -150,15 +153,13 @@ def _saved_shapes(directory: str, step: int) -> dict:
   return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
 
 
-def _eigenspace_target(shapes: dict, mesh: Optional[jax.sharding.Mesh]) -> dict:
-  """Returns restore targets: on `mesh` eigenvectors laid out as `eigenvector_sharding`, the rest
-  replicated; without a mesh everything on this process's first device."""
-  if mesh is None:
-    where = lambda name: jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  else:
-    num_params = shapes["eigenvectors"][0][1]
-    where = lambda name: (eigenvector_sharding(num_params, mesh) if name == "eigenvectors"
-                          else sharding_lib.replicated(mesh))
+def _eigenspace_target(shapes: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Returns restore targets on `mesh`: eigenvectors split over 'model' when their saved column count
+  allows it (else replicated, relaid out after), the rest replicated."""
+  columns = shapes["eigenvectors"][0][1]
+  split = columns % sharding_lib.axis_size(mesh, sharding_lib.MODEL) == 0
+  where = lambda name: (sharding_lib.flat_sharding(mesh, 2) if name == "eigenvectors" and split
+                        else sharding_lib.replicated(mesh))
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=where(name)) for name, (shape, dtype) in shapes.items()}
 
 
@@ -166,11 +167,12 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
                     mesh: Optional[jax.sharding.Mesh] = None) -> Eigenspace:
   """Returns the Eigenspace saved in `directory`; checks its fingerprint when one is given.
 
-  The arrays are laid out for `mesh` whatever mesh they were saved from
-  (eigenvectors `eigenspace.eigenvector_sharding(p, mesh)`, the rest
-  replicated), or on this process's first device without a mesh. With
-  several processes every process must call it (a collective restore).
+  The arrays are laid out on `mesh` (default: this process's first device)
+  whatever mesh they were saved from: eigenvectors in its flat layout
+  (`sharding`), the rest replicated. With several processes every process
+  must call it (a collective restore).
   """
+  mesh = sharding_lib.mesh_or_default(mesh)
   mngr = _manager(directory, read_only=True)
   step = mngr.latest_step()
   if step is None:
@@ -180,10 +182,13 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
     raise FingerprintMismatch(
         f"The eigenspace in {directory} was fitted on a different model, config or data set "
         f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}).")
-  target = _eigenspace_target(_saved_shapes(directory, step), mesh)
+  shapes = _saved_shapes(directory, step)
+  target = _eigenspace_target(shapes, mesh)
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
   mngr.close()
+  num_params = int(meta.get("num_params", shapes["eigenvectors"][0][1]))
   return Eigenspace(
-      eigenvalues=state["eigenvalues"], eigenvectors=state["eigenvectors"],
-      residuals=state["residuals"], ritz_estimates=state["ritz_estimates"],
+      eigenvalues=state["eigenvalues"],
+      eigenvectors=sharding_lib.to_flat_layout(state["eigenvectors"], num_params, mesh),
+      residuals=state["residuals"], ritz_estimates=state["ritz_estimates"], num_params=num_params,
       damping=float(meta["damping"]), info=_info_from_json(meta.get("info")))

@@ -253,8 +253,8 @@ def run_fit(config, workdir: str, *, quiet: bool = False, fault: Optional[str] =
   a = config.arnoldi
   dtype = ravel_pytree(fns.params)[0].dtype
   num_params = models.num_params(fns.params)
-  template = arnoldi.init(eigenspace_lib.start_vector(num_params, dtype, config.seed),
-                          a.n_iters, block_size=a.block_size, mesh=mesh)
+  template = arnoldi.init(eigenspace_lib.start_vector(num_params, dtype, config.seed, mesh=mesh),
+                          a.n_iters, block_size=a.block_size)
   columns = sharding.padded_dim(num_params, mesh)
   # A basis padded for another 'model' size has other columns: not this job's progress.
   store = checkpoint.Store(os.path.join(workdir, "arnoldi_progress"),
@@ -403,12 +403,9 @@ def run_score(config, workdir: str, *, quiet: bool = False, fault: Optional[str]
   running, start = (scoring.TopK(**found[1]), found[0]) if found is not None else (template, 0)
   bar = progress_lib.Progress(num_batches, "scoring", "batches", start=start, quiet=quiet or not common.is_writer())
   for b, (batch, rows, mask) in enumerate(batches_from(start), start):
-    if mesh is None:
-      both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
-                                             with_sq_norms=with_norms, pad_to=s.batch_size, **kw)
-    else:
-      both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
-                                             with_sq_norms=with_norms, mesh=mesh, **kw)
+    both, sq_norms = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
+                                           with_sq_norms=with_norms, pad_to=s.batch_size, mesh=mesh, **kw)
+    if mesh is not None:
       both = sharding.to_host(both)[mask]
       sq_norms = sharding.to_host(sq_norms)[mask] if with_norms else None
       rows = rows[mask]
