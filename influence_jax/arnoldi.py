@@ -7,13 +7,13 @@ a full block-Gram-Schmidt re-orthogonalisation over the filled blocks of the
 basis (a second one when the first removed much, the DGKS test), and the
 in-place update of the basis and the Hessenberg matrix.
 
-Sharded (a `mesh` given to `init` and `run`, or carried by the operator): the
-basis is laid out `P(None, 'model')`, its p columns (zero-padded to a multiple
-of the 'model' size, see `sharding.padded_dim`) split over 'model', and each
-step keeps it so: every device reads and writes only its own columns; the
-Gram-Schmidt coefficients c_b = Q_b w are local partial dot products summed
-across 'model' (block-size scalars per block), and the operator sees the
-unpadded p-vector. The Hessenberg matrix and scalars are replicated.
+The basis is in the flat layout of the operator's mesh (`sharding`: columns
+zero-padded to `sharding.padded_dim(p, mesh)` and split over 'model'; on one
+device the 1 × 1 mesh, no padding), and each step keeps it so: every device
+reads and writes only its own columns; the Gram-Schmidt coefficients
+c_b = Q_b w are local partial dot products summed across 'model'
+(block-size scalars per block), and the operator sees the unpadded p-vector.
+The Hessenberg matrix and scalars are replicated.
 """
 
 from __future__ import annotations
@@ -49,45 +49,37 @@ class ArnoldiState(NamedTuple):
   breakdown: jax.Array
 
 
-def init(start: jax.Array, n_iters: int, *, block_size: int = 32,
-         mesh: Optional[jax.sharding.Mesh] = None) -> ArnoldiState:
+def init(start: jax.Array, n_iters: int, *, block_size: int = 32) -> ArnoldiState:
   """Returns the state before step 0, with `start` normalised as the first basis vector.
 
-  The basis is read in blocks of `block_size` rows; only blocks holding
+  The basis takes its layout from `start`: a flat vector laid out on a mesh
+  (e.g. `eigenspace.start_vector(p, dtype, seed, mesh=op.mesh)`) gives a
+  basis in that mesh's flat layout; a plain (p,) vector gives a one-device
+  basis. It is read in blocks of `block_size` rows; only blocks holding
   vectors are read, so a step streams about as much as the basis has filled.
-  With a `mesh` the basis is created sharded `P(None, 'model')` with
-  `sharding.padded_dim(p, mesh)` columns (the padding zero) and never exists
-  whole on one device; the Hessenberg matrix and scalars are replicated.
   """
   if n_iters < 1:
     raise ValueError(f"n_iters must be at least 1, got {n_iters}.")
+  if np.ndim(start) != 1:
+    raise ValueError(f"The Arnoldi start vector must be flat, got shape {np.shape(start)}.")
+  mesh = sharding_lib.mesh_of(start)
+  start = sharding_lib.to_flat_layout(start, np.shape(start)[0], mesh)
   norm = jnp.linalg.norm(start)
   if not bool(norm > 0) or not bool(jnp.isfinite(norm)):
     raise ValueError("The Arnoldi start vector must be finite and non-zero.")
   rows = block_size * math.ceil((n_iters + 1) / block_size)
-  if mesh is not None:
-    start = sharding_lib.put(start / norm, sharding_lib.replicated(mesh))
-    return _sharded_init(rows, n_iters, sharding_lib.padded_dim(start.size, mesh), mesh)(start)
-  basis = jnp.zeros((rows, start.size), start.dtype).at[0].set(start / norm)
-  return ArnoldiState(
-      basis=basis,
-      hessenberg=jnp.zeros((rows, n_iters), start.dtype),
-      num_steps=jnp.zeros((), jnp.int32),
-      norm_estimate=jnp.zeros((), start.dtype),
-      breakdown=jnp.zeros((), bool),
-  )
+  return _init(rows, n_iters, mesh)(start)
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_init(rows: int, n_iters: int, padded: int, mesh: jax.sharding.Mesh) -> Callable:
+def _init(rows: int, n_iters: int, mesh: jax.sharding.Mesh) -> Callable:
   """Returns a jitted start ↦ ArnoldiState whose outputs are created directly with their shardings."""
   rep = sharding_lib.replicated(mesh)
-  shardings = ArnoldiState(sharding_lib.basis_sharding(mesh), rep, rep, rep, rep)
+  shardings = ArnoldiState(sharding_lib.flat_sharding(mesh, 2), rep, rep, rep, rep)
 
   def make(start):
-    first = sharding_lib.pad_last(start, padded)
     return ArnoldiState(
-        basis=jnp.zeros((rows, padded), start.dtype).at[0].set(first),
+        basis=jnp.zeros((rows, start.shape[0]), start.dtype).at[0].set(start / jnp.linalg.norm(start)),
         hessenberg=jnp.zeros((rows, n_iters), start.dtype),
         num_steps=jnp.zeros((), jnp.int32),
         norm_estimate=jnp.zeros((), start.dtype),
@@ -125,12 +117,12 @@ def _orthogonalize(blocks: jax.Array, num_blocks: jax.Array, w: jax.Array) -> tu
 _DGKS_ETA = 1 / math.sqrt(2)
 
 
-def _constrain(x: jax.Array, mesh: Optional[jax.sharding.Mesh], spec) -> jax.Array:
-  return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.named(mesh, spec))
+def _constrain(x: jax.Array, mesh: jax.sharding.Mesh, spec) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, sharding_lib.named(mesh, spec))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _step(matvec: Callable, block_size: int, dim: int, mesh: Optional[jax.sharding.Mesh],
+def _step(matvec: Callable, block_size: int, dim: int, mesh: jax.sharding.Mesh,
           operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
   """One Arnoldi step: product, three-term recurrence, full re-orthogonalisation, update in place.
 
@@ -186,7 +178,6 @@ def run(
     tol: Optional[float] = None,
     block_size: int = 32,
     callback: Optional[Callable[[ArnoldiState], None]] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> ArnoldiState:
   """Returns `state` advanced by up to `num_steps` steps (default: to the end), stopping at breakdown.
 
@@ -194,20 +185,20 @@ def run(
   after every step (for progress and checkpointing); it must not keep
   references to the state, whose buffers are donated to the next step.
   Breakdown (the Krylov space closed: the new direction is smaller than
-  `tol` × ‖A‖ estimate) ends the run cleanly. `mesh` (default: the
-  operator's) keeps the basis sharded as `init(..., mesh=mesh)` laid it out.
+  `tol` × ‖A‖ estimate) ends the run cleanly. The basis is kept in the flat
+  layout of the operator's mesh (`op.mesh`).
   """
-  mesh = op.mesh if mesh is None else mesh
+  mesh = op.mesh
   n_iters = state.hessenberg.shape[1]
   if state.basis.shape[0] % block_size:
     raise ValueError(f"The basis has {state.basis.shape[0]} rows, not a multiple of block_size={block_size}.")
   tol = default_tolerance(state.basis.dtype) if tol is None else tol
   if state.basis.shape[1] != sharding_lib.padded_dim(op.dim, mesh):
     raise ValueError(
-        f"The basis has {state.basis.shape[1]} columns; an operator of size {op.dim} on this mesh "
-        f"needs {sharding_lib.padded_dim(op.dim, mesh)}: pass the same mesh to init() and run().")
-  # A host scalar on a mesh (valid on every process), a device scalar otherwise.
-  tol = (jnp if mesh is None else np).asarray(tol, state.basis.dtype)
+        f"The basis has {state.basis.shape[1]} columns; an operator of size {op.dim} on its mesh "
+        f"needs {sharding_lib.padded_dim(op.dim, mesh)}: lay the start vector out on the operator's mesh "
+        "(eigenspace.start_vector(..., mesh=op.mesh)).")
+  tol = sharding_lib.put(np.asarray(tol, state.basis.dtype), sharding_lib.replicated(mesh))
   done = int(state.num_steps)
   stop = n_iters if num_steps is None else min(n_iters, done + num_steps)
   breakdown = bool(state.breakdown)

@@ -15,22 +15,76 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from influence_jax import sharding as sharding_lib
-from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, eigenvector_sharding
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo
 
 
 class FingerprintMismatch(ValueError):
   """A checkpoint was made from a different model, config or data set."""
 
 
+class CorruptCheckpoint(ValueError):
+  """A checkpoint's arrays differ from what was saved, or cannot be read."""
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """Returns the bits of `x` as uint32 words (float64/int64: two words per element, on a last axis)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint16 if size == 2 else jnp.uint8).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksum(x: jax.Array) -> jax.Array:
+  words = _as_uint32(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  for axis, n in enumerate(words.shape):  # Row-major position, modulo 2³² (uint32 arithmetic wraps).
+    index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+  weights = (index * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+  return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+def checksum(x: Any) -> int:
+  """Returns a 32-bit checksum of an array's bits: Σᵢ bitsᵢ·wᵢ mod 2³² with odd position weights wᵢ.
+
+  Modular sums do not depend on order, so it is the same for any sharding or mesh of the same
+  values (computed where the array lives, no host copy); any single flipped bit changes it.
+  """
+  x = jnp.asarray(x)
+  return int(_checksum(x)) if x.size else 0
+
+
+def checksums(tree: Any) -> dict:
+  """Returns {leaf path: checksum} of a pytree of arrays."""
+  return {jax.tree_util.keystr(path): checksum(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def verify_checksums(tree: Any, recorded: Optional[dict], what: str) -> None:
+  """Raises CorruptCheckpoint naming `what` and the leaves whose checksum differs from `recorded`."""
+  if recorded is None:
+    raise CorruptCheckpoint(f"{what} has no recorded checksums (written by an older version or damaged): "
+                            "delete it and rerun to recompute it.")
+  found = checksums(tree)
+  bad = [name for name in found if recorded.get(name) != found[name]]
+  if bad or set(recorded) != set(found):
+    raise CorruptCheckpoint(f"{what} is damaged: {', '.join(bad) or 'its leaves'} differ from what was saved. "
+                            "Delete it and rerun: it is recomputed.")
+
+
 def fingerprint(*parts: Any) -> str:
-  """Returns a short stable hash of JSON-able parts (configs) and arrays (data, params)."""
+  """Returns a short stable hash of JSON-able parts (configs) and arrays (data, params), their structure
+  (dict keys, None entries) included."""
   h = hashlib.sha256()
   for part in parts:
+    h.update(str(jax.tree.structure(part)).encode())
     for leaf in jax.tree.leaves(part):
       if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
         arr = np.ascontiguousarray(np.asarray(leaf))
@@ -78,7 +132,7 @@ class Store:
     With several processes every process calls it with the same step: each
     writes its own shards of sharded arrays, process 0 the rest.
     """
-    record = dict(meta or {}, fingerprint=self.fingerprint)
+    record = dict(meta or {}, fingerprint=self.fingerprint, checksums=checksums(state))
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record)), force=True)
     self.manager.wait_until_finished()
@@ -89,15 +143,16 @@ class Store:
     Arrays come back with the shapes, dtypes and shardings of `target`'s
     leaves (so state saved on one mesh restores onto another).
     """
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    what = f"The checkpoint {os.path.join(self.directory, str(step))}"
+    meta = _restore_meta(self.manager, step, what)
     if meta.get("fingerprint") != self.fingerprint:
       raise FingerprintMismatch(
           f"{self.directory} holds a checkpoint made from a different model, config or data set "
           f"(fingerprint {meta.get('fingerprint')}, this job's is {self.fingerprint}); refusing to mix "
           "them. Use a fresh --workdir or delete that directory.")
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract))).state
+    state = _restore_state(self.manager, step, abstract, what)
+    verify_checksums(state, meta.get("checksums"), what)
     return state, meta
 
   def restore_latest(self, target: Any = None) -> Optional[tuple[int, Any, dict]]:
@@ -108,10 +163,33 @@ class Store:
     state, meta = self.restore(step, target)
     return step, state, meta
 
+  def discard(self) -> None:
+    """Deletes every saved step (e.g. a damaged one, before starting over)."""
+    for step in self.manager.all_steps():
+      self.manager.delete(step)
+
   def close(self) -> None:
     if self._mngr is not None:
       self._mngr.close()
       self._mngr = None
+
+
+def _restore_meta(mngr: ocp.CheckpointManager, step: int, what: str) -> dict:
+  """Returns the "meta" item of `step`; raises CorruptCheckpoint when it cannot be read."""
+  return _restore(mngr, step, "meta", ocp.args.JsonRestore(), what)
+
+
+def _restore_state(mngr: ocp.CheckpointManager, step: int, target: Any, what: str) -> Any:
+  """Returns the "state" item of `step`; raises CorruptCheckpoint when its files cannot be read."""
+  return _restore(mngr, step, "state", ocp.args.StandardRestore(target), what)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, item: str, args: Any, what: str) -> Any:
+  try:
+    return getattr(mngr.restore(step, args=ocp.args.Composite(**{item: args})), item)
+  except (ValueError, OSError, RuntimeError, KeyError) as e:
+    raise CorruptCheckpoint(f"{what} cannot be read ({type(e).__name__}: {str(e)[:300]}). "
+                            "Delete it and rerun: it is recomputed.") from e
 
 
 def _eigenspace_state(es: Eigenspace) -> dict:
@@ -136,10 +214,13 @@ def _info_from_json(d: Optional[dict]) -> Optional[EigenspaceInfo]:
 
 
 def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra: Optional[dict] = None) -> None:
-  """Saves an Eigenspace (arrays with orbax, info and damping as JSON) atomically as step 0."""
+  """Saves an Eigenspace (arrays with orbax, info, damping and p as JSON) atomically as step 0.
+
+  The eigenvectors are saved as laid out (with their mesh's zero padding).
+  """
   store = Store(directory, fingerprint, max_to_keep=1)
   store.save(0, _eigenspace_state(es),
-             dict(extra or {}, damping=es.damping, info=_info_to_json(es.info)))
+             dict(extra or {}, damping=es.damping, num_params=es.num_params, info=_info_to_json(es.info)))
   store.close()
 
 
@@ -150,15 +231,13 @@ def _saved_shapes(directory: str, step: int) -> dict:
   return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
 
 
-def _eigenspace_target(shapes: dict, mesh: Optional[jax.sharding.Mesh]) -> dict:
-  """Returns restore targets: on `mesh` eigenvectors laid out as `eigenvector_sharding`, the rest
-  replicated; without a mesh everything on this process's first device."""
-  if mesh is None:
-    where = lambda name: jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  else:
-    num_params = shapes["eigenvectors"][0][1]
-    where = lambda name: (eigenvector_sharding(num_params, mesh) if name == "eigenvectors"
-                          else sharding_lib.replicated(mesh))
+def _eigenspace_target(shapes: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Returns restore targets on `mesh`: eigenvectors split over 'model' when their saved column count
+  allows it (else replicated, relaid out after), the rest replicated."""
+  columns = shapes["eigenvectors"][0][1]
+  split = columns % sharding_lib.axis_size(mesh, sharding_lib.MODEL) == 0
+  where = lambda name: (sharding_lib.flat_sharding(mesh, 2) if name == "eigenvectors" and split
+                        else sharding_lib.replicated(mesh))
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=where(name)) for name, (shape, dtype) in shapes.items()}
 
 
@@ -166,24 +245,30 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
                     mesh: Optional[jax.sharding.Mesh] = None) -> Eigenspace:
   """Returns the Eigenspace saved in `directory`; checks its fingerprint when one is given.
 
-  The arrays are laid out for `mesh` whatever mesh they were saved from
-  (eigenvectors `eigenspace.eigenvector_sharding(p, mesh)`, the rest
-  replicated), or on this process's first device without a mesh. With
-  several processes every process must call it (a collective restore).
+  The arrays are laid out on `mesh` (default: this process's first device)
+  whatever mesh they were saved from: eigenvectors in its flat layout
+  (`sharding`), the rest replicated. With several processes every process
+  must call it (a collective restore).
   """
+  mesh = sharding_lib.mesh_or_default(mesh)
   mngr = _manager(directory, read_only=True)
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"No saved eigenspace in {directory}.")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  what = f"The eigenspace in {directory}"
+  meta = _restore_meta(mngr, step, what)
   if fingerprint is not None and meta.get("fingerprint") != fingerprint:
     raise FingerprintMismatch(
         f"The eigenspace in {directory} was fitted on a different model, config or data set "
         f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}).")
-  target = _eigenspace_target(_saved_shapes(directory, step), mesh)
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  shapes = _saved_shapes(directory, step)
+  target = _eigenspace_target(shapes, mesh)
+  state = _restore_state(mngr, step, target, what)
   mngr.close()
+  verify_checksums(state, meta.get("checksums"), what)
+  num_params = int(meta.get("num_params", shapes["eigenvectors"][0][1]))
   return Eigenspace(
-      eigenvalues=state["eigenvalues"], eigenvectors=state["eigenvectors"],
-      residuals=state["residuals"], ritz_estimates=state["ritz_estimates"],
+      eigenvalues=state["eigenvalues"],
+      eigenvectors=sharding_lib.to_flat_layout(state["eigenvectors"], num_params, mesh),
+      residuals=state["residuals"], ritz_estimates=state["ritz_estimates"], num_params=num_params,
       damping=float(meta["damping"]), info=_info_from_json(meta.get("info")))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,13 +78,18 @@ def _check_split(loss_fn) -> None:
 PRODUCTS = {"hessian": hvp, "gauss_newton": gnvp}
 
 
-class LinearOperator(NamedTuple):
-  """A symmetric linear map on flat parameter vectors.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["operands"],
+                   meta_fields=["matvec", "dim", "dtype", "mesh"])
+@dataclasses.dataclass(frozen=True)
+class LinearOperator:
+  """A symmetric linear map on flat (dim,) parameter vectors, laid out on a device mesh.
 
   `matvec(operands, v)` is pure and traceable, so it can be fused into a jitted
   Arnoldi or CG step; `operands` (a pytree of arrays: params, fixed batches)
-  is passed in explicitly rather than baked into the compiled program.
-  `mesh`: the device mesh the operands are laid out on (None: one device).
+  is passed in explicitly rather than baked into the compiled program. As a
+  pytree only `operands` are leaves; `matvec` (hashable), `dim`, `dtype` and
+  `mesh` are static. `mesh`: the mesh the operands are laid out on (default:
+  the single-device mesh, `sharding.single_device_mesh`).
   """
 
   matvec: Callable[[Any, jax.Array], jax.Array]
@@ -93,8 +98,16 @@ class LinearOperator(NamedTuple):
   dtype: Any
   mesh: Optional[jax.sharding.Mesh] = None
 
+  def __post_init__(self):
+    if self.mesh is None:
+      object.__setattr__(self, "mesh", sharding_lib.single_device_mesh())
+
   def __call__(self, v: jax.Array) -> jax.Array:
     return _apply_jit(self.matvec, self.operands, v)
+
+  def replace(self, **changes) -> "LinearOperator":
+    """Returns a copy with the given fields replaced."""
+    return dataclasses.replace(self, **changes)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -119,33 +132,31 @@ def curvature_operator(
   the same examples, in micro-batches of `microbatch_size` examples (default:
   each whole batch) so memory does not grow with the batch.
 
-  With a `mesh` ('data', 'model'; see `sharding.make_mesh`) every micro-batch
-  is split over 'data' (its size rounded down to a multiple of the 'data'
-  size; the few left-over examples are processed replicated), and params keep
-  an existing sharding on that mesh (others are replicated). `batches` must
-  then be host data (numpy), the same on every process.
+  The operator lives on `mesh` ('data', 'model'; see `sharding.make_mesh`;
+  default: one device, the 1 × 1 mesh): every micro-batch is split over
+  'data' (its size rounded down to a multiple of the 'data' size; the few
+  left-over examples are processed replicated), and params keep an existing
+  sharding on that mesh (others are replicated). `batches` are host data
+  (numpy), the same on every process.
   """
   if curvature not in PRODUCTS:
     raise ValueError(f"Unknown curvature {curvature!r}; expected one of {sorted(PRODUCTS)}.")
   if curvature == "gauss_newton":
     _check_split(loss_fn)
+  mesh = sharding_lib.mesh_or_default(mesh)
   batches = data_lib.materialize(batches, "batches")
   everything = data_lib.concatenate(batches)
   total = data_lib.batch_size(everything)
   micro = microbatch_size or max(data_lib.batch_size(b) for b in batches)
   data_size = sharding_lib.axis_size(mesh, sharding_lib.DATA)
-  if mesh is not None and micro >= data_size:
+  if micro >= data_size:
     micro -= micro % data_size
   stacked, remainder = data_lib.stack_microbatches(everything, micro)
   micro = data_lib.batch_size(jax.tree.map(lambda x: x[0], stacked))
   matvec = _AveragedProduct(loss_fn, curvature, float(damping), micro, total)
   flat, _ = ravel_pytree(params)
-  if mesh is None:
-    to_jnp = lambda t: jax.tree.map(jnp.asarray, t)
-    operands = (params, to_jnp(stacked), None if remainder is None else to_jnp(remainder))
-  else:
-    operands = (sharding_lib.place_params(params, mesh), _place_examples(stacked, 1, mesh),
-                None if remainder is None else _place_examples(remainder, 0, mesh))
+  operands = (sharding_lib.place_params(params, mesh), _place_examples(stacked, 1, mesh),
+              None if remainder is None else _place_examples(remainder, 0, mesh))
   return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype, mesh=mesh)
 
 

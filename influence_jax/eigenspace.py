@@ -10,6 +10,7 @@ eigenvector).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -46,10 +47,14 @@ class EigenspaceInfo:
 class Eigenspace:
   """Top-k eigenpairs of the curvature.
 
-  eigenvalues: (k,) descending, of the undamped curvature.
-  eigenvectors: (k, p) orthonormal rows.
+  eigenvalues: (k,) descending, of the undamped curvature (replicated).
+  eigenvectors: (k, P) orthonormal rows in the flat layout of their mesh
+    (`sharding` module: P = sharding.padded_dim(p, mesh) ≥ p columns split
+    over 'model', the columns beyond p exactly zero; P = p on one device).
+    `host_eigenvectors()` returns the (k, p) values as numpy.
   residuals: (k,) ‖Cu − λu‖ measured with one product each (NaN if skipped).
   ritz_estimates: (k,) the Arnoldi residual bound |β_n V[n-1, j]|.
+  num_params: p, the number of parameters (static).
   damping: δ ≥ 0 used when inverting, (Λ + δ)⁻¹.
   info: how it was made (EigenspaceInfo).
   """
@@ -58,6 +63,7 @@ class Eigenspace:
   eigenvectors: jax.Array
   residuals: jax.Array
   ritz_estimates: jax.Array
+  num_params: int = flax.struct.field(pytree_node=False)
   damping: float = flax.struct.field(pytree_node=False, default=0.0)
   info: Optional[EigenspaceInfo] = flax.struct.field(pytree_node=False, default=None)
 
@@ -65,20 +71,48 @@ class Eigenspace:
   def k(self) -> int:
     return int(self.eigenvalues.shape[0])
 
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    """The mesh the eigenvectors are laid out on (the 1 × 1 mesh on one device)."""
+    return sharding_lib.mesh_of(self.eigenvectors)
+
+  def host_eigenvectors(self) -> np.ndarray:
+    """Returns the (k, p) eigenvectors as numpy, padding stripped (on every process: a collective)."""
+    return sharding_lib.to_host(self.eigenvectors)[:, : self.num_params]
+
+
+def on_mesh(eigenspace: Eigenspace, mesh: Optional[jax.sharding.Mesh]) -> Eigenspace:
+  """Returns `eigenspace` laid out on `mesh` (eigenvectors in its flat layout, the rest replicated).
+
+  None or the eigenspace's own mesh returns it unchanged.
+  """
+  if mesh is None or mesh == eigenspace.mesh:
+    return eigenspace
+  rep = sharding_lib.replicated(mesh)
+  small = lambda x: sharding_lib.put(sharding_lib.to_host(x), rep)
+  return eigenspace.replace(
+      eigenvalues=small(eigenspace.eigenvalues),
+      eigenvectors=sharding_lib.to_flat_layout(eigenspace.eigenvectors, eigenspace.num_params, mesh),
+      residuals=small(eigenspace.residuals), ritz_estimates=small(eigenspace.ritz_estimates))
+
 
 def check_params(eigenspace: Eigenspace, params: Any) -> None:
   """Raises ValueError if `params` are not shaped like those the eigenspace was fitted on."""
   if eigenspace.info is not None:
     validation.check_same_signature(eigenspace.info.param_signature, params, "the eigenspace")
   size = ravel_pytree(params)[0].size
-  if size != eigenspace.eigenvectors.shape[1]:
-    raise ValueError(
-        f"params have {size} numbers but the eigenvectors have {eigenspace.eigenvectors.shape[1]}.")
+  if size != eigenspace.num_params:
+    raise ValueError(f"params have {size} numbers but the eigenspace was fitted on {eigenspace.num_params}.")
 
 
-def start_vector(num_params: int, dtype, seed: int) -> jax.Array:
-  """Returns the Arnoldi start vector: standard normal from `seed`, unnormalised."""
-  return jax.random.normal(jax.random.key(seed), (num_params,), dtype)
+def start_vector(num_params: int, dtype, seed: int, *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """Returns the Arnoldi start vector: standard normal from `seed`, unnormalised, in `mesh`'s flat layout.
+
+  The first `num_params` entries are the same on every mesh (default: one device).
+  """
+  mesh = sharding_lib.mesh_or_default(mesh)
+  return sharding_lib.to_flat_layout(
+      jax.random.normal(jax.random.key(seed), (num_params,), dtype), num_params, mesh)
 
 
 def distill(
@@ -90,83 +124,54 @@ def distill(
     damping: float = 0.0,
     compute_residuals: bool = True,
     info: Optional[EigenspaceInfo] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Eigenspace:
   """Returns the top-k eigenpairs of `op` from a finished Arnoldi `state`.
 
-  U = Vᵀ Q: Ritz vectors of the kept Ritz values. With `compute_residuals`,
-  each pair's ‖Cu − λu‖ costs one more curvature product. On a `mesh`
-  (default: the operator's) see `fit_eigenspace` for the layout.
+  U = Vᵀ Q: Ritz vectors of the kept Ritz values, computed in the basis'
+  flat layout on the operator's mesh (see `Eigenspace`); eigenvalues and
+  diagnostics replicated. With `compute_residuals`, each pair's ‖Cu − λu‖
+  costs one more curvature product.
   """
-  mesh = op.mesh if mesh is None else mesh
   ritz = arnoldi.ritz(state)
   keep = arnoldi.select(ritz.values, top_k, selection)
   if keep.size == 0:
     raise ValueError(
         f"No eigenvalue passed the {selection!r} selection (all {ritz.size} Ritz values are "
         "non-positive or negligible): is the curvature zero at these params?")
-  if mesh is not None:
-    return _distill_sharded(op, state, ritz, keep, damping, compute_residuals, info, mesh)
-  basis = state.basis[: ritz.size]
-  coeffs = jnp.asarray(ritz.vectors[:, keep].T, basis.dtype)
-  vectors = coeffs @ basis
-  values = jnp.asarray(ritz.values[keep], basis.dtype)
-  if compute_residuals:
-    products = jax.lax.map(lambda u: op.matvec(op.operands, u), vectors)
-    residuals = jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
-  else:
-    residuals = jnp.full(values.shape, jnp.nan, basis.dtype)
+  dtype = state.basis.dtype
+  rep = sharding_lib.replicated(op.mesh)
+  coeffs = sharding_lib.put(np.asarray(ritz.vectors[:, keep].T, dtype), rep)
+  values = sharding_lib.put(np.asarray(ritz.values[keep], dtype), rep)
+  vectors, residuals = _ritz_vectors(op.matvec, op.dim, op.mesh, compute_residuals)(
+      op.operands, state.basis, coeffs, values)
   return Eigenspace(
       eigenvalues=values,
       eigenvectors=vectors,
       residuals=residuals,
-      ritz_estimates=jnp.asarray(ritz.estimates[keep], basis.dtype),
+      ritz_estimates=sharding_lib.put(np.asarray(ritz.estimates[keep], dtype), rep),
+      num_params=int(op.dim),
       damping=float(damping),
       info=info,
   )
 
 
-def eigenvector_sharding(num_params: int, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-  """Returns the layout of (k, p) eigenvectors on `mesh`.
-
-  P(None, 'model') when p is a multiple of the 'model' size; otherwise the
-  padded columns were stripped and the (k, p) result is replicated.
-  """
-  if sharding_lib.padded_dim(num_params, mesh) == num_params:
-    return sharding_lib.basis_sharding(mesh)
-  return sharding_lib.replicated(mesh)
-
-
-def _distill_sharded(op, state, ritz, keep, damping, compute_residuals, info, mesh) -> Eigenspace:
-  """`distill` on a mesh: U = VᵀQ computed column-sharded, padding stripped, small arrays replicated."""
-  dtype = state.basis.dtype
-  p, padded = op.dim, state.basis.shape[1]
+@functools.lru_cache(maxsize=32)
+def _ritz_vectors(matvec, dim: int, mesh, compute_residuals: bool):
+  """Returns a jitted (operands, basis, coeffs, values) ↦ ((k, P) Ritz vectors coeffs · basis in the
+  flat layout, (k,) residuals ‖Cu − λu‖ or NaN, replicated)."""
+  flat = sharding_lib.flat_sharding(mesh, 2)
   rep = sharding_lib.replicated(mesh)
-  coeffs = np.asarray(ritz.vectors[:, keep].T, dtype)
-  values = np.asarray(ritz.values[keep], dtype)
 
   def compute(operands, basis, coeffs, values):
-    vectors = coeffs @ basis[: coeffs.shape[1]]
-    vectors = jax.lax.with_sharding_constraint(vectors, sharding_lib.basis_sharding(mesh))
-    if compute_residuals:
-      whole = lambda u: jax.lax.with_sharding_constraint(u, rep)[:p]
-      apply = lambda u: sharding_lib.pad_last(op.matvec(operands, whole(u)), padded)
-      products = jax.lax.map(apply, vectors)
-      residuals = jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
-    else:
-      residuals = jnp.full(values.shape, jnp.nan, dtype)
-    return vectors if p == padded else vectors[:, :p], residuals
+    vectors = jax.lax.with_sharding_constraint(coeffs @ basis[: coeffs.shape[1]], flat)
+    if not compute_residuals:
+      return vectors, jnp.full(values.shape, jnp.nan, basis.dtype)
+    whole = lambda u: jax.lax.with_sharding_constraint(u, rep)[:dim]
+    apply = lambda u: sharding_lib.pad_last(matvec(operands, whole(u)), basis.shape[1])
+    products = jax.lax.with_sharding_constraint(jax.lax.map(apply, vectors), flat)
+    return vectors, jnp.linalg.norm(products - values[:, None] * vectors, axis=1)
 
-  vectors, residuals = jax.jit(compute, out_shardings=(eigenvector_sharding(p, mesh), rep))(
-      op.operands, state.basis, coeffs, values)
-  return Eigenspace(
-      eigenvalues=sharding_lib.put(values, rep),
-      eigenvectors=vectors,
-      residuals=residuals,
-      ritz_estimates=sharding_lib.put(np.asarray(ritz.estimates[keep], dtype), rep),
-      damping=float(damping),
-      info=info,
-  )
+  return jax.jit(compute, out_shardings=(flat, rep))
 
 
 def fit_eigenspace(
@@ -199,12 +204,12 @@ def fit_eigenspace(
   `callback(state)` runs after every step (progress, checkpoints);
   `initial_state` resumes a run saved from such a callback (same inputs).
 
-  With a `mesh` (`sharding.make_mesh`): curvature batches are split over
-  'data', the Krylov basis over 'model' (P(None, 'model'), never whole on one
-  device), and the eigenvectors come back (k, p) laid out as
-  `eigenvector_sharding(p, mesh)`; eigenvalues and diagnostics replicated.
-  The same start vector is used, so results equal the one-device fit up to
-  rounding.
+  With a `mesh` (`sharding.make_mesh`; default: one device): curvature
+  batches are split over 'data', and the Krylov basis and the eigenvectors
+  are in the mesh's flat layout (columns split over 'model' whatever p is,
+  never whole on one device; see `Eigenspace`); eigenvalues and diagnostics
+  replicated. The same start vector is used, so results equal the one-device
+  fit up to rounding.
   """
   if not isinstance(n_iters, (int, np.integer)) or n_iters < 1:
     raise ValueError(f"n_iters must be a positive integer, got {n_iters!r}.")
@@ -226,13 +231,13 @@ def fit_eigenspace(
       loss_fn, params, batches, curvature=curvature, microbatch_size=microbatch_size, mesh=mesh)
   state = initial_state
   if state is None:
-    state = arnoldi.init(start_vector(op.dim, op.dtype, seed), n_iters, block_size=block_size, mesh=mesh)
-  elif (state.basis.shape[1] != sharding_lib.padded_dim(op.dim, mesh)
+    state = arnoldi.init(start_vector(op.dim, op.dtype, seed, mesh=op.mesh), n_iters, block_size=block_size)
+  elif (state.basis.shape[1] != sharding_lib.padded_dim(op.dim, op.mesh)
         or state.hessenberg.shape[1] != n_iters):
     raise ValueError(
         f"initial_state has a basis of shape {state.basis.shape} for n_iters={state.hessenberg.shape[1]}, "
         f"but this fit has {op.dim} parameters and n_iters={n_iters}.")
-  state = arnoldi.run(op, state, tol=tol, block_size=block_size, callback=callback, mesh=mesh)
+  state = arnoldi.run(op, state, tol=tol, block_size=block_size, callback=callback)
   validation.check_finite(state.hessenberg, "the Arnoldi Hessenberg matrix (the curvature products)")
   info = EigenspaceInfo(
       curvature=curvature,
@@ -247,7 +252,7 @@ def fit_eigenspace(
       param_signature=validation.param_signature(params),
   )
   return distill(op, state, top_k=top_k, selection=selection, damping=damping,
-                 compute_residuals=compute_residuals, info=info, mesh=mesh)
+                 compute_residuals=compute_residuals, info=info)
 
 
 def project(
@@ -262,8 +267,9 @@ def project(
 ) -> jax.Array:
   """Returns the (N, k) projections G(z) = U ∇ℓ(z) of every example in `batches`, in order.
 
-  With a `mesh` the batches are split over 'data' and the result is sharded by
-  example (see `projection.project_on`).
+  The eigenvectors are used on their own mesh, or laid out on `mesh` when one
+  is given; the batches are split over its 'data' axis and the result is
+  sharded by example (see `projection.project_on`).
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")

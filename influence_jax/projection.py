@@ -14,10 +14,12 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
+from influence_jax import validation
 
 METHODS = ("vjp", "jvp")
 _MICROBATCH_BYTES = 256 * 2**20
@@ -41,34 +43,30 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
 
 
 def _micro_projector(per_example_loss_fn, method, with_norms, params, directions):
-  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros)."""
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros).
+
+  `directions` are (k, P) in a flat layout (P ≥ p, columns beyond p zero).
+  """
   flat, unravel = ravel_pytree(params)
+  p, columns = flat.size, directions.shape[1]
 
   def one_micro(mb):
     if method == "vjp":
       grads = jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(mb)
       grads = grads.astype(directions.dtype)
-      proj = grads @ directions.T
+      proj = sharding_lib.pad_last(grads, columns) @ directions.T
       sq = jnp.sum(grads * grads, axis=1) if with_norms else jnp.zeros(grads.shape[:1], grads.dtype)
       return proj, sq
     f = lambda x: per_example_loss_fn(unravel(x), mb)
-    jvp_one = lambda d: jax.jvp(f, (flat,), (d.astype(flat.dtype),))[1]
+    jvp_one = lambda d: jax.jvp(f, (flat,), (d[:p].astype(flat.dtype),))[1]
     proj = jax.lax.map(jvp_one, directions, batch_size=min(16, directions.shape[0])).T.astype(directions.dtype)
     return proj, jnp.zeros(proj.shape[:1], proj.dtype)
 
   return one_micro
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
-  """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
-  proj, sq = jax.lax.map(one_micro, batch)
-  return proj.reshape(-1, proj.shape[-1]), sq.reshape(-1)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _project_batch_sharded(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch):
+def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch):
   """Returns ((S, k) projections sharded P('data', None), (S,) norms) of a (S, ...) batch sharded P('data').
 
   Each 'data' device owns a contiguous S/d rows; micro-step j takes micro/d
@@ -94,71 +92,6 @@ def _project_batch_sharded(per_example_loss_fn, method, with_norms, mesh, micro,
   return from_micro(proj), from_micro(sq)
 
 
-def project_on(
-    directions: jax.Array,
-    per_example_loss_fn: Callable,
-    params: Any,
-    batches: Iterable[Any],
-    *,
-    method: str = "vjp",
-    microbatch_size: Optional[int] = None,
-    with_sq_norms: bool = False,
-    pad_to: Optional[int] = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
-) -> Projections:
-  """Returns the projections D ∇ℓ(z) of every example of `batches`, in order.
-
-  `directions` is (k, p) in `ravel_pytree(params)` order. Batches are padded to
-  the first batch's size (one compiled program) and results sliced back.
-  `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp"). `pad_to`
-  fixes the padded batch size across calls (a streaming caller's last, smaller
-  batch then reuses the compiled program; without a mesh).
-
-  With a `mesh`, every batch is split over 'data' (micro-batches rounded up to
-  a multiple of the 'data' size), params keep an existing sharding on the
-  mesh, and the (N, k) result is sharded by example, P('data', None), when N
-  is a multiple of the 'data' size (otherwise laid out as XLA chose). Batches
-  may be host data (the same on every process) or global arrays already
-  sharded P('data') (e.g. from `sharding.global_batches`); a global batch is
-  used whole (no padding or slicing: mask its padding rows yourself).
-  """
-  if method not in METHODS:
-    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
-  if with_sq_norms and method != "vjp":
-    raise ValueError("Squared gradient norms need method='vjp' (jvp never forms the gradient).")
-  flat, _ = ravel_pytree(params)
-  if directions.ndim != 2 or directions.shape[1] != flat.size:
-    raise ValueError(
-        f"directions have shape {directions.shape}, but params have {flat.size} numbers: "
-        "expected (k, num_params).")
-  if mesh is not None:
-    return _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size,
-                            with_sq_norms, mesh)
-  values, norms = [], []
-  padded_size = None
-  for i, batch in enumerate(batches):
-    n = data_lib.batch_size(batch)
-    if n == 0:
-      raise ValueError(f"batch {i} holds no examples.")
-    if padded_size is None:
-      size = max(n, pad_to or 0)
-      micro = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, size)
-      micro = min(micro, size)
-      padded_size = micro * -(-size // micro)
-    if n > padded_size:
-      raise ValueError(
-          f"batch {i} has {n} examples, more than the first batch ({padded_size} after padding); "
-          "put the largest batch first or use equal batch sizes.")
-    padded = data_lib.pad(batch, padded_size)
-    stacked = jax.tree.map(lambda x: jnp.asarray(x).reshape((padded_size // micro, micro) + x.shape[1:]), padded)
-    proj, sq = _project_batch(per_example_loss_fn, method, with_sq_norms, params, directions, stacked)
-    values.append(proj[:n])
-    norms.append(sq[:n])
-  if not values:
-    raise ValueError("batches is empty: nothing to project.")
-  return Projections(jnp.concatenate(values), jnp.concatenate(norms) if with_sq_norms else None)
-
-
 def _is_on_mesh(batch, mesh) -> bool:
   """Returns True if every leaf is a jax.Array already laid out P('data') on `mesh` (a global batch)."""
   want = sharding_lib.batch_sharding(mesh)
@@ -175,16 +108,48 @@ def _global_micro(size: int, micro: int, d: int) -> int:
   return best * d
 
 
-def _project_on_mesh(directions, per_example_loss_fn, params, batches, method, microbatch_size, with_sq_norms, mesh):
-  """`project_on` with batches split over the mesh's 'data' axis."""
-  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
+def project_on(
+    directions: jax.Array,
+    per_example_loss_fn: Callable,
+    params: Any,
+    batches: Iterable[Any],
+    *,
+    method: str = "vjp",
+    microbatch_size: Optional[int] = None,
+    with_sq_norms: bool = False,
+    pad_to: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Projections:
+  """Returns the projections D ∇ℓ(z) of every example of `batches`, in order.
+
+  `directions` is (k, p), or (k, P) in a flat layout (`sharding`: P ≥ p,
+  the columns beyond p zero), in `ravel_pytree(params)` order. It runs on
+  `mesh` (default: the directions' mesh; one device for host directions),
+  the directions laid out in its flat layout. Host batches (the same on
+  every process) are padded to the first batch's size, or `pad_to` when
+  larger (one compiled program for a stream of batches), split over 'data'
+  (micro-batches rounded up to a multiple of the 'data' size), and the
+  results sliced back. Batches that are global arrays already sharded
+  P('data') (e.g. from `sharding.global_batches`) are used whole (no padding
+  or slicing: mask their padding rows yourself). Params keep an existing
+  sharding on the mesh. The (N, k) result is sharded by example,
+  P('data', None), when N is a multiple of the 'data' size (otherwise laid
+  out as XLA chose). `with_sq_norms` also returns ‖∇ℓ(z)‖² (method="vjp").
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
+  if with_sq_norms and method != "vjp":
+    raise ValueError("Squared gradient norms need method='vjp' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)
+  p = flat.size
+  if np.ndim(directions) != 2 or np.shape(directions)[1] not in (p, sharding_lib.padded_dim(p, sharding_lib.mesh_of(directions))):
+    raise ValueError(
+        f"directions have shape {np.shape(directions)}, but params have {p} numbers: "
+        "expected (k, num_params) or (k, padded columns) in a flat layout.")
+  mesh = sharding_lib.mesh_of(directions) if mesh is None else mesh
+  directions = sharding_lib.to_flat_layout(directions, p, mesh)
   params = sharding_lib.place_params(params, mesh)
-  if not (isinstance(directions, jax.Array) and isinstance(directions.sharding, jax.sharding.NamedSharding)
-          and directions.sharding.mesh == mesh):
-    directions = sharding_lib.put(directions, sharding_lib.replicated(mesh)
-                                  if directions.shape[1] % sharding_lib.axis_size(mesh, sharding_lib.MODEL)
-                                  else sharding_lib.basis_sharding(mesh))
+  d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
   values, norms = [], []
   padded_size = micro = None
   for i, batch in enumerate(batches):
@@ -194,26 +159,28 @@ def _project_on_mesh(directions, per_example_loss_fn, params, batches, method, m
     if _is_on_mesh(batch, mesh):
       if n % d:
         raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")
-      want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
+      want = microbatch_size or default_microbatch_size(p, flat.dtype.itemsize, n)
       size, mb, placed = n, _global_micro(n, want, d), batch
     else:
       if padded_size is None:
-        want = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, n)
-        micro = d * -(-min(want, n) // d)
-        padded_size = micro * -(-n // micro)
+        size = max(n, pad_to or 0)
+        want = microbatch_size or default_microbatch_size(p, flat.dtype.itemsize, size)
+        micro = d * -(-min(want, size) // d)
+        padded_size = micro * -(-size // micro)
       if n > padded_size:
         raise ValueError(
             f"batch {i} has {n} examples, more than the first batch ({padded_size} after padding); "
             "put the largest batch first or use equal batch sizes.")
       size, mb = padded_size, micro
       placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
-    proj, sq = _project_batch_sharded(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed)
+    proj, sq = _project_batch(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed)
     values.append(proj if n == size else proj[:n])
     norms.append(sq if n == size else sq[:n])
   if not values:
     raise ValueError("batches is empty: nothing to project.")
-  values, norms = _concatenate_by_example(values, mesh), _concatenate_by_example(norms, mesh)
-  return Projections(values, norms if with_sq_norms else None)
+  values = _concatenate_by_example(values, mesh)
+  validation.check_finite_rows(values, "projection")
+  return Projections(values, _concatenate_by_example(norms, mesh) if with_sq_norms else None)
 
 
 def _concatenate_by_example(pieces, mesh):
@@ -227,31 +194,35 @@ def _concatenate_by_example(pieces, mesh):
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
                           *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
-  """Returns the (B, p) flat per-example gradients of one batch (hold only what fits in memory).
+  """Returns the (B, P) flat per-example gradients of one host batch, in `mesh`'s flat layout.
 
-  With a `mesh`, the batch is host data and the result is laid out P(None, 'model')
-  when p is a multiple of the 'model' size (replicated otherwise).
+  P = sharding.padded_dim(p, mesh) (the columns beyond p zero), split over
+  'model'; default: one device, P = p. Hold only what fits in memory.
   """
-  if mesh is None:
-    return _per_example_gradients(per_example_loss_fn, params, jax.tree.map(jnp.asarray, batch))
+  mesh = sharding_lib.mesh_or_default(mesh)
   flat, _ = ravel_pytree(params)
-  rep = sharding_lib.replicated(mesh)
-  out = rep if flat.size % sharding_lib.axis_size(mesh, sharding_lib.MODEL) else sharding_lib.basis_sharding(mesh)
-  return jax.jit(_per_example_gradients, static_argnums=0, out_shardings=out)(
-      per_example_loss_fn, sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, rep))
+  return _per_example_gradients(per_example_loss_fn, sharding_lib.padded_dim(flat.size, mesh), mesh)(
+      sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, sharding_lib.replicated(mesh)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _per_example_gradients(per_example_loss_fn, params, batch):
-  flat, unravel = ravel_pytree(params)
-  return jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
+@functools.lru_cache(maxsize=32)
+def _per_example_gradients(per_example_loss_fn, columns: int, mesh):
+  """Returns a jitted (params, batch) ↦ (B, columns) per-example gradients in `mesh`'s flat layout."""
+
+  def grads(params, batch):
+    flat, unravel = ravel_pytree(params)
+    g = jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
+    return sharding_lib.pad_last(g, columns)
+
+  return jax.jit(grads, out_shardings=sharding_lib.flat_sharding(mesh, 2))
 
 
 def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64,
               *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
-  """Returns the (T, p) flat per-example gradients of every example of `batches`, `chunk_size` at a time.
+  """Returns the (T, P) flat per-example gradients of every example of `batches`, `chunk_size` at a time.
 
-  For the few test examples whose gradients serve as directions; T × p numbers are held.
+  In `mesh`'s flat layout as `per_example_gradients`. For the few test
+  examples whose gradients serve as directions; T × P numbers are held.
   """
   return jnp.concatenate([per_example_gradients(per_example_loss_fn, params, chunk, mesh=mesh)
                           for b in batches for chunk in data_lib.iterate(b, chunk_size)])

@@ -115,13 +115,19 @@ def empty_largest(k: int) -> RunningLargest:
   return RunningLargest(-np.ones(k, np.int64), np.full(k, -np.inf, np.float64))
 
 
+def merge_indexed(running: RunningLargest, indices: np.ndarray, values: np.ndarray) -> RunningLargest:
+  """Returns `running` updated with (indices[i], values[i]) pairs (ties to the lower index, unfilled last)."""
+  k = running.indices.shape[0]
+  idx = np.concatenate([running.indices, np.asarray(indices, np.int64)])
+  vals = np.concatenate([running.values, np.asarray(values, np.float64)])
+  order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -vals))[:k]
+  return RunningLargest(idx[order], vals[order])
+
+
 def merge_largest(running: RunningLargest, values: np.ndarray, offset: int) -> RunningLargest:
   """Returns `running` updated with values[i] of index offset + i (ties to the lower index)."""
   k = running.indices.shape[0]
   if k == 0 or values.size == 0:
     return running
   cand = np.argsort(-np.asarray(values, np.float64), kind="stable")[:k]
-  idx = np.concatenate([running.indices, cand + offset])
-  vals = np.concatenate([running.values, np.asarray(values, np.float64)[cand]])
-  order = np.lexsort((idx, -vals))[:k]
-  return RunningLargest(idx[order], vals[order])
+  return merge_indexed(running, cand + offset, np.asarray(values)[cand])

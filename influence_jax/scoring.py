@@ -15,7 +15,7 @@ import numpy as np
 from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params
+from influence_jax.eigenspace import Eigenspace, check_params, on_mesh
 
 
 def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
@@ -164,13 +164,16 @@ def influence(
   examples are projected on [eigenvectors; test gradients] in one pass, so no
   p-sized per-example gradient of the training set is ever held (the T test
   gradients are: T × p numbers).
-  With a `mesh`, test and train batches are split over 'data' (see
+  The eigenspace is used on its own mesh, or laid out on `mesh` when one is
+  given; test and train batches are split over its 'data' axis (see
   `projection.project_on`; global train batches keep their padding rows,
   to be masked by the caller) and the scores' train axis follows the train
   projections' layout.
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")
+  eigenspace = on_mesh(eigenspace, mesh)
+  mesh = eigenspace.mesh
   test_batches = data_lib.materialize(test_batches, "test_batches")
   train_batches = data_lib.materialize(train_batches, "train_batches")
   kw = dict(method=method, microbatch_size=microbatch_size, mesh=mesh)

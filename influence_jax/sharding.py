@@ -1,21 +1,23 @@
-"""Device meshes and partition specs for sharded influence computations (DESIGN §3).
+"""Device meshes and the flat layout rule of sharded influence computations (DESIGN §3).
 
-One mesh with two axes:
+Every computation runs on a mesh with two axes; no mesh is the 1 × 1 mesh on
+one device (`single_device_mesh`), not a separate code path:
 - 'data': examples of a batch (curvature products, projections) are split over it;
-- 'model': the parameter axis of the flat (rows, p) Krylov basis and of the
-  (k, p) eigenvectors is split over it, so no device holds a whole basis and a
-  dot product with it reduces only a few scalars across devices.
+- 'model': the parameter axis of flat parameter-space arrays is split over it.
 
-Flat layout. The basis and eigenvectors live in `ravel_pytree(params)` order,
-and their p columns are cut into contiguous pieces over 'model'. When p is not
-a multiple of the 'model' size, the columns are padded with zeros up to
-`padded_dim(p, mesh)`; the padded columns stay exactly zero (the operator is
-extended by zero on them) and are stripped from everything returned to the
-user (eigenvectors come back (k, p)). A model whose parameters are already
-sharded keeps its own layout: params are passed to every product as they are;
-only the p-vector being multiplied is redistributed between the flat
-'model'-sharded layout and the parameters' layout, once per product (p numbers,
-never the n × p basis).
+The flat layout rule (the only place it is defined). An array of flat
+parameter vectors — the (rows, p) Krylov basis, the (k, p) eigenvectors,
+(B, p) per-example gradients, one (p,) vector — has its p columns, in
+`ravel_pytree(params)` order, zero-padded to `padded_dim(p, mesh)` (a
+multiple of the 'model' size) and cut into equal contiguous pieces over
+'model' (`flat_sharding`; `to_flat_layout` puts any array so). The padding
+stays exactly zero (operators are extended by zero on it), so whatever p is
+no device holds more than ⌈p / model⌉ columns; it is stripped only where a
+user asks for host arrays (`Eigenspace.host_eigenvectors`). A model whose
+parameters are already sharded keeps its own layout: params are passed to
+every product as they are; only the p-vector being multiplied is
+redistributed between the flat layout and the parameters' layout, once per
+product (p numbers, never the n × p basis).
 
 Several processes: `initialize_distributed` first, then a mesh over all
 devices of all processes (`make_mesh`), then `process_slice` /
@@ -24,6 +26,7 @@ devices of all processes (`make_mesh`), then `process_slice` /
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
@@ -86,6 +89,36 @@ def make_mesh(mesh_shape=None, *, devices: Optional[Sequence[Any]] = None) -> Me
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
+@functools.lru_cache(maxsize=None)
+def _single_device_mesh(device) -> Mesh:
+  return jax.make_mesh((1, 1), AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=[device])
+
+
+def single_device_mesh(device=None) -> Mesh:
+  """Returns the 1 × 1 ('data', 'model') mesh on `device` (default: this process's first device): "no mesh"."""
+  return _single_device_mesh(jax.local_devices()[0] if device is None else device)
+
+
+def mesh_or_default(mesh: Optional[Mesh]) -> Mesh:
+  """Returns `mesh`, or the single-device mesh when it is None."""
+  return single_device_mesh() if mesh is None else mesh
+
+
+def mesh_of(x: Any) -> Mesh:
+  """Returns the mesh `x` is laid out on: its NamedSharding's mesh, else the 1 × 1 mesh on its one device.
+
+  Host values (numpy) give the default single-device mesh.
+  """
+  s = getattr(x, "sharding", None)
+  if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh):
+    return s.mesh
+  if s is None:
+    return single_device_mesh()
+  if len(s.device_set) == 1:
+    return single_device_mesh(next(iter(s.device_set)))
+  raise ValueError(f"The array is laid out as {s}, not on a mesh: put it with a NamedSharding.")
+
+
 def axis_size(mesh: Optional[Mesh], axis: str) -> int:
   """Returns the number of devices along `axis` (1 without a mesh)."""
   return 1 if mesh is None else int(mesh.shape[axis])
@@ -95,14 +128,19 @@ def named(mesh: Mesh, spec: P) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def flat_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Returns the layout of a flat parameter-space array with `ndim` axes: the last split over 'model'."""
+  return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL))
+
+
 def basis_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of a (rows, p) basis or (k, p) eigenvectors: columns over 'model'."""
-  return NamedSharding(mesh, BASIS_SPEC)
+  return flat_sharding(mesh, 2)
 
 
 def vector_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of one flat (p,) parameter-space vector: split over 'model'."""
-  return NamedSharding(mesh, VECTOR_SPEC)
+  return flat_sharding(mesh, 1)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -120,7 +158,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def padded_dim(dim: int, mesh: Optional[Mesh]) -> int:
-  """Returns `dim` rounded up to a multiple of the 'model' size (the basis' column count)."""
+  """Returns `dim` rounded up to a multiple of the 'model' size: the column count of the flat layout."""
   m = axis_size(mesh, MODEL)
   return m * -(-dim // m)
 
@@ -131,6 +169,35 @@ def pad_last(x: jax.Array, size: int) -> jax.Array:
   if extra == 0:
     return x
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+@functools.lru_cache(maxsize=64)
+def _relayout(num_params: int, columns: int, target: NamedSharding):
+  return jax.jit(lambda x: pad_last(x[..., :num_params], columns), out_shardings=target)
+
+
+def to_flat_layout(x: Any, num_params: int, mesh: Mesh) -> jax.Array:
+  """Returns `x` (..., c), c ≥ num_params, in the flat layout of `mesh` (see the module docstring).
+
+  Columns beyond `num_params` are dropped and zeros appended up to
+  `padded_dim(num_params, mesh)`; the last axis is split over 'model'. An
+  array already so laid out is returned as is. Host values must be the same
+  on every process.
+  """
+  columns = padded_dim(num_params, mesh)
+  ndim = np.ndim(x)
+  if ndim == 0 or np.shape(x)[-1] < num_params:
+    raise ValueError(f"Expected flat parameter vectors with at least {num_params} columns, got shape {np.shape(x)}.")
+  target = flat_sharding(mesh, ndim)
+  if isinstance(x, jax.Array):
+    if x.shape[-1] == columns and x.sharding.is_equivalent_to(target, ndim):
+      return x
+    if x.sharding.device_set == target.device_set:
+      return _relayout(num_params, columns, target)(x)
+    if x.is_fully_addressable and target.is_fully_addressable:
+      return jax.device_put(pad_last(x[..., :num_params], columns), target)
+  host = to_host(x)[..., :num_params]
+  return put(np.pad(host, [(0, 0)] * (ndim - 1) + [(0, columns - num_params)]), target)
 
 
 def put(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -217,6 +284,29 @@ def num_steps(num_local: int, local_batch_size: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.asarray([mine], np.int64))))
 
 
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """Returns this process's share of a global batch; raises ValueError unless the global batch is a
+  multiple of the 'data' axis and of the process count, and 'data' spans the processes."""
+  count = jax.process_count()
+  data_size = axis_size(mesh, DATA)
+  if global_batch_size % count or global_batch_size % data_size:
+    raise ValueError(f"The global batch size {global_batch_size} must be a multiple of the 'data' axis "
+                     f"({data_size}) and of the {count} processes.")
+  if count > 1 and data_size % count:
+    raise ValueError(
+        f"The mesh's 'data' axis ({data_size}) must be a multiple of the process count ({count}) "
+        "so that each process feeds its own examples.")
+  return global_batch_size // count
+
+
+def to_global(local: Any, global_batch_size: int, mesh: Mesh) -> Any:
+  """Returns the (global_batch_size, ...) arrays over 'data' whose rows from this process are `local`
+  (leaves of local_batch_size(...) rows; a collective: every process calls it)."""
+  spec = batch_sharding(mesh)
+  make = lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x), (global_batch_size,) + np.shape(x)[1:])
+  return jax.tree.map(make, local)
+
+
 def global_batches(local_data: Any, local_ids: np.ndarray, global_batch_size: int, mesh: Mesh) -> Iterator[GlobalBatch]:
   """Yields global batches of `global_batch_size` examples, each process contributing its own examples.
 
@@ -227,34 +317,18 @@ def global_batches(local_data: Any, local_ids: np.ndarray, global_batch_size: in
   and id −1. Built with `jax.make_array_from_process_local_data`; the 'data'
   axis must span the processes (its size a multiple of the process count).
   """
-  count = jax.process_count()
-  if global_batch_size % count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the {count} processes.")
-  data_size = axis_size(mesh, DATA)
-  if global_batch_size % data_size:
-    raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of the 'data' axis ({data_size}).")
-  if count > 1 and data_size % count:
-    raise ValueError(
-        f"The mesh's 'data' axis ({data_size}) must be a multiple of the process count ({count}) "
-        "so that each process feeds its own examples.")
+  local_size = local_batch_size(global_batch_size, mesh)
   local_ids = np.asarray(local_ids, np.int64)
   n = len(local_ids)
   if n and data_lib.batch_size(local_data) != n:
     raise ValueError(f"local_data has {data_lib.batch_size(local_data)} examples but {n} local_ids.")
-  local_size = global_batch_size // count
-  steps = num_steps(n, local_size)
-  sharding = batch_sharding(mesh)
   if n == 0:
     raise ValueError("This process has no examples; give every process at least one (padding needs a real row).")
-  make = lambda x, shape: jax.make_array_from_process_local_data(sharding, x, shape)
-  for step in range(steps):
+  for step in range(num_steps(n, local_size)):
     start, stop = step * local_size, min((step + 1) * local_size, n)
     chunk = data_lib.take(local_data, start, stop) if start < n else data_lib.take(local_data, 0, 1)
-    real = max(0, stop - start)
-    chunk = data_lib.pad(chunk, local_size)
     ids = np.full((local_size,), -1, np.int32)
-    if real:
-      ids[:real] = local_ids[start:stop]
-    mask = ids >= 0
-    batch = jax.tree.map(lambda x: make(np.asarray(x), (global_batch_size,) + np.shape(x)[1:]), chunk)
-    yield GlobalBatch(batch, make(ids, (global_batch_size,)), make(mask, (global_batch_size,)))
+    if stop > start:
+      ids[:stop - start] = local_ids[start:stop]
+    batch, ids, mask = to_global((data_lib.pad(chunk, local_size), ids, ids >= 0), global_batch_size, mesh)
+    yield GlobalBatch(batch, ids, mask)

@@ -23,6 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import sharding as sharding_lib
 
 
 class KroneckerSketch(NamedTuple):
@@ -73,11 +74,13 @@ def apply_sketch(sketch: KroneckerSketch, vectors: jax.Array) -> jax.Array:
 
 
 class SketchedProjections(NamedTuple):
-  """Per example: projections (B, k) U∇ℓ, sq_norms (B,) ‖∇ℓ‖², sketch (B, m) R(I − UᵀU)∇ℓ (or (B, 0))."""
+  """Per example: projections (B, k) U∇ℓ, sq_norms (B,) ‖∇ℓ‖², sketch (B, m) R(I − UᵀU)∇ℓ (or (B, 0)),
+  losses (B,) ℓ (for finiteness checks: a NaN loss can have a finite, zero gradient)."""
 
   projections: jax.Array
   sq_norms: jax.Array
   sketch: jax.Array
+  losses: jax.Array
 
 
 def divisor_at_most(n: int, limit: int) -> int:
@@ -94,35 +97,39 @@ def divisor_at_most(n: int, limit: int) -> int:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, params, directions, sketch, batch):
   flat, unravel = ravel_pytree(params)
-  sketched_directions = apply_sketch(sketch, directions) if sketch is not None else None  # (k, m): R Uᵀ columns
+  p, columns = flat.size, directions.shape[1]  # columns ≥ p: a mesh's flat layout, zero beyond p.
+  sketched_directions = apply_sketch(sketch, directions[:, :p]) if sketch is not None else None  # (k, m): R Uᵀ
 
   def example_grad(example):
     one = jax.tree.map(lambda x: x[None], example)
-    return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+    return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
   def one_micro(mb):
-    grads = jax.vmap(example_grad)(mb).astype(directions.dtype)
-    proj = grads @ directions.T
+    losses, grads = jax.vmap(example_grad)(mb)
+    grads = grads.astype(directions.dtype)
+    proj = sharding_lib.pad_last(grads, columns) @ directions.T
     sq = jnp.sum(grads * grads, axis=1)
     if sketch is None:
-      return proj, sq, jnp.zeros((grads.shape[0], 0), grads.dtype)
-    return proj, sq, apply_sketch(sketch, grads) - proj @ sketched_directions
+      return proj, sq, jnp.zeros((grads.shape[0], 0), grads.dtype), losses
+    return proj, sq, apply_sketch(sketch, grads) - proj @ sketched_directions, losses
 
   size = data_lib.batch_size(batch)
   stacked = jax.tree.map(lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:]), batch)
-  proj, sq, sk = jax.lax.map(one_micro, stacked)
-  return proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1)
+  proj, sq, sk, losses = jax.lax.map(one_micro, stacked)
+  return proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1), losses.reshape(size)
 
 
 def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: Callable,
                        params: Any, batch: Any, *, microbatch_size: int = 0) -> SketchedProjections:
-  """Returns U∇ℓ, ‖∇ℓ‖² and R(I − UᵀU)∇ℓ for every example of `batch` (directions U: (k, p) orthonormal).
+  """Returns U∇ℓ, ‖∇ℓ‖², R(I − UᵀU)∇ℓ and ℓ for every example of `batch`.
+
+  Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p).
 
   Per-example gradients exist one micro-batch at a time (a divisor of the batch size; 0: the
   largest whose gradients take ≤ 256 MiB).
   """
   size = data_lib.batch_size(batch)
-  p = directions.shape[1]
+  p = ravel_pytree(params)[0].size
   budget = microbatch_size or max(1, (256 * 2**20) // (4 * p))
   micro = divisor_at_most(size, budget)
   return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))

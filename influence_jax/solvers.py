@@ -15,6 +15,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import projection
+from influence_jax.curvature import LinearOperator
 
 Params = Any
 
@@ -36,10 +38,11 @@ def dense_hessian(loss_fn: Callable, params: Params, batches) -> jax.Array:
 
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Params, batches) -> jax.Array:
-  """Returns the (N, p) matrix of flat per-example gradients ∇ℓ(z_i) (tiny problems only)."""
-  flat, unravel = ravel_pytree(params)
-  batch_jacobian = jax.jit(jax.jacrev(lambda f, b: per_example_loss_fn(unravel(f), b)))
-  return jnp.concatenate([batch_jacobian(flat, b) for b in data_lib.materialize(batches, "batches")])
+  """Returns the (N, p) matrix of flat per-example gradients ∇ℓ(z_i) on one device (tiny problems only).
+
+  The same as `projection.gradients` without a mesh.
+  """
+  return projection.gradients(per_example_loss_fn, params, data_lib.materialize(batches, "batches"))
 
 
 def exact_influence(
@@ -73,7 +76,7 @@ def exact_influence(
 
 
 class CGResult(NamedTuple):
-  """The result of `conjugate_gradient`.
+  """The result of `conjugate_gradient`; with a batch of right-hand sides every field has its leading axis.
 
   x: the approximate solution of A x = b (flat, like b).
   num_iters: CG iterations run (one product with A each).
@@ -97,21 +100,23 @@ def conjugate_gradient(
 ) -> CGResult:
   """Solves A x = b for a symmetric positive (semi-)definite A given as a product; returns a CGResult.
 
-  `matvec` is a `curvature.LinearOperator` (its pure `matvec(operands, v)` is
-  fused into the jitted loop, operands passed as arguments) or any callable
-  v ↦ A v on flat vectors. The loop is one `jax.lax.while_loop`; it stops when
-  ‖b − A x‖ ≤ tol · ‖b‖ (relative residual), after `max_iters` iterations
-  (default: the dimension of b), or when pᵀAp ≤ 0 (A not positive definite on
-  the Krylov space: the iterate so far is returned and converged is False unless
-  the residual test already holds). For a consistent semi-definite system
-  (b in the range of A) started from x0 in that range, CG returns the
-  minimum-norm solution.
+  `b` is one flat (p,) vector or a batch (m, p) of right-hand sides solved
+  together (one batched product per iteration), each stopping on its own
+  criteria. `matvec` is a `curvature.LinearOperator` (its pure
+  `matvec(operands, v)` is fused into the jitted loop, operands passed as
+  arguments) or any callable v ↦ A v on flat vectors. The loop is one
+  `jax.lax.while_loop`; a solve stops when ‖b − A x‖ ≤ tol · ‖b‖ (relative
+  residual), after `max_iters` iterations (default: p), or when pᵀAp ≤ 0 (A
+  not positive definite on the Krylov space: the iterate so far is returned
+  and converged is False unless the residual test already holds). For a
+  consistent semi-definite system (b in the range of A) started from x0 in
+  that range, CG returns the minimum-norm solution.
   """
   b = jnp.asarray(b)
-  if b.ndim != 1:
-    raise ValueError(f"conjugate_gradient works on flat vectors; got b with shape {b.shape}.")
+  if b.ndim not in (1, 2):
+    raise ValueError(f"conjugate_gradient works on a flat vector or a batch (m, p) of them; got b with shape {b.shape}.")
   if not jnp.issubdtype(b.dtype, jnp.floating):
-    raise TypeError(f"b must be a floating-point vector; got dtype {b.dtype}.")
+    raise TypeError(f"b must be floating-point; got dtype {b.dtype}.")
   if not bool(jnp.all(jnp.isfinite(b))):
     raise ValueError("b has non-finite values (NaN or inf).")
   x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
@@ -119,12 +124,13 @@ def conjugate_gradient(
     raise ValueError(f"x0 has shape {x0.shape}, but b has shape {b.shape}.")
   if not tol > 0:
     raise ValueError(f"tol must be positive; got {tol}.")
-  max_iters = b.size if max_iters is None else int(max_iters)
+  dim = b.shape[-1]
+  max_iters = dim if max_iters is None else int(max_iters)
   if max_iters < 0:
     raise ValueError(f"max_iters must be non-negative; got {max_iters}.")
-  if hasattr(matvec, "matvec") and hasattr(matvec, "operands"):
-    if getattr(matvec, "dim", b.size) != b.size:
-      raise ValueError(f"The operator acts on vectors of size {matvec.dim}, but b has size {b.size}.")
+  if isinstance(matvec, LinearOperator):
+    if matvec.dim != dim:
+      raise ValueError(f"The operator acts on vectors of size {matvec.dim}, but b has size {dim}.")
     return _cg_loop(matvec.matvec, True, matvec.operands, b, x0, tol, max_iters)
   if not callable(matvec):
     raise TypeError(f"matvec must be a LinearOperator or a callable; got {type(matvec).__name__}.")
@@ -134,6 +140,12 @@ def conjugate_gradient(
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _cg_loop(fn, takes_operands, operands, b, x0, tol, max_iters):
   apply = (lambda v: fn(operands, v)) if takes_operands else fn
+  solve = functools.partial(_cg_one, apply, tol=tol, max_iters=max_iters)
+  return solve(b, x0) if b.ndim == 1 else jax.vmap(solve)(b, x0)
+
+
+def _cg_one(apply, b, x0, *, tol, max_iters) -> CGResult:
+  """CG for one right-hand side (vmapped for a batch: each lane stops on its own test)."""
   threshold = tol * jnp.linalg.norm(b)
   r0 = b - apply(x0)
   rr0 = jnp.vdot(r0, r0)

@@ -18,6 +18,7 @@ mismatch. Several processes write disjoint chunk ranges of one store (`chunk_own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -146,11 +147,30 @@ class ProjectionStore:
     """Returns {array name: rows [lo, hi)} as float32 numpy arrays; raises StoreError on damage."""
     names = tuple(self._arrays) if names is None else names
     try:
-      futures = {n: self._arrays[n][lo:hi].read() for n in names}
-      return {n: np.asarray(f.result()) for n, f in futures.items()}
+      return self._read(lo, hi, names)
     except ValueError as e:
-      raise StoreError(f"The projection store {self.directory} is damaged (rows {lo}–{hi}: {e}). Delete "
-                       f"{self.directory} and run the projection job again to recompute it.") from e
+      damaged = self._unmark_damaged(lo, hi, names)
+      raise StoreError(
+          f"The projection store {self.directory} is damaged: chunk(s) {damaged} (rows {lo}–{hi}) fail their "
+          f"checksum or are missing ({str(e)[:200]}). They are marked unfinished: run scripts/project.py "
+          "again to re-project them, then score again.") from e
+
+  def _read(self, lo: int, hi: int, names: tuple) -> dict:
+    futures = {n: self._arrays[n][lo:hi].read() for n in names}
+    return {n: np.asarray(f.result()) for n, f in futures.items()}
+
+  def _unmark_damaged(self, lo: int, hi: int, names: tuple) -> list[int]:
+    """Returns the chunks in rows [lo, hi) that cannot be read, their done markers removed."""
+    first, last = lo // self.meta.chunk_rows, (hi - 1) // self.meta.chunk_rows
+    damaged = []
+    for chunk in range(first, last + 1):
+      try:
+        self._read(*self.meta.chunk_bounds(chunk), names)
+      except ValueError:
+        damaged.append(chunk)
+        with contextlib.suppress(OSError):
+          os.remove(self._marker(chunk))
+    return damaged
 
   def chunks(self, rows_per_read: Optional[int] = None, names: Optional[tuple] = None,
              start: int = 0) -> Iterator[tuple[int, dict]]:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influence_jax import sharding
+
 
 def nonfinite_leaves(tree: Any) -> list[str]:
   """Returns the key paths (as strings) of leaves holding NaN or ±inf."""
@@ -24,6 +26,29 @@ def check_finite(tree: Any, name: str) -> None:
   bad = nonfinite_leaves(tree)
   if bad:
     raise ValueError(f"{name} has non-finite values (NaN or inf) in leaf/leaves: {', '.join(bad)}.")
+
+
+def nonfinite_rows(x: Any) -> np.ndarray:
+  """Returns the indices of the rows of host array `x` (N, ...) holding NaN or ±inf."""
+  x = np.asarray(x)
+  return np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1))
+
+
+def check_finite_rows(x: jax.Array, what: str, *, row_ids: Any = None) -> None:
+  """Raises ValueError naming the rows of (N, ...) `x` that hold NaN or ±inf (by `row_ids` when given).
+
+  One device reduction when all are finite; `x` is fetched to the host only to name the rows.
+  """
+  if isinstance(x, jax.Array):
+    if bool(jnp.all(jnp.isfinite(x))):
+      return
+    x = sharding.to_host(x)
+  bad = nonfinite_rows(x)
+  if not bad.size:
+    return
+  ids = bad if row_ids is None else np.asarray(row_ids)[bad]
+  raise ValueError(f"{what}: {bad.size} example(s) give NaN or inf (rows {ids[:10].tolist()}"
+                   f"{' ...' if bad.size > 10 else ''}): check their data and the loss on them.")
 
 
 def check_finite_scalar(value: Any, name: str) -> None:

@@ -81,12 +81,12 @@ def main(_):
   for name in _MESHES.value:
     mesh = None if name == "none" else sharding.make_mesh(tuple(int(s) for s in name.split("x")))
     op = curvature.curvature_operator(loss_fn, params, train, mesh=mesh)
-    start = eigenspace.start_vector(op.dim, op.dtype, 0)
+    start = eigenspace.start_vector(op.dim, op.dtype, 0, mesh=op.mesh)
     state = None
 
     def fit():
       nonlocal state
-      state = arnoldi.run(op, arnoldi.init(start, _N.value, mesh=mesh))
+      state = arnoldi.run(op, arnoldi.init(start, _N.value))
       state.hessenberg.block_until_ready()
 
     a_first, a_best = timed(fit, _REPEATS.value)
@@ -94,7 +94,7 @@ def main(_):
     if reference is None:
       reference = np.asarray(es.eigenvalues)
     diff = float(np.max(np.abs(np.asarray(es.eigenvalues) - reference)))
-    project = lambda: eigenspace.project(es, per_example_loss, params, train, mesh=mesh).block_until_ready()
+    project = lambda: eigenspace.project(es, per_example_loss, params, train).block_until_ready()
     p_first, p_best = timed(project, _REPEATS.value)
     print(f"{name:>6} {a_best:10.3f} {a_first:7.2f} {a_best / _N.value * 1e3:6.1f}ms {p_best:10.3f} {p_first:7.2f} "
           f"{n / p_best:8.0f} {diff:9.1e}")

@@ -31,6 +31,9 @@ def test_fingerprint_depends_on_config_and_data():
   assert a == checkpoint.fingerprint({"lr": 0.1}, np.arange(5))
   assert a != checkpoint.fingerprint({"lr": 0.2}, np.arange(5))
   assert a != checkpoint.fingerprint({"lr": 0.1}, np.arange(5) + 1)
+  # Keys and None entries are part of what is hashed, not only the leaf values.
+  assert a != checkpoint.fingerprint({"momentum": 0.1}, np.arange(5))
+  assert checkpoint.fingerprint({"k": None}) != checkpoint.fingerprint({})
 
 
 def test_arnoldi_resumes_bit_identically(tmp_path):

@@ -16,20 +16,29 @@ from influence_jax import arnoldi, curvature, eigenspace, sharding
 from tests import sharding_problem, toy_problems
 
 MESHES = [(8, 1), (1, 8), (2, 4)]
-TOL = dict(rtol=1e-5, atol=1e-8)
+TOL = dict(rtol=1e-6, atol=1e-8)
 
 
-@pytest.fixture(scope="module")
-def single():
+def _single_device(problem):
   """The problem and its one-device results (no mesh anywhere)."""
-  params, loss, per_example, batches, test, kw = sharding_problem.problem()
+  params, loss, per_example, batches, test, kw = problem
   es = ij.fit_eigenspace(loss, params, batches, **kw)
   return dict(
-      problem=(params, loss, per_example, batches, test, kw),
+      problem=problem,
       es=es,
       proj=np.asarray(ij.project(es, per_example, params, batches)),
       scores=np.asarray(ij.influence(es, per_example, params, test, batches)),
   )
+
+
+@pytest.fixture(scope="module")
+def single():
+  return _single_device(sharding_problem.problem())  # p = 136 = 8 × 17
+
+
+@pytest.fixture(scope="module")
+def single_uneven():
+  return _single_device(sharding_problem.uneven_problem())  # p = 125: padded to 128 on 'model' 4 or 8
 
 
 def _signs(u, ref):
@@ -37,27 +46,42 @@ def _signs(u, ref):
   return np.sign(np.sum(np.asarray(u) * np.asarray(ref), axis=1))
 
 
+def _check_split_over_model(x, num_params, model):
+  """Asserts that the flat array x (k, P) is split over 'model': each device holds ⌈p / model⌉ columns."""
+  cols = -(-num_params // model)
+  assert x.shape[1] == cols * model and x.sharding.spec == sharding.BASIS_SPEC
+  assert {s.data.shape for s in x.addressable_shards} == {(x.shape[0], cols)}
+  assert sorted({s.index[1].start or 0 for s in x.addressable_shards}) == list(range(0, cols * model, cols))
+  np.testing.assert_array_equal(np.asarray(x)[:, num_params:], 0.0)  # the padding is exactly zero
+
+
+@pytest.mark.parametrize("which", ["single", "single_uneven"])
 @pytest.mark.parametrize("shape", MESHES)
-def test_sharded_results_equal_single_device(single, shape):
+def test_sharded_results_equal_single_device(request, which, shape):
+  single = request.getfixturevalue(which)
   params, loss, per_example, batches, test, kw = single["problem"]
+  p = single["es"].num_params
   mesh = sharding.make_mesh(shape)
   es = ij.fit_eigenspace(loss, params, batches, mesh=mesh, **kw)
+  assert es.mesh == mesh and es.num_params == p
   np.testing.assert_allclose(es.eigenvalues, single["es"].eigenvalues, **TOL)
   np.testing.assert_allclose(es.residuals, single["es"].residuals, atol=1e-8)
-  assert es.eigenvectors.shape == single["es"].eigenvectors.shape
-  assert es.eigenvectors.sharding.spec == sharding.BASIS_SPEC
-  signs = _signs(es.eigenvectors, single["es"].eigenvectors)
-  np.testing.assert_allclose(np.asarray(es.eigenvectors) * signs[:, None], single["es"].eigenvectors, atol=1e-8)
+  _check_split_over_model(es.eigenvectors, p, shape[1])
+  signs = _signs(es.host_eigenvectors(), single["es"].eigenvectors)
+  np.testing.assert_allclose(es.host_eigenvectors() * signs[:, None], single["es"].eigenvectors, **TOL)
 
-  proj = ij.project(es, per_example, params, batches, mesh=mesh)
+  proj = ij.project(es, per_example, params, batches)  # on the eigenvectors' mesh
   np.testing.assert_allclose(np.asarray(proj) * signs, single["proj"], **TOL)
-  # 58 examples is not a multiple of 8: where it is, the result is sharded by example.
+  # 58 and 40 examples are not multiples of 8: where the count is, the result is sharded by example.
   even = ij.project(es, per_example, params, [{k: v[:16] for k, v in batches[0].items()}], mesh=mesh)
   assert even.sharding.spec == sharding.PROJECTIONS_SPEC
   assert {s.data.shape[0] for s in even.addressable_shards} == {16 // shape[0]}
 
-  scores = ij.influence(es, per_example, params, test, batches, mesh=mesh)
+  scores = ij.influence(es, per_example, params, test, batches)
   np.testing.assert_allclose(scores, single["scores"], **TOL)
+  tail = ij.influence(es, per_example, params, test, batches, tail=True)
+  want = ij.influence(single["es"], per_example, params, test, batches, tail=True)
+  np.testing.assert_allclose(tail, want, **TOL)
 
 
 def test_tail_scores_and_jvp_projections_on_a_mesh(single):
@@ -78,7 +102,7 @@ def test_basis_is_split_along_parameters(single, shape):
   model = shape[1]
   op = curvature.curvature_operator(loss, params, batches, mesh=mesh)
   assert op.dim % model == 0
-  state = arnoldi.init(eigenspace.start_vector(op.dim, op.dtype, 0), 12, block_size=8, mesh=mesh)
+  state = arnoldi.init(eigenspace.start_vector(op.dim, op.dtype, 0, mesh=op.mesh), 12, block_size=8)
   state = arnoldi.run(op, state, block_size=8)
   shards = state.basis.addressable_shards
   assert len(shards) == 8
@@ -112,15 +136,42 @@ def test_parameters_not_a_multiple_of_model_are_padded_and_stripped():
                          callback=callback)
   assert seen and all(s == ((32, 56), 0.0) for s in seen)
   ref = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=5, selection="magnitude")
-  assert es.eigenvectors.shape == (5, p)
+  _check_split_over_model(es.eigenvectors, p, 8)  # 7 columns a device, not 51 on every device
+  assert es.host_eigenvectors().shape == (5, p) and ref.eigenvectors.shape == (5, p)
   np.testing.assert_allclose(es.eigenvalues, ref.eigenvalues, **TOL)
-  signs = _signs(es.eigenvectors, ref.eigenvectors)
+  signs = _signs(es.host_eigenvectors(), ref.eigenvectors)
   np.testing.assert_allclose(
-      np.asarray(ij.project(es, per_example, params, batches, mesh=mesh)) * signs,
+      np.asarray(ij.project(es, per_example, params, batches)) * signs,
       ij.project(ref, per_example, params, batches), **TOL)
+  # The one-device eigenspace laid out on the mesh, and back: the same values, the mesh's layout.
+  moved = eigenspace.on_mesh(ref, mesh)
+  _check_split_over_model(moved.eigenvectors, p, 8)
+  back = eigenspace.on_mesh(moved, sharding.single_device_mesh())
+  assert back.eigenvectors.shape == (5, p)
+  np.testing.assert_array_equal(back.eigenvectors, ref.eigenvectors)
   op = curvature.curvature_operator(loss, params, batches, mesh=mesh)
-  with pytest.raises(ValueError, match="same mesh"):
+  assert op.mesh == mesh and jax.tree.leaves(op) == jax.tree.leaves(op.operands)
+  with pytest.raises(ValueError, match="operator's mesh"):
     arnoldi.run(op, arnoldi.init(eigenspace.start_vector(p, op.dtype, 0), 10, block_size=8), block_size=8)
+
+
+def test_flat_layout_pads_splits_and_moves_between_meshes():
+  x = np.arange(3 * 51, dtype=np.float64).reshape(3, 51)
+  one = sharding.to_flat_layout(x, 51, sharding.single_device_mesh())
+  assert one.shape == (3, 51) and sharding.mesh_of(one) == sharding.single_device_mesh()
+  mesh8, mesh4 = sharding.make_mesh((1, 8)), sharding.make_mesh((2, 4))
+  on8 = sharding.to_flat_layout(one, 51, mesh8)
+  _check_split_over_model(on8, 51, 8)
+  assert sharding.to_flat_layout(on8, 51, mesh8) is on8
+  on4 = sharding.to_flat_layout(on8, 51, mesh4)  # 56 columns → 52
+  _check_split_over_model(on4, 51, 4)
+  np.testing.assert_array_equal(np.asarray(on4)[:, :51], x)
+  vec = sharding.to_flat_layout(x[0], 51, mesh8)
+  assert vec.shape == (56,) and vec.sharding.spec == sharding.VECTOR_SPEC
+  with pytest.raises(ValueError, match="at least 52 columns"):
+    sharding.to_flat_layout(x, 52, mesh8)
+  assert sharding.mesh_of(np.zeros(3)) == sharding.single_device_mesh()
+  assert sharding.mesh_of(on4) == mesh4
 
 
 def test_sharded_params_keep_their_layout(single):

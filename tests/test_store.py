@@ -54,12 +54,18 @@ def test_a_flipped_byte_and_a_missing_chunk_are_named_errors(tmp_path):
   data = bytearray(open(chunk, "rb").read())
   data[3] ^= 1
   open(chunk, "wb").write(bytes(data))
-  with pytest.raises(store_lib.StoreError, match="damaged.*rows 4–8.*Delete"):
-    store_lib.open_store(store.directory).read(4, 8)
+  with pytest.raises(store_lib.StoreError, match=r"damaged: chunk\(s\) \[1\] \(rows 4–8\).*project.py"):
+    store_lib.open_store(store.directory).read(0, 10)
+  # The damaged chunk is marked unfinished: the store is incomplete until it is projected again.
+  with pytest.raises(store_lib.StoreError, match="incomplete: 1 of 3"):
+    store_lib.open_store(store.directory)
+  store.write_chunk(1, chunk_rows(meta, 1))
   os.remove(os.path.join(store.directory, "sq_norms", "c", "2"))
-  with pytest.raises(store_lib.StoreError, match="damaged"):
+  with pytest.raises(store_lib.StoreError, match=r"damaged: chunk\(s\) \[2\]"):
     store_lib.open_store(store.directory).read(8, 10)
-  np.testing.assert_array_equal(store_lib.open_store(store.directory).read(0, 4)["sq_norms"], np.arange(4) ** 2)
+  assert store_lib.open_store(store.directory, require_complete=False).missing_chunks() == [2]
+  np.testing.assert_array_equal(store_lib.open_store(store.directory, require_complete=False).read(0, 8)["sq_norms"],
+                                np.arange(8) ** 2)
 
 
 def test_chunk_owners_cover_every_chunk_once():

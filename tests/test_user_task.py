@@ -1,11 +1,8 @@
 """A user's own model and on-disk data through the task interface: fit → project → score as jobs,
 tables against in-memory influence, a second query set from the same store, kills, bad inputs."""
 
-import csv
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,42 +10,7 @@ import pytest
 import influence_jax as ij
 from influence_jax import checkpoint
 from tests import user_task
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
-CONFIG = os.path.join(TESTS, "user_task_config.py")
-
-
-def run(script, workdir, data_dir, *extra, check=True):
-  """Runs a job the way a user would: from the directory holding their task module."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--config={CONFIG}", f"--workdir={workdir}",
-         "--quiet", f"--config.user.data_dir={data_dir}", *extra]
-  proc = subprocess.run(cmd, env=env, cwd=TESTS, capture_output=True, text=True, timeout=600)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return proc
-
-
-def rows(path):
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("data"))
-  user_task.write_data(d)
-  return d
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  for script in ("fit_eigenspace.py", "project.py", "score.py"):
-    run(script, workdir, data_dir)
-  return workdir
+from tests.user_task_jobs import rows, run
 
 
 def in_memory_scores(workdir, data_dir, queries_prefix):

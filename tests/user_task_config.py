@@ -11,6 +11,8 @@ def get_config():
   c.task = "user_task:get_task"
   c.user.data_dir = ""
   c.user.read_log = ""
+  c.user.bad_row = -1  # For user_task_config:bad_row_task.
+  c.user.bad = ""
   c.arnoldi.n_iters = 40
   c.arnoldi.top_k = 20
   c.arnoldi.checkpoint_every = 10
@@ -37,3 +39,30 @@ class _Ragged:
 
 def ragged_queries(config):
   return _Ragged()
+
+
+class _WithBadRow:
+  """`source` with one example damaged: x NaN (bad="nan") or a label out of range (bad="label")."""
+
+  def __init__(self, source, row, bad):
+    self.source, self.row, self.bad = source, row, bad
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    example = dict(self.source[i])
+    if i == self.row and self.bad == "nan":
+      example["x"] = np.full_like(example["x"], np.nan)
+    elif i == self.row:
+      example["y"] = np.int32(7)  # 3 classes
+    return example
+
+
+def bad_row_task(config):
+  """tests/user_task.py's task with training example config.user.bad_row damaged as config.user.bad says;
+  the curvature sample stays clean (so that fitting succeeds and projecting must catch it)."""
+  import user_task  # noqa: PLC0415 (tests/ is the jobs' working directory)
+  task = user_task.get_task(config)
+  bad = _WithBadRow(task.train, config.user.bad_row, config.user.bad)
+  return task.replace(train=bad, curvature=ArraySource({"x": task.train.x[:100], "y": task.train.y[:100]}))

@@ -109,8 +109,8 @@ def conjugate_gradients(task: Task, *, damping: float = 0.0, tol: float = 1e-6,
                         max_iters: int = 500, microbatch_size: Optional[int] = None) -> MethodResult:
   """Influence with (H + δI)⁻¹∇ℓ(x) solved by conjugate gradients, all test examples at once.
 
-  The T solves run as one vmapped CG loop (`solvers.conjugate_gradient`'s
-  loop, each test example stopping on its own criteria); nothing is fitted.
+  The T solves run as one batched CG (`solvers.conjugate_gradient`, each
+  test example stopping on its own criteria); nothing is fitted.
   CG stops early where H + δI shows non-positive curvature: info reports
   how many solves converged and the iterations taken.
   """
@@ -119,8 +119,7 @@ def conjugate_gradients(task: Task, *, damping: float = 0.0, tol: float = 1e-6,
                                     damping=damping, microbatch_size=microbatch_size)
   fit_s = clock.lap()
   g = query_gradients(task)
-  solve = jax.vmap(functools.partial(solvers._cg_loop, op.matvec, True), in_axes=(None, 0, 0, None, None))
-  res = solve(op.operands, g, jnp.zeros_like(g), tol, max_iters)
+  res = solvers.conjugate_gradient(op, g, tol=tol, max_iters=max_iters)
   scores = _dots_with_train(task, res.x)
   score_s = clock.lap(scores)
   info = {"converged": f"{int(jnp.sum(res.converged))}/{g.shape[0]}",
@@ -218,7 +217,7 @@ def tracin(task: Task) -> MethodResult:
 
 
 def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
-            tail: bool = False, seed: int = 0, curvature_kind: str = "hessian") -> MethodResult:
+            tail: bool = False, seed: int = 0, curvature: str = "hessian") -> MethodResult:
   """Arnoldi influence (DESIGN §2): top-k eigenpairs, with the spectral tail when `tail`.
 
   n_iters defaults to 1.5 · top_k. Fit: `fit_eigenspace`; score: `influence`.
@@ -226,7 +225,7 @@ def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: f
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
   es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
-                      damping=damping, seed=seed, curvature=curvature_kind)
+                      damping=damping, seed=seed, curvature=curvature)
   fit_s = clock.lap(es.eigenvectors)
   scores = influence(es, task.per_example_loss_fn, task.params, task.test_batches, task.train_batches, tail=tail)
   score_s = clock.lap(scores)
@@ -244,7 +243,7 @@ def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, d
   es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed)
   fit_s = clock.lap(es.eigenvectors)
-  sk = sketch.make_sketch(es.eigenvectors.shape[1], sketch_dim, seed, es.eigenvectors.dtype)
+  sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
   side = lambda batches: [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b)
                           for b in batches]
   train, test = side(task.train_batches), side(task.test_batches)

@@ -31,11 +31,21 @@ Activation = str | Callable[[jax.Array], jax.Array]
 # ----------------------------------------------------------------------------- losses
 
 
+def _cross_entropy(logits: jax.Array, labels: jax.Array, checked: jax.Array | bool = True) -> jax.Array:
+  """Returns −log softmax(logits)[label] per position, NaN (value and gradient) where `checked` and the
+  label is outside [0, num_classes): a bad label surfaces in the jobs' finiteness checks, never as a
+  finite wrong loss."""
+  valid = (labels >= 0) & (labels < logits.shape[-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  return ce * jnp.where(valid | ~jnp.asarray(checked, bool), 1.0, jnp.nan).astype(ce.dtype)
+
+
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Returns (B,) per-example cross-entropy −log softmax(logits)[label] (integer labels)."""
+  """Returns (B,) per-example cross-entropy −log softmax(logits)[label] (integer labels; NaN for a label
+  outside [0, num_classes))."""
   if logits.ndim != labels.ndim + 1:
     raise ValueError(f"logits must have one more axis than labels; got {logits.shape} and {labels.shape}.")
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return _cross_entropy(logits, labels)
 
 
 def sequence_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -45,11 +55,11 @@ def sequence_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array
   """
   if logits.ndim != 3 or labels.ndim != 2:
     raise ValueError(f"expected logits (B, L, V) and labels (B, L); got {logits.shape} and {labels.shape}.")
-  tok = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if mask is None:
-    return jnp.mean(tok, axis=-1)
+    return jnp.mean(_cross_entropy(logits, labels), axis=-1)
+  tok = _cross_entropy(logits, labels, checked=mask > 0)  # Masked positions may hold any label.
   mask = mask.astype(tok.dtype)
-  return jnp.sum(tok * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return jnp.sum(jnp.where(mask > 0, tok, 0.0), axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
 def _activation(act: Activation) -> Callable[[jax.Array], jax.Array]:

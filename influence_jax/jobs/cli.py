@@ -17,7 +17,8 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and ou
 QUIET = flags.DEFINE_bool("quiet", False, "Log only warnings and the final result (no progress).")
 FAULT = flags.DEFINE_string(
     "fault_injection", None, "For resume tests: 'arnoldi:N', 'project:N' or 'score:N' SIGKILLs the job "
-    "after Arnoldi step N, projection batch N or scoring block N.")
+    "after Arnoldi step N, projection batch N or scoring block N; 'fit_saved:0' after the eigenspace "
+    "is saved, before its reports.")
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process run (jax.distributed); "
@@ -82,16 +83,17 @@ def run(job=None, *, before_task=None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config, workdir, quiet, fault = setup()
-    from influence_jax.jobs import context  # noqa: PLC0415 (imports jax after the flags are parsed)
+    from influence_jax.jobs import context, lock  # noqa: PLC0415 (imports jax after the flags are parsed)
 
     try:
-      if "workdir" in config:
-        config.workdir = workdir
-      if before_task is not None:
-        before_task(config, workdir, quiet)
-      if job is not None:
-        job(context.prepare(config, workdir), quiet, fault)
-    except USER_ERRORS as e:
+      with lock.workdir_lock(workdir):
+        if "workdir" in config:
+          config.workdir = workdir
+        if before_task is not None:
+          before_task(config, workdir, quiet)
+        if job is not None:
+          job(context.prepare(config, workdir), quiet, fault)
+    except USER_ERRORS + (lock.WorkdirBusy,) as e:
       if os.environ.get("INFLUENCE_JAX_DEBUG"):
         raise
       sys.stderr.write(f"Error: {e}\n")

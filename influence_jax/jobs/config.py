@@ -37,7 +37,6 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.project = dict(
       batch_size=1024,  # Training examples projected per step (global, over all processes).
-      method="vjp",  # Projection method: "vjp" or "jvp".
       microbatch_size=0,  # 0: chosen from the model size.
       chunk_rows=8192,  # Rows per store chunk (the unit of writing, resuming and verifying).
       sketch_dim=1024,  # m of the sketched remainder R(I − UᵀU)∇ℓ(z) (0: no sketch; the tail then needs it).
@@ -72,7 +71,6 @@ _RULES = (
     ("arnoldi.checkpoint_every", lambda v: v >= 0, "≥ 0 (0: by time only)"),
     ("arnoldi.checkpoint_seconds", lambda v: v > 0, "a positive number of seconds"),
     ("project.batch_size", lambda v: v >= 1, "a positive integer"),
-    ("project.method", lambda v: v in ("vjp", "jvp"), "'vjp' or 'jvp'"),
     ("project.microbatch_size", lambda v: v >= 0, "≥ 0 (0: automatic)"),
     ("project.chunk_rows", lambda v: v >= 1, "a positive integer"),
     ("project.sketch_dim", lambda v: v >= 0, "≥ 0"),

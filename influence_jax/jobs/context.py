@@ -26,7 +26,7 @@ from influence_jax.jobs import task as task_lib
 
 # Keys that change how a stage runs, not what it computes: left out of fingerprints.
 _RUN_ONLY = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
-             "self_influence_rows", "batch_size", "rows_per_block", "name", "method")
+             "self_influence_rows", "batch_size", "rows_per_block", "name")
 
 
 def _what(section) -> dict:

@@ -62,13 +62,18 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
       pass  # A directory with no finished step: fit again.
   task, a, mesh = ctx.task, ctx.config.arnoldi, ctx.mesh
   flat = ravel_pytree(task.params)[0]
-  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, flat.dtype, ctx.config.seed),
-                          a.n_iters, block_size=a.block_size, mesh=mesh)
+  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, flat.dtype, ctx.config.seed, mesh=mesh),
+                          a.n_iters, block_size=a.block_size)
   columns = sharding.padded_dim(flat.size, mesh)
   # A basis padded for another 'model' size has other columns: not this job's progress.
   store = checkpoint.Store(ctx.path("arnoldi_progress"),
                            fp if columns == flat.size else checkpoint.fingerprint(fp, columns))
-  found = store.restore_latest(target=template._asdict())
+  try:
+    found = store.restore_latest(target=template._asdict())
+  except checkpoint.CorruptCheckpoint as e:  # Resumable work: recomputed, never trusted.
+    logging.warning("%s Starting the Arnoldi iteration again.", e)
+    store.discard()
+    found = None
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
   batches = curvature_batches(ctx)
   if not quiet:
@@ -92,6 +97,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
       initial_state=state, compute_residuals=a.residuals, mesh=mesh)
   checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
   store.close()
+  common.maybe_kill(fault, "fit_saved", 0)  # Between the commit and its reports (a rerun writes them).
   write_reports(ctx, es)
   return es
 

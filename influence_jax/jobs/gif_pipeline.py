@@ -176,7 +176,7 @@ def _label_change_seed(config, seed: int, models, optimizer) -> dict:
 
 def _curvature_kwargs(config, seed: int) -> dict:
   e = config.edit
-  return dict(damping=e.damping, curvature_kind=e.curvature, seed=seed,
+  return dict(damping=e.damping, curvature=e.curvature, seed=seed,
               hessian_examples=e.hessian_examples if e.hessian_examples > 0 else None)
 
 

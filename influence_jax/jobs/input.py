@@ -92,12 +92,7 @@ def read_all(source: Any, what: str, batch_size: int = 1024) -> Any:
 def process_rows(rows: np.ndarray, global_batch_size: int, mesh) -> tuple[int, int]:
   """Returns (local batch size, steps): every process runs the same number of steps of
   global_batch_size // processes of its own rows (the agreed maximum)."""
-  count = jax.process_count()
-  data = sharding.axis_size(mesh, sharding.DATA)
-  if global_batch_size % count or global_batch_size % data:
-    raise ValueError(f"The batch size {global_batch_size} is the global batch: it must be a multiple of the "
-                     f"mesh's 'data' axis ({data}, config.mesh_shape) and of the {count} processes.")
-  local = global_batch_size // count
+  local = sharding.local_batch_size(global_batch_size, mesh)
   return local, sharding.num_steps(len(rows), local)
 
 
@@ -109,7 +104,6 @@ def global_batches(source: Any, rows: np.ndarray, global_batch_size: int, mesh, 
   example, and `local rows` lists only this process's real rows (the first len(rows) of its share).
   """
   local, steps = process_rows(rows, global_batch_size, mesh)
-  spec = sharding.batch_sharding(mesh)
   template = sources.stack([source[0]], what)  # Padding rows repeat a real example.
   stream = batches(source, rows, local, what, num_threads=num_threads)
   for _ in range(steps):
@@ -118,9 +112,7 @@ def global_batches(source: Any, rows: np.ndarray, global_batch_size: int, mesh, 
       ids, batch = np.zeros(0, np.int64), template
     else:
       ids, batch = got
-    batch = data_lib.pad(batch, local)
-    make = lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x), (global_batch_size,) + x.shape[1:])
-    yield ids, jax.tree.map(make, batch)
+    yield ids, sharding.to_global(data_lib.pad(batch, local), global_batch_size, mesh)
 
 
 def local_rows(x: jax.Array, mesh) -> np.ndarray:

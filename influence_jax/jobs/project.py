@@ -21,6 +21,7 @@ from influence_jax import scoring
 from influence_jax import sharding
 from influence_jax import sketch as sketch_lib
 from influence_jax import store as store_lib
+from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace
 from influence_jax.jobs import common
 from influence_jax.jobs import input as input_lib
@@ -119,6 +120,8 @@ def _write_full_chunks(store, chunk_queue: list, pending: list, inverse: np.ndar
                               + (part["sq_norms"] - np.sum(g * g, axis=1)) / tail_constant)
     if not store.meta.sketch_dim:
       part.pop("sketch")
+    for name, x in part.items():
+      validation.check_finite_rows(x, f"Training set (Task.train, {name})", row_ids=np.arange(lo, hi))
     store.write_chunk(chunk_queue.pop(0), part)
     taken += hi - lo
   return [{name: x[taken:] for name, x in rows.items()}] if taken < rows["projections"].shape[0] else []

@@ -23,12 +23,14 @@ from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import checkpoint
+from influence_jax import data as data_lib
 from influence_jax import ranking
 from influence_jax import scoring
 from influence_jax import sharding
 from influence_jax import sketch as sketch_lib
 from influence_jax import sources
 from influence_jax import store as store_lib
+from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace
 from influence_jax.jobs import common
 from influence_jax.jobs import fit as fit_lib
@@ -62,9 +64,14 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
     chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
     out = sketch_lib.project_and_sketch(es.eigenvectors, sketch, ctx.task.per_example_loss_fn, params, chunk,
                                         microbatch_size=ctx.config.project.microbatch_size)
+    n = data_lib.batch_size(chunk)
+    validation.check_finite_rows(sharding.to_host(out.losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
     parts.append((sharding.to_host(out.projections), sharding.to_host(out.sketch) if s.tail else None))
   proj = np.concatenate([p for p, _ in parts])
   sk_part = np.concatenate([q for _, q in parts]) if s.tail else None
+  for name, x in (("projections", proj), ("sketch", sk_part)):
+    if x is not None:
+      validation.check_finite_rows(x, f"Query set ({name})")
   es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
   vectors = scoring.query_side(es_host, jnp.asarray(proj), None if sk_part is None else jnp.asarray(sk_part),
                                tail_constant=store.meta.attrs["tail_constant"] if s.tail else None)
@@ -161,16 +168,8 @@ def combine(running: ranking.TopK, largest: ranking.RunningLargest) -> tuple:
   merged = ranking.empty_largest(largest.indices.shape[0])
   for idx, vals in zip(_gather(largest.indices), _gather(largest.values)):
     keep = idx >= 0
-    merged = _merge_pairs(merged, idx[keep], vals[keep])
+    merged = ranking.merge_indexed(merged, idx[keep], vals[keep])
   return ranking.TopK(*out), merged
-
-
-def _merge_pairs(running: ranking.RunningLargest, idx: np.ndarray, vals: np.ndarray) -> ranking.RunningLargest:
-  k = running.indices.shape[0]
-  all_idx = np.concatenate([running.indices, idx])
-  all_vals = np.concatenate([running.values, vals])
-  order = np.lexsort((np.where(all_idx < 0, np.iinfo(np.int64).max, all_idx), -all_vals))[:k]
-  return ranking.RunningLargest(all_idx[order], all_vals[order])
 
 
 def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optional[str] = None) -> dict:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from influence_jax import curvature
 from influence_jax import data as data_lib
 from influence_jax import solvers
 from influence_jax import validation
@@ -318,7 +319,7 @@ class InfluenceUpdate(NamedTuple):
 
 
 def _flatten(hessian, g, mask):
-  if not (hasattr(hessian, "matvec") and hasattr(hessian, "operands")):
+  if not isinstance(hessian, curvature.LinearOperator):
     raise TypeError("hessian must be a curvature.LinearOperator (e.g. from curvature.curvature_operator).")
   if jax.tree.structure(g) != jax.tree.structure(mask):
     raise ValueError(f"mask has pytree structure {jax.tree.structure(mask)}, but g has {jax.tree.structure(g)}.")
@@ -372,11 +373,11 @@ class _Squared:
 
 
 def _masked(hessian, m):
-  return hessian._replace(matvec=_Masked(hessian.matvec), operands=(hessian.operands, m))
+  return hessian.replace(matvec=_Masked(hessian.matvec), operands=(hessian.operands, m))
 
 
 def _squared(op):
-  return op._replace(matvec=_Squared(op.matvec))
+  return op.replace(matvec=_Squared(op.matvec))
 
 
 def _solve(op, rhs, solver, tol, max_iters):
@@ -398,7 +399,7 @@ def gif_update(hessian, g: Params, mask: Params, *, tol: float = 1e-6, max_iters
   H⁻¹ g. The reported residual is ‖H[:,T]Δ − g‖ over all coordinates.
   """
   g_flat, m, unravel = _flatten(hessian, g, mask)
-  op = hessian._replace(matvec=_NormalMasked(hessian.matvec), operands=(hessian.operands, m))
+  op = hessian.replace(matvec=_NormalMasked(hessian.matvec), operands=(hessian.operands, m))
   res = solvers.conjugate_gradient(op, m * hessian(g_flat), tol=tol, max_iters=max_iters)
   return _finish(hessian, g_flat, m, unravel, res)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax import curvature
+from influence_jax import curvature as curvature_lib
 from influence_jax.methods import gif
 
 Params = Any
@@ -117,11 +117,11 @@ class EditProblem(NamedTuple):
 
   params: Params
   g: Params
-  hessian: curvature.LinearOperator
+  hessian: curvature_lib.LinearOperator
   train_loss: Callable[[Params], jax.Array]
 
 
-def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature_kind, microbatch_size,
+def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature, microbatch_size,
              hessian_examples, seed):
   loss_fn = lambda p, b: jnp.mean(per_example_loss_fn(p, b))
   n = np.shape(new_train_batch["y"])[0]
@@ -130,7 +130,7 @@ def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature
     keep = np.zeros(n, bool)
     keep[np.random.default_rng(seed).choice(n, int(hessian_examples), replace=False)] = True
     curv_batch = select_examples(new_train_batch, keep)
-  hessian = curvature.curvature_operator(loss_fn, params, [curv_batch], curvature=curvature_kind,
+  hessian = curvature_lib.curvature_operator(loss_fn, params, [curv_batch], curvature=curvature,
                                          damping=damping, microbatch_size=microbatch_size)
   batch = jax.tree.map(jnp.asarray, new_train_batch)
   return EditProblem(params, g, hessian, jax.jit(lambda p: loss_fn(p, batch)))
@@ -171,7 +171,7 @@ def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
 
 def class_removal_problem(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
-    damping: float = 0.0, curvature_kind: str = "hessian", microbatch_size: Optional[int] = None,
+    damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
     hessian_examples: Optional[int] = None, seed: int = 0,
 ) -> EditProblem:
   """Returns the EditProblem of forgetting every training example of `removed_class`.
@@ -185,13 +185,13 @@ def class_removal_problem(
     raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
   removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
   g = gif.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
-  return _problem(per_example_loss_fn, params, remaining, g, damping, curvature_kind, microbatch_size,
+  return _problem(per_example_loss_fn, params, remaining, g, damping, curvature, microbatch_size,
                   hessian_examples, seed)
 
 
 def class_removal_edit(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
-    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
+    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
     microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:
   """Returns θ edited to forget every training example of `removed_class`.
@@ -202,13 +202,13 @@ def class_removal_edit(
   scales=(1.0,) for the plain first-order edit).
   """
   problem = class_removal_problem(per_example_loss_fn, params, train_batch, removed_class, damping=damping,
-                                  curvature_kind=curvature_kind, microbatch_size=microbatch_size)
+                                  curvature=curvature, microbatch_size=microbatch_size)
   return solve_edit(problem, method, mask, scales, **solver_kwargs)
 
 
 def label_change_problem(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
-    damping: float = 0.0, curvature_kind: str = "hessian", microbatch_size: Optional[int] = None,
+    damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
     hessian_examples: Optional[int] = None, seed: int = 0,
 ) -> EditProblem:
   """Returns the EditProblem of fixing the labels of the `changed` training examples.
@@ -230,13 +230,13 @@ def label_change_problem(
   new_y[changed] = fixed["y"]
   corrected = dict(train_batch, y=new_y)
   g = gif.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
-  return _problem(per_example_loss_fn, params, corrected, g, damping, curvature_kind, microbatch_size,
+  return _problem(per_example_loss_fn, params, corrected, g, damping, curvature, microbatch_size,
                   hessian_examples, seed)
 
 
 def label_change_edit(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
-    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature_kind: str = "hessian",
+    method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
     microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:
   """Returns θ (trained on train_batch's wrong labels) edited towards retraining on corrected labels.
@@ -244,5 +244,5 @@ def label_change_edit(
   See `label_change_problem`; the step is chosen by the corrected-set training loss.
   """
   problem = label_change_problem(per_example_loss_fn, params, train_batch, changed, corrected_labels,
-                                 damping=damping, curvature_kind=curvature_kind, microbatch_size=microbatch_size)
+                                 damping=damping, curvature=curvature, microbatch_size=microbatch_size)
   return solve_edit(problem, method, mask, scales, **solver_kwargs)

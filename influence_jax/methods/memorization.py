@@ -275,7 +275,7 @@ def eigenspace_memorization(
   `outputs_fn(params, batch)` gives (B, C) logits; batch[label_key] the labels.
   """
   check_params(eigenspace, params)
-  u = eigenspace.eigenvectors
+  u = jnp.asarray(eigenspace.host_eigenvectors())
   g_bar = mean_margin_gradient(outputs_fn, params, reference_batches, label_key=label_key).astype(u.dtype)
   coords = u @ g_bar
   v = u.T @ (scoring.inverse_eigenvalues(eigenspace, damping).astype(u.dtype) * coords)

@@ -1,0 +1,43 @@
+"""Running tests/user_task.py's jobs as a user would (subprocesses from tests/), for the job tests."""
+
+import csv
+import os
+import subprocess
+import sys
+
+from tests import user_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+CONFIG = os.path.join(TESTS, "user_task_config.py")
+
+
+def run(script, workdir, data_dir, *extra, check=True):
+  """Runs a job the way a user would: from the directory holding their task module."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--config={CONFIG}", f"--workdir={workdir}",
+         "--quiet", f"--config.user.data_dir={data_dir}", *extra]
+  proc = subprocess.run(cmd, env=env, cwd=TESTS, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc
+
+
+def rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+
+
+def make_data_dir(directory):
+  user_task.write_data(directory)
+  return directory
+
+
+def make_reference(workdir, data_dir):
+  """Runs fit → project → score uninterrupted in `workdir`; returns it."""
+  for script in ("fit_eigenspace.py", "project.py", "score.py"):
+    run(script, workdir, data_dir)
+  return workdir
