@@ -4,7 +4,10 @@ For directions D (k, p) and each example z, returns D ∇ℓ(z) ∈ ℝᵏ witho
 keeping p-sized gradients for more than one micro-batch:
 - "vjp": per-example gradients of one micro-batch (vmap of grad), then a matmul;
 - "jvp": k forward-mode directional derivatives ⟨∇ℓ(z), d_j⟩ for the whole
-  micro-batch at once; no p-sized per-example gradient ever exists.
+  micro-batch at once; no p-sized per-example gradient ever exists;
+- "layerwise": layer by layer from each layer's inputs and output gradients
+  (`layerwise.LayerwiseLoss`, which the Flax Linen adapters return); the
+  default whenever per_example_loss_fn provides it, "vjp" otherwise.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
 
-METHODS = ("vjp", "jvp")
+METHODS = ("vjp", "jvp", "layerwise")
 _MICROBATCH_BYTES = 256 * 2**20
+_LAYERWISE_BYTES = 128 * 2**20
 
 
 class Projections(NamedTuple):
@@ -31,8 +35,40 @@ class Projections(NamedTuple):
 
 
 def default_microbatch_size(num_params: int, itemsize: int, batch: int) -> int:
-  """Returns a micro-batch size whose per-example gradients take at most ~256 MiB."""
-  return int(max(1, min(batch, _MICROBATCH_BYTES // max(1, num_params * itemsize))))
+  """Returns a micro-batch size whose per-example gradients take at most ~256 MiB (see balanced_microbatch)."""
+  return balanced_microbatch(batch, _MICROBATCH_BYTES // max(1, num_params * itemsize))
+
+
+def balanced_microbatch(batch: int, most: int) -> int:
+  """Returns the smallest size ≤ max(1, most) that splits `batch` in as few micro-batches as `most` does.
+
+  It divides `batch` whenever a divisor does so (1,024 with most 300: 256), and
+  pads fewer rows than there are micro-batches otherwise.
+  """
+  steps = -(-batch // max(1, min(batch, most)))
+  return -(-batch // steps)
+
+
+def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
+  """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
+  has_layerwise = hasattr(per_example_loss_fn, "micro_projector")
+  if method is None:
+    return "layerwise" if has_layerwise else "vjp"
+  if method not in METHODS:
+    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
+  if method == "layerwise" and not has_layerwise:
+    raise ValueError("method='layerwise' needs a per_example_loss_fn with micro_projector (a "
+                     "layerwise.LayerwiseLoss, as flax_adapters.linen_loss_fns returns).")
+  return method
+
+
+def _default_micro(per_example_loss_fn, method, params, k, batch, size):
+  """Returns the default micro-batch size of `method` for padded batches of `size` examples."""
+  flat, _ = ravel_pytree(params)
+  if method != "layerwise":
+    return default_microbatch_size(flat.size, flat.dtype.itemsize, size)
+  example = jax.tree.map(lambda x: jnp.asarray(x)[:1], batch)
+  return balanced_microbatch(size, _LAYERWISE_BYTES // per_example_loss_fn.bytes_per_example(params, k, example))
 
 
 def _single_example_grad(per_example_loss_fn, unravel, flat, example):
@@ -40,8 +76,10 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
   return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
 
-def _micro_projector(per_example_loss_fn, method, with_norms, params, directions):
-  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros)."""
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example):
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); `example`: a batch of one."""
+  if method == "layerwise":
+    return per_example_loss_fn.micro_projector(params, directions, with_norms, example)
   flat, unravel = ravel_pytree(params)
 
   def one_micro(mb):
@@ -62,7 +100,8 @@ def _micro_projector(per_example_loss_fn, method, with_norms, params, directions
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _project_batch(per_example_loss_fn, method, with_norms, params, directions, batch):
   """Returns ((B, k) projections, (B,) squared norms or zeros) for a batch reshaped to micro-batches."""
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
+  example = jax.tree.map(lambda x: x[0, :1], batch)
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example)
   proj, sq = jax.lax.map(one_micro, batch)
   return proj.reshape(-1, proj.shape[-1]), sq.reshape(-1)
 
@@ -89,7 +128,8 @@ def _project_batch_sharded(per_example_loss_fn, method, with_norms, mesh, micro,
     y = jnp.swapaxes(y.reshape((steps, d, local) + y.shape[2:]), 0, 1).reshape((size,) + y.shape[2:])
     return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
 
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example)
   proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
   return from_micro(proj), from_micro(sq)
 
@@ -100,7 +140,7 @@ def project_on(
     params: Any,
     batches: Iterable[Any],
     *,
-    method: str = "vjp",
+    method: Optional[str] = None,
     microbatch_size: Optional[int] = None,
     with_sq_norms: bool = False,
     pad_to: Optional[int] = None,
@@ -110,7 +150,8 @@ def project_on(
 
   `directions` is (k, p) in `ravel_pytree(params)` order. Batches are padded to
   the first batch's size (one compiled program) and results sliced back.
-  `with_sq_norms` also returns ‖∇ℓ(z)‖² (only with method="vjp"). `pad_to`
+  `method` None picks "layerwise" when per_example_loss_fn provides it, else
+  "vjp". `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp"). `pad_to`
   fixes the padded batch size across calls (a streaming caller's last, smaller
   batch then reuses the compiled program; without a mesh).
 
@@ -122,10 +163,9 @@ def project_on(
   sharded P('data') (e.g. from `sharding.global_batches`); a global batch is
   used whole (no padding or slicing: mask its padding rows yourself).
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
-  if with_sq_norms and method != "vjp":
-    raise ValueError("Squared gradient norms need method='vjp' (jvp never forms the gradient).")
+  method = resolve_method(per_example_loss_fn, method)
+  if with_sq_norms and method == "jvp":
+    raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)
   if directions.ndim != 2 or directions.shape[1] != flat.size:
     raise ValueError(
@@ -142,8 +182,8 @@ def project_on(
       raise ValueError(f"batch {i} holds no examples.")
     if padded_size is None:
       size = max(n, pad_to or 0)
-      micro = microbatch_size or default_microbatch_size(flat.size, flat.dtype.itemsize, size)
-      micro = min(micro, size)
+      micro = balanced_microbatch(size, microbatch_size or _default_micro(
+          per_example_loss_fn, method, params, directions.shape[0], batch, size))
       padded_size = micro * -(-size // micro)
     if n > padded_size:
       raise ValueError(
