@@ -202,51 +202,41 @@ def _layer_vjp(call, own, x, d):
   return jax.vmap(one)(x, d)
 
 
-def make_micro_projector(per_example_loss_fn, params, directions, with_norms, example) -> Callable:
-  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); see LayerwiseLoss."""
-  calls = discover_calls(per_example_loss_fn, params, example)
-  covered = {c.path for c in calls}
-  paths = leaf_paths(params)
-  is_rest = [not any(p[:len(c)] == c for c in covered) for p in paths]
-  leaves, treedef = jax.tree.flatten(params)
-  rest = [x for x, r in zip(leaves, is_rest) if r]
-  dirs = _split_directions(params, directions)
-  rest_dirs = [dirs[p] for p, r in zip(paths, is_rest) if r]
-  by_path = {}
-  for i, c in enumerate(calls):
-    by_path.setdefault(c.path, []).append(i)
-  plans = {}  # call index -> "factored" | "embed" | "vjp"
-  for path, idx in by_path.items():
-    for i in idx:
-      c = calls[i]
-      shared = len(idx) > 1 and with_norms  # ‖Σ_calls g‖² needs the summed gradient.
-      if not shared and _dense_factors(c):
-        plans[i] = "factored"
-      elif (not shared and isinstance(c.layer, nn.Embed)
-            and math.prod(c.in_shape) < c.layer.num_embeddings):
-        plans[i] = "embed"
-      else:
-        plans[i] = "vjp"
-  k = directions.shape[0]
-  # Direction layouts for the factored Dense products, made once per call outside the micro-batch loop.
-  factored_u = {}
-  for i, plan in plans.items():
-    if plan == "factored":
-      in_size, out_size = _dense_factors(calls[i])
-      kern = dirs[calls[i].path + ("kernel",)].reshape(k, in_size, out_size)
-      factored_u[i] = jnp.transpose(kern, (1, 0, 2)).reshape(in_size, k * out_size)
+def plan_calls(calls: tuple[LayerCall, ...], with_norms: bool) -> tuple[str, ...]:
+  """Returns, per call, how its projection is computed: "factored", "embed" or "layer_vjp" (see module doc).
 
-  def one_example(rest_leaves, perts, ex):
-    full = jax.tree.unflatten(treedef, _merge(leaves, is_rest, rest_leaves))
-    inputs, count = [], [0]
+  A layer called more than once keeps one summed gradient when squared norms
+  are asked for (‖Σ_calls g‖² has cross terms), so all its calls are "layer_vjp".
+  """
+  counts = {}
+  for c in calls:
+    counts[c.path] = counts.get(c.path, 0) + 1
+  plans = []
+  for c in calls:
+    alone = counts[c.path] == 1 or not with_norms
+    if alone and _dense_factors(c):
+      plans.append("factored")
+    elif alone and isinstance(c.layer, nn.Embed) and math.prod(c.in_shape) < c.layer.num_embeddings:
+      plans.append("embed")
+    else:
+      plans.append("layer_vjp")
+  return tuple(plans)
+
+
+def _recording_loss(per_example_loss_fn, calls, params, is_rest):
+  """Returns (rest leaves, output perturbations, example) ↦ (loss, inputs of each call)."""
+  leaves, treedef = jax.tree.flatten(params)
+
+  def loss_and_inputs(rest_leaves, perts, ex):
+    it = iter(rest_leaves)
+    full = jax.tree.unflatten(treedef, [next(it) if r else x for x, r in zip(leaves, is_rest)])
+    inputs = []
 
     def interceptor(next_fun, args, kwargs, ctx):
-      if not isinstance(ctx.module, LAYER_TYPES) or count[0] >= len(calls):
+      i = len(inputs)
+      if (not isinstance(ctx.module, LAYER_TYPES) or i >= len(calls) or ctx.method_name != "__call__"
+          or tuple(ctx.module.path) != calls[i].path):
         return next_fun(*args, **kwargs)
-      i = count[0]
-      if ctx.method_name != "__call__" or tuple(ctx.module.path) != calls[i].path:
-        return next_fun(*args, **kwargs)
-      count[0] += 1
       inputs.append(args[0])
       return next_fun(*args, **kwargs) + perts[i]
 
@@ -254,33 +244,52 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
       loss = per_example_loss_fn(full, ex)[0]
     return loss, inputs
 
-  def one_micro(mb):
-    def grads_one(ex):
-      ex = jax.tree.map(lambda x: x[None], ex)
-      perts = [jnp.zeros(c.out_shape, c.out_dtype) for c in calls]
-      _, vjp_fn, inputs = jax.vjp(lambda r, p: one_example(r, p, ex), rest, perts, has_aux=True)
-      g_rest, deltas = vjp_fn(jnp.ones((), _dtype(leaves)))
-      return g_rest, deltas, inputs
+  return loss_and_inputs
 
+
+def make_micro_projector(per_example_loss_fn, params, directions, with_norms, example) -> Callable:
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); see LayerwiseLoss."""
+  calls = discover_calls(per_example_loss_fn, params, example)
+  plans = plan_calls(calls, with_norms)
+  paths = leaf_paths(params)
+  is_rest = [not any(p[:len(c.path)] == c.path for c in calls) for p in paths]
+  rest = [x for x, r in zip(jax.tree.leaves(params), is_rest) if r]
+  dirs = _split_directions(params, directions)
+  rest_dirs = [dirs[p] for p, r in zip(paths, is_rest) if r]
+  k = directions.shape[0]
+  # Direction layouts of the factored Dense products, made once, outside the micro-batch loop.
+  factored_u = {}
+  for i, plan in enumerate(plans):
+    if plan == "factored":
+      in_size, out_size = _dense_factors(calls[i])
+      kern = dirs[calls[i].path + ("kernel",)].reshape(k, in_size, out_size)
+      factored_u[i] = jnp.transpose(kern, (1, 0, 2)).reshape(in_size, k * out_size)
+  loss_and_inputs = _recording_loss(per_example_loss_fn, calls, params, is_rest)
+
+  def grads_one(ex):
+    ex = jax.tree.map(lambda x: x[None], ex)
+    perts = [jnp.zeros(c.out_shape, c.out_dtype) for c in calls]
+    loss, vjp_fn, inputs = jax.vjp(lambda r, p: loss_and_inputs(r, p, ex), rest, perts, has_aux=True)
+    g_rest, deltas = vjp_fn(jnp.ones_like(loss))
+    return g_rest, deltas, inputs
+
+  def one_micro(mb):
     g_rest, deltas, inputs = jax.vmap(grads_one)(mb)
     proj, sq = _pair(g_rest, rest_dirs, with_norms)
-    shared_grads = {}
+    layer_grads = {}  # path -> per-example gradients summed over the layer's "layer_vjp" calls.
     for i, c in enumerate(calls):
-      x, d = inputs[i], deltas[i]
-      own = _layer_params(jax.tree.unflatten(treedef, leaves), c.path)
-      u = _sub_directions(dirs, c.path, own)
+      own = _layer_params(params, c.path)
       if plans[i] == "factored":
-        p_i, s_i = _factored_dense(x, d, factored_u[i], u.get("bias"), k, with_norms)
+        p_i, s_i = _factored_dense(inputs[i], deltas[i], factored_u[i],
+                                   _sub_directions(dirs, c.path, own).get("bias"), k, with_norms)
       elif plans[i] == "embed":
-        p_i, s_i = _gathered_embed(x, d, u["embedding"], with_norms)
+        p_i, s_i = _gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], with_norms)
       else:
-        g = _layer_vjp(c, own, x, d)
-        if len(by_path[c.path]) > 1 and with_norms:
-          shared_grads[c.path] = g if c.path not in shared_grads else jax.tree.map(jnp.add, shared_grads[c.path], g)
-          continue
-        p_i, s_i = _pair(g, u, with_norms)
+        g = _layer_vjp(c, own, inputs[i], deltas[i])
+        layer_grads[c.path] = jax.tree.map(jnp.add, layer_grads[c.path], g) if c.path in layer_grads else g
+        continue
       proj, sq = proj + p_i, sq + s_i
-    for path, g in shared_grads.items():
+    for path, g in layer_grads.items():
       p_i, s_i = _pair(g, _sub_directions(dirs, path, g), with_norms)
       proj, sq = proj + p_i, sq + s_i
     proj = proj.astype(directions.dtype)
@@ -288,15 +297,6 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
     return proj, sq
 
   return one_micro
-
-
-def _dtype(leaves):
-  return jnp.result_type(*leaves)
-
-
-def _merge(leaves, is_rest, rest_leaves):
-  it = iter(rest_leaves)
-  return [next(it) if r else x for x, r in zip(leaves, is_rest)]
 
 
 def _factored_dense(x, d, u_kernel, u_bias, k, with_norms):
