@@ -56,7 +56,8 @@ class ModelFns(NamedTuple):
   params: the trainable parameters (a pytree) at which the model was given.
   loss_fn(params, batch) -> scalar: mean per-example loss + (l2/2)‖params‖²; a
     curvature.SplitLoss, so curvature="gauss_newton" works with it as well.
-  per_example_loss_fn(params, batch) -> (B,): per-example losses, no L2 term.
+  per_example_loss_fn(params, batch) -> (B,): per-example losses, no L2 term
+    (Linen: a layerwise.LayerwiseLoss, which also projects layer by layer).
   outputs_fn(params, batch) -> model outputs (e.g. (B, C) logits), eval mode.
   merge(params) -> the model with these params: Linen, the full variables
     dict {"params": params, **other collections}; NNX, a new module
@@ -139,8 +140,9 @@ def linen_loss_fns(
   method=method, **eval kwargs, **apply_kwargs) with nothing mutable; eval
   kwargs are train=False / deterministic=True / use_running_average=True for
   those the method's signature accepts. per_example_loss(outputs, labels)
-  -> (B,) with labels = batch[label_key]. Raises ValueError when `variables`
-  has no "params" collection.
+  -> (B,) with labels = batch[label_key]; per_example_loss_fn is a
+  layerwise.LayerwiseLoss, so projections are layer-wise by default. Raises
+  ValueError when `variables` has no "params" collection.
   """
   if not isinstance(variables, Mapping):
     raise TypeError(f"variables must be the dict returned by module.init; got {type(variables).__name__}.")
@@ -161,7 +163,10 @@ def linen_loss_fns(
     return module.apply({"params": params, **rest}, *inputs(batch), method=method, mutable=False, **kwargs)
 
   merge = lambda params: {"params": params, **rest}
-  return _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
+  fns = _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
+  from influence_jax import layerwise  # noqa: PLC0415 (imports flax.linen, for Linen users only)
+
+  return fns._replace(per_example_loss_fn=layerwise.LayerwiseLoss(fns.per_example_loss_fn))
 
 
 def nnx_eval_view(model: nnx.Module) -> nnx.Module:

@@ -4,7 +4,10 @@ For directions D (k, p) and each example z, returns D ∇ℓ(z) ∈ ℝᵏ witho
 keeping p-sized gradients for more than one micro-batch:
 - "vjp": per-example gradients of one micro-batch (vmap of grad), then a matmul;
 - "jvp": k forward-mode directional derivatives ⟨∇ℓ(z), d_j⟩ for the whole
-  micro-batch at once; no p-sized per-example gradient ever exists.
+  micro-batch at once; no p-sized per-example gradient ever exists;
+- "layerwise": layer by layer from each layer's inputs and output gradients
+  (`layerwise.LayerwiseLoss`, which the Flax Linen adapters return); the
+  default whenever per_example_loss_fn provides it, "vjp" otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
 from influence_jax import validation
 
-METHODS = ("vjp", "jvp")
+METHODS = ("vjp", "jvp", "layerwise")
 _MICROBATCH_BYTES = 256 * 2**20
+_LAYERWISE_BYTES = 128 * 2**20
 
 
 class Projections(NamedTuple):
@@ -33,8 +37,40 @@ class Projections(NamedTuple):
 
 
 def default_microbatch_size(num_params: int, itemsize: int, batch: int) -> int:
-  """Returns a micro-batch size whose per-example gradients take at most ~256 MiB."""
-  return int(max(1, min(batch, _MICROBATCH_BYTES // max(1, num_params * itemsize))))
+  """Returns a micro-batch size whose per-example gradients take at most ~256 MiB (see balanced_microbatch)."""
+  return balanced_microbatch(batch, _MICROBATCH_BYTES // max(1, num_params * itemsize))
+
+
+def balanced_microbatch(batch: int, most: int) -> int:
+  """Returns the smallest size ≤ max(1, most) that splits `batch` in as few micro-batches as `most` does.
+
+  It divides `batch` whenever a divisor does so (1,024 with most 300: 256), and
+  pads fewer rows than there are micro-batches otherwise.
+  """
+  steps = -(-batch // max(1, min(batch, most)))
+  return -(-batch // steps)
+
+
+def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
+  """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
+  has_layerwise = hasattr(per_example_loss_fn, "micro_projector")
+  if method is None:
+    return "layerwise" if has_layerwise else "vjp"
+  if method not in METHODS:
+    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
+  if method == "layerwise" and not has_layerwise:
+    raise ValueError("method='layerwise' needs a per_example_loss_fn with micro_projector (a "
+                     "layerwise.LayerwiseLoss, as flax_adapters.linen_loss_fns returns).")
+  return method
+
+
+def _default_micro(per_example_loss_fn, method, params, k, batch, size):
+  """Returns the default micro-batch size of `method` for padded batches of `size` examples."""
+  flat, _ = ravel_pytree(params)
+  if method != "layerwise":
+    return default_microbatch_size(flat.size, flat.dtype.itemsize, size)
+  example = jax.tree.map(lambda x: jnp.asarray(x)[:1], batch)
+  return balanced_microbatch(size, _LAYERWISE_BYTES // per_example_loss_fn.bytes_per_example(params, k, example))
 
 
 def _single_example_grad(per_example_loss_fn, unravel, flat, example):
@@ -42,11 +78,13 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
   return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
 
-def _micro_projector(per_example_loss_fn, method, with_norms, params, directions):
-  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros).
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example):
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); `example`: a batch of one.
 
   `directions` are (k, P) in a flat layout (P ≥ p, columns beyond p zero).
   """
+  if method == "layerwise":
+    return per_example_loss_fn.micro_projector(params, directions, with_norms, example)
   flat, unravel = ravel_pytree(params)
   p, columns = flat.size, directions.shape[1]
 
@@ -87,7 +125,8 @@ def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params,
     y = jnp.swapaxes(y.reshape((steps, d, local) + y.shape[2:]), 0, 1).reshape((size,) + y.shape[2:])
     return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
 
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example)
   proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
   return from_micro(proj), from_micro(sq)
 
@@ -114,7 +153,7 @@ def project_on(
     params: Any,
     batches: Iterable[Any],
     *,
-    method: str = "vjp",
+    method: Optional[str] = None,
     microbatch_size: Optional[int] = None,
     with_sq_norms: bool = False,
     pad_to: Optional[int] = None,
@@ -134,12 +173,12 @@ def project_on(
   or slicing: mask their padding rows yourself). Params keep an existing
   sharding on the mesh. The (N, k) result is sharded by example,
   P('data', None), when N is a multiple of the 'data' size (otherwise laid
-  out as XLA chose). `with_sq_norms` also returns ‖∇ℓ(z)‖² (method="vjp").
+  out as XLA chose). `method` None picks "layerwise" when per_example_loss_fn
+  provides it, else "vjp". `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp").
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
-  if with_sq_norms and method != "vjp":
-    raise ValueError("Squared gradient norms need method='vjp' (jvp never forms the gradient).")
+  method = resolve_method(per_example_loss_fn, method)
+  if with_sq_norms and method == "jvp":
+    raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)
   p = flat.size
   if np.ndim(directions) != 2 or np.shape(directions)[1] not in (p, sharding_lib.padded_dim(p, sharding_lib.mesh_of(directions))):
@@ -159,12 +198,13 @@ def project_on(
     if _is_on_mesh(batch, mesh):
       if n % d:
         raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")
-      want = microbatch_size or default_microbatch_size(p, flat.dtype.itemsize, n)
+      want = microbatch_size or _default_micro(per_example_loss_fn, method, params, directions.shape[0], batch, n)
       size, mb, placed = n, _global_micro(n, want, d), batch
     else:
       if padded_size is None:
         size = max(n, pad_to or 0)
-        want = microbatch_size or default_microbatch_size(p, flat.dtype.itemsize, size)
+        want = microbatch_size or _default_micro(per_example_loss_fn, method, params, directions.shape[0], batch,
+                                                 size)
         micro = d * -(-min(want, size) // d)
         padded_size = micro * -(-size // micro)
       if n > padded_size:

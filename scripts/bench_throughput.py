@@ -1,0 +1,123 @@
+"""Throughput of projecting per-example gradients, against its floor and a plain batched gradient.
+
+For each model and k, prints examples/s of `projection.project_on` for the
+default method (layer-wise for Linen models) and the old "vjp" and "jvp"
+methods, and two ratios measured in the same run:
+- × floor: time per example ÷ (floor FLOPs ÷ the run's jitted float32 matmul
+  rate), floor FLOPs = 3 × the forward pass's FLOPs (XLA's count; 6 × weights
+  for an MLP) + 2·k·p;
+- × grad: time per example ÷ that of jax.grad of the mean loss on batches of
+  the same size (one backward pass for the whole batch, no per-example work).
+
+Each figure is the best of --repeats timed passes after one warm-up.
+
+  nice -n 10 python scripts/bench_throughput.py --out docs/throughput_results.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from influence_jax import flax_adapters, projection
+from influence_jax.examples import models
+
+MODELS = ("mlp_small", "mlp_big", "cnn", "transformer")
+
+
+def make_problem(name: str, batch: int, key):
+  """Returns (ModelFns, list of device batches) for one benchmark model on random data."""
+  kx, ky, ki = jax.random.split(key, 3)
+  if name == "transformer":
+    length, vocab = 32, 64
+    module = models.Transformer(vocab_size=vocab, max_len=length, d_model=64, num_heads=4, d_ff=256, num_layers=2)
+    src = jax.random.randint(kx, (batch, length), 1, vocab)
+    tgt = jax.random.randint(ky, (batch, length), 1, vocab)
+    variables = module.init(ki, src[:1], tgt[:1])
+    fns = flax_adapters.linen_loss_fns(module, variables, models.sequence_cross_entropy, input_key=("src", "tgt"))
+    return fns, {"src": src, "tgt": tgt, "y": tgt}
+  module = {"mlp_small": models.MLP(features=(128,)), "mlp_big": models.MLP(features=(512, 512)),
+            "cnn": models.CNN(features=(16, 32), use_batch_norm=True)}[name]
+  x = jax.random.normal(kx, (batch, 784), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, 10)
+  variables = module.init(ki, x[:1])
+  return flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy), {"x": x, "y": y}
+
+
+def best_time(fn, repeats: int) -> float:
+  """Returns the best wall time of `repeats` calls of fn (after one warm-up call); fn blocks."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def matmul_rate(repeats: int) -> float:
+  """Returns the jitted float32 matmul rate (FLOP/s) on 1,024 × 1,024 matrices."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2 * 1024**3 / best_time(lambda: f(a).block_until_ready(), repeats)
+
+
+def forward_flops(fns, batch) -> float:
+  """Returns XLA's FLOP count of one forward pass (model outputs) per example."""
+  cost = jax.jit(fns.logits_fn).lower(fns.params, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / projection.data_lib.batch_size(batch)
+
+
+def run(names, ks, methods, batch_size, repeats, write):
+  key = jax.random.PRNGKey(0)
+  for name in names:
+    fns, batch = make_problem(name, batch_size, key)
+    p = ravel_pytree(fns.params)[0].size
+    fwd = forward_flops(fns, batch)
+    grad = jax.jit(jax.grad(fns.loss_fn))
+    grad_t = best_time(lambda: jax.block_until_ready(grad(fns.params, batch)), repeats) / batch_size
+    for k in ks:
+      directions = jax.random.normal(jax.random.PRNGKey(k), (k, p), jnp.float32)
+      for method in methods:
+        call = lambda: projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch],
+                                             method=method).values.block_until_ready()
+        t = best_time(call, repeats) / batch_size
+        rate = matmul_rate(repeats)  # Measured next to each figure: the machine is shared.
+        floor_t = (3 * fwd + 2 * k * p) / rate
+        label = method or f"default ({projection.resolve_method(fns.per_example_loss_fn, None)})"
+        write(f"| {name} | {p:,} | {k} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} | {t / grad_t:.1f} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--ks", default="50,100")
+  parser.add_argument("--methods", default="default,vjp,jvp")
+  parser.add_argument("--batch_size", type=int, default=1024)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None, help="also append the table to this file")
+  args = parser.parse_args()
+  lines = []
+
+  def write(line):
+    print(line, flush=True)
+    lines.append(line)
+
+  write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, batch {args.batch_size}")
+  write("| model | p | k | method | examples/s | × floor | × grad |")
+  write("|---|---|---|---|---|---|---|")
+  methods = [None if m == "default" else m for m in args.methods.split(",")]
+  run(args.models.split(","), [int(k) for k in args.ks.split(",")], methods, args.batch_size, args.repeats, write)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
