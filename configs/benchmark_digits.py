@@ -50,5 +50,8 @@ def get_config():
   for k in (10, 50, 100):
     methods[f"arnoldi_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=int(1.5 * k), tail=False)
     methods[f"arnoldi_tail_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=int(1.5 * k), tail=True)
+  methods["arnoldi_pcg_k100"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=10)
   config.methods = ml_collections.ConfigDict(methods)
+  config.method_order = tuple(methods)
+  config.problem_order = ("digits_mlp", "digits_logreg")
   return config

@@ -91,3 +91,15 @@ def test_arnoldi_with_every_eigenpair_is_exact_and_the_tail_helps_at_small_k():
   plain = baselines.arnoldi(task, top_k=2, n_iters=6, damping=0.01)
   tail = baselines.arnoldi(task, top_k=2, n_iters=6, damping=0.01, tail=True)
   assert err(tail.scores) < err(plain.scores)
+
+
+def test_arnoldi_pcg_is_the_tail_without_iterations_and_exact_with_enough():
+  task = tiny_task()
+  hess, g_test, g_train = dense_reference(task, 0.01)
+  want = g_test @ np.linalg.solve(hess, g_train.T)
+  tail = baselines.arnoldi(task, top_k=2, n_iters=6, damping=0.01, tail=True)
+  zero = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=0, damping=0.01)
+  np.testing.assert_allclose(zero.scores, tail.scores, rtol=1e-8, atol=1e-11)
+  solved = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01)
+  np.testing.assert_allclose(solved.scores, want, rtol=1e-7, atol=1e-10)
+  assert solved.info["positive_curvature"] == "7/7" and solved.info["max_rel_residual"] < 1e-8

@@ -5,7 +5,7 @@ import csv
 import ml_collections
 import numpy as np
 
-from configs import benchmark_digits
+from configs import benchmark_digits, benchmark_digits85k
 from influence_jax.eval import baselines, benchmark
 
 
@@ -56,3 +56,33 @@ def test_benchmark_writes_a_table_with_exact_as_reference(tmp_path):
   assert not any("retrained" in line for line in logs)
   assert len(list((tmp_path / "retraining").iterdir())) == 2
   assert {r["method"]: r for r in again}["exact"]["settings"] == "damping=0.01"
+
+
+def test_85k_configs_name_known_methods_in_a_full_order():
+  for arg in (None, "small"):
+    config = benchmark_digits85k.get_config(arg)
+    assert sorted(config.method_order) == sorted(config.methods.keys())
+    assert sorted(config.problem_order) == sorted(config.problems.keys())
+    for name, method in config.methods.items():
+      assert method.method in baselines.METHODS, name
+    for problem in config.problems.values():
+      assert problem.hidden == (256, 256) and problem.lds_same_init and problem.loo_points == 0
+  full = benchmark_digits85k.get_config().problems["digits85k_d1e-3"]
+  assert (full.num_train, full.num_test, full.lds_subsets, full.damping) == (1437, 100, 100, 1e-3)
+
+
+def test_same_initialisation_lds_without_loo_in_the_given_order(tmp_path):
+  config = tiny_config(tmp_path)
+  problem = config.problems.digits_logreg
+  problem.update(dict(loo_points=0))
+  problem.lds_same_init = True
+  config.method_order = ("exact", "gradient_dot")
+  logs = []
+  rows = benchmark.run(config, log=logs.append)
+  assert [r["method"] for r in rows] == ["exact", "gradient_dot"]
+  assert all(np.isfinite(r["lds"]) and np.isnan(r["loo_pearson"]) for r in rows)
+  assert len(list((tmp_path / "retraining").iterdir())) == 1  # LDS only.
+  gt = benchmark.lds_truth(lambda w, s: None, None, 40, problem, cache_dir=str(tmp_path / "retraining"),
+                           config={**{k: problem[k] for k in benchmark.TRAINING_KEYS if k in problem},
+                                   "target": "per-example test loss"}, chunk_size=problem.chunk_size)
+  assert np.all(gt.seeds == problem.init_seed) and gt.targets.shape == (8, 4)  # Read back from the cache.

@@ -25,7 +25,7 @@ COLUMNS = ("problem", "method", "settings", "fit_s", "score_s", "fit_s_warm", "s
            "lds", "loo_pearson", "loo_spearman", "exact_pearson", "info")
 
 TRAINING_KEYS = ("kind", "hidden", "l2", "dtype", "num_train", "num_test", "data_seed", "init_seed",
-                 "steps", "learning_rate")
+                 "steps", "learning_rate", "lds_same_init")
 
 
 def build_problem(cfg) -> problems.Problem:
@@ -54,13 +54,33 @@ def method_settings(method_cfg, problem_cfg) -> dict:
   return settings
 
 
+def lds_truth(train_fn, evaluate, num_train: int, cfg, **cache) -> retraining.LDSGroundTruth:
+  """Returns the LDS ground truth of cfg: one model per random subset.
+
+  With cfg.lds_same_init every model starts from init_fn(key(cfg.init_seed))
+  (the initialisation of θ*); otherwise each has its own seed (dattri's default).
+  """
+  if not cfg.get("lds_same_init", False):
+    return retraining.lds_ground_truth(
+        train_fn, evaluate, num_train, num_subsets=cfg.lds_subsets, fraction=cfg.lds_fraction,
+        seed=cfg.lds_seed, dtype=np.dtype(cfg.dtype), **cache)
+  masks = retraining.random_subsets(num_train, cfg.lds_subsets, cfg.lds_fraction, cfg.lds_seed)
+  weights = (masks * (num_train / masks.sum(1, keepdims=True))).astype(np.dtype(cfg.dtype))
+  seeds = np.full((cfg.lds_subsets,), cfg.init_seed, np.uint32)
+  targets = retraining.retrain(train_fn, evaluate, weights, seeds, **cache).targets
+  return retraining.LDSGroundTruth(masks, seeds, targets)
+
+
 def _compact(d: dict) -> str:
   return " ".join(f"{k}={v}" for k, v in d.items())
 
 
 def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool = True,
-                log: Callable[[str], None] = print) -> list[dict]:
-  """Returns one row per method (dicts keyed by COLUMNS) for the problem configured by cfg."""
+                log: Callable[[str], None] = print, order=None) -> list[dict]:
+  """Returns one row per method (dicts keyed by COLUMNS) for the problem configured by cfg.
+
+  Methods run in `order` (names of methods_cfg; default: its key order), exact first.
+  """
   prob = build_problem(cfg)
   params, checkpoints = problems.train_with_checkpoints(
       prob, steps=cfg.steps, learning_rate=cfg.learning_rate, num_checkpoints=cfg.num_checkpoints,
@@ -74,12 +94,12 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
   key_config["target"] = "per-example test loss"
   cache = dict(cache_dir=str(pathlib.Path(workdir) / "retraining"), config=key_config,
                chunk_size=cfg.chunk_size, log=lambda s: log(f"[{name}] {s}"))
-  lds_gt = retraining.lds_ground_truth(
-      train_fn, evaluate, prob.num_train, num_subsets=cfg.lds_subsets, fraction=cfg.lds_fraction,
-      seed=cfg.lds_seed, dtype=np.dtype(cfg.dtype), **cache)
-  loo_idx = np.random.default_rng(cfg.loo_seed).choice(prob.num_train, cfg.loo_points, replace=False)
-  loo_gt = retraining.loo_ground_truth(
-      train_fn, evaluate, prob.num_train, loo_idx, seed=cfg.init_seed, dtype=np.dtype(cfg.dtype), **cache)
+  lds_gt = lds_truth(train_fn, evaluate, prob.num_train, cfg, **cache)
+  loo_gt = None
+  if cfg.loo_points:
+    loo_idx = np.random.default_rng(cfg.loo_seed).choice(prob.num_train, cfg.loo_points, replace=False)
+    loo_gt = retraining.loo_ground_truth(
+        train_fn, evaluate, prob.num_train, loo_idx, seed=cfg.init_seed, dtype=np.dtype(cfg.dtype), **cache)
   batch = cfg.batch_size
   task = baselines.Task(
       loss_fn=prob.loss_fn, per_example_loss_fn=prob.per_example_loss_fn, params=params,
@@ -88,7 +108,7 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
       checkpoints=[(c.params, c.learning_rate) for c in checkpoints])
 
   rows, exact_scores = [], None
-  names = [n for n in methods_cfg.keys() if n not in set(cfg.get("skip", ()))]
+  names = [n for n in (order or methods_cfg.keys()) if n not in set(cfg.get("skip", ()))]
   names.sort(key=lambda n: methods_cfg[n].method != "exact")  # The reference first (stable sort).
   for method_name in names:
     method_cfg = methods_cfg[method_name]
@@ -99,7 +119,8 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
     if method_cfg.method == "exact" and exact_scores is None:
       exact_scores = result.scores
     finite = bool(np.all(np.isfinite(result.scores)))
-    loo = metrics.loo_correlation(result.scores, loo_gt.indices, loo_gt.deltas) if finite else None
+    loo = (metrics.loo_correlation(result.scores, loo_gt.indices, loo_gt.deltas)
+           if finite and loo_gt is not None else None)
     row = {
         "problem": name,
         "method": method_name,
@@ -151,11 +172,14 @@ def write_tables(rows: list[dict], workdir: str) -> tuple[pathlib.Path, pathlib.
 
 
 def run(config, log: Callable[[str], None] = print) -> list[dict]:
-  """Runs every problem of config.problems with every method of config.methods; writes and returns the rows."""
+  """Runs every problem of config.problems with every method of config.methods; writes and returns the rows.
+
+  config.problem_order / config.method_order (optional tuples of names) fix the order of the runs.
+  """
   rows = []
-  for name, cfg in config.problems.items():
-    rows += run_problem(name, cfg, config.methods, workdir=config.workdir,
-                        warm_timings=config.warm_timings, log=log)
+  for name in config.get("problem_order", None) or config.problems.keys():
+    rows += run_problem(name, config.problems[name], config.methods, workdir=config.workdir,
+                        warm_timings=config.warm_timings, log=log, order=config.get("method_order", None))
     write_tables(rows, config.workdir)
   (pathlib.Path(config.workdir) / "config.json").write_text(config.to_json(indent=1) if hasattr(config, "to_json")
                                                             else json.dumps(config, default=str))

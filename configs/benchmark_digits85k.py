@@ -1,0 +1,57 @@
+r"""Benchmark on an 85,002-parameter MLP where exact inversion is out of reach (issue 15).
+
+dattri's protocol: MLP 64-256-256-10 tanh, L2 1e-3 in the objective, 1,437
+training digits, 100 query digits, 100 models retrained from the same
+initialisation as θ* on random half subsets (one jax.vmap per chunk, cached
+under workdir and resumable), target = −query loss. float32; full-batch Adam,
+300 steps, cosine-decayed learning rate 0.01. No leave-one-out and no dense
+exact influence (85,002² is out of reach).
+
+Every setting was fixed before any LDS was seen. The methods run cheapest
+first; seconds are one run each (warm_timings off), JIT compilation included.
+
+  PYTHONPATH=. nice -n 10 python scripts/benchmark_methods.py \
+      --config=configs/benchmark_digits85k.py --config.workdir=/tmp/influence_jax_benchmark85k
+
+`--config=configs/benchmark_digits85k.py:small` is the same model on 500
+training / 50 query digits, 50 subsets, 200 steps, fewer methods: what 2
+shared CPU cores finish in about half an hour.
+"""
+
+import ml_collections
+
+_FULL = dict(num_train=1437, num_test=100, lds_subsets=100, steps=300)
+_SMALL = dict(num_train=500, num_test=50, lds_subsets=50, steps=200)
+
+
+def _problem(damping, sizes):
+  return ml_collections.ConfigDict(dict(
+      kind="digits_mlp", hidden=(256, 256), l2=1e-3, dtype="float32", data_seed=0, init_seed=0,
+      learning_rate=0.01, batch_size=500, lds_fraction=0.5, lds_seed=0, lds_same_init=True,
+      loo_points=0, loo_seed=0, chunk_size=10, num_checkpoints=5, damping=damping, overrides={}, skip=(),
+      **sizes))
+
+
+def get_config(arg=None):
+  small = arg == "small"
+  sizes = _SMALL if small else _FULL
+  config = ml_collections.ConfigDict()
+  config.workdir = "/tmp/influence_jax_benchmark85k" + ("_small" if small else "")
+  config.warm_timings = False
+  config.problems = ml_collections.ConfigDict({
+      "digits85k_d1e-3": _problem(1e-3, sizes),
+      "digits85k_d1e-2": _problem(1e-2, sizes),
+  })
+  methods = {"gradient_dot": dict(method="gradient_dot")}
+  for n, k in ((150, 100),) if small else ((150, 100), (300, 200)):
+    methods[f"arnoldi_n{n}_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=n, tail=False)
+    methods[f"arnoldi_tail_n{n}_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=n, tail=True)
+  for i in (5, 10):
+    methods[f"arnoldi_pcg_n150_k100_i{i}"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=i)
+  if not small:
+    methods["lissa"] = dict(method="lissa", scale=20.0, depth=300, batch_size=64, repeats=1, tol=1e-2)
+  methods["cg"] = dict(method="cg", tol=1e-10, max_iters=100)
+  config.methods = ml_collections.ConfigDict(methods)
+  config.method_order = tuple(methods)  # Cheapest first (ConfigDict sorts its keys).
+  config.problem_order = ("digits85k_d1e-3", "digits85k_d1e-2")
+  return config
