@@ -8,7 +8,6 @@ Writes results.md (mean ± std over seeds), results.csv and results.json in --wo
 
 import ml_collections
 
-
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "class_removal"
@@ -34,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0),
       walk_step=0.25,  # The walks' step, in units of the update Δ.
       walk_max_steps=256,
-      walk_patience=16,
+      walk_patience=64,  # Steps without a better score before the coarse walk stops (f1 has plateaus).
+
   )
   return ml_collections.ConfigDict(c)

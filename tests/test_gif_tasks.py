@@ -170,7 +170,7 @@ def test_hessian_examples_average_the_curvature_over_a_fixed_subset(data):
   np.testing.assert_allclose(_flat(res.params), _flat(ref.params), rtol=1e-12)
 
 
-def test_oracle_scale_and_removal_f1():
+def test_nearest_scale_and_removal_f1():
   params = {"a": jnp.array([0.0])}
   delta = {"a": jnp.array([1.0])}
   metrics = lambda p: {"removed": float(abs(1.0 - p["a"][0] / 4)), "rest": 0.9}
@@ -179,3 +179,4 @@ def test_oracle_scale_and_removal_f1():
   assert gif_tasks.removal_f1(0.0, 1.0) == 1.0 and gif_tasks.removal_f1(1.0, 0.9) == 0.0
   assert gif_tasks.removal_f1(0.5, 0.9) == pytest.approx(2 * 0.5 * 0.9 / 1.4)
   assert gif_tasks.removal_f1(1.0, 0.0) == 0.0
+  assert gif_tasks.edit_f1(0.8, 0.9) == pytest.approx(2 * 0.8 * 0.9 / 1.7) and gif_tasks.edit_f1(0.0, 0.0) == 0.0
