@@ -2,12 +2,11 @@ r"""GIF class removal on digits with the MLP: forget every training 8, against r
 
   python scripts/gif_class_removal.py --config=configs/gif_class_removal_mlp.py --workdir=runs/gif_class_removal_mlp
 
-Override any key, e.g. --config.seeds=3 --config.edit.ratio=0.2 --config.edit.removed_class=3.
+Override any key, e.g. --config.seeds=3 --config.edit.ratios='(0.2,)' --config.edit.removed_class=3.
 Writes results.md (mean ± std over seeds), results.csv and results.json in --workdir.
 """
 
 import ml_collections
-
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -19,14 +18,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = dict(learning_rate=3e-3, num_epochs=60, batch_size=128, l2=1e-3)  # Adam; the retrained model too.
   c.edit = dict(
       removed_class=8,
-      ratio=0.1,  # Fraction of each Dense/Conv layer's parameters in the target set (whole units).
-      selections=("output", "gradient", "random"),
+      ratios=(0.1, 0.3, 0.5),  # Fraction of each Dense/Conv layer's parameters in the target set (exact budget).
+      selections=("gradient",),  # Unit ranking: "output", "gradient" or "random".
       methods=("gif", "fif", "pif", "if"),
-      damping=1e-3,  # Added to the Hessian of the edited training loss.
+      solvers=("neumann", "cg"),  # Every edit is solved by each; one row per solver.
+      neumann_iters=30,  # The authors' early-stopped Neumann iteration (no damping).
+      neumann_normaliser=1.0,
+      neumann_growth=1.25,
+      damping=1e-3,  # CG only: added to the Hessian of the edited training loss.
       curvature="hessian",  # or "gauss_newton"
       hessian_examples=-1,  # Edited-training-set examples the curvature averages over (-1: all).
       cg_max_iters=100,
       cg_tol=1e-5,
-      scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0),  # Step-size grid of both line searches.
+      scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0),
+      walk_step=0.25,  # The walks' step, in units of the update Δ.
+      walk_max_steps=256,
+      walk_patience=64,  # Steps without a better score before the coarse walk stops (f1 has plateaus).
+
   )
   return ml_collections.ConfigDict(c)

@@ -45,8 +45,10 @@ _LAZY = {
         "memorization"),
     **dict.fromkeys(("relative_floor", "relative_influence"), "relative"),
     **dict.fromkeys(
-        ("InfluenceUpdate", "Selection", "apply_update", "fif_update", "gif_update", "if_update",
-         "label_change_gradient", "pif_update", "removal_gradient", "select_parameters"), "gif"),
+        ("InfluenceUpdate", "apply_update", "fif_update", "gif_update", "if_update", "label_change_gradient",
+         "pif_update", "removal_gradient"), "gif_updates"),
+    **dict.fromkeys(("TargetSet", "select_parameters"), "gif_selection"),
+    **dict.fromkeys(("neumann_solve",), "gif_neumann"),
 }
 
 

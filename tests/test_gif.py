@@ -8,7 +8,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import curvature, solvers
-from influence_jax.methods import gif
+from influence_jax.methods import gif_selection
+from influence_jax.methods import gif_updates
 
 TIGHT = dict(tol=1e-13, max_iters=3000)
 
@@ -42,7 +43,7 @@ def problem():
     params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grad(params, full))
   removed = [{"x": x[:4], "y": y[:4]}]
   remaining = [{"x": x[4:22], "y": y[4:22]}, {"x": x[22:], "y": y[22:]}]
-  g = gif.removal_gradient(per_example, params, removed, num_remaining=36)
+  g = gif_updates.removal_gradient(per_example, params, removed, num_remaining=36)
   op = curvature.curvature_operator(loss_fn, params, remaining)
   hess = np.asarray(jax.jit(lambda p: solvers.dense_hessian(loss_fn, p, remaining))(params))
   return dict(params=params, g=g, op=op, hess=hess, g_flat=np.asarray(ravel_pytree(g)[0]), loss_fn=loss_fn,
@@ -79,7 +80,7 @@ def test_gif_is_the_least_squares_solution_and_satisfies_the_block_equations(pro
   for mask in _random_masks(problem["params"], 4, seed=0):
     t = _idx(mask)
     f = np.setdiff1d(np.arange(h.shape[0]), t)
-    upd = gif.gif_update(problem["op"], problem["g"], mask, **TIGHT)
+    upd = gif_updates.gif_update(problem["op"], problem["g"], mask, **TIGHT)
     d = _flat(upd.delta)
     assert np.all(d[f] == 0.0)
     expected = np.linalg.lstsq(h[:, t], g, rcond=None)[0]
@@ -94,11 +95,11 @@ def test_gif_is_the_least_squares_solution_and_satisfies_the_block_equations(pro
 
 def test_gif_on_all_parameters_is_the_inverse_hessian_update(problem):
   h, g = problem["hess"], problem["g_flat"]
-  mask = gif.full_mask(problem["params"])
+  mask = gif_selection.full_mask(problem["params"])
   exact = np.linalg.solve(h, g)
-  d = _flat(gif.gif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
+  d = _flat(gif_updates.gif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
   np.testing.assert_allclose(d, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
-  d_if = _flat(gif.if_update(problem["op"], problem["g"], **TIGHT).delta)
+  d_if = _flat(gif_updates.if_update(problem["op"], problem["g"], **TIGHT).delta)
   np.testing.assert_allclose(d_if, exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
 
 
@@ -111,10 +112,10 @@ def test_fif_and_pif_match_their_closed_forms(problem):
     htt = h[np.ix_(t, t)]
     assert np.abs(np.linalg.eigvalsh(htt)).min() > 1e-8
     indefinite += np.linalg.eigvalsh(htt).min() < 0
-    fif = _flat(gif.fif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
+    fif = _flat(gif_updates.fif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
     expected = np.linalg.solve(htt, g[t])
     np.testing.assert_allclose(fif[t], expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
-    pif = _flat(gif.pif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
+    pif = _flat(gif_updates.pif_update(problem["op"], problem["g"], mask, **TIGHT).delta)
     np.testing.assert_allclose(pif[t], full[t], rtol=1e-6, atol=1e-6 * np.abs(full).max())
     outside = np.setdiff1d(np.arange(h.shape[0]), t)
     assert np.all(fif[outside] == 0.0) and np.all(pif[outside] == 0.0)
@@ -126,7 +127,7 @@ def test_fif_plain_cg_with_damping_matches_damped_closed_form(problem):
   op = curvature.curvature_operator(problem["loss_fn"], problem["params"], problem["remaining"], damping=damping)
   mask = _random_masks(problem["params"], 1, seed=2)[0]
   t = _idx(mask)
-  upd = gif.fif_update(op, problem["g"], mask, solver="cg", **TIGHT)
+  upd = gif_updates.fif_update(op, problem["g"], mask, solver="cg", **TIGHT)
   assert bool(upd.converged)
   htt = problem["hess"][np.ix_(t, t)] + damping * np.eye(t.size)
   np.testing.assert_allclose(_flat(upd.delta)[t], np.linalg.solve(htt, problem["g_flat"][t]), rtol=1e-7)
@@ -134,25 +135,25 @@ def test_fif_plain_cg_with_damping_matches_damped_closed_form(problem):
 
 def test_gif_residual_is_no_larger_than_fif_or_pif(problem):
   for mask in _random_masks(problem["params"], 6, seed=3):
-    r_gif = float(gif.gif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
-    r_fif = float(gif.fif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
-    r_pif = float(gif.pif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
+    r_gif = float(gif_updates.gif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
+    r_fif = float(gif_updates.fif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
+    r_pif = float(gif_updates.pif_update(problem["op"], problem["g"], mask, **TIGHT).residual_norm)
     assert r_gif <= r_fif * (1 + 1e-8) and r_gif <= r_pif * (1 + 1e-8)
     assert r_gif < min(r_fif, r_pif)  # strictly better on a random mask
 
 
 def test_update_rejects_bad_input(problem):
-  mask = gif.full_mask(problem["params"])
+  mask = gif_selection.full_mask(problem["params"])
   with pytest.raises(ValueError, match="selects no parameter"):
-    gif.gif_update(problem["op"], problem["g"], jax.tree.map(lambda m: ~m, mask))
+    gif_updates.gif_update(problem["op"], problem["g"], jax.tree.map(lambda m: ~m, mask))
   bad = jax.tree.map(lambda x: x, mask)
   bad["Dense_0"]["bias"] = np.ones(7, bool)
   with pytest.raises(ValueError, match="Dense_0.*bias"):
-    gif.gif_update(problem["op"], problem["g"], bad)
+    gif_updates.gif_update(problem["op"], problem["g"], bad)
   with pytest.raises(ValueError, match="solver"):
-    gif.fif_update(problem["op"], problem["g"], mask, solver="lissa")
+    gif_updates.fif_update(problem["op"], problem["g"], mask, solver="lissa")
   with pytest.raises(TypeError, match="LinearOperator"):
-    gif.gif_update(problem["hess"], problem["g"], mask)
+    gif_updates.gif_update(problem["hess"], problem["g"], mask)
 
 
 # ---------------------------------------------------------------------------
@@ -192,16 +193,16 @@ def test_removal_update_matches_exact_retraining_on_convex_model():
   keep = np.arange(3, len(y))
   remaining = {"x": x[keep], "y": y[keep]}
   retrained = _newton_fit(loss_fn, theta, remaining)
-  g = gif.removal_gradient(per_example, theta, [{"x": x[:3], "y": y[:3]}], num_remaining=keep.size)
+  g = gif_updates.removal_gradient(per_example, theta, [{"x": x[:3], "y": y[:3]}], num_remaining=keep.size)
   op = curvature.curvature_operator(loss_fn, theta, [remaining])
-  upd = gif.if_update(op, g, solver="cg", tol=1e-12)
+  upd = gif_updates.if_update(op, g, solver="cg", tol=1e-12)
   true_shift = _flat(retrained) - _flat(theta)
   err = np.linalg.norm(_flat(upd.delta) - true_shift) / np.linalg.norm(true_shift)
   assert err < 0.05, err
   # The opposite sign would be off by about 200%: the sign convention is checked.
   assert np.linalg.norm(-_flat(upd.delta) - true_shift) / np.linalg.norm(true_shift) > 1.5
   # GIF on all parameters gives the same edit.
-  d_gif = _flat(gif.gif_update(op, g, gif.full_mask(theta), tol=1e-12).delta)
+  d_gif = _flat(gif_updates.gif_update(op, g, gif_selection.full_mask(theta), tol=1e-12).delta)
   np.testing.assert_allclose(d_gif, _flat(upd.delta), rtol=1e-5, atol=1e-9)
 
 
@@ -212,12 +213,12 @@ def test_label_change_update_matches_exact_retraining_on_convex_model():
   theta = _newton_fit(loss_fn, init, {"x": x, "y": wrong_y})
   corrected = {"x": x, "y": y}
   retrained = _newton_fit(loss_fn, theta, corrected)
-  g = gif.label_change_gradient(per_example, theta, [{"x": x[:3], "y": wrong_y[:3]}],
+  g = gif_updates.label_change_gradient(per_example, theta, [{"x": x[:3], "y": wrong_y[:3]}],
                                 [{"x": x[:3], "y": y[:3]}], num_examples=len(y))
   op = curvature.curvature_operator(loss_fn, theta, [corrected])
-  upd = gif.if_update(op, g, solver="cg", tol=1e-12)
+  upd = gif_updates.if_update(op, g, solver="cg", tol=1e-12)
   true_shift = _flat(retrained) - _flat(theta)
   err = np.linalg.norm(_flat(upd.delta) - true_shift) / np.linalg.norm(true_shift)
   assert err < 0.05, err
-  params_edited = gif.apply_update(theta, upd)
+  params_edited = gif_updates.apply_update(theta, upd)
   np.testing.assert_allclose(_flat(params_edited), _flat(theta) + _flat(upd.delta))

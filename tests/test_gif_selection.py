@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax.methods import gif
+from influence_jax.methods import gif_selection
+from influence_jax.methods import gif_updates
 
 
 class _ConvNet(nn.Module):
@@ -45,48 +46,54 @@ def net():
 SIZES = {"Conv_0": (4, 9), "Dense_0": (6, 65), "Dense_1": (3, 7)}  # (units, parameters per unit)
 
 
-def test_units_to_select_rounds_the_budget_down_to_whole_units():
-  assert gif.units_to_select(0.5, 36, 9) == 2  # budget 18 = 2 units
-  assert gif.units_to_select(0.3, 36, 9) == 1  # budget int(10.8) = 10 → 1 unit (9 params)
-  assert gif.units_to_select(0.3, 21, 7) == 0  # budget int(6.3) = 6 < one unit
-  assert gif.units_to_select(0.29, 100, 1) == 29  # float round-off absorbed
-  assert gif.units_to_select(1.0, 390, 65) == 6
-  assert gif.units_to_select(0.0, 390, 65) == 0
+def test_layer_budget_is_int_of_ratio_times_size():
+  assert gif_selection.layer_budget(0.5, 36) == 18
+  assert gif_selection.layer_budget(0.3, 36) == 10  # int(10.8)
+  assert gif_selection.layer_budget(0.29, 100) == 29  # float round-off absorbed
+  assert gif_selection.layer_budget(1.0, 390) == 390
+  assert gif_selection.layer_budget(0.0, 390) == 0
 
 
 def test_unit_layers_finds_dense_and_conv_but_not_norm_layers(net):
-  layers = gif.unit_layers(net["params"])
+  layers = gif_selection.unit_layers(net["params"])
   assert [(l.key, l.units, l.unit_size) for l in layers] == [
       (("Conv_0",), 4, 9), (("Dense_0",), 6, 65), (("Dense_1",), 3, 7)]
   # A full variables dict ({"params": ...}) works and keeps the module paths.
-  wrapped = gif.unit_layers({"params": net["params"]})
+  wrapped = gif_selection.unit_layers({"params": net["params"]})
   assert [l.module_path for l in wrapped] == [l.key for l in layers]
   assert wrapped[0].key == ("params", "Conv_0")
   # DenseGeneral-shaped kernels (several output axes) and embeddings are not unit layers.
   other = {"attn": {"kernel": np.zeros((3, 2, 4)), "bias": np.zeros((2, 4))}, "Embed_0": {"embedding": np.zeros((5, 3))},
            "Dense_0": net["params"]["Dense_0"]}
-  assert [l.key for l in gif.unit_layers(other)] == [("Dense_0",)]
-  sel = gif.select_parameters(other, ratio=1.0, method="random")
+  assert [l.key for l in gif_selection.unit_layers(other)] == [("Dense_0",)]
+  sel = gif_selection.select_parameters(other, ratio=1.0, method="random")
   assert not np.any(sel.mask["attn"]["kernel"]) and not np.any(sel.mask["Embed_0"]["embedding"])
   assert np.all(sel.mask["Dense_0"]["kernel"])
 
 
 def _check_mask(sel, params, ratio, expected_units):
   for name, (units, unit_size) in SIZES.items():
-    n = gif.units_to_select(ratio, units * unit_size, unit_size)
+    budget = int(ratio * units * unit_size + 1e-6)  # int(r · size), 0.3 · 390 = 117
+    whole, partial = divmod(budget, unit_size)
     km = np.asarray(sel.mask[name]["kernel"])
     bm = np.asarray(sel.mask[name]["bias"])
-    chosen = np.flatnonzero(bm)
-    assert chosen.size == n
-    assert km.sum() + bm.sum() == n * unit_size == int(ratio * units * unit_size) // unit_size * unit_size
-    # Whole units: every kernel entry of a selected unit, none of the others; biases follow.
-    np.testing.assert_array_equal(km.reshape(-1, units).all(0), bm)
-    np.testing.assert_array_equal(km.reshape(-1, units).any(0), bm)
+    per_unit = km.reshape(-1, units).sum(0) + bm
+    # Exactly int(r · size) parameters: `whole` complete units, one unit with `partial` kernel entries.
+    assert km.sum() + bm.sum() == budget
+    assert sorted(per_unit, reverse=True) == [unit_size] * whole + ([partial] if partial else []) + [0] * (
+        units - whole - (1 if partial else 0))
+    full = np.flatnonzero(per_unit == unit_size)
+    np.testing.assert_array_equal(np.flatnonzero(bm), full)  # a partial unit never gets its bias
+    if partial:
+      part = int(np.flatnonzero((per_unit > 0) & (per_unit < unit_size))[0])
+      np.testing.assert_array_equal(np.flatnonzero(km.reshape(-1, units)[:, part]), np.arange(partial))
     if expected_units is not None:
-      assert set(chosen) == set(expected_units[name][:n]), name
+      assert set(full) == set(expected_units[name][:whole]), name
+      if partial:
+        assert part == expected_units[name][whole], name
     row = [l for l in sel.layers if l.path == (name,)][0]
-    assert (row.units_selected, row.units_total, row.params_selected, row.params_total) == (
-        n, units, n * unit_size, units * unit_size)
+    assert (row.units_selected, row.units_total, row.partial_params, row.params_selected, row.params_total) == (
+        whole, units, partial, budget, units * unit_size)
   for norm in ("BatchNorm_0", "LayerNorm_0"):
     assert not any(np.any(m) for m in jax.tree.leaves(sel.mask[norm]))
   assert jax.tree.structure(sel.mask) == jax.tree.structure(params)
@@ -96,7 +103,7 @@ def _ranking(score):
   return list(np.argsort(-np.asarray(score), kind="stable"))
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3, 0.5, 0.8])
 def test_output_based_selection_takes_units_with_largest_mean_preactivation(net, ratio):
   # Reference pre-activations through a different Flax mechanism: capture_intermediates.
   _, state = net["model"].apply({"params": net["params"], "batch_stats": net["stats"]}, net["batch"]["x"],
@@ -106,42 +113,42 @@ def test_output_based_selection_takes_units_with_largest_mean_preactivation(net,
   for name, (units, _) in SIZES.items():
     out = np.asarray(inter[name]["__call__"][0]).reshape(-1, units)
     expected[name] = _ranking(np.abs(out.mean(0)))
-  sel = gif.select_parameters(net["params"], ratio=ratio, method="output", loss_fn=net["loss_fn"],
+  sel = gif_selection.select_parameters(net["params"], ratio=ratio, method="output", loss_fn=net["loss_fn"],
                               target_batch=net["batch"])
   _check_mask(sel, net["params"], ratio, expected)
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3, 0.5, 0.8])
 def test_gradient_based_selection_takes_units_with_largest_mean_output_gradient(net, ratio):
   # Σ over examples and positions of ∂L/∂(pre-activation) of unit j is ∂L/∂bias_j.
   grads = jax.grad(net["loss_fn"])(net["params"], net["batch"])
   expected = {name: _ranking(np.abs(grads[name]["bias"])) for name in SIZES}
-  sel = gif.select_parameters(net["params"], ratio=ratio, method="gradient", loss_fn=net["loss_fn"],
+  sel = gif_selection.select_parameters(net["params"], ratio=ratio, method="gradient", loss_fn=net["loss_fn"],
                               target_batch=net["batch"])
   _check_mask(sel, net["params"], ratio, expected)
   # The scores themselves, not only the ranking: |mean over examples and positions|.
-  scores = gif.unit_scores(net["loss_fn"], net["params"], net["batch"], "gradient")
+  scores = gif_selection.unit_scores(net["loss_fn"], net["params"], net["batch"], "gradient")
   np.testing.assert_allclose(scores[("Conv_0",)], np.abs(grads["Conv_0"]["bias"]) / (12 * 4 * 4), rtol=1e-10)  # 'SAME': 4×4 positions
   np.testing.assert_allclose(scores[("Dense_1",)], np.abs(grads["Dense_1"]["bias"]) / 12, rtol=1e-10)
 
 
 def test_random_selection_is_seeded(net):
-  a = gif.select_parameters(net["params"], ratio=0.5, method="random", seed=3)
-  b = gif.select_parameters(net["params"], ratio=0.5, method="random", seed=3)
+  a = gif_selection.select_parameters(net["params"], ratio=0.5, method="random", seed=3)
+  b = gif_selection.select_parameters(net["params"], ratio=0.5, method="random", seed=3)
   _check_mask(a, net["params"], 0.5, None)
   for x, y in zip(jax.tree.leaves(a.mask), jax.tree.leaves(b.mask)):
     np.testing.assert_array_equal(x, y)
-  draws = {tuple(np.flatnonzero(gif.select_parameters(net["params"], ratio=0.5, method="random", seed=s)
+  draws = {tuple(np.flatnonzero(gif_selection.select_parameters(net["params"], ratio=0.5, method="random", seed=s)
                                 .mask["Dense_0"]["bias"])) for s in range(8)}
   assert len(draws) > 1
 
 
 def test_summary_lists_every_layer(net):
-  sel = gif.select_parameters(net["params"], ratio=0.5, method="random")
+  sel = gif_selection.select_parameters(net["params"], ratio=0.5, method="random")
   text = sel.summary()
   for name in SIZES:
     assert name in text
-  assert "selected 220 of" in text  # 2 filters (18) + 3 Dense_0 units (195) + 1 Dense_1 unit (7)
+  assert "selected 223 of" in text  # int(0.5 · 36) + int(0.5 · 390) + int(0.5 · 21) = 18 + 195 + 10
   total_selected = sum(l.params_selected for l in sel.layers)
   assert f"selected {total_selected} of" in text
 
@@ -149,14 +156,14 @@ def test_summary_lists_every_layer(net):
 def test_selection_rejects_bad_input(net):
   p = net["params"]
   with pytest.raises(ValueError, match="method"):
-    gif.select_parameters(p, ratio=0.5, method="magnitude")
+    gif_selection.select_parameters(p, ratio=0.5, method="magnitude")
   with pytest.raises(ValueError, match="ratio"):
-    gif.select_parameters(p, ratio=1.5, method="random")
+    gif_selection.select_parameters(p, ratio=1.5, method="random")
   with pytest.raises(ValueError, match="loss_fn and target_batch"):
-    gif.select_parameters(p, ratio=0.5, method="output")
+    gif_selection.select_parameters(p, ratio=0.5, method="output")
   jitted = jax.jit(net["loss_fn"])
   jitted(p, net["batch"])  # traced once: later calls do not run the modules
   with pytest.raises(ValueError, match="never called"):
-    gif.select_parameters(p, ratio=0.5, method="output", loss_fn=jitted, target_batch=net["batch"])
+    gif_selection.select_parameters(p, ratio=0.5, method="output", loss_fn=jitted, target_batch=net["batch"])
   with pytest.raises(ValueError, match="no Dense/Conv"):
-    gif.select_parameters({"LayerNorm_0": p["LayerNorm_0"]}, ratio=0.5, method="random")
+    gif_selection.select_parameters({"LayerNorm_0": p["LayerNorm_0"]}, ratio=0.5, method="random")

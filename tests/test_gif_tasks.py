@@ -7,7 +7,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import curvature
-from influence_jax.methods import gif
+from influence_jax.methods import gif_selection
+from influence_jax.methods import gif_updates
+from influence_jax.methods import gif_steps
 from influence_jax.methods import gif_tasks
 
 LAM = 1e-2
@@ -61,9 +63,9 @@ def test_class_removal_edit_if_matches_retraining_and_line_search_is_argmin(data
                                      solver="cg", tol=1e-12)
   # The edit is exactly θ + H⁻¹g with g over the class and H on the remaining examples.
   remaining = {"x": x[y != 3], "y": y[y != 3]}
-  g = gif.removal_gradient(_per_example, theta, [{"x": x[y == 3], "y": y[y == 3]}], num_remaining=y.size - n_removed)
+  g = gif_updates.removal_gradient(_per_example, theta, [{"x": x[y == 3], "y": y[y == 3]}], num_remaining=y.size - n_removed)
   op = curvature.curvature_operator(_loss, theta, [remaining])
-  np.testing.assert_allclose(_flat(res.update.delta), _flat(gif.if_update(op, g, solver="cg", tol=1e-12).delta),
+  np.testing.assert_allclose(_flat(res.update.delta), _flat(gif_updates.if_update(op, g, solver="cg", tol=1e-12).delta),
                              rtol=1e-8, atol=1e-12)
   # Forgetting a whole class is not a small edit (its bias falls far): first order gets the
   # direction and most of the length, not the exact retrained parameters.
@@ -73,10 +75,10 @@ def test_class_removal_edit_if_matches_retraining_and_line_search_is_argmin(data
   assert np.linalg.norm(shift - true_shift) < 0.5 * np.linalg.norm(true_shift)
   # With the line search: the chosen scale minimises the remaining-set loss over the grid.
   res2 = gif_tasks.class_removal_edit(_per_example, theta, {"x": x, "y": y}, 3, method="if", solver="cg", tol=1e-12)
-  losses = [float(_loss(gif.apply_update(theta, res2.update, s), remaining)) for s in gif_tasks.DEFAULT_SCALES]
+  losses = [float(_loss(gif_updates.apply_update(theta, res2.update, s), remaining)) for s in gif_steps.DEFAULT_SCALES]
   np.testing.assert_allclose(res2.scale_losses, losses, rtol=1e-10)
-  assert res2.scale == gif_tasks.DEFAULT_SCALES[int(np.argmin(losses))]
-  assert min(losses) < losses[gif_tasks.DEFAULT_SCALES.index(1.0)]  # the search does better than scale 1 here
+  assert res2.scale == gif_steps.DEFAULT_SCALES[int(np.argmin(losses))]
+  assert min(losses) < losses[gif_steps.DEFAULT_SCALES.index(1.0)]  # the search does better than scale 1 here
   assert np.linalg.norm(_flat(res2.params) - _flat(retrained)) < np.linalg.norm(shift - true_shift)
 
 
@@ -97,14 +99,14 @@ def test_label_change_edit_if_matches_retraining(data):
 def test_influence_update_dispatches_to_each_method(data):
   x, y, theta = data
   op = curvature.curvature_operator(_loss, theta, [{"x": x, "y": y}])
-  g = gif.removal_gradient(_per_example, theta, [{"x": x[:3], "y": y[:3]}], num_remaining=y.size - 3)
+  g = gif_updates.removal_gradient(_per_example, theta, [{"x": x[:3], "y": y[:3]}], num_remaining=y.size - 3)
   mask = {"w": np.zeros((4, 4), bool), "b": np.ones(4, bool)}
   mask["w"][:, 1] = True
-  for name, fn in [("gif", gif.gif_update), ("fif", gif.fif_update), ("pif", gif.pif_update)]:
+  for name, fn in [("gif", gif_updates.gif_update), ("fif", gif_updates.fif_update), ("pif", gif_updates.pif_update)]:
     np.testing.assert_allclose(_flat(gif_tasks.influence_update(name, op, g, mask, tol=1e-12).delta),
                                _flat(fn(op, g, mask, tol=1e-12).delta), rtol=1e-12, atol=1e-15)
   np.testing.assert_allclose(_flat(gif_tasks.influence_update("if", op, g, tol=1e-12).delta),
-                             _flat(gif.if_update(op, g, tol=1e-12).delta), rtol=1e-12, atol=1e-15)
+                             _flat(gif_updates.if_update(op, g, tol=1e-12).delta), rtol=1e-12, atol=1e-15)
   with pytest.raises(ValueError, match="needs a target mask"):
     gif_tasks.influence_update("gif", op, g)
   with pytest.raises(ValueError, match="Unknown method"):
@@ -116,12 +118,12 @@ def test_line_search_minimises_the_objective_over_the_grid():
   delta = {"a": jnp.array([1.0, -1.0])}
   target = np.array([2.5, 0.5])  # = params + 1.5 · delta
   obj = lambda p: jnp.sum((p["a"] - target) ** 2)
-  scale, values = gif_tasks.line_search(obj, params, delta, (0.0, 1.0, 1.5, 2.0))
+  scale, values = gif_steps.line_search(obj, params, delta, (0.0, 1.0, 1.5, 2.0))
   assert scale == 1.5
   np.testing.assert_allclose(values, [4.5, 0.5, 0.0, 0.5])
-  assert gif_tasks.line_search(lambda p: 0.0, params, delta, (0.5, 1.0))[0] == 0.5  # ties: first listed
+  assert gif_steps.line_search(lambda p: 0.0, params, delta, (0.5, 1.0))[0] == 0.5  # ties: first listed
   with pytest.raises(ValueError, match="not finite"):
-    gif_tasks.line_search(lambda p: jnp.log(p["a"][0] - 1.5), params, delta, (0.0, 1.0))
+    gif_steps.line_search(lambda p: jnp.log(p["a"][0] - 1.5), params, delta, (0.0, 1.0))
 
 
 def test_metrics_on_hand_built_predictions():
@@ -168,12 +170,13 @@ def test_hessian_examples_average_the_curvature_over_a_fixed_subset(data):
   np.testing.assert_allclose(_flat(res.params), _flat(ref.params), rtol=1e-12)
 
 
-def test_oracle_scale_and_removal_f1():
+def test_nearest_scale_and_removal_f1():
   params = {"a": jnp.array([0.0])}
   delta = {"a": jnp.array([1.0])}
   metrics = lambda p: {"removed": float(abs(1.0 - p["a"][0] / 4)), "rest": 0.9}
-  s, m = gif_tasks.oracle_scale(metrics, {"removed": 0.5, "rest": 0.9}, params, delta, (0.0, 1.0, 2.0, 3.0))
+  s, m = gif_steps.nearest_scale(metrics, {"removed": 0.5, "rest": 0.9}, params, delta, (0.0, 1.0, 2.0, 3.0))
   assert s == 2.0 and m == {"removed": 0.5, "rest": 0.9}
   assert gif_tasks.removal_f1(0.0, 1.0) == 1.0 and gif_tasks.removal_f1(1.0, 0.9) == 0.0
   assert gif_tasks.removal_f1(0.5, 0.9) == pytest.approx(2 * 0.5 * 0.9 / 1.4)
   assert gif_tasks.removal_f1(1.0, 0.0) == 0.0
+  assert gif_tasks.edit_f1(0.8, 0.9) == pytest.approx(2 * 0.8 * 0.9 / 1.7) and gif_tasks.edit_f1(0.0, 0.0) == 0.0

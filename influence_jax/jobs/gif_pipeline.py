@@ -2,35 +2,45 @@
 
 For each seed s in range(config.seeds): the data split (datasets.load_digits
 seed), the initialisation, the minibatch order, the corrupted examples and the
-random unit selection all use s. A model is trained (training.train, Adam) on
-the training set, then
+random unit selection all use s. A model is trained (training.train, the
+optimizer of config.train) on the training set, then
 
 - class removal: edited to forget every training example of
   config.edit.removed_class, and compared with a model retrained from the same
-  initialisation without that class. Metrics on the test set: accuracy on the
-  removed class ("removed", lower is better), on the other classes ("rest"),
-  and f1 = harmonic mean of (1 − removed) and rest (`gif_tasks.removal_f1`),
-  also divided by the retrained model's f1 ("f1_rel");
+  initialisation without that class. Test metrics: accuracy on the removed
+  class ("removed"), on the other classes ("rest"), f1 = harmonic mean of
+  (1 − removed) and rest (`gif_tasks.removal_f1`; the authors' metric); the
+  same three on the training data ("train_removed", "train_rest", "train_f1").
 - label change: trained on labels corrupted by a backdoor trigger
-  (datasets.add_trigger: the trigger stamped on a fraction of the images,
-  their label set to the target class) or by random flips (datasets.flip_labels),
-  edited to correct them, and compared with retraining on the corrected labels.
-  Metrics: "clean" test accuracy, "relabelled" = accuracy of the corrupted
-  training examples against their corrected labels, "corrupted" = the fraction
-  of them still predicted as their wrong label, and for the trigger
-  "attack" = the fraction of triggered test images (true class ≠ target)
-  predicted as the target class.
+  (datasets.add_trigger) or by random flips (datasets.flip_labels), edited to
+  correct them, and compared with retraining on the corrected labels. Metrics
+  on the training data, as the authors measure them: "clean" = accuracy on the
+  unchanged examples, "relabelled" = accuracy of the corrupted examples against
+  their corrected labels, "attack" = the fraction of them still predicted as
+  their wrong label, f1 = harmonic mean of relabelled and clean; and held out:
+  "test_clean" = test accuracy, "test_attack" = the fraction of triggered test
+  images (true class ≠ target) predicted as the target class.
 
-Each edit (IF on every parameter; GIF, FIF, PIF on the units chosen by each
-selection in config.edit.selections; output and gradient selection score units
-on the examples being edited: the removed class, or the corrupted examples with
-their wrong labels) takes the step size with the lowest
-edited *training* loss (no test labels). Reported apart: the plain first-order
-step (scale 1, columns prefixed "first_order_") and the oracle step (metrics,
-test labels included, closest to the retrained model's, `gif_tasks.oracle_scale`,
-prefixed "oracle_"). Mean ± std are over seeds, std with ddof=0. The job writes to the work directory:
+Edits: IF on every parameter; GIF, FIF, PIF on the target set of every ratio
+in config.edit.ratios and selection in config.edit.selections (exact budget
+int(r · size) per layer, `gif_selection`), each solved by every solver of
+config.edit.solvers ("neumann": the authors' early-stopped Neumann iteration,
+no damping; "cg": CG with config.edit.damping). Step rules (`gif_steps`), one
+table each:
 
-  results.md    mean ± std over seeds, one table per step rule, one row per model / method (selection)
+  paper_      the authors' protocol: walk along Δ, keep the best evaluation F1
+              (class removal: test f1, an ORACLE; label change: training-data f1,
+              which only uses labels the editor holds)
+  nearest_    ORACLE: the scale of config.edit.scales whose test metrics are
+              closest (L1) to the retrained model's
+  practical_  label-free: walk along Δ, keep the best training-data f1 (the
+              examples being edited and the rest of the training set)
+  loss_       the scale of config.edit.scales with the lowest edited training loss
+  first_order_ scale 1
+
+Mean ± std are over seeds, std with ddof=0. The job writes to the work directory:
+
+  results.md    mean ± std over seeds, one table per step rule, one row per model
   results.csv   one row per seed and model: every metric
   results.json  the config, the per-seed values and their mean and std
 """
@@ -42,104 +52,172 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from influence_jax import flax_adapters
 from influence_jax.examples import datasets
-from influence_jax.methods import gif
-from influence_jax.methods import gif_tasks
-from influence_jax.examples import tasks
-from influence_jax.jobs import common
 from influence_jax.examples import training
+from influence_jax.examples import tasks
+from influence_jax.jobs import common, gif_report
+from influence_jax.methods import gif_selection
+from influence_jax.methods import gif_steps
+from influence_jax.methods import gif_tasks
+from influence_jax.methods import gif_updates
 
 TASKS = ("class_removal", "label_change")
 STEP_RULES = (
-    ("", "step size by the line search on the edited training loss (no test labels)"),
+    ("paper_", "the authors' protocol: walk along the update, keep the best evaluation f1 (class removal: "
+               "ORACLE, test labels; label change: training data)"),
+    ("nearest_", "ORACLE: scale whose test metrics are closest to the retrained model's"),
+    ("practical_", "label-free: walk along the update, keep the best training-data f1"),
+    ("loss_", "scale with the lowest edited training loss"),
     ("first_order_", "plain first-order step, scale 1"),
-    ("oracle_", "oracle step size: metrics closest to the retrained model's (looks at test labels)"),
 )
-_COLUMNS = {
-    "class_removal": ("removed", "rest", "f1", "f1_rel"),
-    "label_change": ("clean", "relabelled", "corrupted", "attack"),
+COLUMNS = {
+    "class_removal": ("removed", "rest", "f1", "train_f1"),
+    "label_change": ("clean", "relabelled", "attack", "f1", "test_clean", "test_attack"),
+}
+NEAREST_KEYS = {
+    "class_removal": ("removed", "rest"),
+    "label_change": ("clean", "relabelled", "attack", "test_clean", "test_attack"),
 }
 
 
-def _models(config) -> tuple[tasks.Example, flax_adapters.ModelFns, Callable, Callable]:
-  """Returns (task of seed 0, ModelFns, per-example loss with the L2 term inside, jitted logits(params, x)).
+class Models:
+  """The task of seed 0, its ModelFns, the per-example loss with the L2 term inside and jitted logits(params, x).
 
   The functions do not depend on the seed, so the jitted training, curvature
-  and CG loops are compiled once for all seeds.
+  and solver loops are compiled once for all seeds. This is the job's only
+  use of the built-in examples (influence_jax.examples.tasks) (with `splits` and `init`).
   """
-  task = tasks.build_example(config)
-  fns = tasks.model_fns(task, tasks.init_variables(task, config), config)
-  l2 = config.train.l2
-  per_example = lambda p, b: fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
-  logits = jax.jit(lambda p, x: fns.outputs_fn(p, {"x": x}))
-  return task, fns, per_example, logits
+
+  def __init__(self, config):
+    self.task = tasks.build_example(config)
+    self.fns = tasks.model_fns(self.task, tasks.init_variables(self.task, config), config)
+    l2 = config.train.l2
+    self.per_example = lambda p, b: self.fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
+    self.logits = jax.jit(lambda p, x: self.fns.outputs_fn(p, {"x": x}))
+
+  def splits(self, config, seed: int) -> tuple[dict, dict]:
+    """Returns the (train, test) batches {"x", "y"} of `seed`."""
+    task = tasks.build_example(_with_seed(config, seed))
+    strip = lambda b: {"x": b["x"], "y": b["y"]}
+    return strip(task.splits["train"]), strip(task.splits["test"])
+
+  def init(self, config, seed: int):
+    """Returns the initial params of `seed`."""
+    return tasks.init_variables(self.task, _with_seed(config, seed))["params"]
+
+  def train(self, config, init_params, batch: dict, seed: int, optimizer):
+    t = config.train
+    params, _ = training.train(self.fns.loss_fn, init_params, {"x": batch["x"], "y": batch["y"]},
+                               optimizer=optimizer, num_epochs=t.num_epochs, batch_size=t.batch_size, seed=seed)
+    return params
 
 
-def _train(config, fns: flax_adapters.ModelFns, init_params, batch: dict, seed: int, optimizer):
-  t = config.train
-  params, _ = training.train(fns.loss_fn, init_params, {"x": batch["x"], "y": batch["y"]}, optimizer=optimizer,
-                             num_epochs=t.num_epochs, batch_size=t.batch_size, seed=seed)
-  return params
+def _solver_kwargs(e, solver: str, method: str) -> dict:
+  if solver == "neumann":
+    return dict(solver="neumann", max_iters=e.neumann_iters, tol=1e-9,
+                neumann=dict(normaliser=e.neumann_normaliser, growth=e.neumann_growth))
+  if solver == "cg":
+    return dict(solver="cg" if method == "gif" else "normal", tol=e.cg_tol, max_iters=e.cg_max_iters)
+  raise ValueError(f"Unknown config.edit.solvers entry {solver!r}; expected 'neumann' or 'cg'.")
 
 
-def _edits(config, problem: gif_tasks.EditProblem, fns, selection_batch, seed: int, metrics_fn, target) -> dict:
-  """Returns {row name: metrics + scale, residual, CG iterations and the oracle's metrics} for every edit."""
+def _targets(config, models: Models, params, selection_batch, seed: int, notes: list) -> list:
+  """Returns [(label, mask)] for every ratio and selection; logs the per-layer counts (and notes them once)."""
   e = config.edit
-  solver = dict(tol=e.cg_tol, max_iters=e.cg_max_iters)
-  jobs = [("IF (all)", "if", None)] if "if" in e.methods else []
-  for sel in e.selections:
-    s = gif.select_parameters(problem.params, ratio=e.ratio, method=sel, loss_fn=fns.loss_fn,
-                              target_batch=selection_batch, seed=seed)
-    if seed == 0:
-      logging.info("Selection %s:\n%s", sel, s.summary())
-    jobs += [(f"{m.upper()} ({sel})", m, s.mask) for m in e.methods if m != "if"]
+  out = []
+  for ratio in e.ratios:
+    for sel in e.selections:
+      t = gif_selection.select_parameters(params, ratio=ratio, method=sel, loss_fn=models.fns.loss_fn,
+                                          target_batch=selection_batch, seed=seed)
+      label = f"{sel} {100 * ratio:g}%"
+      line = f"selected parameters, {label}: {t.counts()}"
+      if line not in notes:
+        notes.append(line)
+        logging.info("Target set %s:\n%s", label, t.summary())
+      out.append((label, t.mask))
+  return out
+
+
+def _row(problem, update, metrics_fn, paper_score, practical_score, target, e) -> dict:
+  """Returns the metrics of θ + sΔ under every step rule, with each rule's s and the solve's diagnostics."""
+  theta, delta = problem.params, update.delta
+  walk = dict(step=e.walk_step, max_steps=e.walk_max_steps, patience=e.walk_patience)
+  scales = {
+      "paper_": gif_steps.walk(paper_score, theta, delta, **walk).scale,
+      "nearest_": gif_steps.nearest_scale(metrics_fn, target, theta, delta, tuple(e.scales))[0],
+      "practical_": gif_steps.walk(practical_score, theta, delta, **walk).scale,
+      "loss_": gif_steps.line_search(problem.train_loss, theta, delta, tuple(e.scales))[0],
+      "first_order_": 1.0,
+  }
+  row = dict(rel_residual=float(update.relative_residual), iters=int(update.num_iters),
+             normaliser=float(update.normaliser))
+  for prefix, s in scales.items():
+    m = metrics_fn(gif_updates.apply_update(theta, delta, s))
+    row.update({prefix + k: v for k, v in m.items()}, **{prefix + "scale": s})
+  return row
+
+
+def _edits(config, make_problem, models, selection_batch, seed, metrics_fn, scores, target, notes) -> dict:
+  """Returns {row name: metrics under every step rule} for every solver, method and target set."""
+  e = config.edit
   rows = {}
-  for name, method, mask in jobs:
-    res = gif_tasks.solve_edit(problem, method, mask, tuple(e.scales), **solver)
-    oracle_s, oracle_m = gif_tasks.oracle_scale(metrics_fn, target, problem.params, res.update.delta, tuple(e.scales))
-    first_order = metrics_fn(gif.apply_update(problem.params, res.update))
-    rows[name] = dict(metrics_fn(res.params), scale=res.scale, rel_residual=float(res.update.relative_residual),
-                      cg_iters=int(res.update.num_iters),
-                      **{f"first_order_{k}": v for k, v in first_order.items()}, first_order_scale=1.0,
-                      **{f"oracle_{k}": v for k, v in oracle_m.items()}, oracle_scale=oracle_s)
+  problems = {}
+  targets = None
+  for solver in e.solvers:
+    damping = 0.0 if solver == "neumann" else e.damping
+    if damping not in problems:
+      problems[damping] = make_problem(damping)
+    problem = problems[damping]
+    if targets is None:
+      targets = _targets(config, models, problem.params, selection_batch, seed, notes)
+    jobs = [("IF (all)", "if", None)] if "if" in e.methods else []
+    jobs += [(f"{m.upper()} ({label})", m, mask) for label, mask in targets for m in e.methods if m != "if"]
+    for name, method, mask in jobs:
+      update = gif_tasks.influence_update(method, problem.hessian, problem.g, mask, **_solver_kwargs(e, solver, method))
+      rows[f"{name} {solver}"] = _row(problem, update, metrics_fn, *scores, target, e)
   return rows
 
 
-def _class_removal_seed(config, seed: int, models, optimizer) -> dict:
-  task, fns, per_example, logits = models
+def _class_removal_seed(config, seed: int, models: Models, optimizer, notes) -> dict:
   c = config.edit.removed_class
-  train_b, test_b = _splits(config, seed)
-  init = tasks.init_variables(task, _with_seed(config, seed))["params"]
+  train_b, test_b = models.splits(config, seed)
+  init = models.init(config, seed)
   keep = train_b["y"] != c
-  params = _train(config, fns, init, train_b, seed, optimizer)
-  retrained = _train(config, fns, init, gif_tasks.select_examples(train_b, keep), seed, optimizer)
+  params = models.train(config, init, train_b, seed, optimizer)
+  retrained = models.train(config, init, gif_tasks.select_examples(train_b, keep), seed, optimizer)
 
   def metrics(p):
-    m = gif_tasks.class_removal_metrics(logits, p, test_b, c)
-    return dict(m, f1=gif_tasks.removal_f1(m["removed"], m["rest"]))
+    m = gif_tasks.class_removal_metrics(models.logits, p, test_b, c)
+    t = gif_tasks.class_removal_metrics(models.logits, p, train_b, c)
+    return dict(m, f1=gif_tasks.removal_f1(m["removed"], m["rest"]), train_removed=t["removed"],
+                train_rest=t["rest"], train_f1=gif_tasks.removal_f1(t["removed"], t["rest"]))
+
+  def test_f1(p):  # ORACLE: test labels.
+    m = gif_tasks.class_removal_metrics(models.logits, p, test_b, c)
+    return gif_tasks.removal_f1(m["removed"], m["rest"])
+
+  def train_f1(p):  # Training data only.
+    t = gif_tasks.class_removal_metrics(models.logits, p, train_b, c)
+    return gif_tasks.removal_f1(t["removed"], t["rest"])
 
   target = metrics(retrained)
-  problem = gif_tasks.class_removal_problem(per_example, params, train_b, c, **_curvature_kwargs(config, seed))
+  make = lambda damping: gif_tasks.class_removal_problem(models.per_example, params, train_b, c,
+                                                         **_curvature_kwargs(config, seed, damping))
   rows = {"original": metrics(params), "retrained": target}
-  rows.update(_edits(config, problem, fns, gif_tasks.select_examples(train_b, ~keep), seed, metrics,
-                     {"removed": target["removed"], "rest": target["rest"]}))
-  for r in rows.values():
-    for prefix, _ in STEP_RULES:
-      if prefix + "f1" in r:
-        r[prefix + "f1_rel"] = r[prefix + "f1"] / target["f1"] if target["f1"] > 0 else float("nan")
+  rows.update(_edits(config, make, models, gif_tasks.select_examples(train_b, ~keep), seed, metrics,
+                     (test_f1, train_f1), {k: target[k] for k in NEAREST_KEYS["class_removal"]}, notes))
   return rows
 
 
-def _label_change_seed(config, seed: int, models, optimizer) -> dict:
-  task, fns, per_example, logits = models
+def _corrupt(config, train_b, test_b, seed):
+  """Returns (x, wrong labels, changed mask, triggered test batch or None) of config.corruption."""
   k = config.corruption
-  train_b, test_b = _splits(config, seed)
-  init = tasks.init_variables(task, _with_seed(config, seed))["params"]
   x, y = train_b["x"], train_b["y"]
   if k.kind == "trigger":
     x, wrong_y, changed = datasets.add_trigger(x, y, fraction=k.fraction, target_class=k.target_class, seed=seed,
@@ -154,29 +232,44 @@ def _label_change_seed(config, seed: int, models, optimizer) -> dict:
     raise ValueError(f"Unknown config.corruption.kind {k.kind!r}; expected 'trigger' or 'flip'.")
   if not changed.any():
     raise ValueError(f"config.corruption.fraction={k.fraction} corrupts no training example.")
+  return x, wrong_y, changed, attack_b
+
+
+def _label_change_seed(config, seed: int, models: Models, optimizer, notes) -> dict:
+  train_b, test_b = models.splits(config, seed)
+  init = models.init(config, seed)
+  x, wrong_y, changed, attack_b = _corrupt(config, train_b, test_b, seed)
+  y = train_b["y"]
   wrong_b, fixed_b = {"x": x, "y": wrong_y}, {"x": x, "y": y}
-  params = _train(config, fns, init, wrong_b, seed, optimizer)
-  retrained = _train(config, fns, init, fixed_b, seed, optimizer)
+  params = models.train(config, init, wrong_b, seed, optimizer)
+  retrained = models.train(config, init, fixed_b, seed, optimizer)
   changed_b = gif_tasks.select_examples(fixed_b, changed)
+  clean_b = gif_tasks.select_examples(fixed_b, ~changed)
+
+  def train_metrics(p):  # The authors' metrics: training data (the editor holds these labels).
+    m = gif_tasks.label_change_metrics(models.logits, p, clean_b, changed_b, wrong_y[changed])
+    return dict(clean=m["clean"], relabelled=m["relabelled"], attack=m["backdoor"],
+                f1=gif_tasks.edit_f1(m["relabelled"], m["clean"]))
 
   def metrics(p):
-    m = gif_tasks.label_change_metrics(logits, p, test_b, changed_b, wrong_y[changed])
-    m = {"clean": m["clean"], "relabelled": m["relabelled"], "corrupted": m["backdoor"]}
-    if attack_b is not None:
-      m["attack"] = gif_tasks.accuracy(logits, p, attack_b)
+    m = dict(train_metrics(p), test_clean=gif_tasks.accuracy(models.logits, p, test_b))
+    m["test_attack"] = gif_tasks.accuracy(models.logits, p, attack_b) if attack_b is not None else float("nan")
     return m
 
+  f1 = lambda p: train_metrics(p)["f1"]
   target = metrics(retrained)
-  problem = gif_tasks.label_change_problem(per_example, params, wrong_b, changed, y[changed],
-                                           **_curvature_kwargs(config, seed))
+  make = lambda damping: gif_tasks.label_change_problem(models.per_example, params, wrong_b, changed, y[changed],
+                                                        **_curvature_kwargs(config, seed, damping))
   rows = {"original": metrics(params), "retrained": target}
-  rows.update(_edits(config, problem, fns, gif_tasks.select_examples(wrong_b, changed), seed, metrics, target))
+  nearest = {k: target[k] for k in NEAREST_KEYS["label_change"] if np.isfinite(target[k])}
+  rows.update(_edits(config, make, models, gif_tasks.select_examples(wrong_b, changed), seed, metrics, (f1, f1),
+                     nearest, notes))
   return rows
 
 
-def _curvature_kwargs(config, seed: int) -> dict:
+def _curvature_kwargs(config, seed: int, damping: float) -> dict:
   e = config.edit
-  return dict(damping=e.damping, curvature=e.curvature, seed=seed,
+  return dict(damping=damping, curvature=e.curvature, seed=seed,
               hessian_examples=e.hessian_examples if e.hessian_examples > 0 else None)
 
 
@@ -186,64 +279,9 @@ def _with_seed(config, seed: int):
   return c
 
 
-def _splits(config, seed: int) -> tuple[dict, dict]:
-  task = tasks.build_example(_with_seed(config, seed))
-  strip = lambda b: {"x": b["x"], "y": b["y"]}
-  return strip(task.splits["train"]), strip(task.splits["test"])
-
-
-def summarise(per_seed: list[dict]) -> dict:
-  """Returns {row: {metric: {"mean", "std", "values"}}} over seeds (std with ddof=0; nan-aware)."""
-  out = {}
-  for name in per_seed[0]:
-    out[name] = {}
-    for key in per_seed[0][name]:
-      v = np.array([r[name][key] for r in per_seed], np.float64)
-      finite = v[np.isfinite(v)]
-      out[name][key] = {"mean": float(finite.mean()) if finite.size else float("nan"),
-                        "std": float(finite.std()) if finite.size else float("nan"), "values": v.tolist()}
-  return out
-
-
-def _cell(stat) -> str:
-  return "" if stat is None or not np.isfinite(stat["mean"]) else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
-def markdown_table(summary: dict, columns: tuple[str, ...], prefix: str = "") -> str:
-  """Returns a markdown table, one row per model, of `columns` under the step rule `prefix` (see STEP_RULES).
-
-  The original and retrained models (no step) show their plain metrics in every table.
-  """
-  extra = ("scale", "rel_residual", "cg_iters") if prefix == "" else ("scale",)
-  cols = [c for c in columns + extra if any(prefix + c in r or c in r for r in summary.values())]
-  lines = ["| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-  for name, r in summary.items():
-    edited = "scale" in r
-    cells = [_cell(r.get(prefix + c if edited else c)) for c in cols]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def _write(workdir: str, config, per_seed: list[dict], summary: dict, columns, seconds: float) -> dict:
-  paths = {k: os.path.join(workdir, f"results.{k}") for k in ("md", "csv", "json")}
-  keys = sorted({k for r in per_seed for row in r.values() for k in row})
-  rows = [["seed", "model"] + keys]
-  for seed, r in enumerate(per_seed):
-    for name, row in r.items():
-      rows.append([seed, name] + [f"{row[k]:.6g}" if k in row else "" for k in keys])
-  record = {"task": config.task, "config": config.to_dict(), "seeds": len(per_seed), "seconds": seconds,
-            "summary": summary}
-  header = (f"# {config.task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} seeds "
-            f"({seconds:.0f} s)\n\n")
-  tables = [f"## {what}\n\n{markdown_table(summary, columns, prefix)}\n" for prefix, what in STEP_RULES]
-  common.atomic_write_csv(paths["csv"], rows)
-  common.atomic_write_json(paths["json"], record)
-  common.atomic_write_text(paths["md"], header + "\n".join(tables))
-  return paths
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
-  """Runs config.task over config.seeds seeds; writes results.{md,csv,json} in workdir and returns their paths."""
+  """Runs config.task over config.seeds seeds; writes results.{md,csv,json} in workdir (after every seed,
+  so a stopped run leaves the seeds it finished) and returns their paths."""
   if config.task not in TASKS:
     raise ValueError(f"Unknown config.task {config.task!r}; expected one of {TASKS}.")
   if config.seeds < 1:
@@ -251,18 +289,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   bad = set(config.edit.methods) - set(gif_tasks.METHODS)
   if bad:
     raise ValueError(f"Unknown config.edit.methods {sorted(bad)}; expected some of {gif_tasks.METHODS}.")
+  for solver in config.edit.solvers:
+    _solver_kwargs(config.edit, solver, "gif")
   os.makedirs(workdir, exist_ok=True)
-  models = _models(config)
+  models = Models(config)
   optimizer = common.optimizer_from_config(config.train)
   run_seed = _class_removal_seed if config.task == "class_removal" else _label_change_seed
+  e = config.edit
+  notes = [f"solvers: neumann = {e.neumann_iters} Neumann iterations, no damping, normaliser from "
+           f"{e.neumann_normaliser} × {e.neumann_growth} on divergence; cg = CG (normal equations) to relative "
+           f"residual {e.cg_tol} or {e.cg_max_iters} iterations, damping {e.damping}",
+           f"curvature: {e.curvature} of the edited training loss on "
+           f"{'all' if e.hessian_examples <= 0 else e.hessian_examples} edited training examples",
+           f"walk: steps of {e.walk_step}·‖Δ‖, at most {e.walk_max_steps}, stop after {e.walk_patience} without "
+           "improvement, then 3 halvings around the best point; `scale` is in units of Δ"]
   t0 = time.perf_counter()
   per_seed = []
+  paths = None
   for seed in range(config.seeds):
-    per_seed.append(run_seed(config, seed, models, optimizer))
+    per_seed.append(run_seed(config, seed, models, optimizer, notes))
     if not quiet:
       logging.info("seed %d done after %.0f s", seed, time.perf_counter() - t0)
-  summary = summarise(per_seed)
-  return _write(workdir, config, per_seed, summary, _COLUMNS[config.task], time.perf_counter() - t0)
+    paths = gif_report.write(workdir, config, per_seed, COLUMNS[config.task], STEP_RULES, notes,
+                             time.perf_counter() - t0)
+  return paths
 
 
 def job_main(task: str) -> Callable[[list], None]:
@@ -271,7 +321,7 @@ def job_main(task: str) -> Callable[[list], None]:
   It reads --config/--workdir (influence_jax.cli), refuses a config made for the other task,
   runs `run`, and prints the results table and the paths written.
   """
-  from influence_jax.jobs import cli# Defines the absl flags: only the jobs need them.
+  from influence_jax.jobs import cli  # Defines the absl flags: only the jobs need them.
 
   def main(argv):
     del argv

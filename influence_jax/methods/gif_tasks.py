@@ -5,11 +5,9 @@ Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
 The training loss is taken to be mean(per_example_loss_fn) (any L2 term inside
 it). An edit is an `EditProblem` (θ, g, the curvature operator, the edited
 training loss: `class_removal_problem`, `label_change_problem`), solved by
-`solve_edit` for any method and target set. The step size applied to an
-update Δ is chosen *without test labels*, by a line search of the edited
-training objective (the loss on the remaining or corrected training set) over
-θ + sΔ; `oracle_scale` (test metrics closest to the retrained model's) is the
-oracle, to be reported separately. `removal_f1` combines forgetting and keeping.
+`solve_edit` for any method and target set, its step by a line search of the
+edited training loss (step rules: `gif_steps`). `removal_f1` and `edit_f1`
+combine forgetting (or relabelling) and keeping.
 """
 
 from __future__ import annotations
@@ -21,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence_jax import curvature as curvature_lib
-from influence_jax.methods import gif
+from influence_jax.methods import gif_steps
+from influence_jax.methods import gif_updates
 
 Params = Any
 Batch = Any
 
 METHODS = ("gif", "fif", "pif", "if")
-DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 class EditResult(NamedTuple):
@@ -38,38 +36,23 @@ class EditResult(NamedTuple):
   """
 
   params: Params
-  update: gif.InfluenceUpdate
+  update: gif_updates.InfluenceUpdate
   scale: float
   scales: tuple
   scale_losses: tuple
 
 
-def influence_update(method: str, hessian, g: Params, mask: Optional[Params] = None, **solver_kwargs) -> gif.InfluenceUpdate:
+def influence_update(method: str, hessian, g: Params, mask: Optional[Params] = None,
+                     **solver_kwargs) -> gif_updates.InfluenceUpdate:
   """Returns the update of `method` ("gif", "fif", "pif" on `mask`; "if" on every parameter)."""
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
   if method == "if":
-    return gif.if_update(hessian, g, **solver_kwargs)
+    return gif_updates.if_update(hessian, g, **solver_kwargs)
   if mask is None:
-    raise ValueError(f"method={method!r} needs a target mask (e.g. gif.select_parameters(...).mask).")
-  fn = {"gif": gif.gif_update, "fif": gif.fif_update, "pif": gif.pif_update}[method]
+    raise ValueError(f"method={method!r} needs a target mask (e.g. gif_selection.select_parameters(...).mask).")
+  fn = {"gif": gif_updates.gif_update, "fif": gif_updates.fif_update, "pif": gif_updates.pif_update}[method]
   return fn(hessian, g, mask, **solver_kwargs)
-
-
-def line_search(objective_fn: Callable[[Params], Any], params: Params, delta: Params,
-                scales: Sequence[float] = DEFAULT_SCALES) -> tuple[float, tuple]:
-  """Returns (the scale s of `scales` minimising objective_fn(θ + sΔ), the objective at every scale).
-
-  Ties go to the first scale listed. With the edited training loss as the
-  objective this needs no test labels; with a test metric it is the oracle.
-  """
-  if not scales:
-    raise ValueError("scales is empty.")
-  values = tuple(float(objective_fn(gif.apply_update(params, delta, s))) for s in scales)
-  if not all(np.isfinite(values)):
-    bad = [s for s, v in zip(scales, values) if not np.isfinite(v)]
-    raise ValueError(f"The objective is not finite at scales {bad}.")
-  return float(scales[int(np.argmin(values))]), values
 
 
 def select_examples(batch: Batch, keep) -> Batch:
@@ -109,7 +92,7 @@ class EditProblem(NamedTuple):
 
   hessian: curvature of the mean loss on the edited training set (+ damping·I),
     or on a fixed random subset of it (`hessian_examples`), a
-    `curvature.LinearOperator`; build it once and reuse it for every method
+    `curvature_lib.LinearOperator`; build it once and reuse it for every method
     and target set (the jitted CG loops are then compiled once).
   train_loss: jitted θ ↦ mean loss on the edited training set (the line-search
     objective, no test labels).
@@ -137,25 +120,19 @@ def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature
 
 
 def solve_edit(problem: EditProblem, method: str, mask: Optional[Params] = None,
-               scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs) -> EditResult:
+               scales: Sequence[float] = gif_steps.DEFAULT_SCALES, **solver_kwargs) -> EditResult:
   """Returns θ + sΔ, Δ the `method` update on `mask` and s the scale of `scales` with the lowest edited training loss."""
   update = influence_update(method, problem.hessian, problem.g, mask, **solver_kwargs)
-  scale, losses = line_search(problem.train_loss, problem.params, update.delta, scales)
-  return EditResult(gif.apply_update(problem.params, update, scale), update, scale, tuple(scales), losses)
+  scale, losses = gif_steps.line_search(problem.train_loss, problem.params, update.delta, scales)
+  return EditResult(gif_updates.apply_update(problem.params, update, scale), update, scale, tuple(scales), losses)
 
 
-def oracle_scale(metrics_fn: Callable[[Params], dict], target: dict, params: Params, delta: Params,
-                 scales: Sequence[float] = DEFAULT_SCALES) -> tuple[float, dict]:
-  """Returns (s, metrics_fn(θ + sΔ)) for the scale s of `scales` whose metrics are closest to `target`.
+def edit_f1(a: float, b: float) -> float:
+  """Returns the harmonic mean 2ab / (a + b) of two accuracies (0 when both are 0).
 
-  Closeness is Σ_k |metrics_fn(θ + sΔ)[k] − target[k]| over target's keys,
-  target = the retrained model's test metrics: this looks at test labels and
-  at the retrained model, so it is the oracle line search, reported apart
-  from the label-free one.
+  Label change: edit_f1(relabelled accuracy, clean accuracy), as the GIF authors report it.
   """
-  gap = lambda p: sum(abs(metrics_fn(p)[k] - v) for k, v in target.items())
-  s, _ = line_search(gap, params, delta, scales)
-  return s, metrics_fn(gif.apply_update(params, delta, s))
+  return 0.0 if a + b == 0 else 2.0 * a * b / (a + b)
 
 
 def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
@@ -165,8 +142,7 @@ def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
   right on every other; 0 when either is 0. Compare it with the retrained
   model's value (`class_removal_metrics` reports both parts).
   """
-  forget, keep = 1.0 - removed_accuracy, rest_accuracy
-  return 0.0 if forget + keep == 0 else 2.0 * forget * keep / (forget + keep)
+  return edit_f1(1.0 - removed_accuracy, rest_accuracy)
 
 
 def class_removal_problem(
@@ -184,7 +160,7 @@ def class_removal_problem(
   if not is_removed.any() or is_removed.all():
     raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
   removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
-  g = gif.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
+  g = gif_updates.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
   return _problem(per_example_loss_fn, params, remaining, g, damping, curvature, microbatch_size,
                   hessian_examples, seed)
 
@@ -192,7 +168,7 @@ def class_removal_problem(
 def class_removal_edit(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
     method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
-    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
+    microbatch_size: Optional[int] = None, scales: Sequence[float] = gif_steps.DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:
   """Returns θ edited to forget every training example of `removed_class`.
 
@@ -229,7 +205,7 @@ def label_change_problem(
   new_y = np.array(train_batch["y"])
   new_y[changed] = fixed["y"]
   corrected = dict(train_batch, y=new_y)
-  g = gif.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
+  g = gif_updates.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
   return _problem(per_example_loss_fn, params, corrected, g, damping, curvature, microbatch_size,
                   hessian_examples, seed)
 
@@ -237,7 +213,7 @@ def label_change_problem(
 def label_change_edit(
     per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
     method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
-    microbatch_size: Optional[int] = None, scales: Sequence[float] = DEFAULT_SCALES, **solver_kwargs,
+    microbatch_size: Optional[int] = None, scales: Sequence[float] = gif_steps.DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:
   """Returns θ (trained on train_batch's wrong labels) edited towards retraining on corrected labels.
 
