@@ -23,8 +23,7 @@ Cost model (T queries, N training examples, k eigenvectors, p parameters):
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import projection
+from influence_jax import solvers
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, check_params
 from influence_jax.scoring import default_tail_constant, inverse_eigenvalues
@@ -46,53 +46,33 @@ def apply_tail_inverse(eigenvectors: jax.Array, inv_shifted: jax.Array, tail_con
   return rows / tail_constant + (coeffs * (inv_shifted - 1.0 / tail_constant)) @ eigenvectors
 
 
-class PCGResult(NamedTuple):
-  """x: (T, p) solutions of (H + δI) x = b row by row; num_iters: (T,) iterations run;
-  residual_norm: (T,) ‖b − (H + δI)x‖ from the recurrence; positive_curvature: (T,) False where a
-  row stopped on dᵀ(H + δI)d ≤ 0 (H + δI not positive definite on its Krylov space)."""
+class _TailInverse:
+  """The matvec of P: operands (U, (λ + δ)⁻¹, c) (hashable, so CG's jitted loop compiles it once)."""
 
-  x: jax.Array
-  num_iters: jax.Array
-  residual_norm: jax.Array
-  positive_curvature: jax.Array
+  def __call__(self, operands, r):
+    return apply_tail_inverse(*operands, r)
+
+  def __eq__(self, other):
+    return isinstance(other, _TailInverse)
+
+  def __hash__(self):
+    return hash(_TailInverse)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _pcg(matvec, operands, damping, eigenvectors, inv_shifted, tail_constant, b, max_iters, tol):
-  apply_a = jax.vmap(lambda v: matvec(operands, v) + damping * v)
-  precond = lambda r: apply_tail_inverse(eigenvectors, inv_shifted, tail_constant, r)
-  dot = lambda u, v: jnp.sum(u * v, axis=1)
-  threshold = tol * jnp.linalg.norm(b, axis=1)
-  x = precond(b)
-  r = b - apply_a(x)
-  z = precond(r)
-  rz = dot(r, z)
-  t = b.shape[0]
-  state = (x, r, z, rz, jnp.zeros((t,), jnp.int32), jnp.ones((t,), bool), jnp.ones((t,), bool))
+class _Shifted:
+  """The matvec of C + δI: operands (C's operands, δ)."""
 
-  def cond(s):
-    i = jnp.max(s[4])
-    active = s[5] & s[6] & (jnp.linalg.norm(s[1], axis=1) > threshold)
-    return jnp.any(active) & (i < max_iters)
+  def __init__(self, inner):
+    self.inner = inner
 
-  def body(s):
-    x, r, d, rz, k, ok, _ = s
-    active = ok & (jnp.linalg.norm(r, axis=1) > threshold) & (rz > 0)
-    ad = apply_a(d)
-    dad = dot(d, ad)
-    ok = ok & jnp.where(active, dad > 0, True)
-    step = active & ok
-    alpha = jnp.where(step, rz / jnp.where(step, dad, 1.0), 0.0)
-    x = x + alpha[:, None] * d
-    r = r - alpha[:, None] * ad
-    z = precond(r)
-    rz_new = jnp.where(step, dot(r, z), rz)
-    beta = jnp.where(step, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
-    d = jnp.where(step[:, None], z + beta[:, None] * d, d)
-    return x, r, d, rz_new, k + step.astype(jnp.int32), ok, step
+  def __call__(self, operands, v):
+    return self.inner(operands[0], v) + operands[1] * v
 
-  x, r, _, _, k, ok, _ = jax.lax.while_loop(cond, body, state)
-  return PCGResult(x=x, num_iters=k, residual_norm=jnp.linalg.norm(r, axis=1), positive_curvature=ok)
+  def __eq__(self, other):
+    return isinstance(other, _Shifted) and other.inner == self.inner
+
+  def __hash__(self):
+    return hash((_Shifted, self.inner))
 
 
 def preconditioned_solve(
@@ -104,7 +84,7 @@ def preconditioned_solve(
     damping: Optional[float] = None,
     tail_constant: Optional[float] = None,
     tol: float = 0.0,
-) -> PCGResult:
+) -> solvers.CGResult:
   """Returns the solutions of (C + δI) x = b for each row of b (T, p), by CG preconditioned with P.
 
   `op` is the undamped curvature C the eigenspace was fitted on; δ defaults
@@ -132,8 +112,11 @@ def preconditioned_solve(
   if bool(jnp.any(inv <= 0)):
     raise ValueError("Some kept eigenvalue + damping is negative: the preconditioner would not be positive definite.")
   dtype = u.dtype
-  return _pcg(op.matvec, op.operands, jnp.asarray(delta, dtype), u, inv,
-              jnp.asarray(c, dtype), b.astype(dtype), jnp.asarray(cg_iters), jnp.asarray(tol, dtype))
+  b = b.astype(dtype)
+  shifted = op.replace(matvec=_Shifted(op.matvec), operands=(op.operands, jnp.asarray(delta, dtype)))
+  tail = curvature_lib.LinearOperator(_TailInverse(), (u, inv.astype(dtype), jnp.asarray(c, dtype)), op.dim, dtype,
+                                      op.mesh)
+  return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail)
 
 
 def influence_preconditioned(
@@ -159,7 +142,7 @@ def influence_preconditioned(
   `loss_fn` over `curvature_batches`, of the kind the eigenspace was fitted
   on (eigenspace.info.curvature; "hessian" when unknown): pass the batches
   of the fit. Each score is x̂(x)ᵀ∇ℓ(z): the training set is read once, projected
-  on the T solved vectors. With `return_solve`, returns (scores, PCGResult).
+  on the T solved vectors. With `return_solve`, returns (scores, solvers.CGResult).
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")

@@ -82,12 +82,14 @@ class CGResult(NamedTuple):
   num_iters: CG iterations run (one product with A each).
   residual_norm: ‖b − A x‖ at the end, from the CG recurrence (not recomputed).
   converged: residual_norm ≤ tol · ‖b‖.
+  positive_curvature: False when a search direction had pᵀAp ≤ 0 (A not positive definite there).
   """
 
   x: jax.Array
   num_iters: jax.Array
   residual_norm: jax.Array
   converged: jax.Array
+  positive_curvature: jax.Array
 
 
 def conjugate_gradient(
@@ -97,6 +99,7 @@ def conjugate_gradient(
     x0: jax.Array | None = None,
     tol: float = 1e-6,
     max_iters: int | None = None,
+    preconditioner: LinearOperator | None = None,
 ) -> CGResult:
   """Solves A x = b for a symmetric positive (semi-)definite A given as a product; returns a CGResult.
 
@@ -110,7 +113,9 @@ def conjugate_gradient(
   not positive definite on the Krylov space: the iterate so far is returned
   and converged is False unless the residual test already holds). For a
   consistent semi-definite system (b in the range of A) started from x0 in
-  that range, CG returns the minimum-norm solution.
+  that range, CG returns the minimum-norm solution. With a `preconditioner`
+  (a LinearOperator applying M⁻¹ ≈ A⁻¹, symmetric positive definite) it is
+  preconditioned CG; tol = 0 runs exactly `max_iters` iterations.
   """
   b = jnp.asarray(b)
   if b.ndim not in (1, 2):
@@ -122,50 +127,59 @@ def conjugate_gradient(
   x0 = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
   if x0.shape != b.shape:
     raise ValueError(f"x0 has shape {x0.shape}, but b has shape {b.shape}.")
-  if not tol > 0:
-    raise ValueError(f"tol must be positive; got {tol}.")
+  if not tol >= 0:
+    raise ValueError(f"tol must be non-negative; got {tol}.")
   dim = b.shape[-1]
   max_iters = dim if max_iters is None else int(max_iters)
   if max_iters < 0:
     raise ValueError(f"max_iters must be non-negative; got {max_iters}.")
+  if preconditioner is not None:
+    if not isinstance(preconditioner, LinearOperator) or preconditioner.dim != dim:
+      raise ValueError(f"preconditioner must be a LinearOperator on vectors of size {dim}.")
+    precond = (preconditioner.matvec, preconditioner.operands)
+  else:
+    precond = (None, None)
   if isinstance(matvec, LinearOperator):
     if matvec.dim != dim:
       raise ValueError(f"The operator acts on vectors of size {matvec.dim}, but b has size {dim}.")
-    return _cg_loop(matvec.matvec, True, matvec.operands, b, x0, tol, max_iters)
+    return _cg_loop(matvec.matvec, True, precond[0], matvec.operands, precond[1], b, x0, tol, max_iters)
   if not callable(matvec):
     raise TypeError(f"matvec must be a LinearOperator or a callable; got {type(matvec).__name__}.")
-  return _cg_loop(matvec, False, None, b, x0, tol, max_iters)
+  return _cg_loop(matvec, False, precond[0], None, precond[1], b, x0, tol, max_iters)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _cg_loop(fn, takes_operands, operands, b, x0, tol, max_iters):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _cg_loop(fn, takes_operands, precond_fn, operands, precond_operands, b, x0, tol, max_iters):
   apply = (lambda v: fn(operands, v)) if takes_operands else fn
-  solve = functools.partial(_cg_one, apply, tol=tol, max_iters=max_iters)
+  precond = (lambda r: precond_fn(precond_operands, r)) if precond_fn is not None else (lambda r: r)
+  solve = functools.partial(_cg_one, apply, precond, tol=tol, max_iters=max_iters)
   return solve(b, x0) if b.ndim == 1 else jax.vmap(solve)(b, x0)
 
 
-def _cg_one(apply, b, x0, *, tol, max_iters) -> CGResult:
-  """CG for one right-hand side (vmapped for a batch: each lane stops on its own test)."""
+def _cg_one(apply, precond, b, x0, *, tol, max_iters) -> CGResult:
+  """(Preconditioned) CG for one right-hand side (vmapped for a batch: each lane stops on its own test)."""
   threshold = tol * jnp.linalg.norm(b)
   r0 = b - apply(x0)
-  rr0 = jnp.vdot(r0, r0)
+  z0 = precond(r0)
 
   def cond(state):
-    _, _, _, rr, k, ok = state
-    return (jnp.sqrt(rr) > threshold) & (k < max_iters) & ok
+    _, r, _, rz, k, ok = state
+    return (jnp.linalg.norm(r) > threshold) & (k < max_iters) & ok & (rz > 0)
 
   def body(state):
-    x, r, p, rr, k, _ = state
+    x, r, p, rz, k, _ = state
     ap = apply(p)
     pap = jnp.vdot(p, ap)
     ok = pap > 0
-    alpha = jnp.where(ok, rr / jnp.where(ok, pap, 1.0), 0.0)
+    alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1.0), 0.0)
     x = x + alpha * p
     r = r - alpha * ap
-    rr_new = jnp.where(ok, jnp.vdot(r, r), rr)
-    p = r + (rr_new / rr) * p
-    return x, r, p, rr_new, k + 1, ok
+    z = precond(r)
+    rz_new = jnp.where(ok, jnp.vdot(r, z), rz)
+    p = z + (rz_new / rz) * p
+    return x, r, p, rz_new, k + 1, ok
 
-  x, _, _, rr, k, _ = jax.lax.while_loop(cond, body, (x0, r0, r0, rr0, jnp.asarray(0), jnp.asarray(True)))
-  res = jnp.sqrt(rr)
-  return CGResult(x=x, num_iters=k, residual_norm=res, converged=res <= threshold)
+  init = (x0, r0, z0, jnp.vdot(r0, z0), jnp.asarray(0), jnp.asarray(True))
+  x, r, _, _, k, ok = jax.lax.while_loop(cond, body, init)
+  res = jnp.linalg.norm(r)
+  return CGResult(x=x, num_iters=k, residual_norm=res, converged=res <= threshold, positive_curvature=ok)

@@ -150,8 +150,9 @@ class ProjectionStore:
       return self._read(lo, hi, names)
     except ValueError as e:
       damaged = self._unmark_damaged(lo, hi, names)
+      rows = ", ".join("{}–{}".format(*self.meta.chunk_bounds(c)) for c in damaged)
       raise StoreError(
-          f"The projection store {self.directory} is damaged: chunk(s) {damaged} (rows {lo}–{hi}) fail their "
+          f"The projection store {self.directory} is damaged: chunk(s) {damaged} (rows {rows}) fail their "
           f"checksum or are missing ({str(e)[:200]}). They are marked unfinished: run scripts/project.py "
           "again to re-project them, then score again.") from e
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, projection
+from influence_jax import flax_adapters, projection, ranking
 from influence_jax.examples import models
 
 MODELS = ("mlp_small", "mlp_big", "cnn", "transformer")
@@ -69,7 +69,7 @@ def matmul_rate(repeats: int) -> float:
 
 def forward_flops(fns, batch) -> float:
   """Returns XLA's FLOP count of one forward pass (model outputs) per example."""
-  cost = jax.jit(fns.logits_fn).lower(fns.params, batch).compile().cost_analysis()
+  cost = jax.jit(fns.outputs_fn).lower(fns.params, batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / projection.data_lib.batch_size(batch)
 
@@ -94,6 +94,19 @@ def run(names, ks, methods, batch_size, repeats, write):
         write(f"| {name} | {p:,} | {k} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} | {t / grad_t:.1f} |")
 
 
+def scoring(num_queries: int, num_rows: int, k: int, block: int, repeats: int, write) -> None:
+  """Prints the streaming top-k's time over num_rows × k rows (host blocks, as read from a store)
+  against its floor, 2·T·N·k FLOPs at the run's matmul rate."""
+  rng = np.random.default_rng(0)
+  queries = jnp.asarray(rng.standard_normal((num_queries, k)), jnp.float32)
+  rows = rng.standard_normal((block, k)).astype(np.float32)  # One host block, read N / block times.
+  blocks = lambda: ((lo, rows[: min(block, num_rows - lo)]) for lo in range(0, num_rows, block))
+  t = best_time(lambda: ranking.stream_top_k(queries, blocks(), 10), repeats)
+  floor_t = 2 * num_queries * num_rows * k / matmul_rate(repeats)
+  write(f"| scoring T={num_queries:,} N={num_rows:,} k={k}, blocks of {block:,} | {t:.2f} s | "
+        f"floor {floor_t:.2f} s | × floor {t / floor_t:.2f} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", default=",".join(MODELS))
@@ -102,6 +115,9 @@ def main():
   parser.add_argument("--batch_size", type=int, default=1024)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None, help="also append the table to this file")
+  parser.add_argument("--scoring", default="1000,1000000,100",
+                      help="T,N,k of the scoring measurement ('' to skip)")
+  parser.add_argument("--block", type=int, default=65536, help="rows per scoring block")
   args = parser.parse_args()
   lines = []
 
@@ -113,7 +129,10 @@ def main():
   write("| model | p | k | method | examples/s | × floor | × grad |")
   write("|---|---|---|---|---|---|---|")
   methods = [None if m == "default" else m for m in args.methods.split(",")]
-  run(args.models.split(","), [int(k) for k in args.ks.split(",")], methods, args.batch_size, args.repeats, write)
+  if args.models:
+    run(args.models.split(","), [int(k) for k in args.ks.split(",")], methods, args.batch_size, args.repeats, write)
+  if args.scoring:
+    scoring(*(int(v) for v in args.scoring.split(",")), args.block, args.repeats, write)
   if args.out:
     with open(args.out, "a") as f:
       f.write("\n".join(lines) + "\n")

@@ -92,7 +92,39 @@ def test_cg_rejects_bad_input():
   with pytest.raises(ValueError, match="x0"):
     solvers.conjugate_gradient(f, jnp.ones(3), x0=jnp.ones(2))
   with pytest.raises(ValueError, match="tol"):
-    solvers.conjugate_gradient(f, jnp.ones(3), tol=0.0)
+    solvers.conjugate_gradient(f, jnp.ones(3), tol=-1.0)
+  with pytest.raises(ValueError, match="preconditioner"):
+    solvers.conjugate_gradient(f, jnp.ones(3), preconditioner=f)
+
+
+def test_preconditioned_cg_with_the_exact_inverse_converges_in_one_step():
+  """M⁻¹ = A⁻¹: the first preconditioned step solves the system; a Jacobi preconditioner on an
+  ill-conditioned diagonal-dominant matrix converges in fewer steps than plain CG, to the same x."""
+  rng = np.random.default_rng(3)
+  q, _ = np.linalg.qr(rng.normal(size=(30, 30)))
+  a = (q * np.logspace(0, 4, 30)) @ q.T
+  b = jnp.asarray(rng.normal(size=30))
+  op = lambda m: curvature.LinearOperator(_Dense(), jnp.asarray(m), 30, jnp.float64)
+  exact = np.linalg.solve(a, np.asarray(b))
+  res = solvers.conjugate_gradient(op(a), b, tol=1e-10, max_iters=50, preconditioner=op(np.linalg.inv(a)))
+  assert int(res.num_iters) == 1 and bool(res.converged) and bool(res.positive_curvature)
+  np.testing.assert_allclose(res.x, exact, rtol=1e-8)
+  d = np.diag(rng.uniform(1, 1e4, 30)) + 0.1 * (q @ q.T)
+  plain = solvers.conjugate_gradient(op(d), b, tol=1e-10, max_iters=200)
+  jacobi = solvers.conjugate_gradient(op(d), b, tol=1e-10, max_iters=200, preconditioner=op(np.diag(1 / np.diag(d))))
+  np.testing.assert_allclose(jacobi.x, np.linalg.solve(d, np.asarray(b)), rtol=1e-7)
+  assert int(jacobi.num_iters) < int(plain.num_iters)
+
+
+class _Dense:
+  def __call__(self, m, v):
+    return m @ v
+
+  def __eq__(self, other):
+    return isinstance(other, _Dense)
+
+  def __hash__(self):
+    return 0
 
 
 def test_batched_cg_solves_each_right_hand_side_on_its_own():

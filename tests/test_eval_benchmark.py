@@ -17,10 +17,12 @@ def tiny_config(workdir):
   problem.update(dict(num_train=40, num_test=4, steps=200, batch_size=20, lds_subsets=8, loo_points=4,
                       chunk_size=4, num_checkpoints=2, l2=0.05))
   del config.problems["digits_mlp"]
+  config.problem_order = ("digits_logreg",)
   config.methods = ml_collections.ConfigDict({
       "gradient_dot": dict(method="gradient_dot"),
       "exact": dict(method="exact"),
   })
+  config.method_order = tuple(config.methods.keys())
   return config
 
 

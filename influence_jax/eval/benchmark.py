@@ -108,6 +108,9 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
       checkpoints=[(c.params, c.learning_rate) for c in checkpoints])
 
   rows, exact_scores = [], None
+  unknown = sorted(set(order or ()) - set(methods_cfg.keys()))
+  if unknown:
+    raise ValueError(f"config.method_order names methods that config.methods lacks: {unknown}.")
   names = [n for n in (order or methods_cfg.keys()) if n not in set(cfg.get("skip", ()))]
   names.sort(key=lambda n: methods_cfg[n].method != "exact")  # The reference first (stable sort).
   for method_name in names:
@@ -177,7 +180,11 @@ def run(config, log: Callable[[str], None] = print) -> list[dict]:
   config.problem_order / config.method_order (optional tuples of names) fix the order of the runs.
   """
   rows = []
-  for name in config.get("problem_order", None) or config.problems.keys():
+  order = config.get("problem_order", None) or tuple(config.problems.keys())
+  unknown = sorted(set(order) - set(config.problems.keys()))
+  if unknown:
+    raise ValueError(f"config.problem_order names problems that config.problems lacks: {unknown}.")
+  for name in order:
     rows += run_problem(name, config.problems[name], config.methods, workdir=config.workdir,
                         warm_timings=config.warm_timings, log=log, order=config.get("method_order", None))
     write_tables(rows, config.workdir)

@@ -75,6 +75,20 @@ def setup() -> tuple:
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config override (an unknown key, a value of the wrong type)
+  reported as one line naming it and exit status 1 instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"Error: {e}\nPass --helpfull to see the flags.\n")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    sys.stderr.write(f"Error: a --config override names an unknown key or has a value of the wrong type "
+                     f"({type(e).__name__}: {e}); overrides given: {' '.join(bad) or 'none'}.\n")
+  sys.exit(1)
+
+
 def run(job=None, *, before_task=None) -> None:
   """Runs an absl program: `before_task(config, workdir, quiet)` (e.g. training a built-in example),
   then `job(ctx, quiet, fault)` on the Context of --config / --workdir."""
@@ -99,4 +113,4 @@ def run(job=None, *, before_task=None) -> None:
       sys.stderr.write(f"Error: {e}\n")
       sys.exit(1)
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
