@@ -71,15 +71,16 @@ def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: A
   top_k.csv and summary.json go to `out` (the query set's directory); self_influence.csv, a
   property of the training set alone, to `train_out`.
   """
-  train_label = _Labels(task, task.train).prefetch(np.concatenate(
-      [running.proponents.ravel(), running.opponents.ravel(), largest.indices]))
-  query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
   paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(train_out, "self_influence.csv"),
            "summary": os.path.join(out, "summary.json")}
-  common.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
   keep = largest.indices >= 0
   record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"]}
-  if _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"]):
+  write_self = _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"])
+  train_label = _Labels(task, task.train).prefetch(np.concatenate(
+      [running.proponents.ravel(), running.opponents.ravel()] + ([largest.indices] if write_self else [])))
+  query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
+  common.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
+  if write_self:
     # A property of the store alone: written once, not again for every query set.
     common.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
         [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
