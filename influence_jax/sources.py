@@ -60,8 +60,25 @@ class SubsetSource:
   def __getitem__(self, index: int) -> Any:
     return self.source[int(self.indices[index])]
 
+  def read_batch(self, rows: Sequence[int]) -> Any:
+    """Returns examples `rows` of the subset stacked, read from the source as one batch."""
+    return read_rows(self.source, self.indices[np.asarray(rows, np.int64)], "a subset of a source")
+
   def fingerprint_parts(self) -> list:
     return [fingerprint(self.source), hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]]
+
+
+def read_rows(source: Any, rows: np.ndarray, what: str) -> Any:
+  """Returns examples `rows` of `source` stacked into a batch: `source.read_batch(rows)` when it has one
+  (one vectorised read), else grain's batched-read protocol `source._getitems`, else `source[row]` one
+  by one; raises ValueError naming the first example that differs from the first in structure or shape."""
+  if hasattr(source, "read_batch"):
+    return source.read_batch(rows)
+  if hasattr(source, "_getitems"):
+    examples = source._getitems([int(r) for r in rows])  # noqa: SLF001 (grain's batched-read protocol)
+  else:
+    examples = [source[int(r)] for r in rows]
+  return stack(examples, what, int(rows[0]))
 
 
 def check_source(source: Any, what: str) -> int:

@@ -46,9 +46,8 @@ class RowRanges:
 class _Batches:
   """A random-access source whose element i is (rows, batch) for the i-th `batch_size` slice of `rows`.
 
-  grain reads whole batches with its threads, so its per-element cost is paid once a batch. A
-  batch comes from `source.read_batch(rows)` when the source has it (one vectorised read), else
-  from grain's batched-read protocol `source._getitems(rows)`, else `source[row]` one by one.
+  grain reads whole batches with its threads, so its per-element cost is paid once a batch
+  (`sources.read_rows`: a vectorised `read_batch` when the source has one).
   """
 
   def __init__(self, source: Any, rows: np.ndarray, batch_size: int, what: str):
@@ -59,13 +58,7 @@ class _Batches:
 
   def __getitem__(self, i: int):
     rows = self.rows[i * self.batch_size:(i + 1) * self.batch_size]
-    if hasattr(self.source, "read_batch"):
-      return rows, self.source.read_batch(rows)
-    if hasattr(self.source, "_getitems"):
-      examples = self.source._getitems([int(r) for r in rows])  # noqa: SLF001 (grain's batched-read protocol)
-    else:
-      examples = [self.source[int(r)] for r in rows]
-    return rows, sources.stack(examples, self.what, int(rows[0]))
+    return rows, sources.read_rows(self.source, rows, self.what)
 
 
 def batches(source: Any, rows: np.ndarray, batch_size: int, what: str, *,
