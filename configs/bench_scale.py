@@ -1,4 +1,4 @@
-r"""The scale benchmark's task: a synthetic ArrayRecord data set and a small MLP (scripts/bench_scale.py).
+r"""The scale benchmark's task: a synthetic on-disk data set and a small MLP (scripts/bench_scale.py).
 
   python scripts/bench_scale.py --num_examples=1000000,10000000 --workdir=/tmp/bench_scale
 """
@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.task = "influence_jax.examples.synthetic:get_task"
   c.user.data_dir = ""
+  c.user.format = "npy"  # "npy" (fixed-size records, no index) or "array_record".
   c.user.hidden = 32
   c.arnoldi.n_iters = 60
   c.arnoldi.top_k = 32

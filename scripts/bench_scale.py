@@ -1,4 +1,4 @@
-r"""Scale benchmark: a synthetic data set of N examples on disk (ArrayRecord), then fit → project →
+r"""Scale benchmark: a synthetic data set of N examples on disk (.npy records or ArrayRecord), then fit → project →
 score through the jobs, each stage a separate process. Prints, per N: examples/s of the projection
 stage and its ratio to the same run's plain batched gradient throughput (examples/s of jax.grad of
 the mean loss on batches of the projection's batch size), peak resident memory of each stage, and
@@ -21,22 +21,38 @@ NUM_EXAMPLES = flags.DEFINE_list("num_examples", ["1000000"], "Training set size
 NUM_QUERIES = flags.DEFINE_integer("num_queries", 1000, "Query examples T.")
 WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_scale", "Where data sets and runs go.")
 EXTRA = flags.DEFINE_list("config_overrides", [], "Extra --config.KEY=VALUE for every stage.")
+FORMAT = flags.DEFINE_enum("format", "npy", ["npy", "array_record"],
+                           "On-disk format: .npy fixed-size records (no index) or ArrayRecord shards.")
+
+
+# Runs a job script and, at its exit, prints the peak resident memory of the job's own program:
+# VmHWM of the process after exec. (ru_maxrss would not do: Linux carries the high-water mark of the
+# forked copy of this benchmark process across exec, so every stage would report at least the
+# benchmark's own peak, e.g. after writing a large data set.)
+_WRAPPER = ("import atexit, runpy, sys\n"
+            "def hwm():\n"
+            "  kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+            "  sys.stderr.write(f'BENCH_VMHWM_KB {kb}\\n')\n"
+            "atexit.register(hwm)\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 def run_stage(script: str, workdir: str, data_dir: str) -> tuple[float, float, str]:
   """Runs one job; returns (wall seconds, peak resident memory in GiB, its stderr) of its process."""
-  cmd = [sys.executable, os.path.join(ROOT, "scripts", script), f"--config={ROOT}/configs/bench_scale.py",
-         f"--workdir={workdir}", f"--config.user.data_dir={data_dir}", "--quiet"] + [f"--config.{e}" for e in EXTRA.value]
+  cmd = [sys.executable, "-c", _WRAPPER, os.path.join(ROOT, "scripts", script), f"--config={ROOT}/configs/bench_scale.py",
+         f"--workdir={workdir}", f"--config.user.data_dir={data_dir}", f"--config.user.format={FORMAT.value}",
+         "--quiet"] + [f"--config.{e}" for e in EXTRA.value]
   start = time.perf_counter()
   with tempfile.TemporaryFile("w+") as log:
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=ROOT), stderr=log)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), stderr=log)
     wall = time.perf_counter() - start
     log.seek(0)
     text = log.read()
-  if status != 0:
-    raise SystemExit(f"{script} failed with status {status}:\n{text[-3000:]}")
-  return wall, usage.ru_maxrss / 2**20, text  # ru_maxrss is in KiB on Linux.
+  if proc.returncode != 0:
+    raise SystemExit(f"{script} failed with status {proc.returncode}:\n{text[-3000:]}")
+  peak_kb = float(re.search(r"BENCH_VMHWM_KB (\d+)", text).group(1))
+  return wall, peak_kb / 2**20, text
 
 
 def gradient_throughput(batch_size: int, hidden: int, seconds: float = 5.0) -> float:
@@ -69,8 +85,12 @@ def main(argv):
     data_dir = os.path.join(base, "data")
     if not os.path.exists(os.path.join(data_dir, "done")):
       t = time.perf_counter()
-      synthetic.write_array_records(data_dir, n, prefix="train", seed=0)
-      synthetic.write_array_records(data_dir, NUM_QUERIES.value, prefix="queries", num_shards=1, seed=1)
+      if FORMAT.value == "npy":
+        synthetic.write_npy_records(data_dir, n, prefix="train", seed=0)
+        synthetic.write_npy_records(data_dir, NUM_QUERIES.value, prefix="queries", seed=1)
+      else:
+        synthetic.write_array_records(data_dir, n, prefix="train", seed=0)
+        synthetic.write_array_records(data_dir, NUM_QUERIES.value, prefix="queries", num_shards=1, seed=1)
       open(os.path.join(data_dir, "done"), "w").close()
       print(f"N={n}: wrote the data set in {time.perf_counter() - t:.0f} s", flush=True)
     run = os.path.join(base, "run")

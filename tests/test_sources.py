@@ -27,6 +27,14 @@ def _assert_rows(batch, source, rows):
     assert batch["y"][j] == one["y"]
 
 
+def test_npy_records_equal_array_records(tmp_path):
+  npy = synthetic.NpyRecordSource(synthetic.write_npy_records(str(tmp_path), 300, seed=4))
+  ar = synthetic.ArrayRecordSource(synthetic.write_array_records(str(tmp_path), 300, num_shards=1, seed=4))
+  rows = np.array([0, 1, 2, 17, 298, 299])  # Runs of consecutive rows and single ones.
+  _assert_rows(npy.read_batch(rows), ar, rows)
+  assert len(npy) == 300 and sources.fingerprint(npy) == sources.fingerprint(npy)
+
+
 def test_array_records_subsets_and_fallback_read_the_same_examples(tmp_path):
   paths = synthetic.write_array_records(str(tmp_path), 700, num_shards=2, block=256)
   src = synthetic.ArrayRecordSource(paths)

@@ -1,9 +1,11 @@
-"""A synthetic task of any size on disk: ArrayRecord files read through grain, a small MLP.
+"""A synthetic task of any size on disk, read through grain, and a small MLP.
 
-The scale benchmark (scripts/bench_scale.py) writes N examples with `write_array_records` and runs
-the jobs on `get_task` (config.user.data_dir, config.user.hidden). ArrayRecord is grain's native
-random-access format (one seekable file of records per shard, read in batches by grain), so the
-training set is never held in memory.
+The scale benchmark (scripts/bench_scale.py) writes N examples and runs the jobs on `get_task`
+(config.user.data_dir, config.user.hidden, config.user.format). Two formats: a memory-mapped .npy of
+fixed-size records (the default: no index, so a reader's memory does not grow with N) and
+ArrayRecord, grain's native random-access format (whose reader holds an index that grows with N:
++0.3 GB at 10⁷ records, docs in README "Measured at scale"). The training set is never held in
+memory either way.
 """
 
 from __future__ import annotations
@@ -47,6 +49,65 @@ def write_array_records(directory: str, num_examples: int, *, prefix: str = "tra
     os.replace(path + ".tmp", path)
     paths.append(path)
   return paths
+
+
+def write_npy_records(directory: str, num_examples: int, *, prefix: str = "train", seed: int = 0,
+                      block: int = 65536) -> str:
+  """Writes the same examples as `write_array_records` as one .npy file of fixed-size records; returns its path."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  centers = np.random.default_rng(1234).normal(size=(NUM_CLASSES, NUM_FEATURES)).astype(np.float32)
+  path = os.path.join(directory, f"{prefix}.npy")
+  records = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=_RECORD, shape=(num_examples,))
+  for lo in range(0, num_examples, block):
+    n = min(block, num_examples - lo)
+    y = rng.integers(0, NUM_CLASSES, n)
+    records["y"][lo:lo + n] = y
+    records["x"][lo:lo + n] = centers[y] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
+  records.flush()
+  del records
+  os.replace(path + ".tmp.npy", path)
+  return path
+
+
+class NpyRecordSource:
+  """Examples {"x": (16,) float32, "y": int32} from a .npy file of fixed-size records: record i is at a
+  computed offset, so the source needs no index (O(1) memory whatever N); reads are `os.pread`s into
+  fresh buffers (no memory map, whose resident file pages would count in the process's memory), a
+  run of consecutive rows in one read."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+      self._offset = f.tell()
+    if dtype != _RECORD or len(shape) != 1:
+      raise ValueError(f"{path} holds {dtype} {shape}, not synthetic records.")
+    self._num = int(shape[0])
+    self._fd = os.open(path, os.O_RDONLY)
+
+  def __len__(self) -> int:
+    return self._num
+
+  def _read(self, start: int, count: int) -> np.ndarray:
+    size = _RECORD.itemsize
+    return np.frombuffer(os.pread(self._fd, count * size, self._offset + start * size), _RECORD)
+
+  def __getitem__(self, index: int) -> dict:
+    r = self._read(int(index), 1)[0]
+    return {"x": np.array(r["x"]), "y": np.int32(r["y"])}
+
+  def read_batch(self, indices) -> dict:
+    """Returns examples `indices` stacked: {"x": (B, 16), "y": (B,)}."""
+    idx = np.asarray(indices, np.int64)
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1  # Runs of consecutive rows: one read each.
+    r = np.concatenate([self._read(int(run[0]), len(run)) for run in np.split(idx, breaks)])
+    return {"x": np.array(r["x"]), "y": r["y"].astype(np.int32)}
+
+  def fingerprint_parts(self) -> list:
+    return [os.path.basename(self.path), os.path.getsize(self.path)]
 
 
 class ArrayRecordSource:
@@ -103,8 +164,12 @@ def shard_paths(directory: str, prefix: str) -> list[str]:
 
 
 def get_task(config) -> Task:
-  """The synthetic task: config.user.data_dir holds train-* and queries-* ArrayRecord shards."""
+  """The synthetic task: config.user.data_dir holds train and queries as .npy records (config.user.format
+  "npy") or ArrayRecord shards ("array_record")."""
   d = config.user.data_dir
+  if config.user.get("format", "npy") == "npy":
+    train, queries = (NpyRecordSource(os.path.join(d, f"{p}.npy")) for p in ("train", "queries"))
+  else:
+    train, queries = (ArrayRecordSource(shard_paths(d, p)) for p in ("train", "queries"))
   return Task(params=init_params(config.user.get("hidden", 32)), loss_fn=loss, per_example_loss_fn=per_example_loss,
-              train=ArrayRecordSource(shard_paths(d, "train")), queries=ArrayRecordSource(shard_paths(d, "queries")),
-              label_fn=lambda ex: str(int(ex["y"])))
+              train=train, queries=queries, label_fn=lambda ex: str(int(ex["y"])))
