@@ -93,6 +93,8 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
       pending.append(local)
       bar.update(int(ids.size))
     pending = _write_full_chunks(store, chunk_queue, pending, inverse, tail_constant)
+    if fault == f"project:{step}":
+      _sync(f"fault injection after batch {step}")  # Every process has written this step's chunks.
     common.maybe_kill(fault, "project", step)
   if pending or chunk_queue:
     raise RuntimeError(f"Projection ended with {len(chunk_queue)} chunks unwritten: the training source "
