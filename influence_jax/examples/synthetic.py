@@ -22,6 +22,14 @@ NUM_FEATURES, NUM_CLASSES = 16, 10
 _RECORD = np.dtype([("x", "<f4", (NUM_FEATURES,)), ("y", "<i4")])
 
 
+def _examples(rng: np.random.Generator, centers: np.ndarray, n: int) -> np.ndarray:
+  """Returns n records: a class y uniformly, x = centers[y] + standard normal noise."""
+  records = np.empty(n, _RECORD)
+  records["y"] = rng.integers(0, NUM_CLASSES, n)
+  records["x"] = centers[records["y"]] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
+  return records
+
+
 def write_array_records(directory: str, num_examples: int, *, prefix: str = "train", num_shards: int = 4,
                         seed: int = 0, block: int = 65536) -> list[str]:
   """Writes `num_examples` labelled examples (16 features, 10 classes) as ArrayRecord shards; returns paths."""
@@ -40,10 +48,7 @@ def write_array_records(directory: str, num_examples: int, *, prefix: str = "tra
     writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:256")
     for lo in range(int(bounds[shard]), int(bounds[shard + 1]), block):
       n = min(block, int(bounds[shard + 1]) - lo)
-      records = np.empty(n, _RECORD)
-      records["y"] = rng.integers(0, NUM_CLASSES, n)
-      records["x"] = centers[records["y"]] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
-      for r in records:
+      for r in _examples(rng, centers, n):
         writer.write(r.tobytes())
     writer.close()
     os.replace(path + ".tmp", path)
@@ -60,10 +65,7 @@ def write_npy_records(directory: str, num_examples: int, *, prefix: str = "train
   path = os.path.join(directory, f"{prefix}.npy")
   records = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=_RECORD, shape=(num_examples,))
   for lo in range(0, num_examples, block):
-    n = min(block, num_examples - lo)
-    y = rng.integers(0, NUM_CLASSES, n)
-    records["y"][lo:lo + n] = y
-    records["x"][lo:lo + n] = centers[y] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
+    records[lo:lo + min(block, num_examples - lo)] = _examples(rng, centers, min(block, num_examples - lo))
   records.flush()
   del records
   os.replace(path + ".tmp.npy", path)
