@@ -46,17 +46,9 @@ def apply_tail_inverse(eigenvectors: jax.Array, inv_shifted: jax.Array, tail_con
   return rows / tail_constant + (coeffs * (inv_shifted - 1.0 / tail_constant)) @ eigenvectors
 
 
-class _TailInverse:
-  """The matvec of P: operands (U, (λ + δ)⁻¹, c) (hashable, so CG's jitted loop compiles it once)."""
-
-  def __call__(self, operands, r):
-    return apply_tail_inverse(*operands, r)
-
-  def __eq__(self, other):
-    return isinstance(other, _TailInverse)
-
-  def __hash__(self):
-    return hash(_TailInverse)
+def _tail_inverse(operands, r):
+  """The matvec of P: operands (U, (λ + δ)⁻¹, c) (a module function: hashable, compiled once by CG)."""
+  return apply_tail_inverse(*operands, r)
 
 
 class _Shifted:
@@ -114,7 +106,7 @@ def preconditioned_solve(
   dtype = u.dtype
   b = b.astype(dtype)
   shifted = op.replace(matvec=_Shifted(op.matvec), operands=(op.operands, jnp.asarray(delta, dtype)))
-  tail = curvature_lib.LinearOperator(_TailInverse(), (u, inv.astype(dtype), jnp.asarray(c, dtype)), op.dim, dtype,
+  tail = curvature_lib.LinearOperator(_tail_inverse, (u, inv.astype(dtype), jnp.asarray(c, dtype)), op.dim, dtype,
                                       op.mesh)
   return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail)
 
