@@ -72,10 +72,29 @@ def merge_top_k(running: TopK, scores: jax.Array, offset: int, num_valid: Option
   return _merge_scores(running, jnp.asarray(scores), jnp.int32(offset), jnp.int32(num_valid))
 
 
+# Rows scored at once inside one jitted merge: bounds the (T, rows) score buffer (32 MiB at T = 1,000)
+# however large the block read from disk is.
+TILE_ROWS = 8192
+
+
+def tile_rows(num_rows: int) -> int:
+  """Returns the rows of one tile of a `num_rows` block: its largest divisor ≤ TILE_ROWS (the whole
+  block when that divisor is below TILE_ROWS / 8, i.e. for awkward sizes)."""
+  tile = next(d for d in range(min(num_rows, TILE_ROWS), 0, -1) if num_rows % d == 0)
+  return tile if tile >= min(num_rows, TILE_ROWS // 8) else num_rows
+
+
 @jax.jit
 def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.Array,
                 num_valid: jax.Array) -> TopK:
-  return _merge_scores(running, queries @ rows.T, offset, num_valid)
+  tile = tile_rows(rows.shape[0])
+  tiles = rows.reshape(rows.shape[0] // tile, tile, rows.shape[1])
+
+  def merge_tile(run, t):
+    lo = t * tile
+    return _merge_scores(run, queries @ tiles[t].T, offset + lo, num_valid - lo), None
+
+  return jax.lax.scan(merge_tile, running, jnp.arange(tiles.shape[0], dtype=jnp.int32))[0]
 
 
 def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
@@ -83,8 +102,9 @@ def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
   """Returns `running` updated with the scores queries @ rowsᵀ of training rows offset..offset+B−1.
 
   `queries` (T, d) and `rows` (B, d) are the two sides of a bilinear score (e.g.
-  `store_scoring.query_side` and `store_scoring.row_side`); a block padded to a fixed B (with
-  `num_valid` real rows) compiles once.
+  `scoring.query_side` and `scoring.row_side`); a block padded to a fixed B (with
+  `num_valid` real rows) compiles once. Scores are formed `tile_rows(B)` rows at a time, so the
+  device memory of one call is bounded by T × TILE_ROWS, not T × B.
   """
   num_valid = rows.shape[0] if num_valid is None else num_valid
   return _merge_rows(running, jnp.asarray(queries), jnp.asarray(rows), jnp.int32(offset), jnp.int32(num_valid))

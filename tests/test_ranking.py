@@ -41,6 +41,27 @@ def test_padded_blocks_ignore_their_padding():
   np.testing.assert_array_equal(got.opponents, want.opponents)
 
 
+def test_tiled_block_with_padding_in_a_later_tile_equals_a_full_sort():
+  rng = np.random.default_rng(1)
+  block = 2 * ranking.TILE_ROWS + 1024  # Four tiles of 4,352 rows.
+  assert ranking.tile_rows(block) < block and block % ranking.tile_rows(block) == 0
+  queries = rng.integers(-2, 3, (3, 4)).astype(np.float32)  # Many exact ties across tile boundaries.
+  rows = rng.integers(-2, 3, (block, 4)).astype(np.float32)
+  num_valid = block - 1500
+  rows[num_valid:] = 100.0  # Padding would win if it counted.
+  got = ranking.to_host(ranking.merge_rows(ranking.empty_top_k(3, 9), queries, rows, 40, num_valid=num_valid))
+  pro, opp = full_sort(queries @ rows[:num_valid].T, 9)
+  np.testing.assert_array_equal(got.proponents, pro + 40)
+  np.testing.assert_array_equal(got.opponents, opp + 40)
+
+
+def test_tile_rows_divides_the_block_or_takes_it_whole():
+  assert ranking.tile_rows(65536) == ranking.TILE_ROWS
+  assert ranking.tile_rows(100) == 100
+  assert ranking.tile_rows(3 * 4099) == 4099
+  assert ranking.tile_rows(2 * 8209) == 2 * 8209  # 8,209 is prime: only tiles of 2 rows divide it.
+
+
 def test_running_largest_equals_a_sort_with_ties():
   values = np.array([3, 1, 3, 2, 5, 3, 0, 5], np.float64)
   running = ranking.empty_largest(5)

@@ -132,7 +132,8 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
     side = part["projections"] if not s.tail else np.concatenate([part["projections"], part["sketch"]], axis=1)
     padded = np.zeros((block, side.shape[1]), np.float32)
     padded[: hi - lo] = side
-    running = ranking.merge_rows(running, queries, padded, lo, hi - lo)
+    previous, running = running, ranking.merge_rows(running, queries, padded, lo, hi - lo)
+    jax.block_until_ready(previous)  # At most two merges queued: the host never runs ahead by more.
     if s.tail:
       self_infl = part["self_influence"]
     else:
