@@ -10,7 +10,7 @@ import pytest
 import influence_jax as ij
 from influence_jax import checkpoint
 from tests import user_task
-from tests.user_task_jobs import rows, run
+from tests.user_task_jobs import REFERENCE_COMPILATIONS, compilations, rows, run
 
 
 def in_memory_scores(workdir, data_dir, queries_prefix):
@@ -60,6 +60,15 @@ def test_second_query_set_reuses_the_store(reference, data_dir, tmp_path):
   assert len(read) < 60  # ... nor the training set projected again (reads: labels and a fingerprint).
   scores, self_infl = in_memory_scores(reference, data_dir, "other")
   assert_tables_match(os.path.join(reference, "scores", "other"), os.path.join(reference, "scores"), scores, self_infl)
+
+
+def test_compilations_do_not_grow_with_the_data(reference, tmp_path):
+  data_dir = str(tmp_path / "data")
+  os.makedirs(data_dir)
+  user_task.write_data(data_dir, num_train=900)  # 3 × the reference's rows, chunks and batches.
+  counts = {s: compilations(run(s, str(tmp_path / "w"), data_dir))
+            for s in ("fit_eigenspace.py", "project.py", "score.py")}
+  assert counts == REFERENCE_COMPILATIONS[reference]
 
 
 @pytest.mark.parametrize("stage, fault", [("project.py", "project:2"), ("score.py", "score:2")])

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,18 @@ def make_data_dir(directory):
   return directory
 
 
+def compilations(proc):
+  """Returns the XLA compilation count a job reported on its last line."""
+  return int(re.search(r"(\d+) XLA compilations", proc.stderr).group(1))
+
+
+# {workdir: {script: XLA compilations}} of the pipelines make_reference ran in this process.
+REFERENCE_COMPILATIONS = {}
+
+
 def make_reference(workdir, data_dir):
   """Runs fit → project → score uninterrupted in `workdir`; returns it."""
+  counts = REFERENCE_COMPILATIONS.setdefault(workdir, {})
   for script in ("fit_eigenspace.py", "project.py", "score.py"):
-    run(script, workdir, data_dir)
+    counts[script] = compilations(run(script, workdir, data_dir))
   return workdir
