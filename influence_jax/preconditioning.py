@@ -18,7 +18,10 @@ Cost model (T queries, N training examples, k eigenvectors, p parameters):
   - per query: 1 + cg_iters curvature products (each a pass over the
     curvature batches) and 2·(1 + cg_iters) applications of P (O(k·p));
   - per training example: one per-example gradient, dotted with the T solved
-    vectors (T·p multiply-adds). No training-side projection on U is needed.
+    vectors (T·p multiply-adds). No training-side projection on U is needed;
+  - or, from a projection store (`solved_query_side`): per training example
+    nothing new (its stored [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)]), per query (k + m)
+    numbers dotted with each stored row.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from influence_jax import solvers
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, check_params
 from influence_jax.scoring import default_tail_constant, inverse_eigenvalues
+from influence_jax.sketch import KroneckerSketch, apply_sketch
 
 
 def apply_tail_inverse(eigenvectors: jax.Array, inv_shifted: jax.Array, tail_constant, rows: jax.Array) -> jax.Array:
@@ -111,6 +115,52 @@ def preconditioned_solve(
   return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail)
 
 
+def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: jax.Array) -> jax.Array:
+  """Returns (T, k + m) query vectors [U x̂, R(I − UᵀU) x̂] of solved vectors x̂ (T, p).
+
+  Against a projection store's rows `scoring.row_side` [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)] (made with the
+  same `sketch`), q · row = x̂ᵀUᵀU∇ℓ(z) + x̂ᵀ(I − UᵀU)RᵀR(I − UᵀU)∇ℓ(z) ≈ x̂ᵀ∇ℓ(z), the score of
+  `influence_preconditioned` (positive: z is a proponent of x), exact when the sketch is (m ≥ p₁p₂):
+  preconditioned scores for a new query set without touching the training set.
+  """
+  p = sketch.num_params
+  if solved.ndim != 2 or solved.shape[1] != p:
+    raise ValueError(f"solved must be (num_queries, {p}) for this sketch; got shape {solved.shape}.")
+  u = eigenspace.eigenvectors[:, :p]
+  coeffs = solved.astype(u.dtype) @ u.T
+  return jnp.concatenate([coeffs, apply_sketch(sketch, solved - coeffs @ u).astype(u.dtype)], axis=1)
+
+
+def solve_queries(
+    eigenspace: Eigenspace,
+    per_example_loss_fn: Callable,
+    params,
+    test_batches,
+    *,
+    loss_fn: Callable,
+    curvature_batches,
+    cg_iters: int = 10,
+    tail_constant: Optional[float] = None,
+    damping: Optional[float] = None,
+    tol: float = 0.0,
+    microbatch_size: Optional[int] = None,
+) -> solvers.CGResult:
+  """Returns the CGResult of `preconditioned_solve` for the test examples' gradients: x̂(x) ≈ (C + δI)⁻¹∇ℓ(x).
+
+  C is the curvature of the mean of `loss_fn` over `curvature_batches`, of the kind the eigenspace
+  was fitted on (eigenspace.info.curvature; "hessian" when unknown): pass the batches of the fit.
+  """
+  check_params(eigenspace, params)
+  validation.check_finite(params, "params")
+  test_batches = data_lib.materialize(test_batches, "test_batches")
+  kind = eigenspace.info.curvature if eigenspace.info is not None else "hessian"
+  op = curvature_lib.curvature_operator(loss_fn, params, curvature_batches, curvature=kind,
+                                        microbatch_size=microbatch_size)
+  grads = projection.gradients(per_example_loss_fn, params, test_batches).astype(eigenspace.eigenvectors.dtype)
+  return preconditioned_solve(op, eigenspace, grads, cg_iters=cg_iters, damping=damping,
+                              tail_constant=tail_constant, tol=tol)
+
+
 def influence_preconditioned(
     eigenspace: Eigenspace,
     per_example_loss_fn: Callable,
@@ -128,24 +178,15 @@ def influence_preconditioned(
     microbatch_size: Optional[int] = None,
     return_solve: bool = False,
 ):
-  """Returns the (T, N) scores ∇ℓ(x)ᵀ x̂(x) with x̂ ≈ (C + δI)⁻¹∇ℓ(x) from `preconditioned_solve`.
+  """Returns the (T, N) scores ∇ℓ(x)ᵀ x̂(x) with x̂ ≈ (C + δI)⁻¹∇ℓ(x) from `solve_queries`.
 
-  Positive: z is a proponent of x. C is the curvature of the mean of
-  `loss_fn` over `curvature_batches`, of the kind the eigenspace was fitted
-  on (eigenspace.info.curvature; "hessian" when unknown): pass the batches
-  of the fit. Each score is x̂(x)ᵀ∇ℓ(z): the training set is read once, projected
-  on the T solved vectors. With `return_solve`, returns (scores, solvers.CGResult).
+  Positive: z is a proponent of x. Each score is x̂(x)ᵀ∇ℓ(z): the training set is read once,
+  projected on the T solved vectors. With `return_solve`, returns (scores, solvers.CGResult).
   """
-  check_params(eigenspace, params)
-  validation.check_finite(params, "params")
-  test_batches = data_lib.materialize(test_batches, "test_batches")
+  solve = solve_queries(eigenspace, per_example_loss_fn, params, test_batches, loss_fn=loss_fn,
+                        curvature_batches=curvature_batches, cg_iters=cg_iters, tail_constant=tail_constant,
+                        damping=damping, tol=tol, microbatch_size=microbatch_size)
   train_batches = data_lib.materialize(train_batches, "train_batches")
-  kind = eigenspace.info.curvature if eigenspace.info is not None else "hessian"
-  op = curvature_lib.curvature_operator(loss_fn, params, curvature_batches, curvature=kind,
-                                        microbatch_size=microbatch_size)
-  grads = projection.gradients(per_example_loss_fn, params, test_batches).astype(eigenspace.eigenvectors.dtype)
-  solve = preconditioned_solve(op, eigenspace, grads, cg_iters=cg_iters, damping=damping,
-                               tail_constant=tail_constant, tol=tol)
   scores = projection.project_on(solve.x, per_example_loss_fn, params, train_batches,
                                  method=method, microbatch_size=microbatch_size).values.T
   return (scores, solve) if return_solve else scores

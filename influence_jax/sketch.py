@@ -46,7 +46,7 @@ def _factor_shape(num_params: int) -> tuple[int, int]:
 
 def _scaled_orthonormal_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
   q, _ = np.linalg.qr(rng.standard_normal((cols, rows)))
-  return (q.T * np.sqrt(cols / rows)).astype(np.float32)
+  return q.T * np.sqrt(cols / rows)  # float64: cast once, to the sketch's dtype.
 
 
 def make_sketch(num_params: int, dim: int, seed: int, dtype=jnp.float32) -> KroneckerSketch:

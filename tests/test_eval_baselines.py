@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from influence_jax import solvers
 from influence_jax.eval import baselines
@@ -103,3 +104,6 @@ def test_arnoldi_pcg_is_the_tail_without_iterations_and_exact_with_enough():
   solved = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01)
   np.testing.assert_allclose(solved.scores, want, rtol=1e-7, atol=1e-10)
   assert solved.info["positive_curvature"] == "7/7" and solved.info["max_rel_residual"] < 1e-8
+  stored = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01, sketch_dim=10_000)
+  np.testing.assert_allclose(stored.scores, want, rtol=1e-7, atol=1e-10)  # An exact sketch: the store's rows.
+  assert stored.info["sketch_dim"] >= ravel_pytree(task.params)[0].size

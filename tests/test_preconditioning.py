@@ -91,3 +91,24 @@ def test_bad_input_is_rejected(mlp):
     preconditioning.preconditioned_solve(op, es, good, cg_iters=1, tail_constant=0.0)
   with pytest.raises(ValueError, match="non-finite|NaN|finite"):
     preconditioning.preconditioned_solve(op, es, good.at[0, 0].set(jnp.nan), cg_iters=1)
+
+
+def test_solved_queries_scored_against_stored_rows_equal_direct_scores(mlp):
+  params, loss, per_example, batches, test, hess, damping = mlp
+  p = hess.shape[0]
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=8, damping=damping)
+  kw = dict(loss_fn=loss, curvature_batches=batches, cg_iters=3)
+  direct, solve = preconditioning.influence_preconditioned(es, per_example, params, test, batches, return_solve=True,
+                                                           **kw)
+  exact_sketch = ij.sketch.make_sketch(p, p + 100, seed=0, dtype=jnp.float64)  # m ≥ p₁p₂: R orthogonal.
+  rows = [ij.sketch.project_and_sketch(es.eigenvectors, exact_sketch, per_example, params, b) for b in batches]
+  stored = ij.scoring.row_side(jnp.concatenate([r.projections for r in rows]),
+                               jnp.concatenate([r.sketch for r in rows]))
+  queries = preconditioning.solved_query_side(es, exact_sketch, solve.x)
+  np.testing.assert_allclose(queries @ stored.T, direct, rtol=1e-8, atol=1e-10)
+  # A sketch smaller than p approximates the same scores (JL: error shrinks with m).
+  small = ij.sketch.make_sketch(p, p // 2, seed=0, dtype=jnp.float64)
+  rows = [ij.sketch.project_and_sketch(es.eigenvectors, small, per_example, params, b) for b in batches]
+  approx = preconditioning.solved_query_side(es, small, solve.x) @ ij.scoring.row_side(
+      jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows])).T
+  assert np.corrcoef(np.ravel(approx), np.ravel(direct))[0, 1] > 0.9

@@ -255,26 +255,38 @@ def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, d
 
 
 def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
-                seed: int = 0, curvature_kind: str = "hessian") -> MethodResult:
+                seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
 
   Fit: `fit_eigenspace` (n_iters defaults to 1.5 · top_k); score: the test
   gradients, `cg_iters` preconditioned CG iterations from the tail solution,
-  and one pass over the training set dotted with the T solved vectors.
+  then either one pass over the training set dotted with the T solved vectors
+  (sketch_dim = 0) or, as from a projection store, the training rows
+  [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)] with a sketch of `sketch_dim` rows against
+  `preconditioning.solved_query_side` (the rows are counted in the score time).
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
   es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed, curvature=curvature_kind)
   fit_s = clock.lap(es.eigenvectors)
-  scores, res = preconditioning.influence_preconditioned(
-      es, task.per_example_loss_fn, task.params, task.test_batches, task.train_batches,
-      loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters), return_solve=True)
+  res = preconditioning.solve_queries(es, task.per_example_loss_fn, task.params, task.test_batches,
+                                      loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters))
+  if sketch_dim:
+    sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
+    rows = [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b)
+            for b in task.train_batches]
+    stored = scoring.row_side(jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows]))
+    scores = preconditioning.solved_query_side(es, sk, res.x) @ stored.T
+  else:
+    scores = _dots_with_train(task, res.x)
   score_s = clock.lap(scores)
   g_norm = jnp.linalg.norm(query_gradients(task), axis=1)
   info = {"k": es.k, "n_iters": n_iters, "cg_iters": int(cg_iters),
           "max_rel_residual": float(jnp.max(res.residual_norm / g_norm)),
           "positive_curvature": f"{int(jnp.sum(res.positive_curvature))}/{g_norm.shape[0]}"}
+  if sketch_dim:
+    info["sketch_dim"] = sk.dim
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
