@@ -142,9 +142,13 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
     largest = ranking.merge_largest(largest, self_infl, lo)
     bar.update(hi - lo)
     if saver.due(count) and hi < rows.stop:
-      _save_progress(path, fingerprint, running, largest, hi)
+      running = jax.block_until_ready(running)  # The queued merges are scoring, not saving: not timed.
+      saver.save(lambda: _save_progress(path, fingerprint, running, largest, hi))
     common.maybe_kill(fault, "score", count)
-  _save_progress(path, fingerprint, running, largest, rows.stop)
+  running = jax.block_until_ready(running)
+  saver.save(lambda: _save_progress(path, fingerprint, running, largest, rows.stop))
+  if not quiet:
+    logging.info("Scoring: %s", saver.describe())
   return ranking.to_host(running), largest
 
 
