@@ -80,6 +80,7 @@ def preconditioned_solve(
     damping: Optional[float] = None,
     tail_constant: Optional[float] = None,
     tol: float = 0.0,
+    keep_best: bool = True,
 ) -> solvers.CGResult:
   """Returns the solutions of (C + δI) x = b for each row of b (T, p), by CG preconditioned with P.
 
@@ -87,7 +88,9 @@ def preconditioned_solve(
   to the eigenspace's damping, c to λ_k + δ. Starts from P b and runs at most
   `cg_iters` iterations per row (one product with C each), stopping a row
   when ‖b − (C + δI)x‖ ≤ tol·‖b‖ or on non-positive curvature. cg_iters = 0
-  returns P b, the spectral-tail approximation.
+  returns P b, the spectral-tail approximation. With `keep_best` (default) each
+  row's iterate of smallest residual is returned, so where C + δI is indefinite
+  the result never solves worse than the tail approximation it starts from.
   """
   b = jnp.asarray(b)
   if b.ndim != 2 or b.shape[1] != op.dim:
@@ -112,7 +115,8 @@ def preconditioned_solve(
   shifted = op.replace(matvec=_Shifted(op.matvec), operands=(op.operands, jnp.asarray(delta, dtype)))
   tail = curvature_lib.LinearOperator(_tail_inverse, (u, inv.astype(dtype), jnp.asarray(c, dtype)), op.dim, dtype,
                                       op.mesh)
-  return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail)
+  return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail,
+                                   keep_best=keep_best)
 
 
 def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: jax.Array) -> jax.Array:
@@ -143,6 +147,7 @@ def solve_queries(
     tail_constant: Optional[float] = None,
     damping: Optional[float] = None,
     tol: float = 0.0,
+    keep_best: bool = True,
     microbatch_size: Optional[int] = None,
 ) -> solvers.CGResult:
   """Returns the CGResult of `preconditioned_solve` for the test examples' gradients: x̂(x) ≈ (C + δI)⁻¹∇ℓ(x).
@@ -158,7 +163,7 @@ def solve_queries(
                                         microbatch_size=microbatch_size)
   grads = projection.gradients(per_example_loss_fn, params, test_batches).astype(eigenspace.eigenvectors.dtype)
   return preconditioned_solve(op, eigenspace, grads, cg_iters=cg_iters, damping=damping,
-                              tail_constant=tail_constant, tol=tol)
+                              tail_constant=tail_constant, tol=tol, keep_best=keep_best)
 
 
 def influence_preconditioned(
@@ -174,6 +179,7 @@ def influence_preconditioned(
     tail_constant: Optional[float] = None,
     damping: Optional[float] = None,
     tol: float = 0.0,
+    keep_best: bool = True,
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
     return_solve: bool = False,
@@ -185,7 +191,7 @@ def influence_preconditioned(
   """
   solve = solve_queries(eigenspace, per_example_loss_fn, params, test_batches, loss_fn=loss_fn,
                         curvature_batches=curvature_batches, cg_iters=cg_iters, tail_constant=tail_constant,
-                        damping=damping, tol=tol, microbatch_size=microbatch_size)
+                        damping=damping, tol=tol, keep_best=keep_best, microbatch_size=microbatch_size)
   train_batches = data_lib.materialize(train_batches, "train_batches")
   scores = projection.project_on(solve.x, per_example_loss_fn, params, train_batches,
                                  method=method, microbatch_size=microbatch_size).values.T

@@ -100,6 +100,7 @@ def conjugate_gradient(
     tol: float = 1e-6,
     max_iters: int | None = None,
     preconditioner: LinearOperator | None = None,
+    keep_best: bool = False,
 ) -> CGResult:
   """Solves A x = b for a symmetric positive (semi-)definite A given as a product; returns a CGResult.
 
@@ -115,7 +116,9 @@ def conjugate_gradient(
   consistent semi-definite system (b in the range of A) started from x0 in
   that range, CG returns the minimum-norm solution. With a `preconditioner`
   (a LinearOperator applying M⁻¹ ≈ A⁻¹, symmetric positive definite) it is
-  preconditioned CG; tol = 0 runs exactly `max_iters` iterations.
+  preconditioned CG; tol = 0 runs exactly `max_iters` iterations. With `keep_best` the iterate of
+  smallest residual norm seen (x0 included) is returned, not the last: a safeguard where A is
+  indefinite and the iterates leave the solution before pᵀAp ≤ 0 shows it.
   """
   b = jnp.asarray(b)
   if b.ndim not in (1, 2):
@@ -142,32 +145,33 @@ def conjugate_gradient(
   if isinstance(matvec, LinearOperator):
     if matvec.dim != dim:
       raise ValueError(f"The operator acts on vectors of size {matvec.dim}, but b has size {dim}.")
-    return _cg_loop(matvec.matvec, True, precond[0], matvec.operands, precond[1], b, x0, tol, max_iters)
+    return _cg_loop(matvec.matvec, True, precond[0], bool(keep_best), matvec.operands, precond[1], b, x0, tol,
+                    max_iters)
   if not callable(matvec):
     raise TypeError(f"matvec must be a LinearOperator or a callable; got {type(matvec).__name__}.")
-  return _cg_loop(matvec, False, precond[0], None, precond[1], b, x0, tol, max_iters)
+  return _cg_loop(matvec, False, precond[0], bool(keep_best), None, precond[1], b, x0, tol, max_iters)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _cg_loop(fn, takes_operands, precond_fn, operands, precond_operands, b, x0, tol, max_iters):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _cg_loop(fn, takes_operands, precond_fn, keep_best, operands, precond_operands, b, x0, tol, max_iters):
   apply = (lambda v: fn(operands, v)) if takes_operands else fn
   precond = (lambda r: precond_fn(precond_operands, r)) if precond_fn is not None else (lambda r: r)
-  solve = functools.partial(_cg_one, apply, precond, tol=tol, max_iters=max_iters)
+  solve = functools.partial(_cg_one, apply, precond, tol=tol, max_iters=max_iters, keep_best=keep_best)
   return solve(b, x0) if b.ndim == 1 else jax.vmap(solve)(b, x0)
 
 
-def _cg_one(apply, precond, b, x0, *, tol, max_iters) -> CGResult:
+def _cg_one(apply, precond, b, x0, *, tol, max_iters, keep_best) -> CGResult:
   """(Preconditioned) CG for one right-hand side (vmapped for a batch: each lane stops on its own test)."""
   threshold = tol * jnp.linalg.norm(b)
   r0 = b - apply(x0)
   z0 = precond(r0)
 
   def cond(state):
-    _, r, _, rz, k, ok = state
+    _, r, _, rz, k, ok, _, _ = state
     return (jnp.linalg.norm(r) > threshold) & (k < max_iters) & ok & (rz > 0)
 
   def body(state):
-    x, r, p, rz, k, _ = state
+    x, r, p, rz, k, _, best_x, best_res = state
     ap = apply(p)
     pap = jnp.vdot(p, ap)
     ok = pap > 0
@@ -177,9 +181,15 @@ def _cg_one(apply, precond, b, x0, *, tol, max_iters) -> CGResult:
     z = precond(r)
     rz_new = jnp.where(ok, jnp.vdot(r, z), rz)
     p = z + (rz_new / rz) * p
-    return x, r, p, rz_new, k + 1, ok
+    res = jnp.linalg.norm(r)
+    better = res < best_res
+    if keep_best:
+      best_x = jnp.where(better, x, best_x)
+    return x, r, p, rz_new, k + 1, ok, best_x, jnp.where(better, res, best_res)
 
-  init = (x0, r0, z0, jnp.vdot(r0, z0), jnp.asarray(0), jnp.asarray(True))
-  x, r, _, _, k, ok = jax.lax.while_loop(cond, body, init)
-  res = jnp.linalg.norm(r)
+  res0 = jnp.linalg.norm(r0)
+  best_x0 = x0 if keep_best else jnp.zeros((), x0.dtype)  # Not carried when not asked for: p numbers a lane.
+  init = (x0, r0, z0, jnp.vdot(r0, z0), jnp.asarray(0), jnp.asarray(True), best_x0, res0)
+  x, r, _, _, k, ok, best_x, best_res = jax.lax.while_loop(cond, body, init)
+  x, res = (best_x, best_res) if keep_best else (x, jnp.linalg.norm(r))
   return CGResult(x=x, num_iters=k, residual_norm=res, converged=res <= threshold, positive_curvature=ok)
