@@ -48,9 +48,10 @@ def get_config(arg=None):
     methods[f"arnoldi_tail_n{n}_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=n, tail=True)
   for i in (5, 10):
     methods[f"arnoldi_pcg_n150_k100_i{i}"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=i)
-  for m in (1024, 4096):  # The same solves scored against stored rows [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)].
+  for m in (1024, 4096, 16384):  # The same solves scored against stored rows [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)].
     methods[f"arnoldi_pcg_store{m}_n150_k100_i5"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=5,
                                                          sketch_dim=m)
+    methods[f"arnoldi_sketched{m}_n150_k100"] = dict(method="arnoldi_sketched", top_k=100, n_iters=150, sketch_dim=m)
   if not small:
     methods["lissa"] = dict(method="lissa", scale=20.0, depth=300, batch_size=64, repeats=1, tol=1e-2)
   methods["cg"] = dict(method="cg", tol=1e-10, max_iters=100)
