@@ -173,25 +173,20 @@ def influence_preconditioned(
     test_batches,
     train_batches,
     *,
-    loss_fn: Callable,
-    curvature_batches,
-    cg_iters: int = 10,
-    tail_constant: Optional[float] = None,
-    damping: Optional[float] = None,
-    tol: float = 0.0,
-    keep_best: bool = True,
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
     return_solve: bool = False,
+    **solve_options,
 ):
   """Returns the (T, N) scores ∇ℓ(x)ᵀ x̂(x) with x̂ ≈ (C + δI)⁻¹∇ℓ(x) from `solve_queries`.
 
-  Positive: z is a proponent of x. Each score is x̂(x)ᵀ∇ℓ(z): the training set is read once,
-  projected on the T solved vectors. With `return_solve`, returns (scores, solvers.CGResult).
+  `solve_options` are `solve_queries`' keywords (loss_fn and curvature_batches required; cg_iters,
+  tail_constant, damping, tol, keep_best). Positive: z is a proponent of x. Each score is
+  x̂(x)ᵀ∇ℓ(z): the training set is read once, projected on the T solved vectors. With
+  `return_solve`, returns (scores, solvers.CGResult).
   """
-  solve = solve_queries(eigenspace, per_example_loss_fn, params, test_batches, loss_fn=loss_fn,
-                        curvature_batches=curvature_batches, cg_iters=cg_iters, tail_constant=tail_constant,
-                        damping=damping, tol=tol, keep_best=keep_best, microbatch_size=microbatch_size)
+  solve = solve_queries(eigenspace, per_example_loss_fn, params, test_batches, microbatch_size=microbatch_size,
+                        **solve_options)
   train_batches = data_lib.materialize(train_batches, "train_batches")
   scores = projection.project_on(solve.x, per_example_loss_fn, params, train_batches,
                                  method=method, microbatch_size=microbatch_size).values.T
