@@ -46,12 +46,16 @@ def get_config(arg=None):
   for n, k in ((150, 100),) if small else ((150, 100), (300, 200)):
     methods[f"arnoldi_n{n}_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=n, tail=False)
     methods[f"arnoldi_tail_n{n}_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=n, tail=True)
-  for i in (5, 10):
+  for i in (2, 3, 5, 10):
     methods[f"arnoldi_pcg_n150_k100_i{i}"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=i)
   for m in (1024, 4096, 16384):  # The same solves scored against stored rows [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)].
     methods[f"arnoldi_pcg_store{m}_n150_k100_i5"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=5,
                                                          sketch_dim=m)
     methods[f"arnoldi_sketched{m}_n150_k100"] = dict(method="arnoldi_sketched", top_k=100, n_iters=150, sketch_dim=m)
+  methods["arnoldi_pcg_n300_k200_i3"] = dict(method="arnoldi_pcg", top_k=200, n_iters=300, cg_iters=3)
+  for n, k in ((150, 100), (300, 200)):  # 3 iterations from a store, k = 100 and 200.
+    methods[f"arnoldi_pcg_store16384_n{n}_k{k}_i3"] = dict(method="arnoldi_pcg", top_k=k, n_iters=n, cg_iters=3,
+                                                           sketch_dim=16384)
   if not small:
     methods["lissa"] = dict(method="lissa", scale=20.0, depth=300, batch_size=64, repeats=1, tol=1e-2)
   methods["cg"] = dict(method="cg", tol=1e-10, max_iters=100)

@@ -116,7 +116,7 @@ def run(job=None, *, before_task=None) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config, workdir, quiet, fault = setup()
-    from influence_jax.jobs import compilations, context, lock  # noqa: PLC0415 (imports jax after the flags are parsed)
+    from influence_jax.jobs import compilations, context, lock  # noqa: PLC0415 (jax after the flags)
 
     try:
       with lock.workdir_lock(workdir), compilations.counting() as count:
