@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHURN = """
 import sys
 import numpy as np
-from influence_jax.jobs import cli
+from influence_jax.jobs import common
 if sys.argv[1] == "set":
-  assert cli.release_freed_blocks()
+  assert common.release_freed_blocks()
 rss = lambda: int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS")][0]) / 1024
 base, rng, keep, live = rss(), np.random.default_rng(0), [], []
 for _ in range(600):

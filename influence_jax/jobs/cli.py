@@ -3,10 +3,8 @@ multi-process flags --coordinator_address, --num_processes, --process_id (jax.di
 
 from __future__ import annotations
 
-import ctypes
 import logging as py_logging
 import os
-import platform
 import sys
 
 from absl import app, flags, logging
@@ -58,26 +56,9 @@ def initialize_distributed() -> None:
   sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h).
-
-
-def release_freed_blocks(threshold_bytes: int = 1 << 20) -> bool:
-  """Makes glibc serve allocations of ≥ `threshold_bytes` with mmap, so freeing one returns it to the OS.
-
-  The streaming jobs allocate and free block-sized buffers (store chunks, score tiles) thousands of
-  times. By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB),
-  after which such buffers come from the heap and fragment it: peak memory then grows with the
-  number of blocks, i.e. with N. Returns whether the threshold was set (False off glibc: no-op).
-  """
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
-
-
 def setup() -> tuple:
   """Returns (config, workdir, quiet, fault) after joining a multi-process run (if asked), creating
-  the workdir, setting log verbosity and glibc's mmap threshold (`release_freed_blocks`)."""
-  release_freed_blocks()
+  the workdir and setting log verbosity."""
   initialize_distributed()
   workdir = os.path.abspath(WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)

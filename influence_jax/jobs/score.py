@@ -178,7 +178,11 @@ def combine(running: ranking.TopK, largest: ranking.RunningLargest) -> tuple:
 
 
 def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
-  """Scores the query set against the store; returns the paths written ({} on processes other than 0)."""
+  """Scores the query set against the store; returns the paths written ({} on processes other than 0).
+
+  Sets glibc's mmap threshold for the process (`common.release_freed_blocks`): flat memory in N.
+  """
+  common.release_freed_blocks()
   s = ctx.config.score
   store = store_lib.open_store(ctx.path("store"), ctx.store_fingerprint)
   if s.tail and not store.meta.sketch_dim:
