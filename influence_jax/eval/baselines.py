@@ -234,6 +234,12 @@ def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: f
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
+def _stored_rows(task: Task, es, sk: sketch.KroneckerSketch, batches) -> tuple[jax.Array, jax.Array]:
+  """Returns what a projection store holds for `batches`: (N, k) U∇ℓ(z) and (N, m) R(I − UᵀU)∇ℓ(z)."""
+  rows = [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b) for b in batches]
+  return jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows])
+
+
 def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
                      sketch_dim: int = 1024, seed: int = 0) -> MethodResult:
   """Arnoldi influence with the spectral tail from stored sketches (what the projection store holds):
@@ -244,12 +250,9 @@ def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, d
                       damping=damping, seed=seed)
   fit_s = clock.lap(es.eigenvectors)
   sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-  side = lambda batches: [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b)
-                          for b in batches]
-  train, test = side(task.train_batches), side(task.test_batches)
-  cat = lambda parts, name: jnp.concatenate([getattr(p, name) for p in parts])
-  queries = scoring.query_side(es, cat(test, "projections"), cat(test, "sketch"))
-  scores = queries @ scoring.row_side(cat(train, "projections"), cat(train, "sketch")).T
+  test_proj, test_sketch = _stored_rows(task, es, sk, task.test_batches)
+  scores = scoring.query_side(es, test_proj, test_sketch) @ scoring.row_side(
+      *_stored_rows(task, es, sk, task.train_batches)).T
   score_s = clock.lap(scores)
   return MethodResult(np.asarray(scores), fit_s, score_s, {"k": es.k, "n_iters": n_iters, "sketch_dim": sk.dim})
 
@@ -274,9 +277,7 @@ def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int]
                                       loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters))
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-    rows = [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b)
-            for b in task.train_batches]
-    stored = scoring.row_side(jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows]))
+    stored = scoring.row_side(*_stored_rows(task, es, sk, task.train_batches))
     scores = preconditioning.solved_query_side(es, sk, res.x) @ stored.T
   else:
     scores = _dots_with_train(task, res.x)

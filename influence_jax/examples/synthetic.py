@@ -22,11 +22,15 @@ NUM_FEATURES, NUM_CLASSES = 16, 10
 _RECORD = np.dtype([("x", "<f4", (NUM_FEATURES,)), ("y", "<i4")])
 
 
-def _examples(rng: np.random.Generator, centers: np.ndarray, n: int) -> np.ndarray:
-  """Returns n records: a class y uniformly, x = centers[y] + standard normal noise."""
+# The class centers, the same for every data set (seed 1234).
+_CENTERS = np.random.default_rng(1234).normal(size=(NUM_CLASSES, NUM_FEATURES)).astype(np.float32)
+
+
+def _examples(rng: np.random.Generator, n: int) -> np.ndarray:
+  """Returns n records: a class y uniformly, x = _CENTERS[y] + standard normal noise."""
   records = np.empty(n, _RECORD)
   records["y"] = rng.integers(0, NUM_CLASSES, n)
-  records["x"] = centers[records["y"]] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
+  records["x"] = _CENTERS[records["y"]] + rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
   return records
 
 
@@ -37,7 +41,6 @@ def write_array_records(directory: str, num_examples: int, *, prefix: str = "tra
 
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
-  centers = np.random.default_rng(1234).normal(size=(NUM_CLASSES, NUM_FEATURES)).astype(np.float32)
   bounds = np.linspace(0, num_examples, num_shards + 1).astype(np.int64)
   paths = []
   for shard in range(num_shards):
@@ -48,7 +51,7 @@ def write_array_records(directory: str, num_examples: int, *, prefix: str = "tra
     writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:256")
     for lo in range(int(bounds[shard]), int(bounds[shard + 1]), block):
       n = min(block, int(bounds[shard + 1]) - lo)
-      for r in _examples(rng, centers, n):
+      for r in _examples(rng, n):
         writer.write(r.tobytes())
     writer.close()
     os.replace(path + ".tmp", path)
@@ -61,11 +64,10 @@ def write_npy_records(directory: str, num_examples: int, *, prefix: str = "train
   """Writes the same examples as `write_array_records` as one .npy file of fixed-size records; returns its path."""
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
-  centers = np.random.default_rng(1234).normal(size=(NUM_CLASSES, NUM_FEATURES)).astype(np.float32)
   path = os.path.join(directory, f"{prefix}.npy")
   records = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=_RECORD, shape=(num_examples,))
   for lo in range(0, num_examples, block):
-    records[lo:lo + min(block, num_examples - lo)] = _examples(rng, centers, min(block, num_examples - lo))
+    records[lo:lo + min(block, num_examples - lo)] = _examples(rng, min(block, num_examples - lo))
   records.flush()
   del records
   os.replace(path + ".tmp.npy", path)
