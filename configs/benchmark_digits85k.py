@@ -52,6 +52,10 @@ def get_config(arg=None):
     methods[f"arnoldi_pcg_store{m}_n150_k100_i5"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=5,
                                                          sketch_dim=m)
     methods[f"arnoldi_sketched{m}_n150_k100"] = dict(method="arnoldi_sketched", top_k=100, n_iters=150, sketch_dim=m)
+  for r in (128, 256):  # The store with a residual basis of r exact rows (fitted on 1,024 training examples).
+    methods[f"arnoldi_pcg_store16384_r{r}_n150_k100_i3"] = dict(
+        method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=3, sketch_dim=16384, residual_rank=r,
+        residual_examples=1024)
   methods["arnoldi_pcg_n300_k200_i3"] = dict(method="arnoldi_pcg", top_k=200, n_iters=300, cg_iters=3)
   for n, k in ((150, 100), (300, 200)):  # 3 iterations from a store, k = 100 and 200.
     methods[f"arnoldi_pcg_store16384_n{n}_k{k}_i3"] = dict(method="arnoldi_pcg", top_k=k, n_iters=n, cg_iters=3,

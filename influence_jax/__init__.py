@@ -25,6 +25,7 @@ from influence_jax.scoring import (
     row_side,
     self_influence,
 )
+from influence_jax.residual_basis import fit_residual_basis
 from influence_jax.sketch import KroneckerSketch, make_sketch, project_and_sketch
 from influence_jax.store import ProjectionStore, StoreError, open_store
 from influence_jax.sharding import make_mesh

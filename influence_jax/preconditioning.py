@@ -119,20 +119,26 @@ def preconditioned_solve(
                                    keep_best=keep_best)
 
 
-def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: jax.Array) -> jax.Array:
-  """Returns (T, k + m) query vectors [U x̂, R(I − UᵀU) x̂] of solved vectors x̂ (T, p).
+def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: jax.Array,
+                      basis: Optional[jax.Array] = None) -> jax.Array:
+  """Returns (T, k [+ r] + m) query vectors [W x̂, R(I − WᵀW) x̂] of solved vectors x̂ (T, p), W = [U; V].
 
-  Against a projection store's rows `scoring.row_side` [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)] (made with the
-  same `sketch`), q · row = x̂ᵀUᵀU∇ℓ(z) + x̂ᵀ(I − UᵀU)RᵀR(I − UᵀU)∇ℓ(z) ≈ x̂ᵀ∇ℓ(z), the score of
+  V: an optional residual basis (r, p) (`residual_basis.fit_residual_basis`), stored exactly beside U.
+  Against a projection store's rows `scoring.row_side` [W∇ℓ(z), R(I − WᵀW)∇ℓ(z)] (made with the
+  same W and `sketch`), q · row = x̂ᵀWᵀW∇ℓ(z) + x̂ᵀ(I − WᵀW)RᵀR(I − WᵀW)∇ℓ(z) ≈ x̂ᵀ∇ℓ(z), the score of
   `influence_preconditioned` (positive: z is a proponent of x), exact when the sketch is (m ≥ p₁p₂):
   preconditioned scores for a new query set without touching the training set.
   """
   p = sketch.num_params
   if solved.ndim != 2 or solved.shape[1] != p:
     raise ValueError(f"solved must be (num_queries, {p}) for this sketch; got shape {solved.shape}.")
-  u = eigenspace.eigenvectors[:, :p]
-  coeffs = solved.astype(u.dtype) @ u.T
-  return jnp.concatenate([coeffs, apply_sketch(sketch, solved - coeffs @ u).astype(u.dtype)], axis=1)
+  w = eigenspace.eigenvectors[:, :p]
+  if basis is not None:
+    if basis.ndim != 2 or basis.shape[1] != p:
+      raise ValueError(f"basis must be (rank, {p}); got shape {basis.shape}.")
+    w = jnp.concatenate([w, basis.astype(w.dtype)])
+  coeffs = solved.astype(w.dtype) @ w.T
+  return jnp.concatenate([coeffs, apply_sketch(sketch, solved - coeffs @ w).astype(w.dtype)], axis=1)
 
 
 def solve_queries(

@@ -153,6 +153,9 @@ def influence(
     tail: bool = False,
     tail_constant: Optional[float] = None,
     damping: Optional[float] = None,
+    loss_fn: Optional[Callable] = None,
+    curvature_batches=None,
+    cg_iters: int = 3,
     method: str = "vjp",
     microbatch_size: Optional[int] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
@@ -160,18 +163,38 @@ def influence(
   """Returns the (T, N) influence scores of every train example on every test example.
 
   score(z, x) ≈ ∇ℓ(x)ᵀ (H + δI)⁻¹ ∇ℓ(z); positive: z is a proponent of x.
-  `tail=True` adds the spectral-tail remainder (DESIGN §2): the training
-  examples are projected on [eigenvectors; test gradients] in one pass, so no
-  p-sized per-example gradient of the training set is ever held (the T test
-  gradients are: T × p numbers).
+
+  - `tail=False`: the top-k eigenspace only, G(x)ᵀ(Λ+δ)⁻¹G(z).
+  - `tail=True` with `loss_fn` and `curvature_batches` (the fit's): each query is solved by
+    `cg_iters` conjugate-gradient iterations preconditioned with the spectral tail
+    (`preconditioning.influence_preconditioned`), the default since it is as faithful as
+    100-iteration CG at a tenth of its cost (docs/eval_results.md). Cost per query: 1 + cg_iters
+    curvature products over the curvature batches; per training example: one gradient dotted with
+    the T solved vectors. `cg_iters=0` is the plain tail below.
+  - `tail=True` otherwise: the spectral tail (DESIGN §2), G(x)ᵀ(Λ+δ)⁻¹G(z) + (∇ℓ(x)ᵀ∇ℓ(z) −
+    G(x)ᵀG(z))/c: the training examples are projected on [eigenvectors; test gradients] in one
+    pass (no p-sized per-example gradient of the training set is held; the T test gradients are).
+
   The eigenspace is used on its own mesh, or laid out on `mesh` when one is
   given; test and train batches are split over its 'data' axis (see
   `projection.project_on`; global train batches keep their padding rows,
   to be masked by the caller) and the scores' train axis follows the train
-  projections' layout.
+  projections' layout. The preconditioned solve runs on one device (no `mesh`).
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")
+  if (loss_fn is None) != (curvature_batches is None):
+    raise ValueError("Pass both loss_fn and curvature_batches (the preconditioned tail solves with the curvature "
+                     "of the fit) or neither (the plain tail).")
+  if tail and loss_fn is not None and cg_iters:
+    if (mesh is not None and mesh.devices.size > 1) or eigenspace.mesh.devices.size > 1:
+      raise ValueError("The preconditioned tail (loss_fn given, cg_iters > 0) runs on one device: pass no mesh and "
+                       "an eigenspace on one device, or cg_iters=0 for the plain tail on a mesh.")
+    from influence_jax import preconditioning  # noqa: PLC0415 (it builds on this module)
+    return preconditioning.influence_preconditioned(
+        eigenspace, per_example_loss_fn, params, test_batches, train_batches, method=method,
+        microbatch_size=microbatch_size, loss_fn=loss_fn, curvature_batches=curvature_batches, cg_iters=cg_iters,
+        tail_constant=tail_constant, damping=damping)
   eigenspace = on_mesh(eigenspace, mesh)
   mesh = eigenspace.mesh
   test_batches = data_lib.materialize(test_batches, "test_batches")

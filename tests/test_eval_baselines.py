@@ -107,3 +107,9 @@ def test_arnoldi_pcg_is_the_tail_without_iterations_and_exact_with_enough():
   stored = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01, sketch_dim=10_000)
   np.testing.assert_allclose(stored.scores, want, rtol=1e-7, atol=1e-10)  # An exact sketch: the store's rows.
   assert stored.info["sketch_dim"] >= ravel_pytree(task.params)[0].size
+  # A residual basis spanning every remainder outside the k = 2 eigenvectors (6 − 2 = 4 rows): exact
+  # scores from the store whatever the sketch.
+  based = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01, sketch_dim=1, residual_rank=4,
+                                residual_examples=60)
+  np.testing.assert_allclose(based.scores, want, rtol=1e-7, atol=1e-10)
+  assert based.info["residual_rank"] == 4

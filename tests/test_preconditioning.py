@@ -112,3 +112,21 @@ def test_solved_queries_scored_against_stored_rows_equal_direct_scores(mlp):
   approx = preconditioning.solved_query_side(es, small, solve.x) @ ij.scoring.row_side(
       jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows])).T
   assert np.corrcoef(np.ravel(approx), np.ravel(direct))[0, 1] > 0.9
+
+
+def test_influence_with_the_curvature_solves_by_default_and_keeps_the_plain_tail_by_argument(mlp):
+  params, loss, per_example, batches, test, hess, damping = mlp
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=8, damping=damping)
+  kw = dict(loss_fn=loss, curvature_batches=batches)
+  solved = ij.influence(es, per_example, params, test, batches, tail=True, **kw)
+  np.testing.assert_allclose(
+      solved, preconditioning.influence_preconditioned(es, per_example, params, test, batches, cg_iters=3, **kw),
+      rtol=1e-10, atol=1e-12)
+  plain = ij.influence(es, per_example, params, test, batches, tail=True)
+  np.testing.assert_allclose(ij.influence(es, per_example, params, test, batches, tail=True, cg_iters=0, **kw), plain,
+                             rtol=1e-10, atol=1e-12)
+  exact = solvers.exact_influence(loss, per_example, params, test, batches, damping=damping)
+  err = lambda s: np.linalg.norm(np.asarray(s) - exact)
+  assert err(solved) < 0.5 * err(plain)  # Three iterations beyond the tail, closer to (H + δI)⁻¹.
+  with pytest.raises(ValueError, match="both loss_fn and curvature_batches"):
+    ij.influence(es, per_example, params, test, batches, tail=True, loss_fn=loss)

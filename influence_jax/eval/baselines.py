@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import curvature, data as data_lib, preconditioning, projection, scoring, sketch, solvers
+from influence_jax import (curvature, data as data_lib, preconditioning, projection, residual_basis, scoring, sketch,
+                           solvers)
 from influence_jax.eigenspace import fit_eigenspace
 from influence_jax.scoring import influence
 
@@ -234,9 +235,10 @@ def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: f
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
-def _stored_rows(task: Task, es, sk: sketch.KroneckerSketch, batches) -> tuple[jax.Array, jax.Array]:
-  """Returns what a projection store holds for `batches`: (N, k) U∇ℓ(z) and (N, m) R(I − UᵀU)∇ℓ(z)."""
-  rows = [sketch.project_and_sketch(es.eigenvectors, sk, task.per_example_loss_fn, task.params, b) for b in batches]
+def _stored_rows(task: Task, directions, sk: sketch.KroneckerSketch, batches) -> tuple[jax.Array, jax.Array]:
+  """Returns what a projection store holds for `batches`: (N, k) W∇ℓ(z) and (N, m) R(I − WᵀW)∇ℓ(z)
+  for orthonormal directions W (the eigenvectors, and a residual basis if any)."""
+  rows = [sketch.project_and_sketch(directions, sk, task.per_example_loss_fn, task.params, b) for b in batches]
   return jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows])
 
 
@@ -250,35 +252,58 @@ def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, d
                       damping=damping, seed=seed)
   fit_s = clock.lap(es.eigenvectors)
   sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-  test_proj, test_sketch = _stored_rows(task, es, sk, task.test_batches)
+  test_proj, test_sketch = _stored_rows(task, es.eigenvectors, sk, task.test_batches)
   scores = scoring.query_side(es, test_proj, test_sketch) @ scoring.row_side(
-      *_stored_rows(task, es, sk, task.train_batches)).T
+      *_stored_rows(task, es.eigenvectors, sk, task.train_batches)).T
   score_s = clock.lap(scores)
   return MethodResult(np.asarray(scores), fit_s, score_s, {"k": es.k, "n_iters": n_iters, "sketch_dim": sk.dim})
 
 
+def _first_examples(batches, n: int) -> list:
+  """Returns the first n examples of `batches` as a list of batches."""
+  out, left = [], n
+  for b in batches:
+    if left <= 0:
+      break
+    take = min(left, data_lib.batch_size(b))
+    out.append(jax.tree.map(lambda x: x[:take], b))
+    left -= take
+  return out
+
+
 def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
-                seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0) -> MethodResult:
+                seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
+                residual_examples: int = 1024) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
 
   Fit: `fit_eigenspace` (n_iters defaults to 1.5 · top_k); score: the test
   gradients, `cg_iters` preconditioned CG iterations from the tail solution,
   then either one pass over the training set dotted with the T solved vectors
   (sketch_dim = 0) or, as from a projection store, the training rows
-  [U∇ℓ(z), R(I − UᵀU)∇ℓ(z)] with a sketch of `sketch_dim` rows against
+  [W∇ℓ(z), R(I − WᵀW)∇ℓ(z)] with a sketch of `sketch_dim` rows against
   `preconditioning.solved_query_side` (the rows are counted in the score time).
+  W = U, or [U; V] with a residual basis V of `residual_rank` rows fitted on
+  the first `residual_examples` training examples (counted in the fit time).
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
   es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed, curvature=curvature_kind)
-  fit_s = clock.lap(es.eigenvectors)
+  basis = None
+  if residual_rank:
+    basis = residual_basis.fit_residual_basis(es.eigenvectors, task.per_example_loss_fn, task.params,
+                                              _first_examples(task.train_batches, residual_examples),
+                                              int(residual_rank), seed=seed)
+  fit_s = clock.lap(es.eigenvectors if basis is None else basis)
   res = preconditioning.solve_queries(es, task.per_example_loss_fn, task.params, task.test_batches,
                                       loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters))
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-    stored = scoring.row_side(*_stored_rows(task, es, sk, task.train_batches))
-    scores = preconditioning.solved_query_side(es, sk, res.x) @ stored.T
+    directions = es.eigenvectors[:, :es.num_params]
+    if basis is not None:
+      directions = jnp.concatenate([directions, basis])
+    stored = scoring.row_side(*_stored_rows(task, directions, sk, task.train_batches))
+    scores = preconditioning.solved_query_side(es, sk, res.x, basis) @ stored.T
   else:
     scores = _dots_with_train(task, res.x)
   score_s = clock.lap(scores)
@@ -288,6 +313,8 @@ def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int]
           "positive_curvature": f"{int(jnp.sum(res.positive_curvature))}/{g_norm.shape[0]}"}
   if sketch_dim:
     info["sketch_dim"] = sk.dim
+  if residual_rank:
+    info["residual_rank"] = int(residual_rank)
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 

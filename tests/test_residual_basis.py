@@ -1,0 +1,66 @@
+"""The residual basis (top principal directions of gradient remainders) against a dense SVD (float64)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import influence_jax as ij
+from influence_jax import preconditioning, residual_basis, solvers
+from tests import toy_problems
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  params, loss, per_example, batches = toy_problems.small_mlp_problem()
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=8, damping=0.5)
+  u = np.asarray(es.eigenvectors)
+  g = np.asarray(solvers.per_example_gradients(per_example, params, batches))
+  return params, loss, per_example, batches, es, u, g - (g @ u.T) @ u
+
+
+def test_basis_spans_the_top_singular_vectors_of_the_remainders(mlp):
+  params, _, per_example, batches, _, u, remainders = mlp
+  sample = [batches[0]]  # 25 examples: rank + oversample = 25 sees their whole span, so the result is exact.
+  v = np.asarray(residual_basis.fit_residual_basis(u, per_example, params, sample, 6, oversample=19))
+  np.testing.assert_allclose(v @ v.T, np.eye(6), atol=1e-10)
+  np.testing.assert_allclose(v @ u.T, 0.0, atol=1e-10)
+  _, s, vt = np.linalg.svd(remainders[:25], full_matrices=False)
+  assert s[5] > 1.01 * s[6]  # A gap: the top-6 subspace is well defined.
+  np.testing.assert_allclose(v.T @ v, vt[:6].T @ vt[:6], atol=1e-8)
+  # Rows in order of singular value, each the singular vector up to sign.
+  np.testing.assert_allclose(np.abs(np.sum(v * vt[:6], axis=1)), 1.0, atol=1e-8)
+
+
+def test_power_iterations_approach_the_optimum_with_little_oversampling(mlp):
+  params, _, per_example, batches, _, u, remainders = mlp
+  best = np.linalg.svd(remainders, compute_uv=False)
+  energy = lambda v: np.sum((remainders @ np.asarray(v).T) ** 2) / np.sum(best[:4] ** 2)
+  crude = residual_basis.fit_residual_basis(u, per_example, params, batches, 4, oversample=2, power_iters=0)
+  refined = residual_basis.fit_residual_basis(u, per_example, params, batches, 4, oversample=2, power_iters=3)
+  assert energy(crude) <= energy(refined) + 1e-12
+  assert energy(refined) > 0.99
+
+
+def test_store_rows_with_the_whole_remainder_span_score_exactly_with_any_sketch(mlp):
+  # V spans every training remainder: the sketched part of each stored row is zero, so even a
+  # 4-row sketch gives the preconditioned scores exactly.
+  params, loss, per_example, batches, es, u, _ = mlp
+  test = [{"x": batches[0]["x"][:6] * 1.5, "y": batches[0]["y"][:6][::-1].copy()}]
+  direct, solve = preconditioning.influence_preconditioned(
+      es, per_example, params, test, batches, loss_fn=loss, curvature_batches=batches, cg_iters=3, return_solve=True)
+  v = residual_basis.fit_residual_basis(u, per_example, params, batches, 40, oversample=0)
+  tiny = ij.sketch.make_sketch(u.shape[1], 4, seed=0, dtype=jnp.float64)
+  rows = [ij.sketch.project_and_sketch(jnp.concatenate([es.eigenvectors, v]), tiny, per_example, params, b)
+          for b in batches]
+  np.testing.assert_allclose(jnp.concatenate([r.sketch for r in rows]), 0.0, atol=1e-9)
+  stored = ij.scoring.row_side(jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows]))
+  got = preconditioning.solved_query_side(es, tiny, solve.x, v) @ stored.T
+  np.testing.assert_allclose(got, direct, rtol=1e-8, atol=1e-10)
+
+
+def test_refuses_more_rows_than_the_sample_spans(mlp):
+  params, _, per_example, batches, _, u, _ = mlp
+  with pytest.raises(ValueError, match="15 sample examples"):
+    residual_basis.fit_residual_basis(u, per_example, params, [batches[1]], 16)
+  with pytest.raises(ValueError, match="positive integer"):
+    residual_basis.fit_residual_basis(u, per_example, params, batches, 0)
