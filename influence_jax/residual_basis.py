@@ -16,7 +16,7 @@ V is found by a randomized SVD of the (n × p) sample matrix G⊥ without ever
 forming it (Halko, Martinsson & Tropp 2011, Algorithm 4.4): products G⊥ᵀW
 are per-example-weighted gradients (one VJP per column of W), products G⊥Qᵀ
 are per-example projections (`projection.project_on`); rows are made
-orthonormal by Cholesky QR, twice (matmuls only).
+orthonormal by an SVD after projecting out U twice.
 """
 
 from __future__ import annotations
@@ -35,20 +35,22 @@ from influence_jax import validation
 
 
 def orthonormal_rows(y: jax.Array, against: jax.Array) -> jax.Array:
-  """Returns rows spanning those of `y` (l, p) minus their part in the span of `against`'s orthonormal rows.
+  """Returns (l, p) rows spanning those of `y` (l, p) minus their part in the span of `against`'s orthonormal
+  rows: orthonormal up to the remainder's numerical rank (singular values > 1000·eps·the largest), zero
+  beyond it (a fixed shape whatever the data: no recompilation downstream).
 
-  Two rounds of projection and Cholesky QR (CholeskyQR2); raises ValueError when the remaining rows
-  are not linearly independent (fewer sample examples than rows asked for).
+  The projection is applied twice (re-orthogonalisation); the rows come from an SVD of the remainder.
   """
   for _ in range(2):
     y = y - (y @ against.T) @ against
-    gram = y @ y.T
-    chol = jnp.linalg.cholesky(gram + 1e-12 * jnp.trace(gram) / gram.shape[0] * jnp.eye(gram.shape[0], dtype=y.dtype))
-    if not bool(jnp.all(jnp.isfinite(chol))):
-      raise ValueError(f"The {y.shape[0]} sampled remainder directions are not linearly independent: use fewer "
-                       "basis rows (rank + oversample) or more sample examples.")
-    y = jax.scipy.linalg.solve_triangular(chol, y, lower=True)
-  return y
+  _, s, vt = jnp.linalg.svd(y, full_matrices=False)
+  return vt * (jnp.arange(vt.shape[0]) < _numerical_rank(s))[:, None].astype(vt.dtype)
+
+
+def _numerical_rank(singular_values: jax.Array) -> int:
+  """Returns how many of the (descending) singular values exceed 1000·eps·the largest (0 if all are zero)."""
+  s = singular_values
+  return int(jnp.sum(s > 1000 * jnp.finfo(s.dtype).eps * s[0])) if s.size and float(s[0]) > 0 else 0
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -59,14 +61,25 @@ def _weighted_gradients(per_example_loss_fn: Callable, params, batch, weights: j
   return jax.vmap(lambda w: vjp_fn(w.astype(flat.dtype))[0])(weights.T)
 
 
-def _transpose_products(per_example_loss_fn, params, batches, weights, directions) -> jax.Array:
-  """Returns (l, p) G⊥ᵀW = (I − DᵀD) Σ_i W[i] ∇ℓ(z_i) over the examples of `batches`, W (n, l)."""
-  total, start = 0.0, 0
-  for batch in batches:
-    n = data_lib.batch_size(batch)
-    total = total + _weighted_gradients(per_example_loss_fn, params, batch, weights[start:start + n])
-    start += n
-  return total.astype(directions.dtype)
+def _transpose_products(per_example_loss_fn, params, batches, weights, dtype, columns: int = 32) -> jax.Array:
+  """Returns (l, p) GᵀW = Σ_i W[i] ∇ℓ(z_i) over the examples of `batches`, W (n, l) (`orthonormal_rows`
+  then takes the part outside D: G⊥ᵀW).
+
+  The l weighted gradients are taken `columns` at a time (one compiled program; memory: `columns`
+  backward passes of a batch).
+  """
+  l = weights.shape[1]
+  padded = jnp.pad(weights, ((0, 0), (0, -l % columns)))
+  blocks = []
+  for c in range(0, padded.shape[1], columns):
+    total, start = 0.0, 0
+    for batch in batches:
+      n = data_lib.batch_size(batch)
+      total = total + _weighted_gradients(per_example_loss_fn, params, batch,
+                                          padded[start:start + n, c:c + columns]).astype(dtype)
+      start += n
+    blocks.append(total)
+  return jnp.concatenate(blocks)[:l]
 
 
 def fit_residual_basis(
@@ -80,8 +93,10 @@ def fit_residual_basis(
     power_iters: int = 1,
     seed: int = 0,
 ) -> jax.Array:
-  """Returns V (rank, p): orthonormal rows, orthogonal to `directions`, spanning the top-`rank` right singular
-  vectors of the sample's remainders (I − DᵀD)∇ℓ(z), largest first.
+  """Returns V (r, p), r ≤ rank: orthonormal rows, orthogonal to `directions`, the top right singular vectors
+  of the sample's remainders (I − DᵀD)∇ℓ(z), largest first, each with its largest entry positive; r < rank when the remainders numerically span
+  fewer than `rank` dimensions (e.g. softmax gradients, whose logit parts sum to zero). V is on one
+  device, in ravel_pytree order (`sharding.to_flat_layout` puts it on a mesh beside an eigenspace).
 
   `directions` D: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p);
   `batches`: the sample (held in memory); cost, with l = rank + oversample (at most the sample size
@@ -90,24 +105,29 @@ def fit_residual_basis(
   """
   flat, _ = ravel_pytree(params)
   p = flat.size
+  if np.ndim(directions) != 2 or np.shape(directions)[1] < p:
+    raise ValueError(f"directions have shape {np.shape(directions)}; expected (k, p) or (k, P ≥ p) for params of "
+                     f"{p} numbers.")
   d = jnp.asarray(directions)[:, :p]
   batches = data_lib.materialize(batches, "batches")
   n = sum(data_lib.batch_size(b) for b in batches)
-  if not isinstance(rank, int) or rank < 1:
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
     raise ValueError(f"rank must be a positive integer, got {rank!r}.")
   if oversample < 0 or power_iters < 0:
     raise ValueError(f"oversample and power_iters must be non-negative, got {oversample} and {power_iters}.")
-  most = min(n, p - d.shape[0])
+  rank, most = int(rank), min(n, p - d.shape[0])
   if rank > most:
     raise ValueError(f"rank {rank} is more than the sample's remainders can span: {n} sample examples, "
                      f"p − k = {p - d.shape[0]} parameters outside the eigenspace.")
   width = min(rank + oversample, most)
   validation.check_finite(params, "params")
   weights = jnp.asarray(np.random.default_rng(seed).standard_normal((n, width)), d.dtype)
-  q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, weights, d), d)
+  q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, weights, d.dtype), d)
   for _ in range(power_iters):
     b = projection.project_on(q, per_example_loss_fn, params, batches).values  # G⊥Qᵀ = GQᵀ (Q ⊥ D).
-    q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, b, d), d)
+    b = jnp.linalg.qr(b.astype(d.dtype))[0]  # Orthonormal columns: G⊥ᵀb keeps κ, not κ², in float32.
+    q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, b, d.dtype), d)
   b = projection.project_on(q, per_example_loss_fn, params, batches).values
-  _, _, vt = jnp.linalg.svd(b.astype(q.dtype), full_matrices=False)
-  return vt[:rank] @ q
+  _, s, vt = jnp.linalg.svd(b.astype(q.dtype), full_matrices=False)
+  v = vt[:min(int(rank), _numerical_rank(s))] @ q
+  return v * jnp.sign(v[jnp.arange(v.shape[0]), jnp.argmax(jnp.abs(v), axis=1)])[:, None]  # Largest entry > 0.

@@ -121,26 +121,29 @@ def query_side(
     query_proj: jax.Array,
     query_sketch: Optional[jax.Array] = None,
     *,
+    query_residual: Optional[jax.Array] = None,
     damping: Optional[float] = None,
     tail_constant: Optional[float] = None,
 ) -> jax.Array:
-  """Returns (T, k [+ m]) query vectors q(x) with score(z, x) ≈ q(x) · row_side(z).
+  """Returns (T, k [+ r + m]) query vectors q(x) with score(z, x) ≈ q(x) · row_side(z).
 
-  q(x) = [G(x)(Λ+δ)⁻¹, S(x)/c]: with the sketches S = R(I − UᵀU)∇ℓ of `sketch.py` the second
-  part gives the spectral tail (∇ℓ(x)ᵀ(I − UᵀU)∇ℓ(z))/c; without them, top-k scores only.
-  Positive scores: z is a proponent of x.
+  q(x) = [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c]: with the residual coordinates V∇ℓ (`residual_basis`) and
+  the sketches S = R(I − WᵀW)∇ℓ, W = [U; V], of `sketch.py` (made on W) the rest gives the spectral
+  tail (∇ℓ(x)ᵀ(I − UᵀU)∇ℓ(z))/c; without them, top-k scores only. Positive scores: z is a proponent of x.
   """
   _check_proj(eigenspace, query_proj, "query_proj")
   top = query_proj * inverse_eigenvalues(eigenspace, damping)
-  if query_sketch is None:
+  if query_sketch is None and query_residual is None:
     return top
   c = tail_constant_or_default(eigenspace, damping, tail_constant)
-  return jnp.concatenate([top, query_sketch / c], axis=1)
+  rest = [x / c for x in (query_residual, query_sketch) if x is not None]
+  return jnp.concatenate([top, *rest], axis=1)
 
 
-def row_side(projections: jax.Array, sketch: Optional[jax.Array] = None) -> jax.Array:
-  """Returns (N, k [+ m]) training-side vectors [G(z), S(z)] matching `query_side`."""
-  return projections if sketch is None else jnp.concatenate([projections, sketch], axis=1)
+def row_side(projections: jax.Array, sketch: Optional[jax.Array] = None,
+             residual: Optional[jax.Array] = None) -> jax.Array:
+  """Returns (N, k [+ r + m]) training-side vectors [G(z), V∇ℓ(z), S(z)] matching `query_side`."""
+  return jnp.concatenate([x for x in (projections, residual, sketch) if x is not None], axis=1)
 
 
 def influence(

@@ -3,12 +3,14 @@
 A store is a directory of row-aligned on-disk arrays (tensorstore's zarr v3 driver, one file per
 chunk of rows, each with a crc32c checksum that tensorstore verifies on every read):
 
-  meta.json        what the rows are: num_rows, k, sketch_dim, chunk_rows, fingerprint, attrs
+  meta.json        what the rows are: num_rows, k, sketch_dim, chunk_rows, fingerprint, attrs, residual_rank
   projections/     (N, k)  G(z) = U ∇ℓ(z)
+  residual/        (N, r)  V ∇ℓ(z) on a residual basis V (`residual_basis`; only when residual_rank > 0)
   sq_norms/        (N,)    ‖∇ℓ(z)‖²
   self_influence/  (N,)    G(z)ᵀ(Λ+δ)⁻¹G(z) + (‖∇ℓ(z)‖² − ‖G(z)‖²)/c, with δ and c of meta.json's attrs
-  sketch/          (N, m)  R(I − UᵀU)∇ℓ(z), the sketched remainder (only when sketch_dim > 0)
+  sketch/          (N, m)  R(I − WᵀW)∇ℓ(z), W = [U; V], the sketched remainder (only when sketch_dim > 0)
   done/            one empty file per finished chunk of rows
+  residual_basis.npz  V (r, p) with its fingerprint and checksum (written by the project job)
 
 Rows are written chunk by chunk; a chunk counts only once its `done/` marker exists, so a writer
 killed at any moment loses at most the chunks it had not finished, and a reader never sees a
@@ -28,7 +30,8 @@ import numpy as np
 import tensorstore as ts
 
 FORMAT = 1
-ARRAYS = ("projections", "sq_norms", "self_influence", "sketch")
+ARRAYS = ("projections", "sq_norms", "self_influence", "residual", "sketch")
+BASIS_FILE = "residual_basis.npz"
 
 
 class StoreError(ValueError):
@@ -45,6 +48,7 @@ class StoreMeta:
   chunk_rows: int
   fingerprint: str
   attrs: dict = dataclasses.field(default_factory=dict)
+  residual_rank: int = 0  # Stores written before the residual basis have none.
 
   @property
   def num_chunks(self) -> int:
@@ -58,6 +62,8 @@ class StoreMeta:
   def shapes(self) -> dict:
     out = {"projections": (self.num_rows, self.k), "sq_norms": (self.num_rows,),
            "self_influence": (self.num_rows,)}
+    if self.residual_rank:
+      out["residual"] = (self.num_rows, self.residual_rank)
     if self.sketch_dim:
       out["sketch"] = (self.num_rows, self.sketch_dim)
     return out
@@ -239,5 +245,6 @@ def open_store(directory: str, fingerprint: Optional[str] = None, *,
 def describe(store: ProjectionStore) -> dict[str, Any]:
   """Returns a JSON-able summary of `store` (rows, k, sketch size, chunks done)."""
   m = store.meta
-  return {"directory": store.directory, "num_rows": m.num_rows, "k": m.k, "sketch_dim": m.sketch_dim,
+  return {"directory": store.directory, "num_rows": m.num_rows, "k": m.k, "residual_rank": m.residual_rank,
+          "sketch_dim": m.sketch_dim,
           "chunk_rows": m.chunk_rows, "chunks_done": len(store.done_chunks()), "num_chunks": m.num_chunks}

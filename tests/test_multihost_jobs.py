@@ -133,7 +133,11 @@ def test_two_processes_match_one_process(single, tmp_path):
   _compare_outputs(workdir, single)
   got, want = ij.open_store(os.path.join(workdir, "store")), ij.open_store(os.path.join(single, "store"))
   for name, rows in want.read(0, 160).items():
-    np.testing.assert_allclose(got.read(0, 160)[name], rows, rtol=REL, atol=REL * np.abs(rows).max())
+    # The residual basis's trailing directions move with rounding (a float32 randomized SVD of a
+    # slightly different eigenspace's remainders): its coordinates and the sketch of what is left
+    # agree to 6e-5 of the largest (measured), the scores above to REL.
+    rel = 1e-3 if name in ("residual", "sketch") else REL
+    np.testing.assert_allclose(got.read(0, 160)[name], rows, rtol=rel, atol=rel * np.abs(rows).max())
 
 
 def test_distributed_flags_come_together(tmp_path):

@@ -1,5 +1,6 @@
 """The residual basis (top principal directions of gradient remainders) against a dense SVD (float64)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,7 +39,27 @@ def test_power_iterations_approach_the_optimum_with_little_oversampling(mlp):
   crude = residual_basis.fit_residual_basis(u, per_example, params, batches, 4, oversample=2, power_iters=0)
   refined = residual_basis.fit_residual_basis(u, per_example, params, batches, 4, oversample=2, power_iters=3)
   assert energy(crude) <= energy(refined) + 1e-12
-  assert energy(refined) > 0.99
+  assert 0.99 < energy(refined) <= 1 + 1e-9
+  for v in (crude, refined):
+    np.testing.assert_allclose(np.asarray(v) @ np.asarray(v).T, np.eye(4), atol=1e-10)
+    np.testing.assert_allclose(np.asarray(v) @ u.T, 0.0, atol=1e-10)
+
+
+def test_float32_power_iterations_keep_the_rank_and_a_repeated_sample_gives_fewer_rows(mlp):
+  params, _, per_example, batches, _, u, remainders = mlp
+  f32 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float32) if np.asarray(x).dtype == np.float64 else x, t)
+  v = np.asarray(residual_basis.fit_residual_basis(f32(u), per_example, f32(params), f32(batches), 10, oversample=4,
+                                                   power_iters=2), np.float64)
+  assert v.shape == (10, u.shape[1])  # Squaring the spectrum in float32 loses no direction.
+  np.testing.assert_allclose(v @ v.T, np.eye(10), atol=2e-5)
+  best = np.linalg.svd(remainders, compute_uv=False)
+  assert np.sum((remainders @ v.T) ** 2) / np.sum(best[:10] ** 2) > 0.98
+  # Three distinct examples, repeated: their remainders span 3 dimensions, so 3 rows, not 5.
+  three = {k: np.concatenate([x[:3]] * 10) for k, x in batches[0].items()}
+  v = np.asarray(residual_basis.fit_residual_basis(u, per_example, params, [three], 5, oversample=0))
+  assert v.shape == (3, u.shape[1])
+  np.testing.assert_allclose(v @ v.T, np.eye(3), atol=1e-10)
+  np.testing.assert_allclose(remainders[:3] - (remainders[:3] @ v.T) @ v, 0.0, atol=1e-10)
 
 
 def test_store_rows_with_the_whole_remainder_span_score_exactly_with_any_sketch(mlp):
@@ -64,3 +85,19 @@ def test_refuses_more_rows_than_the_sample_spans(mlp):
     residual_basis.fit_residual_basis(u, per_example, params, [batches[1]], 16)
   with pytest.raises(ValueError, match="positive integer"):
     residual_basis.fit_residual_basis(u, per_example, params, batches, 0)
+
+
+def test_plain_tail_from_rows_with_a_residual_basis_equals_in_memory_tail(mlp):
+  # q = [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c] against [G(z), V∇ℓ(z), S(z)], exact sketch: the tail of `influence`.
+  params, loss, per_example, batches, es, u, _ = mlp
+  test = [{"x": batches[0]["x"][:6] * 1.5, "y": batches[0]["y"][:6][::-1].copy()}]
+  v = residual_basis.fit_residual_basis(u, per_example, params, batches, 12)
+  exact_sketch = ij.sketch.make_sketch(u.shape[1], u.shape[1] + 100, seed=0, dtype=jnp.float64)
+  w = jnp.concatenate([es.eigenvectors, v])
+  stored = lambda bs: [ij.sketch.project_and_sketch(w, exact_sketch, per_example, params, b) for b in bs]
+  train, queries = stored(batches), stored(test)[0]
+  rows = ij.row_side(jnp.concatenate([r.projections[:, :8] for r in train]), jnp.concatenate([r.sketch for r in train]),
+                     jnp.concatenate([r.projections[:, 8:] for r in train]))
+  q = ij.query_side(es, queries.projections[:, :8], queries.sketch, query_residual=queries.projections[:, 8:])
+  np.testing.assert_allclose(q @ rows.T, ij.influence(es, per_example, params, test, batches, tail=True),
+                             rtol=1e-8, atol=1e-10)

@@ -16,6 +16,7 @@ def get_config():
   c.arnoldi.n_iters = 40
   c.arnoldi.top_k = 20
   c.arnoldi.checkpoint_every = 10
+  c.arnoldi.num_examples = 100  # The curvature sample: a third of the 300 training examples.
   c.project.batch_size = 32
   c.project.chunk_rows = 64  # 300 rows: 5 chunks.
   c.project.sketch_dim = 100  # ≥ p₁p₂ = 8 × 7 for p = 53: the sketched tail is exact.

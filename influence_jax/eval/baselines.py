@@ -259,18 +259,6 @@ def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, d
   return MethodResult(np.asarray(scores), fit_s, score_s, {"k": es.k, "n_iters": n_iters, "sketch_dim": sk.dim})
 
 
-def _first_examples(batches, n: int) -> list:
-  """Returns the first n examples of `batches` as a list of batches."""
-  out, left = [], n
-  for b in batches:
-    if left <= 0:
-      break
-    take = min(left, data_lib.batch_size(b))
-    out.append(jax.tree.map(lambda x: x[:take], b))
-    left -= take
-  return out
-
-
 def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
                 seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
                 residual_examples: int = 1024) -> MethodResult:
@@ -292,7 +280,7 @@ def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int]
   basis = None
   if residual_rank:
     basis = residual_basis.fit_residual_basis(es.eigenvectors, task.per_example_loss_fn, task.params,
-                                              _first_examples(task.train_batches, residual_examples),
+                                              [data_lib.take(data_lib.concatenate(list(task.train_batches)), 0, residual_examples)],
                                               int(residual_rank), seed=seed)
   fit_s = clock.lap(es.eigenvectors if basis is None else basis)
   res = preconditioning.solve_queries(es, task.per_example_loss_fn, task.params, task.test_batches,

@@ -39,12 +39,19 @@ def default_config() -> ml_collections.ConfigDict:
       batch_size=1024,  # Training examples projected per step (global, over all processes).
       microbatch_size=0,  # 0: chosen from the model size.
       chunk_rows=8192,  # Rows per store chunk (the unit of writing, resuming and verifying).
-      sketch_dim=1024,  # m of the sketched remainder R(I − UᵀU)∇ℓ(z) (0: no sketch; the tail then needs it).
+      sketch_dim=1024,  # m of the sketched remainder R(I − WᵀW)∇ℓ(z) (0: no sketch; the tail then needs it).
+      # r exact coordinates V∇ℓ(z) on the top principal directions of the gradients outside the
+      # eigenspace (influence_jax.residual_basis; at most p − k and residual_examples), W = [U; V].
+      residual_rank=128,
+      residual_examples=1024,  # Examples of the curvature sample the residual basis is fitted on.
       num_threads=8,  # grain reader threads.
   )
   c.score = dict(
       top_k=10,  # Proponents and opponents kept per query.
       tail=True,  # Add the spectral tail through the store's sketch.
+      # With tail: each query solved by this many CG iterations preconditioned with the tail, over the
+      # curvature sample (per query 1 + cg_iters curvature passes); 0: the plain tail.
+      cg_iters=3,
       queries="",  # "module:fn" returning another query source (fn(config)); "": Task.queries.
       name="",  # Query set name: tables in scores/<name>/ ("": scores/).
       batch_size=256,  # Queries projected per step.
@@ -74,8 +81,11 @@ _RULES = (
     ("project.microbatch_size", lambda v: v >= 0, "≥ 0 (0: automatic)"),
     ("project.chunk_rows", lambda v: v >= 1, "a positive integer"),
     ("project.sketch_dim", lambda v: v >= 0, "≥ 0"),
+    ("project.residual_rank", lambda v: v >= 0, "≥ 0 (0: no residual basis)"),
+    ("project.residual_examples", lambda v: v >= 1, "a positive integer"),
     ("project.num_threads", lambda v: v >= 1, "a positive integer"),
     ("score.top_k", lambda v: v >= 1, "a positive integer"),
+    ("score.cg_iters", lambda v: v >= 0, "≥ 0 (0: the plain tail)"),
     ("score.batch_size", lambda v: v >= 1, "a positive integer"),
     ("score.rows_per_block", lambda v: v >= 1, "a positive integer"),
     ("score.self_influence_rows", lambda v: v == -1 or v >= 0, "≥ 0, or -1 (all)"),

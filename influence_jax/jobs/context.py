@@ -55,8 +55,9 @@ class Context:
   @functools.cached_property
   def store_fingerprint(self) -> str:
     c = self.config
+    basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
     return checkpoint.fingerprint(self.eigenspace_fingerprint, sources.fingerprint(self.task.train),
-                                  c.project.sketch_dim, c.project.chunk_rows, c.seed)
+                                  c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)

@@ -10,6 +10,7 @@ fingerprint) starts clean: scoring a new query set in the same workdir is the no
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import checkpoint
 from influence_jax import data as data_lib
+from influence_jax import preconditioning
 from influence_jax import ranking
 from influence_jax import scoring
 from influence_jax import sharding
@@ -49,33 +51,67 @@ def output_dir(ctx: Context) -> str:
 
 
 def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries: Any) -> np.ndarray:
-  """Returns the (T, d) query vectors q(x) of `scoring.query_side` on the host."""
+  """Returns the (T, d) query vectors q(x), on the host, with score(z, x) = q(x) · [stored row of z].
+
+  score.tail=False: G(x)(Λ+δ)⁻¹ against G(z). With the tail, against [G(z), V∇ℓ(z), S(z)]: each
+  query solved by score.cg_iters preconditioned CG iterations over the curvature sample,
+  `preconditioning.solved_query_side`, or with cg_iters = 0 the plain tail [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c].
+  """
   s = ctx.config.score
   batch = input_lib.read_all(queries, "query source", s.batch_size)
   mesh = ctx.mesh
   params = sharding.place_params(ctx.task.params, mesh)
-  sketch = None
+  p = ravel_pytree(ctx.task.params)[0].size
+  basis = project_lib.load_residual_basis(ctx, es) if store.meta.residual_rank else None
+  if store.meta.residual_rank and (basis is None or basis.shape[0] != store.meta.residual_rank):
+    raise store_lib.StoreError(f"The store has {store.meta.residual_rank} residual columns but "
+                               f"{project_lib.basis_path(ctx)} is missing or from other inputs: delete {ctx.path('store')} "
+                               "and run scripts/project.py again.")
+  sketch = directions = None
   if s.tail:
-    sk = project_lib.make_sketch(ctx, ravel_pytree(ctx.task.params)[0].size)
+    sk = project_lib.make_sketch(ctx, p)
     sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
+    directions = project_lib.stored_directions(ctx, es, basis)
+  es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
+  tail_constant = store.meta.attrs["tail_constant"] if s.tail else None
+  solve = s.tail and s.cg_iters > 0
+  if solve:
+    es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
+    host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
+    host_sketch = project_lib.make_sketch(ctx, p)
+    curvature = fit_lib.curvature_batches(ctx)
   parts = []
   for lo in range(0, len(queries), s.batch_size):
     chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
-    chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
-    out = sketch_lib.project_and_sketch(es.eigenvectors, sketch, ctx.task.per_example_loss_fn, params, chunk,
-                                        microbatch_size=ctx.config.project.microbatch_size)
     n = data_lib.batch_size(chunk)
+    if solve:
+      losses = _losses(ctx.task.per_example_loss_fn, host_params, chunk)
+      validation.check_finite_rows(losses, "Query set (loss)", row_ids=np.arange(lo, lo + n))
+      solved = preconditioning.solve_queries(
+          es_host, ctx.task.per_example_loss_fn, host_params, [chunk], loss_fn=ctx.task.loss_fn,
+          curvature_batches=curvature, cg_iters=int(s.cg_iters), tail_constant=tail_constant)
+      parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, basis)))
+      continue
+    chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
+    out = sketch_lib.project_and_sketch(es.eigenvectors if directions is None else directions, sketch,
+                                        ctx.task.per_example_loss_fn, params, chunk,
+                                        microbatch_size=ctx.config.project.microbatch_size)
     validation.check_finite_rows(sharding.to_host(out.losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
-    parts.append((sharding.to_host(out.projections), sharding.to_host(out.sketch) if s.tail else None))
-  proj = np.concatenate([p for p, _ in parts])
-  sk_part = np.concatenate([q for _, q in parts]) if s.tail else None
-  for name, x in (("projections", proj), ("sketch", sk_part)):
-    if x is not None:
-      validation.check_finite_rows(x, f"Query set ({name})")
-  es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
-  vectors = scoring.query_side(es_host, jnp.asarray(proj), None if sk_part is None else jnp.asarray(sk_part),
-                               tail_constant=store.meta.attrs["tail_constant"] if s.tail else None)
-  return np.asarray(vectors)
+    proj = sharding.to_host(out.projections)
+    if not s.tail:
+      parts.append(np.asarray(scoring.query_side(es_host, jnp.asarray(proj))))
+      continue
+    parts.append(np.asarray(scoring.query_side(
+        es_host, jnp.asarray(proj[:, :es.k]), jnp.asarray(sharding.to_host(out.sketch)),
+        query_residual=jnp.asarray(proj[:, es.k:]) if basis is not None else None, tail_constant=tail_constant)))
+  vectors = np.concatenate(parts)
+  validation.check_finite_rows(vectors, "Query set (query vectors)")
+  return vectors
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _losses(per_example_loss_fn, params, batch):
+  return per_example_loss_fn(params, batch)
 
 
 def _progress_path(out: str) -> str:
@@ -121,6 +157,8 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
   else:
     running, largest, start = ranking.empty_top_k(vectors.shape[0], k, np.float32), ranking.empty_largest(num_largest), rows.start
   names = ("projections", "sketch", "self_influence") if s.tail else ("projections", "sq_norms")
+  if s.tail and store.meta.residual_rank:
+    names = ("projections", "residual") + names[1:]
   queries = jnp.asarray(vectors)
   block = s.rows_per_block
   bar = progress_lib.Progress(len(rows), "scoring", "examples", start=start - rows.start,
@@ -129,7 +167,7 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
   for count, lo in enumerate(range(start, rows.stop, block), 1):
     hi = min(lo + block, rows.stop)
     part = store.read(lo, hi, names)
-    side = part["projections"] if not s.tail else np.concatenate([part["projections"], part["sketch"]], axis=1)
+    side = part["projections"] if not s.tail else np.concatenate([part[n] for n in names[:-1]], axis=1)
     padded = np.zeros((block, side.shape[1]), np.float32)
     padded[: hi - lo] = side
     previous, running = running, ranking.merge_rows(running, queries, padded, lo, hi - lo)
@@ -194,7 +232,7 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
   vectors = project_queries(ctx, es, store, queries)
   out = output_dir(ctx)
   fingerprint = checkpoint.fingerprint(store.meta.fingerprint, sources.fingerprint(queries),
-                                       {k: v for k, v in s.to_dict().items() if k in ("top_k", "tail", "queries")},
+                                       {k: v for k, v in s.to_dict().items() if k in ("top_k", "tail", "queries", "cg_iters")},
                                        s.get("self_influence_rows"), jax.process_count())
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
@@ -208,7 +246,8 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
     return {}
   return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest,
                                     {"num_train": store.meta.num_rows, "num_queries": int(vectors.shape[0]),
-                                     "k": store.meta.k, "tail": bool(s.tail), "sketch_dim": store.meta.sketch_dim,
+                                     "k": store.meta.k, "tail": bool(s.tail), "cg_iters": int(s.cg_iters) if s.tail else 0,
+                                     "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim,
                                      "store": store_lib.describe(store), "store_fingerprint": store.meta.fingerprint,
                                      "fingerprint": fingerprint},
                                     grid_examples=s.grid_examples)
