@@ -65,6 +65,11 @@ def requested_residual_rank(ctx: Context, es: Eigenspace) -> int:
   return max(0, min(c.residual_rank, p - es.k, sample))
 
 
+# Examples a step when fitting the residual basis: 32 backward passes of a batch run at once
+# (`residual_basis`), so 128 holds about what an HVP over a batch of 2,048 does.
+BASIS_BATCH = 128
+
+
 def basis_path(ctx: Context) -> str:
   """Returns where the store's residual basis is saved: beside its rows, in the store's directory."""
   return ctx.path("store", store_lib.BASIS_FILE)
@@ -104,7 +109,7 @@ def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Opti
   sample = data_lib.concatenate(fit_lib.curvature_batches(ctx))
   sample = data_lib.take(sample, 0, min(ctx.config.project.residual_examples, data_lib.batch_size(sample)))
   basis = np.asarray(residual_basis_lib.fit_residual_basis(
-      u, ctx.task.per_example_loss_fn, params, list(data_lib.iterate(sample, ctx.config.arnoldi.batch_size)), rank,
+      u, ctx.task.per_example_loss_fn, params, list(data_lib.iterate(sample, BASIS_BATCH)), rank,
       seed=ctx.config.seed))
   if common.is_writer():
     buffer = io.BytesIO()
