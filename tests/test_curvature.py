@@ -78,3 +78,19 @@ def test_unknown_curvature():
   params, loss, _, batches = toy_problems.logistic_regression()
   with pytest.raises(ValueError, match="Unknown curvature 'fisher'"):
     curvature.curvature_operator(loss, params, batches, curvature="fisher")
+
+
+def test_microbatches_divide_the_examples_when_a_divisor_is_near():
+  assert curvature.dividing_microbatch(1080, 256) == 216  # 5 micro-batches, no remainder.
+  assert curvature.dividing_microbatch(1080, 256, multiple=8) == 216
+  assert curvature.dividing_microbatch(37, 8) == 8  # Prime: no divisor in [4, 8], the remainder stays.
+  assert curvature.dividing_microbatch(1024, 300, multiple=4) == 256
+  params, loss, _, batches = toy_problems.logistic_regression(num_examples=50)
+  hess = solvers.dense_hessian(loss, params, batches)
+  op = curvature.curvature_operator(loss, params, batches, microbatch_size=7)  # 50 = 10 × 5: no remainder.
+  assert op.operands[2] is None and jax.tree.leaves(op.operands[1])[0].shape[:2] == (10, 5)
+  np.testing.assert_allclose(curvature.to_dense(op), hess, atol=1e-10)
+  whole = [{k: np.concatenate([b[k] for b in batches])[:37] for k in batches[0]}]
+  op = curvature.curvature_operator(loss, params, whole, microbatch_size=8)  # 37 = 4 × 8 + 5.
+  assert op.operands[2] is not None
+  np.testing.assert_allclose(curvature.to_dense(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)
