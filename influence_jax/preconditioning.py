@@ -37,6 +37,7 @@ from influence_jax import projection
 from influence_jax import solvers
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, check_params
+from influence_jax.residual_basis import stored_directions
 from influence_jax.scoring import default_tail_constant, inverse_eigenvalues
 from influence_jax.sketch import KroneckerSketch, apply_sketch
 
@@ -132,11 +133,9 @@ def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: j
   p = sketch.num_params
   if solved.ndim != 2 or solved.shape[1] != p:
     raise ValueError(f"solved must be (num_queries, {p}) for this sketch; got shape {solved.shape}.")
-  w = eigenspace.eigenvectors[:, :p]
-  if basis is not None:
-    if basis.ndim != 2 or basis.shape[1] != p:
-      raise ValueError(f"basis must be (rank, {p}); got shape {basis.shape}.")
-    w = jnp.concatenate([w, basis.astype(w.dtype)])
+  if basis is not None and (basis.ndim != 2 or basis.shape[1] != p):
+    raise ValueError(f"basis must be (rank, {p}); got shape {basis.shape}.")
+  w = stored_directions(eigenspace.eigenvectors, basis)[:, :p]
   coeffs = solved.astype(w.dtype) @ w.T
   return jnp.concatenate([coeffs, apply_sketch(sketch, solved - coeffs @ w).astype(w.dtype)], axis=1)
 

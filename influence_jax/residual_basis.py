@@ -22,7 +22,7 @@ orthonormal by an SVD after projecting out U twice.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import projection
+from influence_jax import sharding
 from influence_jax import validation
 
 
@@ -131,3 +132,20 @@ def fit_residual_basis(
   _, s, vt = jnp.linalg.svd(b.astype(q.dtype), full_matrices=False)
   v = vt[:min(int(rank), _numerical_rank(s))] @ q
   return v * jnp.sign(v[jnp.arange(v.shape[0]), jnp.argmax(jnp.abs(v), axis=1)])[:, None]  # Largest entry > 0.
+
+
+def stored_directions(directions: jax.Array, basis: Optional[jax.Array]) -> jax.Array:
+  """Returns W = [D; V] (k + r, ·): the directions a stored row is exact on, in the layout of `directions`
+  ((k, p), or a mesh's flat layout (k, P)); `directions` itself when `basis` is None.
+
+  V (r, p) is a residual basis of `fit_residual_basis` (host or device values).
+  """
+  if basis is None:
+    return directions
+  v = sharding.to_flat_layout(jnp.asarray(basis, directions.dtype), np.shape(basis)[1], sharding.mesh_of(directions))
+  return _concatenate_rows(directions.sharding)(directions, v)
+
+
+@functools.lru_cache(maxsize=8)
+def _concatenate_rows(out_sharding):
+  return jax.jit(lambda a, b: jnp.concatenate([a, b]), out_shardings=out_sharding)

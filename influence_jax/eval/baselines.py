@@ -287,9 +287,7 @@ def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int]
                                       loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters))
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-    directions = es.eigenvectors[:, :es.num_params]
-    if basis is not None:
-      directions = jnp.concatenate([directions, basis])
+    directions = residual_basis.stored_directions(es.eigenvectors, basis)
     stored = scoring.row_side(*_stored_rows(task, directions, sk, task.train_batches))
     scores = preconditioning.solved_query_side(es, sk, res.x, basis) @ stored.T
   else:

@@ -36,6 +36,32 @@ def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = Fals
   return path
 
 
+def save_checked_npz(path: str, fingerprint: str, arrays: dict) -> str:
+  """Writes `arrays` atomically as .npz with their checksum and `fingerprint` (what they belong to)."""
+  from influence_jax import checkpoint  # noqa: PLC0415 (jax after the flags)
+
+  record = dict(arrays, checksum=np.asarray(checkpoint.fingerprint(arrays)), fingerprint=np.asarray(fingerprint))
+  buffer = io.BytesIO()
+  np.savez(buffer, **record)
+  return atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
+def load_checked_npz(path: str, fingerprint: str) -> Optional[dict]:
+  """Returns the arrays of `save_checked_npz` when the file exists, is intact and belongs to
+  `fingerprint`; else None (missing, damaged, or from other inputs)."""
+  from influence_jax import checkpoint  # noqa: PLC0415
+
+  try:
+    with np.load(path) as f:
+      record = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError):
+    return None
+  checksum, owner = str(record.pop("checksum", "")), str(record.pop("fingerprint", ""))
+  if owner != fingerprint or checkpoint.fingerprint(record) != checksum:
+    return None
+  return record
+
+
 def atomic_write_text(path: str, text: str) -> str:
   """Writes `text` to `path` atomically; returns `path`."""
   return atomic_write(path, lambda f: f.write(text))

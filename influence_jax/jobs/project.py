@@ -13,7 +13,6 @@ finished one. A chunk whose files are missing is recomputed (its marker is dropp
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Optional
 
@@ -81,15 +80,8 @@ def _basis_fingerprint(ctx: Context, rank: int) -> str:
 
 def load_residual_basis(ctx: Context, es: Eigenspace) -> Optional[np.ndarray]:
   """Returns the saved (r, p) residual basis of this eigenspace and config, or None if there is none intact."""
-  rank = requested_residual_rank(ctx, es)
-  try:
-    with np.load(basis_path(ctx)) as f:
-      basis, fingerprint, checksum = f["basis"], str(f["fingerprint"]), str(f["checksum"])
-  except (OSError, ValueError, KeyError, EOFError):
-    return None
-  if fingerprint != _basis_fingerprint(ctx, rank) or checkpoint.fingerprint(basis) != checksum:
-    return None
-  return basis
+  saved = common.load_checked_npz(basis_path(ctx), _basis_fingerprint(ctx, requested_residual_rank(ctx, es)))
+  return None if saved is None else saved["basis"]
 
 
 def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Optional[np.ndarray]:
@@ -112,10 +104,7 @@ def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Opti
       u, ctx.task.per_example_loss_fn, params, list(data_lib.iterate(sample, BASIS_BATCH)), rank,
       seed=ctx.config.seed))
   if common.is_writer():
-    buffer = io.BytesIO()
-    np.savez(buffer, basis=basis, fingerprint=np.asarray(_basis_fingerprint(ctx, rank)),
-             checksum=np.asarray(checkpoint.fingerprint(basis)))
-    common.atomic_write(basis_path(ctx), lambda f: f.write(buffer.getvalue()), binary=True)
+    common.save_checked_npz(basis_path(ctx), _basis_fingerprint(ctx, rank), {"basis": basis})
   _sync("influence_jax residual basis saved")
   basis = load_residual_basis(ctx, es)
   if basis is None:
@@ -164,7 +153,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
     sketch = sketch_lib.KroneckerSketch(**sketch)
   inverse = np.asarray(sharding.to_host(scoring.inverse_eigenvalues(es)), np.float64)
   tail_constant = meta.attrs["tail_constant"]
-  directions = stored_directions(ctx, es, basis if meta.residual_rank else None)
+  directions = residual_basis_lib.stored_directions(es.eigenvectors, basis if meta.residual_rank else None)
   if not quiet:
     logging.info("Projecting %d training examples (%d left on this process) on k=%d eigenvectors, r=%d residual "
                  "directions, sketch %d", meta.num_rows, rows.size, meta.k, meta.residual_rank, meta.sketch_dim)
@@ -193,16 +182,6 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
                   rows.size / max(seconds, 1e-9), jax.process_index())
   _sync("influence_jax store written")
   return store_lib.open_store(store.directory, meta.fingerprint)
-
-
-def stored_directions(ctx: Context, es: Eigenspace, basis: Optional[np.ndarray]) -> jax.Array:
-  """Returns W = [U; V] (k + r, P) on the job's mesh in its flat layout: the directions a store row is exact on."""
-  if basis is None:
-    return es.eigenvectors
-  p = ravel_pytree(ctx.task.params)[0].size
-  v = sharding.to_flat_layout(basis.astype(np.dtype(es.eigenvectors.dtype)), p, ctx.mesh)
-  return jax.jit(lambda a, b: jnp.concatenate([a, b]), out_shardings=es.eigenvectors.sharding)(
-      es.eigenvectors, v)
 
 
 def _write_full_chunks(store, chunk_queue: list, pending: list, inverse: np.ndarray, tail_constant: float) -> list:

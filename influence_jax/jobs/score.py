@@ -11,7 +11,6 @@ fingerprint) starts clean: scoring a new query set in the same workdir is the no
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from influence_jax import checkpoint
 from influence_jax import data as data_lib
 from influence_jax import preconditioning
 from influence_jax import ranking
+from influence_jax import residual_basis as residual_basis_lib
 from influence_jax import scoring
 from influence_jax import sharding
 from influence_jax import sketch as sketch_lib
@@ -67,19 +67,19 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
     raise store_lib.StoreError(f"The store has {store.meta.residual_rank} residual columns but "
                                f"{project_lib.basis_path(ctx)} is missing or from other inputs: delete {ctx.path('store')} "
                                "and run scripts/project.py again.")
-  sketch = directions = None
-  if s.tail:
-    sk = project_lib.make_sketch(ctx, p)
-    sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
-    directions = project_lib.stored_directions(ctx, es, basis)
   es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
   tail_constant = store.meta.attrs["tail_constant"] if s.tail else None
   solve = s.tail and s.cg_iters > 0
-  if solve:
+  sketch, directions = None, es.eigenvectors
+  if solve:  # On one device per process: host copies of the eigenspace and params.
     es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
     host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
     host_sketch = project_lib.make_sketch(ctx, p)
     curvature = fit_lib.curvature_batches(ctx)
+  elif s.tail:  # The queries projected like the store's rows, on the mesh.
+    sk = project_lib.make_sketch(ctx, p)
+    sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
+    directions = residual_basis_lib.stored_directions(es.eigenvectors, basis)
   parts = []
   for lo in range(0, len(queries), s.batch_size):
     chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
@@ -93,8 +93,7 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
       parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, basis)))
       continue
     chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
-    out = sketch_lib.project_and_sketch(es.eigenvectors if directions is None else directions, sketch,
-                                        ctx.task.per_example_loss_fn, params, chunk,
+    out = sketch_lib.project_and_sketch(directions, sketch, ctx.task.per_example_loss_fn, params, chunk,
                                         microbatch_size=ctx.config.project.microbatch_size)
     validation.check_finite_rows(sharding.to_host(out.losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
     proj = sharding.to_host(out.projections)
@@ -118,28 +117,11 @@ def _progress_path(out: str) -> str:
   return os.path.join(out, "progress", f"process_{jax.process_index():04d}.npz")
 
 
-def _load_progress(path: str, fingerprint: str) -> Optional[dict]:
-  """Returns the saved state when it exists, is intact and belongs to `fingerprint`; else None."""
-  try:
-    with np.load(path) as f:
-      state = {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError):
-    return None
-  if str(state.get("fingerprint")) != fingerprint or checkpoint.fingerprint(
-      {k: v for k, v in state.items() if k not in ("fingerprint", "checksum")}) != str(state.get("checksum")):
-    return None
-  return state
-
-
 def _save_progress(path: str, fingerprint: str, running: ranking.TopK, largest: ranking.RunningLargest,
                    next_row: int) -> None:
-  state = dict(ranking.to_host(running)._asdict(), largest_indices=largest.indices, largest_values=largest.values,
-               next_row=np.int64(next_row))
-  state["checksum"] = np.asarray(checkpoint.fingerprint(state))
-  state["fingerprint"] = np.asarray(fingerprint)
-  buffer = io.BytesIO()
-  np.savez(buffer, **state)
-  common.atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+  common.save_checked_npz(path, fingerprint, dict(
+      ranking.to_host(running)._asdict(), largest_indices=largest.indices, largest_values=largest.values,
+      next_row=np.int64(next_row)))
 
 
 def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarray, inverse: np.ndarray,
@@ -149,7 +131,7 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
   k = s.top_k
   num_largest = store.meta.num_rows if s.self_influence_rows < 0 else s.self_influence_rows
   path = _progress_path(out)
-  saved = _load_progress(path, fingerprint)
+  saved = common.load_checked_npz(path, fingerprint)
   if saved is not None:
     running = ranking.TopK(*(saved[n] for n in ranking.TopK._fields))
     largest = ranking.RunningLargest(saved["largest_indices"], saved["largest_values"])
