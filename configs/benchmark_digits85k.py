@@ -56,6 +56,11 @@ def get_config(arg=None):
     methods[f"arnoldi_pcg_store16384_r{r}_n150_k100_i3"] = dict(
         method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=3, sketch_dim=16384, residual_rank=r,
         residual_examples=1024)
+  for m, r, i in ((1024, 0, 0), (1024, 0, 3), (1024, 128, 0), (1024, 128, 3), (1024, 256, 3), (4096, 128, 3)):
+    # The jobs' default store (m = 1,024, r = 128) and its neighbours; i = 0 is the plain tail.
+    methods[f"arnoldi_pcg_store{m}_r{r}_n150_k100_i{i}"] = dict(
+        method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=i, sketch_dim=m, residual_rank=r,
+        residual_examples=1024)
   methods["arnoldi_pcg_n300_k200_i3"] = dict(method="arnoldi_pcg", top_k=200, n_iters=300, cg_iters=3)
   for n, k in ((150, 100), (300, 200)):  # 3 iterations from a store, k = 100 and 200.
     methods[f"arnoldi_pcg_store16384_n{n}_k{k}_i3"] = dict(method="arnoldi_pcg", top_k=k, n_iters=n, cg_iters=3,
