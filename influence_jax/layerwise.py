@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -150,6 +150,16 @@ class LayerwiseLoss:
     """
     return make_micro_projector(self.fn, params, directions, with_norms, example)
 
+  def micro_projector_with_gradients(self, params, directions: jax.Array, example, gradient_fn: Callable,
+                                     chunk: int) -> Callable:
+    """Returns mb ↦ ((micro, k) D ∇ℓ(z), (micro,) ‖∇ℓ(z)‖², gradient_fn of the (chunk, p) flat gradients
+    stacked to (micro, ...), (micro,) ℓ(z)) in one forward and backward pass.
+
+    The flat per-example gradients are assembled from the layers' inputs and output gradients
+    `chunk` examples at a time (a divisor of the micro-batch), so only a few exist at once.
+    """
+    return make_micro_projector(self.fn, params, directions, True, example, gradient_fn=gradient_fn, chunk=chunk)
+
   def bytes_per_example(self, params, k: int, example) -> int:
     """Returns an estimate of the working memory one example takes in `micro_projector` (cached by shapes)."""
     key = (k, jax.tree.structure((params, example)), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(
@@ -247,10 +257,16 @@ def _recording_loss(per_example_loss_fn, calls, params, is_rest):
   return loss_and_inputs
 
 
-def make_micro_projector(per_example_loss_fn, params, directions, with_norms, example) -> Callable:
-  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); see LayerwiseLoss."""
+def make_micro_projector(per_example_loss_fn, params, directions, with_norms, example, *,
+                         gradient_fn: Optional[Callable] = None, chunk: int = 1) -> Callable:
+  """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); see LayerwiseLoss.
+
+  With `gradient_fn`, mb ↦ (projections, squared norms, gradient_fn's outputs, losses), the squared
+  norms and gradient_fn's input taken from flat gradients assembled `chunk` examples at a time.
+  """
   calls = discover_calls(per_example_loss_fn, params, example)
-  plans = plan_calls(calls, with_norms)
+  with_gradients = gradient_fn is not None
+  plans = plan_calls(calls, with_norms and not with_gradients)
   paths = leaf_paths(params)
   is_rest = [not any(p[:len(c.path)] == c.path for c in calls) for p in paths]
   rest = [x for x, r in zip(jax.tree.leaves(params), is_rest) if r]
@@ -271,32 +287,70 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
     perts = [jnp.zeros(c.out_shape, c.out_dtype) for c in calls]
     loss, vjp_fn, inputs = jax.vjp(lambda r, p: loss_and_inputs(r, p, ex), rest, perts, has_aux=True)
     g_rest, deltas = vjp_fn(jnp.ones_like(loss))
-    return g_rest, deltas, inputs
+    return g_rest, deltas, inputs, loss
 
   def one_micro(mb):
-    g_rest, deltas, inputs = jax.vmap(grads_one)(mb)
-    proj, sq = _pair(g_rest, rest_dirs, with_norms)
+    g_rest, deltas, inputs, losses = jax.vmap(grads_one)(mb)
+    norms = with_norms and not with_gradients
+    proj, sq = _pair(g_rest, rest_dirs, norms)
     layer_grads = {}  # path -> per-example gradients summed over the layer's "layer_vjp" calls.
     for i, c in enumerate(calls):
       own = _layer_params(params, c.path)
       if plans[i] == "factored":
         p_i, s_i = _factored_dense(inputs[i], deltas[i], factored_u[i],
-                                   _sub_directions(dirs, c.path, own).get("bias"), k, with_norms)
+                                   _sub_directions(dirs, c.path, own).get("bias"), k, norms)
       elif plans[i] == "embed":
-        p_i, s_i = _gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], with_norms)
+        p_i, s_i = _gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], norms)
       else:
         g = _layer_vjp(c, own, inputs[i], deltas[i])
         layer_grads[c.path] = jax.tree.map(jnp.add, layer_grads[c.path], g) if c.path in layer_grads else g
         continue
       proj, sq = proj + p_i, sq + s_i
     for path, g in layer_grads.items():
-      p_i, s_i = _pair(g, _sub_directions(dirs, path, g), with_norms)
+      p_i, s_i = _pair(g, _sub_directions(dirs, path, g), norms)
       proj, sq = proj + p_i, sq + s_i
     proj = proj.astype(directions.dtype)
+    if with_gradients:
+      pieces = (g_rest, deltas, inputs, layer_grads)
+      sq, out = _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chunk, directions.dtype)
+      return proj, sq, out, losses
     sq = sq.astype(directions.dtype) if with_norms else jnp.zeros(proj.shape[:1], proj.dtype)
     return proj, sq
 
   return one_micro
+
+
+def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chunk, dtype):
+  """Returns ((micro,) ‖g‖², gradient_fn(g) stacked) for the micro-batch's flat per-example gradients g,
+  assembled in `ravel_pytree` order `chunk` examples at a time from (rest gradients, output
+  gradients, inputs, the "layer_vjp" layers' gradients)."""
+  paths = leaf_paths(params)
+
+  def one_chunk(piece):
+    g_rest, deltas, inputs, layer_grads = piece
+    by_layer = dict(layer_grads)
+    for i, c in enumerate(calls):
+      if plans[i] != "layer_vjp":
+        g = _layer_vjp(c, _layer_params(params, c.path), inputs[i], deltas[i])
+        by_layer[c.path] = jax.tree.map(jnp.add, by_layer[c.path], g) if c.path in by_layer else g
+    rest = iter(g_rest)
+    leaves = []
+    for path, rest_leaf in zip(paths, is_rest):
+      if rest_leaf:
+        leaves.append(next(rest))
+        continue
+      layer = next(c.path for c in calls if path[:len(c.path)] == c.path)
+      node = by_layer[layer]
+      for name in path[len(layer):]:
+        node = node[name]
+      leaves.append(node)
+    flat = jnp.concatenate([x.reshape(x.shape[0], -1).astype(dtype) for x in leaves], axis=1)
+    return jnp.sum(flat * flat, axis=1), gradient_fn(flat)
+
+  micro = jax.tree.leaves(pieces)[0].shape[0]
+  by_chunk = jax.tree.map(lambda x: x.reshape((micro // chunk, chunk) + x.shape[1:]), pieces)
+  sq, out = jax.lax.map(one_chunk, by_chunk)
+  return sq.reshape(micro), jax.tree.map(lambda x: x.reshape((micro,) + x.shape[2:]), out)
 
 
 def _factored_dense(x, d, u_kernel, u_bias, k, with_norms):

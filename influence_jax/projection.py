@@ -26,7 +26,7 @@ from influence_jax import validation
 
 METHODS = ("vjp", "jvp", "layerwise")
 _MICROBATCH_BYTES = 256 * 2**20
-_LAYERWISE_BYTES = 128 * 2**20
+LAYERWISE_BYTES = 128 * 2**20
 
 
 class Projections(NamedTuple):
@@ -70,7 +70,7 @@ def _default_micro(per_example_loss_fn, method, params, k, batch, size):
   if method != "layerwise":
     return default_microbatch_size(flat.size, flat.dtype.itemsize, size)
   example = jax.tree.map(lambda x: jnp.asarray(x)[:1], batch)
-  return balanced_microbatch(size, _LAYERWISE_BYTES // per_example_loss_fn.bytes_per_example(params, k, example))
+  return balanced_microbatch(size, LAYERWISE_BYTES // per_example_loss_fn.bytes_per_example(params, k, example))
 
 
 def _single_example_grad(per_example_loss_fn, unravel, flat, example):

@@ -23,6 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
+from influence_jax import projection
 from influence_jax import sharding as sharding_lib
 
 
@@ -94,42 +95,96 @@ def divisor_at_most(n: int, limit: int) -> int:
   return best
 
 
+def _example_value_and_grad(per_example_loss_fn: Callable, unravel, flat, example):
+  one = jax.tree.map(lambda x: x[None], example)
+  return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+
+
+def _by_micro(batch, micro: int):
+  size = data_lib.batch_size(batch)
+  return jax.tree.map(lambda x: x.reshape((size // micro, micro) + x.shape[1:]), batch)
+
+
+def _sketched_remainder(sketch, directions, p, proj, sketched_grads):
+  """Returns R(I − UᵀU)g = Rg − (RUᵀ)(Ug) from Rg (B, m) and Ug (B, k)."""
+  return sketched_grads - proj @ apply_sketch(sketch, directions[:, :p])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, params, directions, sketch, batch):
+  """The "vjp" path: per-example gradients of a micro-batch, then U g and R g from them."""
   flat, unravel = ravel_pytree(params)
   p, columns = flat.size, directions.shape[1]  # columns ≥ p: a mesh's flat layout, zero beyond p.
-  sketched_directions = apply_sketch(sketch, directions[:, :p]) if sketch is not None else None  # (k, m): R Uᵀ
-
-  def example_grad(example):
-    one = jax.tree.map(lambda x: x[None], example)
-    return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
   def one_micro(mb):
-    losses, grads = jax.vmap(example_grad)(mb)
+    losses, grads = jax.vmap(lambda ex: _example_value_and_grad(per_example_loss_fn, unravel, flat, ex))(mb)
     grads = grads.astype(directions.dtype)
     proj = sharding_lib.pad_last(grads, columns) @ directions.T
     sq = jnp.sum(grads * grads, axis=1)
-    if sketch is None:
-      return proj, sq, jnp.zeros((grads.shape[0], 0), grads.dtype), losses
-    return proj, sq, apply_sketch(sketch, grads) - proj @ sketched_directions, losses
+    sk = jnp.zeros((grads.shape[0], 0), grads.dtype) if sketch is None else apply_sketch(sketch, grads)
+    return proj, sq, sk, losses
 
   size = data_lib.batch_size(batch)
-  stacked = jax.tree.map(lambda x: x.reshape((size // microbatch_size, microbatch_size) + x.shape[1:]), batch)
-  proj, sq, sk, losses = jax.lax.map(one_micro, stacked)
-  return proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1), losses.reshape(size)
+  proj, sq, sk, losses = jax.lax.map(one_micro, _by_micro(batch, microbatch_size))
+  proj, sq, sk = proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1)
+  if sketch is not None:
+    sk = _sketched_remainder(sketch, directions, p, proj, sk)
+  return proj, sq, sk, losses.reshape(size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layerwise_project_and_sketch(per_example_loss_fn: Callable, micro: int, chunk: int, params, directions, sketch,
+                                  batch):
+  """The "layerwise" path: U g layer by layer (no p-sized buffer for the matmul with U); the flat gradients
+  for R g and ‖g‖² assembled from the same pass's layer pieces, `chunk` examples at a time (kept in cache)."""
+  p = ravel_pytree(params)[0].size
+  size = data_lib.batch_size(batch)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  if sketch is None:
+    gradient_fn = lambda g: jnp.zeros((g.shape[0], 0), g.dtype)
+  else:
+    gradient_fn = lambda g: apply_sketch(sketch, g)
+  projector = per_example_loss_fn.micro_projector_with_gradients(params, directions, example, gradient_fn, chunk)
+  proj, sq, sk, losses = jax.lax.map(projector, _by_micro(batch, micro))
+  proj, sk = proj.reshape(size, -1), sk.reshape(size, -1)
+  if sketch is not None:
+    sk = _sketched_remainder(sketch, directions, p, proj, sk)
+  return proj, sq.reshape(size), sk, losses.reshape(size)
+
+
+# Flat per-example gradients held at once: 256 MiB when a matmul with the k directions follows (its
+# arithmetic intensity grows with the micro-batch), 8 MiB when only the sketch does (kept in cache).
+_PROJECT_GRADIENT_BYTES = 256 * 2**20
+_SKETCH_GRADIENT_BYTES = 8 * 2**20
 
 
 def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: Callable,
-                       params: Any, batch: Any, *, microbatch_size: int = 0) -> SketchedProjections:
+                       params: Any, batch: Any, *, microbatch_size: int = 0,
+                       method: str | None = None) -> SketchedProjections:
   """Returns U∇ℓ, ‖∇ℓ‖², R(I − UᵀU)∇ℓ and ℓ for every example of `batch`.
 
   Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p).
 
-  Per-example gradients exist one micro-batch at a time (a divisor of the batch size; 0: the
-  largest whose gradients take ≤ 256 MiB).
+  `method` ("vjp" or "layerwise"; None: `projection.resolve_method`'s default, layer-wise for Linen
+  losses) is how U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
+  multiplies them by U. "layerwise" projects layer by layer in the same forward and backward pass
+  that assembles the flat per-example gradients, a few examples at a time, for R∇ℓ and ‖∇ℓ‖².
+  Micro-batches divide the batch; `microbatch_size` (0: from a memory budget) is how many flat
+  per-example gradients exist at once.
   """
+  method = projection.resolve_method(per_example_loss_fn, method)
+  if method not in ("vjp", "layerwise"):
+    raise ValueError(f"project_and_sketch needs method 'vjp' or 'layerwise', got {method!r} (jvp never forms the "
+                     "gradient that the sketch and the squared norm need).")
   size = data_lib.batch_size(batch)
-  p = ravel_pytree(params)[0].size
-  budget = microbatch_size or max(1, (256 * 2**20) // (4 * p))
-  micro = divisor_at_most(size, budget)
-  return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))
+  flat = ravel_pytree(params)[0]
+  gradient_bytes = flat.size * jnp.dtype(directions.dtype).itemsize
+  if method == "vjp":
+    micro = divisor_at_most(size, microbatch_size or max(1, _PROJECT_GRADIENT_BYTES // gradient_bytes))
+    return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))
+  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), batch)  # Shapes only.
+  per_example = per_example_loss_fn.bytes_per_example(params, directions.shape[0], example)
+  micro = divisor_at_most(size, max(1, projection.LAYERWISE_BYTES // per_example))
+  chunk = divisor_at_most(micro, microbatch_size or max(1, _SKETCH_GRADIENT_BYTES // gradient_bytes))
+  return SketchedProjections(*_layerwise_project_and_sketch(per_example_loss_fn, micro, chunk, params, directions,
+                                                            sketch, batch))

@@ -9,6 +9,10 @@ methods, and two ratios measured in the same run:
 - × grad: time per example ÷ that of jax.grad of the mean loss on batches of
   the same size (one backward pass for the whole batch, no per-example work).
 
+With --store_rows, the same for `sketch.project_and_sketch`, what the project job runs: the k
+eigenvector directions plus --residual_rank residual directions and a Kronecker sketch of
+--sketch_dim rows; its floor adds the sketch's FLOPs (2·m₁·p₁p₂ + 2·m₁m₂p₂ + 2·(k + r)·m).
+
 Each figure is the best of --repeats timed passes after one warm-up.
 
   nice -n 10 python scripts/bench_throughput.py --out docs/throughput_results.txt
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, projection, ranking
+from influence_jax import flax_adapters, projection, ranking, sketch
 from influence_jax.examples import models
 
 MODELS = ("mlp_small", "mlp_big", "cnn", "transformer")
@@ -94,6 +98,28 @@ def run(names, ks, methods, batch_size, repeats, write):
         write(f"| {name} | {p:,} | {k} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} | {t / grad_t:.1f} |")
 
 
+def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeats, write):
+  """Prints examples/s of `sketch.project_and_sketch` (a projection store's rows) against its floor."""
+  key = jax.random.PRNGKey(0)
+  for name in names:
+    fns, batch = make_problem(name, batch_size, key)
+    p = ravel_pytree(fns.params)[0].size
+    fwd = forward_flops(fns, batch)
+    sk = sketch.make_sketch(p, sketch_dim, seed=0)
+    (m1, p1), (m2, p2) = sk.left.shape, sk.right.shape
+    for k in ks:
+      rows = k + residual_rank
+      directions = jax.random.normal(jax.random.PRNGKey(k), (rows, p), jnp.float32)
+      for method in methods:
+        call = lambda: jax.block_until_ready(sketch.project_and_sketch(
+            directions, sk, fns.per_example_loss_fn, fns.params, batch, method=method))
+        t = best_time(call, repeats) / batch_size
+        rate = matmul_rate(repeats)
+        floor_t = (3 * fwd + 2 * rows * p + 2 * m1 * p1 * p2 + 2 * m1 * m2 * p2 + 2 * rows * sk.dim) / rate
+        label = method or f"default ({projection.resolve_method(fns.per_example_loss_fn, None)})"
+        write(f"| {name} | {p:,} | {k} + {residual_rank} | {sk.dim} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} |")
+
+
 def scoring(num_queries: int, num_rows: int, k: int, block: int, repeats: int, write) -> None:
   """Prints the streaming top-k's time over num_rows × k rows (host blocks, as read from a store)
   against its floor, 2·T·N·k FLOPs at the run's matmul rate."""
@@ -118,6 +144,10 @@ def main():
   parser.add_argument("--scoring", default="1000,1000000,100",
                       help="T,N,k of the scoring measurement ('' to skip)")
   parser.add_argument("--block", type=int, default=65536, help="rows per scoring block")
+  parser.add_argument("--store_rows", action="store_true",
+                      help="measure sketch.project_and_sketch (the project job's rows) instead of project_on")
+  parser.add_argument("--residual_rank", type=int, default=128, help="residual directions (with --store_rows)")
+  parser.add_argument("--sketch_dim", type=int, default=1024, help="sketch rows (with --store_rows)")
   args = parser.parse_args()
   lines = []
 
@@ -126,11 +156,17 @@ def main():
     lines.append(line)
 
   write(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, batch {args.batch_size}")
-  write("| model | p | k | method | examples/s | × floor | × grad |")
-  write("|---|---|---|---|---|---|---|")
   methods = [None if m == "default" else m for m in args.methods.split(",")]
-  if args.models:
-    run(args.models.split(","), [int(k) for k in args.ks.split(",")], methods, args.batch_size, args.repeats, write)
+  ks = [int(k) for k in args.ks.split(",")]
+  if args.models and args.store_rows:
+    write("| model | p | k + r | m | method | examples/s | × floor |")
+    write("|---|---|---|---|---|---|---|")
+    store_rows(args.models.split(","), ks, methods, args.residual_rank, args.sketch_dim, args.batch_size,
+               args.repeats, write)
+  elif args.models:
+    write("| model | p | k | method | examples/s | × floor | × grad |")
+    write("|---|---|---|---|---|---|---|")
+    run(args.models.split(","), ks, methods, args.batch_size, args.repeats, write)
   if args.scoring:
     scoring(*(int(v) for v in args.scoring.split(",")), args.block, args.repeats, write)
   if args.out:

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, layerwise, projection
+from influence_jax import flax_adapters, layerwise, projection, sketch
 from influence_jax.examples import models
 
 TOL = 1e-10
@@ -95,6 +95,39 @@ def test_every_method_equals_per_example_gradients(name, method):
   np.testing.assert_allclose(got.values, want, rtol=TOL, atol=TOL)
   if norms:
     np.testing.assert_allclose(got.sq_norms, want_sq, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer", "tied"])
+@pytest.mark.parametrize("method", [None, "vjp"])
+@pytest.mark.parametrize("with_sketch", [False, True])
+def test_project_and_sketch_equals_per_example_gradients(name, method, with_sketch):
+  """The stores' rows (U g, ‖g‖², R(I − UᵀU)g, ℓ) by either path, against full per-example gradients."""
+  fns, batch = _problem(name)
+  flat, unravel = ravel_pytree(fns.params)
+  p = flat.size
+  u, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (p, K), jnp.float64))
+  directions = jnp.pad(u.T, ((0, 0), (0, 5)))  # A mesh's flat layout: zero columns beyond p.
+  sk = sketch.make_sketch(p, 24, seed=4, dtype=jnp.float64) if with_sketch else None
+  got = sketch.project_and_sketch(directions, sk, fns.per_example_loss_fn, fns.params, batch, method=method,
+                                  microbatch_size=1 if with_sketch else 0)
+  one = lambda ex: jax.grad(lambda f: fns.per_example_loss_fn(unravel(f), jax.tree.map(lambda a: a[None], ex))[0])
+  grads = jax.vmap(lambda ex: one(ex)(flat))(batch)
+  np.testing.assert_allclose(got.projections, grads @ u, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(got.sq_norms, jnp.sum(grads * grads, axis=1), rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(got.losses, fns.per_example_loss_fn(fns.params, batch), rtol=TOL, atol=TOL)
+  if with_sketch:
+    want = sketch.apply_sketch(sk, grads - (grads @ u) @ u.T)
+    assert want.shape == (11, sk.dim) and float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(got.sketch, want, rtol=TOL, atol=TOL)
+  else:
+    assert got.sketch.shape == (11, 0)
+
+
+def test_project_and_sketch_refuses_jvp():
+  fns, batch = _problem("mlp")
+  p = ravel_pytree(fns.params)[0].size
+  with pytest.raises(ValueError, match="jvp never forms the gradient"):
+    sketch.project_and_sketch(jnp.zeros((K, p)), None, fns.per_example_loss_fn, fns.params, batch, method="jvp")
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer"])
