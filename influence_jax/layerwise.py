@@ -162,10 +162,22 @@ class LayerwiseLoss:
 
   def bytes_per_example(self, params, k: int, example) -> int:
     """Returns an estimate of the working memory one example takes in `micro_projector` (cached by shapes)."""
-    key = (k, jax.tree.structure((params, example)), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(
-        (params, example))))
+    key = ("bytes", k) + _shape_key(params, example)
     if key not in self._sizes:
       self._sizes[key] = self._bytes_per_example(params, k, example)
+    return self._sizes[key]
+
+  def factored_fraction(self, params, example) -> float:
+    """Returns the fraction of the parameters whose projection forms no per-example gradient of theirs
+    (Dense / DenseGeneral applied once, Embed lookups shorter than the vocabulary); cached by shapes."""
+    key = ("factored",) + _shape_key(params, example)
+    if key not in self._sizes:
+      calls = discover_calls(self.fn, params, example)
+      covered = {c.path for c, plan in zip(calls, plan_calls(calls, False)) if plan != "layer_vjp"}
+      covered -= {c.path for c, plan in zip(calls, plan_calls(calls, False)) if plan == "layer_vjp"}
+      sizes = {path: leaf.size for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params))}
+      factored = sum(n for path, n in sizes.items() if any(path[:len(c)] == c for c in covered))
+      self._sizes[key] = factored / max(1, sum(sizes.values()))
     return self._sizes[key]
 
   def _bytes_per_example(self, params, k, example):
@@ -177,6 +189,11 @@ class LayerwiseLoss:
       own = sum(x.size for x in jax.tree.leaves(_layer_params(params, c.path)))
       total += k * math.prod(c.out_shape) if _dense_factors(c) else own
     return max(1, total * itemsize)
+
+
+def _shape_key(params, example) -> tuple:
+  return (jax.tree.structure((params, example)),
+          tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((params, example))))
 
 
 def _split_directions(params, directions):

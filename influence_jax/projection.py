@@ -51,11 +51,23 @@ def balanced_microbatch(batch: int, most: int) -> int:
   return -(-batch // steps)
 
 
-def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
-  """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
+def resolve_method(per_example_loss_fn: Callable, method: Optional[str], params: Any = None,
+                   example: Any = None) -> str:
+  """Returns `method`, or when None the default: "layerwise" if per_example_loss_fn provides it and, given
+  `params` and `example` (a batch of one, arrays or shapes), at least half the parameters are in layers it
+  projects without their per-example gradient (`LayerwiseLoss.factored_fraction`); "vjp" otherwise.
+
+  Where most parameters sit in layers applied at many positions (a Transformer's), the layer-wise
+  path forms those layers' per-example gradients anyway, in many small matmuls, and "vjp"'s one
+  matmul is faster (docs/throughput.md).
+  """
   has_layerwise = hasattr(per_example_loss_fn, "micro_projector")
   if method is None:
-    return "layerwise" if has_layerwise else "vjp"
+    if not has_layerwise:
+      return "vjp"
+    if params is None or example is None:
+      return "layerwise"
+    return "layerwise" if per_example_loss_fn.factored_fraction(params, example) >= 0.5 else "vjp"
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
   if method == "layerwise" and not has_layerwise:
@@ -64,13 +76,18 @@ def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
   return method
 
 
+def shape_of_one(batch):
+  """Returns the shapes and dtypes of a batch of one example like `batch` (no data is read or moved)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + tuple(np.shape(x))[1:], jnp.result_type(x)), batch)
+
+
 def _default_micro(per_example_loss_fn, method, params, k, batch, size):
   """Returns the default micro-batch size of `method` for padded batches of `size` examples."""
   flat, _ = ravel_pytree(params)
   if method != "layerwise":
     return default_microbatch_size(flat.size, flat.dtype.itemsize, size)
-  example = jax.tree.map(lambda x: jnp.asarray(x)[:1], batch)
-  return balanced_microbatch(size, LAYERWISE_BYTES // per_example_loss_fn.bytes_per_example(params, k, example))
+  per_example = per_example_loss_fn.bytes_per_example(params, k, shape_of_one(batch))
+  return balanced_microbatch(size, LAYERWISE_BYTES // per_example)
 
 
 def _single_example_grad(per_example_loss_fn, unravel, flat, example):
@@ -176,7 +193,7 @@ def project_on(
   out as XLA chose). `method` None picks "layerwise" when per_example_loss_fn
   provides it, else "vjp". `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp").
   """
-  method = resolve_method(per_example_loss_fn, method)
+  asked, method = method, resolve_method(per_example_loss_fn, method)
   if with_sq_norms and method == "jvp":
     raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)
@@ -195,6 +212,8 @@ def project_on(
     n = data_lib.batch_size(batch)
     if n == 0:
       raise ValueError(f"batch {i} holds no examples.")
+    if i == 0 and asked is None:
+      method = resolve_method(per_example_loss_fn, None, params, shape_of_one(batch))
     if _is_on_mesh(batch, mesh):
       if n % d:
         raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")

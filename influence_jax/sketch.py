@@ -165,14 +165,15 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
 
   Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p).
 
-  `method` ("vjp" or "layerwise"; None: `projection.resolve_method`'s default, layer-wise for Linen
-  losses) is how U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
+  `method` ("vjp" or "layerwise"; None: `projection.resolve_method`'s default from the model's
+  layers) is how U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
   multiplies them by U. "layerwise" projects layer by layer in the same forward and backward pass
   that assembles the flat per-example gradients, a few examples at a time, for R∇ℓ and ‖∇ℓ‖².
   Micro-batches divide the batch; `microbatch_size` (0: from a memory budget) is how many flat
   per-example gradients exist at once.
   """
-  method = projection.resolve_method(per_example_loss_fn, method)
+  example = projection.shape_of_one(batch)
+  method = projection.resolve_method(per_example_loss_fn, method, params, example)
   if method not in ("vjp", "layerwise"):
     raise ValueError(f"project_and_sketch needs method 'vjp' or 'layerwise', got {method!r} (jvp never forms the "
                      "gradient that the sketch and the squared norm need).")
@@ -182,7 +183,6 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
   if method == "vjp":
     micro = divisor_at_most(size, microbatch_size or max(1, _PROJECT_GRADIENT_BYTES // gradient_bytes))
     return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))
-  example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype), batch)  # Shapes only.
   per_example = per_example_loss_fn.bytes_per_example(params, directions.shape[0], example)
   micro = divisor_at_most(size, max(1, projection.LAYERWISE_BYTES // per_example))
   chunk = divisor_at_most(micro, microbatch_size or max(1, _SKETCH_GRADIENT_BYTES // gradient_bytes))

@@ -1,8 +1,9 @@
 """Throughput of projecting per-example gradients, against its floor and a plain batched gradient.
 
 For each model and k, prints examples/s of `projection.project_on` for the
-default method (layer-wise for Linen models) and the old "vjp" and "jvp"
-methods, and two ratios measured in the same run:
+default method (`projection.resolve_method`: layer-wise for Linen models whose
+parameters sit mostly in layers applied once, "vjp" otherwise) and the "vjp",
+"jvp" and "layerwise" methods, and two ratios measured in the same run:
 - × floor: time per example ÷ (floor FLOPs ÷ the run's jitted float32 matmul
   rate), floor FLOPs = 3 × the forward pass's FLOPs (XLA's count; 6 × weights
   for an MLP) + 2·k·p;
@@ -68,7 +69,7 @@ def matmul_rate(repeats: int) -> float:
   """Returns the jitted float32 matmul rate (FLOP/s) on 1,024 × 1,024 matrices."""
   a = jax.random.normal(jax.random.PRNGKey(1), (1024, 1024), jnp.float32)
   f = jax.jit(lambda a: a @ a)
-  return 2 * 1024**3 / best_time(lambda: f(a).block_until_ready(), repeats)
+  return 2 * 1024**3 / best_time(lambda: f(a).block_until_ready(), max(repeats, 20))  # ~5 ms a call.
 
 
 def forward_flops(fns, batch) -> float:
@@ -84,6 +85,7 @@ def run(names, ks, methods, batch_size, repeats, write):
     fns, batch = make_problem(name, batch_size, key)
     p = ravel_pytree(fns.params)[0].size
     fwd = forward_flops(fns, batch)
+    default = projection.resolve_method(fns.per_example_loss_fn, None, fns.params, projection.shape_of_one(batch))
     grad = jax.jit(jax.grad(fns.loss_fn))
     grad_t = best_time(lambda: jax.block_until_ready(grad(fns.params, batch)), repeats) / batch_size
     for k in ks:
@@ -94,7 +96,7 @@ def run(names, ks, methods, batch_size, repeats, write):
         t = best_time(call, repeats) / batch_size
         rate = matmul_rate(repeats)  # Measured next to each figure: the machine is shared.
         floor_t = (3 * fwd + 2 * k * p) / rate
-        label = method or f"default ({projection.resolve_method(fns.per_example_loss_fn, None)})"
+        label = method or f"default ({default})"
         write(f"| {name} | {p:,} | {k} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} | {t / grad_t:.1f} |")
 
 
@@ -105,6 +107,7 @@ def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeat
     fns, batch = make_problem(name, batch_size, key)
     p = ravel_pytree(fns.params)[0].size
     fwd = forward_flops(fns, batch)
+    default = projection.resolve_method(fns.per_example_loss_fn, None, fns.params, projection.shape_of_one(batch))
     sk = sketch.make_sketch(p, sketch_dim, seed=0)
     (m1, p1), (m2, p2) = sk.left.shape, sk.right.shape
     for k in ks:
@@ -116,7 +119,7 @@ def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeat
         t = best_time(call, repeats) / batch_size
         rate = matmul_rate(repeats)
         floor_t = (3 * fwd + 2 * rows * p + 2 * m1 * p1 * p2 + 2 * m1 * m2 * p2 + 2 * rows * sk.dim) / rate
-        label = method or f"default ({projection.resolve_method(fns.per_example_loss_fn, None)})"
+        label = method or f"default ({default})"
         write(f"| {name} | {p:,} | {k} + {residual_rank} | {sk.dim} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} |")
 
 
