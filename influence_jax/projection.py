@@ -51,23 +51,11 @@ def balanced_microbatch(batch: int, most: int) -> int:
   return -(-batch // steps)
 
 
-def resolve_method(per_example_loss_fn: Callable, method: Optional[str], params: Any = None,
-                   example: Any = None) -> str:
-  """Returns `method`, or when None the default: "layerwise" if per_example_loss_fn provides it and, given
-  `params` and `example` (a batch of one, arrays or shapes), at least half the parameters are in layers it
-  projects without their per-example gradient (`LayerwiseLoss.factored_fraction`); "vjp" otherwise.
-
-  Where most parameters sit in layers applied at many positions (a Transformer's), the layer-wise
-  path forms those layers' per-example gradients anyway, in many small matmuls, and "vjp"'s one
-  matmul is faster (docs/throughput.md).
-  """
+def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
+  """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
   has_layerwise = hasattr(per_example_loss_fn, "micro_projector")
   if method is None:
-    if not has_layerwise:
-      return "vjp"
-    if params is None or example is None:
-      return "layerwise"
-    return "layerwise" if per_example_loss_fn.factored_fraction(params, example) >= 0.5 else "vjp"
+    return "layerwise" if has_layerwise else "vjp"
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
   if method == "layerwise" and not has_layerwise:
@@ -193,7 +181,7 @@ def project_on(
   out as XLA chose). `method` None picks "layerwise" when per_example_loss_fn
   provides it, else "vjp". `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp").
   """
-  asked, method = method, resolve_method(per_example_loss_fn, method)
+  method = resolve_method(per_example_loss_fn, method)
   if with_sq_norms and method == "jvp":
     raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)
@@ -212,8 +200,6 @@ def project_on(
     n = data_lib.batch_size(batch)
     if n == 0:
       raise ValueError(f"batch {i} holds no examples.")
-    if i == 0 and asked is None:
-      method = resolve_method(per_example_loss_fn, None, params, shape_of_one(batch))
     if _is_on_mesh(batch, mesh):
       if n % d:
         raise ValueError(f"global batch {i} has {n} examples, not a multiple of the 'data' axis ({d}).")

@@ -43,9 +43,59 @@ def empty_top_k(num_queries: int, k: int, dtype=jnp.float32) -> TopK:
   return TopK(idx, -inf, idx.copy(), inf.copy())
 
 
-def _merge_side(run_scores, run_idx, block_scores, offset):
+# Columns a group when a block's top-k is searched through group extremes (`block_extremes`).
+GROUP = 32
+
+
+def _top_in_groups(grouped, extremes, k, sign):
+  """Returns (values, columns) of the k largest of sign × `grouped` (T, G, GROUP), searched in the k groups
+  with the largest sign × `extremes` (T, G) only."""
+  rows = grouped.shape[0]
+  _, groups = jax.lax.top_k(sign * extremes, k)
+  groups = jnp.sort(groups, axis=1)  # Candidates in column order, so that top_k breaks ties by column.
+  columns = (groups[:, :, None] * GROUP + jnp.arange(GROUP, dtype=groups.dtype)).reshape(rows, k * GROUP)
+  candidates = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(rows, k * GROUP)
+  values, pos = jax.lax.top_k(sign * candidates, k)
+  return values, jnp.take_along_axis(columns, pos, axis=1)
+
+
+def _grouped_extremes(scores, k):
+  grouped = scores.reshape(scores.shape[0], scores.shape[1] // GROUP, GROUP)
+  pro_s, pro_i = _top_in_groups(grouped, jnp.max(grouped, axis=2), k, 1)
+  opp_s, opp_i = _top_in_groups(grouped, jnp.min(grouped, axis=2), k, -1)
+  return pro_s, pro_i, opp_s, opp_i
+
+
+def block_extremes(scores: jax.Array, k: int, num_valid=None):
+  """Returns (largest, their columns, negated smallest, their columns): per row the k largest scores
+  (descending) and the k smallest (as −score, descending), ties to the lower column, columns ≥
+  `num_valid` ignored (−inf): `lax.top_k` of the scores and of their negation.
+
+  Rows cut into groups of GROUP columns are searched in their k best groups only (by maximum, or
+  minimum; ties to the lower group), in column order: every top-k entry lies in them, since at
+  most k groups have an extreme that comes at or before the k-th entry in that order. So one pass
+  over the scores (maxima and minima of groups) and top-k over G = columns / GROUP extremes and
+  k × GROUP candidates replace two top-k over every column (a block with ignored columns, the
+  last of a stream, is masked first).
+  """
+  n = scores.shape[1]
+  k = min(k, n)
+  num_valid = n if num_valid is None else num_valid
+  masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, sign * scores, -jnp.inf)
+  if n % GROUP or 4 * k * GROUP > n:
+    return jax.lax.top_k(masked(1), k) + jax.lax.top_k(masked(-1), k)
+  whole = lambda: _grouped_extremes(scores, k)
+
+  def part():
+    pro_s, pro_i = jax.lax.top_k(masked(1), k)
+    opp_s, opp_i = jax.lax.top_k(masked(-1), k)
+    return pro_s, pro_i, opp_s, opp_i
+
+  return jax.lax.cond(num_valid >= n, whole, part)
+
+
+def _merge_side(run_scores, run_idx, cand_s, cand_i, offset):
   k = run_scores.shape[1]
-  cand_s, cand_i = jax.lax.top_k(block_scores, min(k, block_scores.shape[1]))
   scores = jnp.concatenate([run_scores, cand_s], axis=1)
   idx = jnp.concatenate([run_idx, cand_i.astype(run_idx.dtype) + offset], axis=1)
   best_s, pos = jax.lax.top_k(scores, k)  # Stable: the running (lower-index) entries win ties.
@@ -54,11 +104,9 @@ def _merge_side(run_scores, run_idx, block_scores, offset):
 
 @jax.jit
 def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid: jax.Array) -> TopK:
-  valid = jnp.arange(scores.shape[1]) < num_valid
-  pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents,
-                             jnp.where(valid, scores, -jnp.inf), offset)
-  opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents,
-                             jnp.where(valid, -scores, -jnp.inf), offset)
+  pro_s, pro_i, opp_s, opp_i = block_extremes(scores, running.proponents.shape[1], num_valid)
+  pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents, pro_s, pro_i, offset)
+  opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents, opp_s, opp_i, offset)
   return TopK(pro_i, pro_s, opp_i, -opp_s)
 
 

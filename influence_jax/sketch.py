@@ -158,6 +158,20 @@ _PROJECT_GRADIENT_BYTES = 256 * 2**20
 _SKETCH_GRADIENT_BYTES = 8 * 2**20
 
 
+def store_method(per_example_loss_fn: Callable, method: str | None, sketched: bool, params: Any, example: Any) -> str:
+  """Returns how `project_and_sketch` computes U∇ℓ: `method` when given; else `projection.resolve_method`'s
+  default, except "vjp" for a sketched store of a model with less than half its parameters in layers
+  projected without their per-example gradient (`LayerwiseLoss.factored_fraction`; `example`: a batch
+  of one, arrays or shapes). The sketch needs every flat per-example gradient, so the layer-wise pass
+  then saves little, and one matmul with U beats many small per-layer ones (a Transformer's
+  position-wise layers; docs/throughput.md)."""
+  resolved = projection.resolve_method(per_example_loss_fn, method)
+  if method is None and resolved == "layerwise" and sketched:
+    if per_example_loss_fn.factored_fraction(params, example) < 0.5:
+      return "vjp"
+  return resolved
+
+
 def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: Callable,
                        params: Any, batch: Any, *, microbatch_size: int = 0,
                        method: str | None = None) -> SketchedProjections:
@@ -165,15 +179,15 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
 
   Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p).
 
-  `method` ("vjp" or "layerwise"; None: `projection.resolve_method`'s default from the model's
-  layers) is how U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
+  `method` ("vjp" or "layerwise"; None: `store_method`'s choice from the model's layers) is how
+  U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
   multiplies them by U. "layerwise" projects layer by layer in the same forward and backward pass
   that assembles the flat per-example gradients, a few examples at a time, for R∇ℓ and ‖∇ℓ‖².
   Micro-batches divide the batch; `microbatch_size` (0: from a memory budget) is how many flat
   per-example gradients exist at once.
   """
   example = projection.shape_of_one(batch)
-  method = projection.resolve_method(per_example_loss_fn, method, params, example)
+  method = store_method(per_example_loss_fn, method, sketch is not None, params, example)
   if method not in ("vjp", "layerwise"):
     raise ValueError(f"project_and_sketch needs method 'vjp' or 'layerwise', got {method!r} (jvp never forms the "
                      "gradient that the sketch and the squared norm need).")

@@ -1,16 +1,16 @@
 """Throughput of projecting per-example gradients, against its floor and a plain batched gradient.
 
 For each model and k, prints examples/s of `projection.project_on` for the
-default method (`projection.resolve_method`: layer-wise for Linen models whose
-parameters sit mostly in layers applied once, "vjp" otherwise) and the "vjp",
-"jvp" and "layerwise" methods, and two ratios measured in the same run:
+default method (layer-wise for Linen models) and the old "vjp" and "jvp"
+methods, and two ratios measured in the same run:
 - × floor: time per example ÷ (floor FLOPs ÷ the run's jitted float32 matmul
   rate), floor FLOPs = 3 × the forward pass's FLOPs (XLA's count; 6 × weights
   for an MLP) + 2·k·p;
 - × grad: time per example ÷ that of jax.grad of the mean loss on batches of
   the same size (one backward pass for the whole batch, no per-example work).
 
-With --store_rows, the same for `sketch.project_and_sketch`, what the project job runs: the k
+With --store_rows, the same for `sketch.project_and_sketch` (default method:
+`sketch.store_method`), what the project job runs: the k
 eigenvector directions plus --residual_rank residual directions and a Kronecker sketch of
 --sketch_dim rows; its floor adds the sketch's FLOPs (2·m₁·p₁p₂ + 2·m₁m₂p₂ + 2·(k + r)·m).
 
@@ -65,11 +65,18 @@ def best_time(fn, repeats: int) -> float:
   return min(times)
 
 
-def matmul_rate(repeats: int) -> float:
-  """Returns the jitted float32 matmul rate (FLOP/s) on 1,024 × 1,024 matrices."""
+def matmul_rate(repeats: int, calls: int = 16) -> float:
+  """Returns the jitted float32 matmul rate (FLOP/s) on 1,024 × 1,024 matrices, sustained over `calls`
+  back-to-back products (~0.1 s, as long as a timed projection pass; best of `repeats`)."""
   a = jax.random.normal(jax.random.PRNGKey(1), (1024, 1024), jnp.float32)
   f = jax.jit(lambda a: a @ a)
-  return 2 * 1024**3 / best_time(lambda: f(a).block_until_ready(), max(repeats, 20))  # ~5 ms a call.
+
+  def run():
+    for _ in range(calls):
+      out = f(a)
+    out.block_until_ready()
+
+  return calls * 2 * 1024**3 / best_time(run, repeats)
 
 
 def forward_flops(fns, batch) -> float:
@@ -85,7 +92,7 @@ def run(names, ks, methods, batch_size, repeats, write):
     fns, batch = make_problem(name, batch_size, key)
     p = ravel_pytree(fns.params)[0].size
     fwd = forward_flops(fns, batch)
-    default = projection.resolve_method(fns.per_example_loss_fn, None, fns.params, projection.shape_of_one(batch))
+    default = projection.resolve_method(fns.per_example_loss_fn, None)
     grad = jax.jit(jax.grad(fns.loss_fn))
     grad_t = best_time(lambda: jax.block_until_ready(grad(fns.params, batch)), repeats) / batch_size
     for k in ks:
@@ -107,7 +114,7 @@ def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeat
     fns, batch = make_problem(name, batch_size, key)
     p = ravel_pytree(fns.params)[0].size
     fwd = forward_flops(fns, batch)
-    default = projection.resolve_method(fns.per_example_loss_fn, None, fns.params, projection.shape_of_one(batch))
+    default = sketch.store_method(fns.per_example_loss_fn, None, True, fns.params, projection.shape_of_one(batch))
     sk = sketch.make_sketch(p, sketch_dim, seed=0)
     (m1, p1), (m2, p2) = sk.left.shape, sk.right.shape
     for k in ks:

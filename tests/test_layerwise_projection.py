@@ -164,15 +164,18 @@ def test_layers_covered():
 def test_default_method():
   fns, _ = _problem("mlp")
   assert projection.resolve_method(fns.per_example_loss_fn, None) == "layerwise"
-  # From the model's layers: most parameters in layers applied once (MLP, CNN's output layer, the tied
-  # model's DenseGenerals) → layer-wise; in Dense layers applied at every position (Transformer) → vjp.
+  # A sketched store's rows, from the model's layers: most parameters in layers applied once (MLP, the
+  # CNN's output layer, the tied model's DenseGenerals) → layer-wise; in Dense layers applied at every
+  # position (Transformer) → vjp. Without a sketch, or when asked, as resolve_method says.
   for name, want in (("mlp", "layerwise"), ("cnn_bn", "layerwise"), ("tied", "layerwise"), ("transformer", "vjp")):
     fns_n, batch = _problem(name)
     one = projection.shape_of_one(batch)
-    assert projection.resolve_method(fns_n.per_example_loss_fn, None, fns_n.params, one) == want, name
-    assert projection.resolve_method(fns_n.per_example_loss_fn, "layerwise", fns_n.params, one) == "layerwise"
+    assert sketch.store_method(fns_n.per_example_loss_fn, None, True, fns_n.params, one) == want, name
+    assert sketch.store_method(fns_n.per_example_loss_fn, None, False, fns_n.params, one) == "layerwise"
+    assert sketch.store_method(fns_n.per_example_loss_fn, "layerwise", True, fns_n.params, one) == "layerwise"
   model = models.NNXMLP(64, (4,), rngs=nnx.Rngs(0))
   nnx_fns = flax_adapters.nnx_loss_fns(model, models.softmax_cross_entropy)
+  assert sketch.store_method(nnx_fns.per_example_loss_fn, None, True, None, None) == "vjp"
   assert projection.resolve_method(nnx_fns.per_example_loss_fn, None) == "vjp"
   with pytest.raises(ValueError, match="layerwise"):
     projection.resolve_method(nnx_fns.per_example_loss_fn, "layerwise")

@@ -14,7 +14,8 @@ def full_sort(scores, k):
   return pro, opp
 
 
-@pytest.mark.parametrize("num_rows, block, k", [(1000, 128, 7), (300, 300, 5), (4, 3, 10), (257, 16, 16)])
+@pytest.mark.parametrize("num_rows, block, k", [(1000, 128, 7), (300, 300, 5), (4, 3, 10), (257, 16, 16),
+                                                 (5000, 1024, 7)])
 def test_streaming_top_k_equals_a_full_sort(num_rows, block, k):
   rng = np.random.default_rng(num_rows)
   queries = rng.integers(-2, 3, (6, 4)).astype(np.float32)  # Small integers: many exact ties.
@@ -29,6 +30,37 @@ def test_streaming_top_k_equals_a_full_sort(num_rows, block, k):
   np.testing.assert_array_equal(got.proponent_scores[:, :kk], np.take_along_axis(scores, pro, 1))
   np.testing.assert_array_equal(got.opponent_scores[:, :kk], np.take_along_axis(scores, opp, 1))
   assert (got.proponents[:, kk:] == -1).all() and np.isneginf(got.proponent_scores[:, kk:]).all()
+
+
+@pytest.mark.parametrize("n, k, num_valid", [(2048, 1, 2048), (2048, 5, 2048), (2048, 16, 2048), (2048, 5, 1000),
+                                              (2048, 5, 3), (2000, 5, 2000), (256, 5, 256)])
+def test_block_extremes_equal_a_full_sort_with_ties(n, k, num_valid):
+  """The grouped search (n a multiple of GROUP, k small) and the plain top-k (otherwise) give the sort's order."""
+  rng = np.random.default_rng(n + k)
+  scores = rng.integers(-3, 4, (5, n)).astype(np.float32)  # Ties inside and across groups.
+  scores[0, ::97] = 9.0  # One row whose maxima tie in many groups.
+  pro_s, pro_i, opp_s, opp_i = (np.asarray(x) for x in ranking.block_extremes(scores, k, num_valid))
+  valid = scores[:, :num_valid]
+  kk = min(k, num_valid)
+  pro, opp = full_sort(valid, kk)
+  np.testing.assert_array_equal(pro_i[:, :kk], pro)
+  np.testing.assert_array_equal(opp_i[:, :kk], opp)
+  np.testing.assert_array_equal(pro_s[:, :kk], np.take_along_axis(valid, pro, 1))
+  np.testing.assert_array_equal(-opp_s[:, :kk], np.take_along_axis(valid, opp, 1))
+  assert np.isneginf(pro_s[:, kk:]).all() and np.isneginf(opp_s[:, kk:]).all()
+
+
+def test_block_extremes_break_ties_by_column_across_groups():
+  """A tie at the k-th place between a later group with a larger maximum and an earlier group."""
+  g = ranking.GROUP
+  row = np.full(64 * g, -5.0, np.float32)
+  row[5 * g], row[5 * g + 1] = 9.0, 1.0  # Group 5: the largest maximum, and a 1.
+  row[2 * g], row[2 * g + 1] = 3.0, 1.0  # Group 2: the next maximum, and a 1 at a lower column.
+  scores = np.stack([row, -row])
+  pro_s, pro_i, opp_s, opp_i = (np.asarray(x) for x in ranking.block_extremes(scores, 3))
+  np.testing.assert_array_equal(pro_i[0], [5 * g, 2 * g, 2 * g + 1])
+  np.testing.assert_array_equal(opp_i[1], [5 * g, 2 * g, 2 * g + 1])
+  np.testing.assert_array_equal(pro_s[0], [9, 3, 1])
 
 
 def test_padded_blocks_ignore_their_padding():

@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
   )
   c.project = dict(
       batch_size=1024,  # Training examples projected per step (global, over all processes).
-      microbatch_size=0,  # 0: chosen from the model size.
+      microbatch_size=0,  # Flat per-example gradients held at once; 0: chosen from the model size.
       chunk_rows=8192,  # Rows per store chunk (the unit of writing, resuming and verifying).
       sketch_dim=1024,  # m of the sketched remainder R(I − WᵀW)∇ℓ(z) (0: no sketch; the tail then needs it).
       # r exact coordinates V∇ℓ(z) on the top principal directions of the gradients outside the
