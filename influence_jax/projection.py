@@ -234,7 +234,15 @@ def _concatenate_by_example(pieces, mesh):
   if total % sharding_lib.axis_size(mesh, sharding_lib.DATA):
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
   spec = sharding_lib.PROJECTIONS_SPEC if pieces[0].ndim == 2 else sharding_lib.BATCH_SPEC
-  return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding_lib.named(mesh, spec))(*pieces)
+  want = sharding_lib.named(mesh, spec)
+  if len(pieces) == 1 and pieces[0].sharding.is_equivalent_to(want, pieces[0].ndim):
+    return pieces[0]
+  return _concatenate_as(want, *pieces)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _concatenate_as(sharding, *pieces):
+  return jax.lax.with_sharding_constraint(jnp.concatenate(pieces), sharding)
 
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
