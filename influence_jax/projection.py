@@ -235,14 +235,15 @@ def _concatenate_by_example(pieces, mesh):
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
   spec = sharding_lib.PROJECTIONS_SPEC if pieces[0].ndim == 2 else sharding_lib.BATCH_SPEC
   want = sharding_lib.named(mesh, spec)
-  if len(pieces) == 1 and pieces[0].sharding.is_equivalent_to(want, pieces[0].ndim):
+  if len(pieces) == 1 and pieces[0].sharding == want:
     return pieces[0]
-  return _concatenate_as(want, *pieces)
+  return _concatenation(want)(*pieces)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _concatenate_as(sharding, *pieces):
-  return jax.lax.with_sharding_constraint(jnp.concatenate(pieces), sharding)
+@functools.lru_cache(maxsize=None)
+def _concatenation(sharding):
+  """Returns a jitted concatenation laid out as `sharding`, one per sharding (compiled once per shapes)."""
+  return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding)
 
 
 def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
