@@ -2,8 +2,8 @@
 
 Streaming keeps, per query, the k largest scores (proponents, descending) and the k smallest
 (opponents, ascending) with their training indices, on the device: each block of training rows
-is one jitted matmul + `lax.top_k` merged with the running state, so memory is bounded by the
-block and k, never by N. Merging blocks in any split gives the same result as `top_k` over all
+is one jitted matmul + a top-k (`block_extremes`) merged with the running state, so memory is
+bounded by the block and k, never by N. Merging blocks in any split gives the same result as `top_k` over all
 columns at once; ties go to the lower training index.
 """
 
