@@ -173,8 +173,9 @@ class LayerwiseLoss:
     key = ("factored",) + _shape_key(params, example)
     if key not in self._sizes:
       calls = discover_calls(self.fn, params, example)
-      covered = {c.path for c, plan in zip(calls, plan_calls(calls, False)) if plan != "layer_vjp"}
-      covered -= {c.path for c, plan in zip(calls, plan_calls(calls, False)) if plan == "layer_vjp"}
+      plans = plan_calls(calls, False)
+      # A layer counts when none of its calls needs its per-example gradient.
+      covered = {c.path for c in calls} - {c.path for c, plan in zip(calls, plans) if plan == "layer_vjp"}
       sizes = {path: leaf.size for path, leaf in zip(leaf_paths(params), jax.tree.leaves(params))}
       factored = sum(n for path, n in sizes.items() if any(path[:len(c)] == c for c in covered))
       self._sizes[key] = factored / max(1, sum(sizes.values()))

@@ -234,10 +234,7 @@ def _concatenate_by_example(pieces, mesh):
   if total % sharding_lib.axis_size(mesh, sharding_lib.DATA):
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
   spec = sharding_lib.PROJECTIONS_SPEC if pieces[0].ndim == 2 else sharding_lib.BATCH_SPEC
-  want = sharding_lib.named(mesh, spec)
-  if len(pieces) == 1 and pieces[0].sharding == want:
-    return pieces[0]
-  return _concatenation(want)(*pieces)
+  return _concatenation(sharding_lib.named(mesh, spec))(*pieces)
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,8 +3,8 @@
 Streaming keeps, per query, the k largest scores (proponents, descending) and the k smallest
 (opponents, ascending) with their training indices, on the device: each block of training rows
 is one jitted matmul + a top-k (`block_extremes`) merged with the running state, so memory is
-bounded by the block and k, never by N. Merging blocks in any split gives the same result as `top_k` over all
-columns at once; ties go to the lower training index.
+bounded by the block and k, never by N. Merging blocks in any split gives the same result as
+`top_k` over all columns at once; ties go to the lower training index.
 """
 
 from __future__ import annotations
@@ -82,16 +82,10 @@ def block_extremes(scores: jax.Array, k: int, num_valid=None):
   k = min(k, n)
   num_valid = n if num_valid is None else num_valid
   masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, sign * scores, -jnp.inf)
+  plain = lambda: tuple(jax.lax.top_k(masked(1), k)) + tuple(jax.lax.top_k(masked(-1), k))
   if n % GROUP or 4 * k * GROUP > n:
-    return jax.lax.top_k(masked(1), k) + jax.lax.top_k(masked(-1), k)
-  whole = lambda: _grouped_extremes(scores, k)
-
-  def part():
-    pro_s, pro_i = jax.lax.top_k(masked(1), k)
-    opp_s, opp_i = jax.lax.top_k(masked(-1), k)
-    return pro_s, pro_i, opp_s, opp_i
-
-  return jax.lax.cond(num_valid >= n, whole, part)
+    return plain()
+  return jax.lax.cond(num_valid >= n, lambda: _grouped_extremes(scores, k), plain)
 
 
 def _merge_side(run_scores, run_idx, cand_s, cand_i, offset):

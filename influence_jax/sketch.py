@@ -192,8 +192,8 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
     raise ValueError(f"project_and_sketch needs method 'vjp' or 'layerwise', got {method!r} (jvp never forms the "
                      "gradient that the sketch and the squared norm need).")
   size = data_lib.batch_size(batch)
-  flat = ravel_pytree(params)[0]
-  gradient_bytes = flat.size * jnp.dtype(directions.dtype).itemsize
+  num_params = sum(x.size for x in jax.tree.leaves(params))  # Shapes only: nothing is concatenated per batch.
+  gradient_bytes = num_params * jnp.dtype(directions.dtype).itemsize
   if method == "vjp":
     micro = divisor_at_most(size, microbatch_size or max(1, _PROJECT_GRADIENT_BYTES // gradient_bytes))
     return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))
