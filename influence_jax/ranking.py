@@ -2,13 +2,20 @@
 
 Streaming keeps, per query, the k largest scores (proponents, descending) and the k smallest
 (opponents, ascending) with their training indices, on the device: each block of training rows
-is one jitted matmul + a top-k (`block_extremes`) merged with the running state, so memory is
-bounded by the block and k, never by N. Merging blocks in any split gives the same result as
-`top_k` over all columns at once; ties go to the lower training index.
+is one jitted program that scores it tile by tile and merges each tile with the running state, so
+memory is bounded by the block and k, never by N. Merging blocks in any split gives the same result
+as `top_k` over all columns at once; ties go to the lower training index.
+
+A tile's merge looks at maxima (minima) of groups of GROUP columns first: only groups past a
+query's running k-th score can change its list, and in a stream in no particular order they soon
+become rare, so top-k (a sort on XLA:CPU) is spent on the few queries and groups a tile changes. A
+block merged into lists not yet filled (the first) takes a lower bound of its own k-th scores from
+a first pass over it, so that its own tiles are filtered too.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, NamedTuple, Optional
 
 import jax
@@ -47,23 +54,38 @@ def empty_top_k(num_queries: int, k: int, dtype=jnp.float32) -> TopK:
 GROUP = 32
 
 
-def _top_in_groups(grouped, extremes, k, sign):
-  """Returns (values, columns) of the k largest of sign × `grouped` (T, G, GROUP), searched in the k groups
-  with the largest sign × `extremes` (T, G) only."""
-  rows = grouped.shape[0]
-  _, groups = jax.lax.top_k(sign * extremes, k)
+def _group_extremes(grouped, num_valid, sign):
+  """Returns (T, G): per row and group of `grouped` (T, G, GROUP) the largest sign × score over columns
+  < num_valid (−inf where the group has none)."""
+  extremes = jnp.max(grouped, axis=2) if sign == 1 else -jnp.min(grouped, axis=2)
+  num_groups = grouped.shape[1]
+  whole = num_valid // GROUP  # Groups before it are entirely valid, after it entirely not.
+  part = jax.lax.dynamic_index_in_dim(grouped, jnp.minimum(whole, num_groups - 1), axis=1, keepdims=False)
+  part = jnp.where(whole * GROUP + jnp.arange(GROUP) < num_valid, sign * part, -jnp.inf).max(axis=1)
+  group = jnp.arange(num_groups)
+  return jnp.where(group < whole, extremes, jnp.where(group == whole, part[:, None], -jnp.inf))
+
+
+def _top_in_groups(grouped, extremes, k, sign, num_valid, entering=None):
+  """Returns (values, columns): per row the k largest of sign × `grouped` (T, G, GROUP) over columns <
+  num_valid (−inf past them), searched in the k groups with the largest `extremes` only. With
+  `entering` (a function of the (T, k × GROUP) candidates), candidates it rejects are −inf too: XLA:CPU's
+  top-k, a sort, is several times faster on them."""
+  _, groups = jax.lax.top_k(extremes, k)
   groups = jnp.sort(groups, axis=1)  # Candidates in column order, so that top_k breaks ties by column.
-  columns = (groups[:, :, None] * GROUP + jnp.arange(GROUP, dtype=groups.dtype)).reshape(rows, k * GROUP)
-  candidates = jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(rows, k * GROUP)
-  values, pos = jax.lax.top_k(sign * candidates, k)
+  num = groups.shape[0]
+  columns = (groups[:, :, None] * GROUP + jnp.arange(GROUP, dtype=groups.dtype)).reshape(num, k * GROUP)
+  candidates = sign * jnp.take_along_axis(grouped, groups[:, :, None], axis=1).reshape(num, k * GROUP)
+  kept = columns < num_valid
+  if entering is not None:
+    kept &= entering(candidates)
+  values, pos = jax.lax.top_k(jnp.where(kept, candidates, -jnp.inf), k)
   return values, jnp.take_along_axis(columns, pos, axis=1)
 
 
-def _grouped_extremes(scores, k):
-  grouped = scores.reshape(scores.shape[0], scores.shape[1] // GROUP, GROUP)
-  pro_s, pro_i = _top_in_groups(grouped, jnp.max(grouped, axis=2), k, 1)
-  opp_s, opp_i = _top_in_groups(grouped, jnp.min(grouped, axis=2), k, -1)
-  return pro_s, pro_i, opp_s, opp_i
+def _is_grouped(n, k):
+  """Whether a block of n columns is searched through group extremes for a top-k (else a plain top-k)."""
+  return n % GROUP == 0 and 4 * k * GROUP <= n
 
 
 def block_extremes(scores: jax.Array, k: int, num_valid=None):
@@ -75,17 +97,17 @@ def block_extremes(scores: jax.Array, k: int, num_valid=None):
   minimum; ties to the lower group), in column order: every top-k entry lies in them, since at
   most k groups have an extreme that comes at or before the k-th entry in that order. So one pass
   over the scores (maxima and minima of groups) and top-k over G = columns / GROUP extremes and
-  k × GROUP candidates replace two top-k over every column (a block with ignored columns, the
-  last of a stream, is masked first).
+  k × GROUP candidates replace two top-k over every column.
   """
   n = scores.shape[1]
   k = min(k, n)
   num_valid = n if num_valid is None else num_valid
-  masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, sign * scores, -jnp.inf)
-  plain = lambda: tuple(jax.lax.top_k(masked(1), k)) + tuple(jax.lax.top_k(masked(-1), k))
-  if n % GROUP or 4 * k * GROUP > n:
-    return plain()
-  return jax.lax.cond(num_valid >= n, lambda: _grouped_extremes(scores, k), plain)
+  if not _is_grouped(n, k):
+    masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, sign * scores, -jnp.inf)
+    return tuple(jax.lax.top_k(masked(1), k)) + tuple(jax.lax.top_k(masked(-1), k))
+  grouped = scores.reshape(scores.shape[0], n // GROUP, GROUP)
+  return sum((_top_in_groups(grouped, _group_extremes(grouped, num_valid, sign), k, sign, num_valid)
+              for sign in (1, -1)), ())
 
 
 def _merge_side(run_scores, run_idx, cand_s, cand_i, offset):
@@ -96,11 +118,93 @@ def _merge_side(run_scores, run_idx, cand_s, cand_i, offset):
   return best_s, jnp.take_along_axis(idx, pos, axis=1)
 
 
+# A query whose running k-th score is beaten in at most this many groups of a tile merges those groups'
+# columns alone; more, in any query, and the tile is merged through `_top_in_groups` for every query.
+FEW_GROUPS = 8
+# How many queries (rows of a tile) such a merge gathers when only they have a score past their k-th.
+ROW_BUCKETS = (16, 64, 256)
+
+
+def _entering(kth, floor):
+  """Returns a function of scores (R, W): whether each may enter a running list whose k-th score is
+  `kth` (R,) (not at or below it: a later column loses the tie; NaN may, as top_k ranks it first) and
+  that ends at or above `floor` (R,)."""
+  return lambda s: jnp.logical_not(s <= kth[:, None]) & jnp.logical_not(s < floor[:, None])
+
+
+def _merge_beating_groups(run_scores, run_idx, grouped, beats, sign, offset, num_valid, floor, rows):
+  """Returns (scores, indices) of the running rows `rows` (R,) merged with the columns of their first
+  FEW_GROUPS groups in `beats` (T, G): those groups hold every column past the running k-th."""
+  num_groups = beats.shape[1]
+  beats = beats.at[rows].get(mode="clip")
+  rank = jnp.where(beats, jnp.cumsum(beats, axis=1), 0)  # 1, 2, ... along a row's beating groups.
+  slot = jnp.arange(1, FEW_GROUPS + 1)[:, None]
+  groups = jnp.sum(jnp.where(rank[:, None, :] == slot, jnp.arange(num_groups), 0), axis=2)  # (R, FEW)
+  present = jnp.any(rank[:, None, :] == slot, axis=2)
+  num = rows.shape[0]
+  columns = (groups[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(num, -1)
+  values = sign * grouped.at[rows[:, None], groups].get(mode="clip")
+  values = jnp.where(jnp.repeat(present, GROUP, axis=1) & (columns < num_valid), values.reshape(num, -1),
+                     -jnp.inf)
+  old_s, old_i = run_scores.at[rows].get(mode="clip"), run_idx.at[rows].get(mode="clip")
+  kept = _entering(old_s[:, -1], floor.at[rows].get(mode="clip"))(values)
+  # Scores that cannot enter as −inf: XLA:CPU's top-k (a sort) is several times faster on them.
+  return _merge_side(old_s, old_i, jnp.where(kept, values, -jnp.inf), columns, offset)
+
+
+def _merge_side_where_beaten(run_scores, run_idx, grouped, sign, offset, num_valid, floor):
+  """Returns (run_scores, run_idx) merged with sign × `grouped` (T, G, GROUP), columns offset.., looking
+  only at the groups that hold a score past a query's running k-th (a later column at it loses the
+  tie): while every query has at most FEW_GROUPS of them, the queries that have any (gathered into the
+  smallest of ROW_BUCKETS that holds them) merge those groups' columns alone. A stream in no
+  particular order reaches that state once the k-th scores have risen, and then spends on top-k
+  only for the few queries a tile changes; otherwise `_top_in_groups` merges every query.
+
+  Groups below `floor` (T,), a lower bound of the k-th score at the end of the call, are not merged
+  either: their columns cannot be in its result, though an intermediate state may then miss them.
+  """
+  num_rows, k = run_scores.shape
+  extremes = _group_extremes(grouped, num_valid, sign)
+  entering = _entering(run_scores[:, -1], floor)
+  beats = entering(extremes)
+  per_query = jnp.sum(beats, axis=1)
+  num_beaten = jnp.sum(per_query > 0)
+
+  def few(size):
+    rows = jnp.arange(num_rows) if size == num_rows else jnp.nonzero(per_query, size=size, fill_value=num_rows)[0]
+    new_s, new_i = _merge_beating_groups(run_scores, run_idx, grouped, beats, sign, offset, num_valid, floor,
+                                         rows)
+    return run_scores.at[rows].set(new_s, mode="drop"), run_idx.at[rows].set(new_i, mode="drop")
+
+  def every_query():
+    best = _top_in_groups(grouped, jnp.where(beats, extremes, -jnp.inf), k, sign, num_valid, entering)
+    return _merge_side(run_scores, run_idx, *best, offset)
+
+  sizes = [b for b in ROW_BUCKETS if b < num_rows] + [num_rows]
+  branches = [lambda: (run_scores, run_idx)] + [functools.partial(few, b) for b in sizes] + [every_query]
+  branch = jnp.where(jnp.max(per_query) > FEW_GROUPS, len(branches) - 1,
+                     jnp.sum(num_beaten > jnp.array([0] + sizes[:-1])))
+  return jax.lax.switch(branch, branches)
+
+
 @jax.jit
-def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid: jax.Array) -> TopK:
-  pro_s, pro_i, opp_s, opp_i = block_extremes(scores, running.proponents.shape[1], num_valid)
-  pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents, pro_s, pro_i, offset)
-  opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents, opp_s, opp_i, offset)
+def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid: jax.Array,
+                  floors=None) -> TopK:
+  """`merge_top_k`, with `floors`: lower bounds (T,) of the call's final k-th largest score and of
+  the negated k-th smallest (see `_merge_side_where_beaten`)."""
+  k, n = running.proponents.shape[1], scores.shape[1]
+  if not _is_grouped(n, k):
+    pro_s, pro_i, opp_s, opp_i = block_extremes(scores, k, num_valid)
+    pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents, pro_s, pro_i, offset)
+    opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents, opp_s, opp_i, offset)
+    return TopK(pro_i, pro_s, opp_i, -opp_s)
+  if floors is None:
+    floors = (jnp.full(scores.shape[:1], -jnp.inf, scores.dtype),) * 2
+  grouped = scores.reshape(scores.shape[0], n // GROUP, GROUP)
+  pro_s, pro_i = _merge_side_where_beaten(running.proponent_scores, running.proponents, grouped, 1, offset,
+                                          num_valid, floors[0])
+  opp_s, opp_i = _merge_side_where_beaten(-running.opponent_scores, running.opponents, grouped, -1, offset,
+                                          num_valid, floors[1])
   return TopK(pro_i, pro_s, opp_i, -opp_s)
 
 
@@ -114,9 +218,10 @@ def merge_top_k(running: TopK, scores: jax.Array, offset: int, num_valid: Option
   return _merge_scores(running, jnp.asarray(scores), jnp.int32(offset), jnp.int32(num_valid))
 
 
-# Rows scored at once inside one jitted merge: bounds the (T, rows) score buffer (32 MiB at T = 1,000)
-# however large the block read from disk is.
-TILE_ROWS = 8192
+# Rows scored at once inside one jitted merge: bounds the (T, rows) score buffer (8 MiB at T = 1,000)
+# however large the block read from disk is; tiles this small stay in cache for the pass over their
+# group extremes, and the merges only grow with the queries a tile changes.
+TILE_ROWS = 2048
 
 
 def tile_rows(num_rows: int) -> int:
@@ -126,15 +231,47 @@ def tile_rows(num_rows: int) -> int:
   return tile if tile >= min(num_rows, TILE_ROWS // 8) else num_rows
 
 
+def _block_floors(queries, tiles, k, num_valid):
+  """Returns lower bounds (T,) of the k-th largest score of the block's `tiles` (num, rows, d) and of
+  its negated k-th smallest, without a wide top-k (slow on XLA:CPU): the block's columns cut into
+  about 2k parts, the k-th largest of the parts' maxima (of −minima), as k parts each hold a score
+  at least that."""
+  num_tiles, rows = tiles.shape[:2]
+  parts = next(p for p in range(-(-8 * k // num_tiles), rows + 1) if rows % p == 0)
+
+  def tile_extremes(t):
+    scores = (queries @ tiles[t].T).reshape(queries.shape[0], parts, rows // parts)
+    valid = t * rows + jnp.arange(rows).reshape(parts, rows // parts) < num_valid
+    return (jnp.max(jnp.where(valid, scores, -jnp.inf), axis=2),
+            jnp.max(jnp.where(valid, -scores, -jnp.inf), axis=2))
+
+  hi, lo = jax.lax.map(tile_extremes, jnp.arange(num_tiles))
+  # The merge forms the same scores in another program, so they may differ in rounding: by at most
+  # 2·d·u·‖q‖·‖r‖ (u = eps / 2, the bound on a dot product's rounding in any order), taken off here.
+  d = queries.shape[1]
+  margin = 1.25 * d * jnp.finfo(queries.dtype).eps * jnp.linalg.norm(queries, axis=1) * jnp.max(
+      jnp.linalg.norm(tiles, axis=2))
+  kth = lambda e: jax.lax.top_k(jnp.moveaxis(e, 0, 1).reshape(queries.shape[0], -1), k)[0][:, -1] - margin
+  return kth(hi), kth(lo)
+
+
 @jax.jit
 def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.Array,
                 num_valid: jax.Array) -> TopK:
   tile = tile_rows(rows.shape[0])
   tiles = rows.reshape(rows.shape[0] // tile, tile, rows.shape[1])
+  k = running.proponents.shape[1]
+  no_floor = jnp.full(queries.shape[:1], -jnp.inf, queries.dtype)
+  floors = (no_floor, no_floor)
+  if _is_grouped(tile, k):
+    # While some query has fewer than k scores (the first block), its k-th score is no filter: a
+    # first pass over the block's group extremes gives each query one.
+    unfilled = jnp.any(jnp.isneginf(running.proponent_scores[:, -1]))
+    floors = jax.lax.cond(unfilled, lambda: _block_floors(queries, tiles, k, num_valid), lambda: floors)
 
   def merge_tile(run, t):
     lo = t * tile
-    return _merge_scores(run, queries @ tiles[t].T, offset + lo, num_valid - lo), None
+    return _merge_scores(run, queries @ tiles[t].T, offset + lo, num_valid - lo, floors), None
 
   return jax.lax.scan(merge_tile, running, jnp.arange(tiles.shape[0], dtype=jnp.int32))[0]
 
@@ -152,12 +289,40 @@ def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
   return _merge_rows(running, jnp.asarray(queries), jnp.asarray(rows), jnp.int32(offset), jnp.int32(num_valid))
 
 
+def device_block(rows: np.ndarray, size: int) -> jax.Array:
+  """Returns host `rows` (B ≤ size, d) padded with zero rows to `size`, as a device array.
+
+  The rows are copied once, into a fresh 64-byte-aligned host buffer that a CPU device then shares
+  rather than copying it again (`jnp.asarray` of an unaligned array copies at a fraction of memory
+  speed); nothing else holds that buffer, so it is never written again.
+  """
+  rows = np.asarray(rows)
+  if rows.shape[0] > size:
+    raise ValueError(f"a block of {rows.shape[0]} rows does not fit in {size} rows")
+  nbytes = size * rows.shape[1] * rows.dtype.itemsize
+  raw = np.empty(nbytes + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  out = raw[start:start + nbytes].view(rows.dtype).reshape(size, rows.shape[1])
+  out[: rows.shape[0]] = rows
+  out[rows.shape[0]:] = 0
+  return jax.device_put(out)
+
+
 def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k: int,
                  running: Optional[TopK] = None) -> TopK:
-  """Returns the top-k of queries @ rowsᵀ over every (offset, rows) block, on the host."""
+  """Returns the top-k of queries @ rowsᵀ over every (offset, rows) block, on the host.
+
+  Host blocks are padded to the largest block so far (`device_block`): a shorter last block
+  compiles nothing new.
+  """
   running = empty_top_k(queries.shape[0], k, queries.dtype) if running is None else running
+  size = 0
   for offset, rows in blocks:
-    running = merge_rows(running, queries, rows, offset)
+    if isinstance(rows, jax.Array):
+      running = merge_rows(running, queries, rows, offset)
+      continue
+    size = max(size, rows.shape[0])
+    running = merge_rows(running, queries, device_block(rows, size), offset, rows.shape[0])
   return to_host(running)
 
 

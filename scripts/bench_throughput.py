@@ -131,16 +131,22 @@ def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeat
 
 
 def scoring(num_queries: int, num_rows: int, k: int, block: int, repeats: int, write) -> None:
-  """Prints the streaming top-k's time over num_rows × k rows (host blocks, as read from a store)
-  against its floor, 2·T·N·k FLOPs at the run's matmul rate."""
+  """Prints the streaming top-10's time over num_rows distinct rows of k numbers, read in host blocks
+  as from a store, against its floor, 2·T·N·k FLOPs at the run's matmul rate. Twice: rows in random
+  order (a shuffled training set's), and rising along the stream in a direction every query leans
+  on (each tile changes every query's list on one side: the slowest order)."""
   rng = np.random.default_rng(0)
   queries = jnp.asarray(rng.standard_normal((num_queries, k)), jnp.float32)
-  rows = rng.standard_normal((block, k)).astype(np.float32)  # One host block, read N / block times.
-  blocks = lambda: ((lo, rows[: min(block, num_rows - lo)]) for lo in range(0, num_rows, block))
-  t = best_time(lambda: ranking.stream_top_k(queries, blocks(), 10), repeats)
-  floor_t = 2 * num_queries * num_rows * k / matmul_rate(repeats)
-  write(f"| scoring T={num_queries:,} N={num_rows:,} k={k}, blocks of {block:,} | {t:.2f} s | "
-        f"floor {floor_t:.2f} s | × floor {t / floor_t:.2f} |")
+  rows = rng.standard_normal((num_rows, k), dtype=np.float32)
+  blocks = lambda: ((lo, rows[lo:lo + block]) for lo in range(0, num_rows, block))
+  for order in ("random", "rising"):
+    if order == "rising":
+      lean = np.asarray(queries).sum(axis=0)
+      rows += np.linspace(0, 1000, num_rows, dtype=np.float32)[:, None] * (lean / np.linalg.norm(lean))
+    t = best_time(lambda: ranking.stream_top_k(queries, blocks(), 10), repeats)
+    floor_t = 2 * num_queries * num_rows * k / matmul_rate(repeats)
+    write(f"| scoring T={num_queries:,} N={num_rows:,} k={k}, blocks of {block:,}, {order} order | {t:.2f} s | "
+          f"floor {floor_t:.2f} s | × floor {t / floor_t:.2f} |")
 
 
 def main():

@@ -1,5 +1,6 @@
 """Streaming top-k (device merges of blocks) against a full sort, with ties and fewer rows than k."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,7 +76,7 @@ def test_padded_blocks_ignore_their_padding():
 
 def test_tiled_block_with_padding_in_a_later_tile_equals_a_full_sort():
   rng = np.random.default_rng(1)
-  block = 2 * ranking.TILE_ROWS + 1024  # Four tiles of 4,352 rows.
+  block = 2 * ranking.TILE_ROWS + 1024  # Tiles of fewer rows than TILE_ROWS.
   assert ranking.tile_rows(block) < block and block % ranking.tile_rows(block) == 0
   queries = rng.integers(-2, 3, (3, 4)).astype(np.float32)  # Many exact ties across tile boundaries.
   rows = rng.integers(-2, 3, (block, 4)).astype(np.float32)
@@ -87,11 +88,17 @@ def test_tiled_block_with_padding_in_a_later_tile_equals_a_full_sort():
   np.testing.assert_array_equal(got.opponents, opp + 40)
 
 
+def _prime_above(n):
+  return next(p for p in range(n + 1, 2 * n + 2) if all(p % d for d in range(2, int(p**0.5) + 1)))
+
+
 def test_tile_rows_divides_the_block_or_takes_it_whole():
   assert ranking.tile_rows(65536) == ranking.TILE_ROWS
   assert ranking.tile_rows(100) == 100
-  assert ranking.tile_rows(3 * 4099) == 4099
-  assert ranking.tile_rows(2 * 8209) == 2 * 8209  # 8,209 is prime: only tiles of 2 rows divide it.
+  p = _prime_above(ranking.TILE_ROWS // 2)
+  assert ranking.tile_rows(3 * p) == p
+  q = _prime_above(ranking.TILE_ROWS)
+  assert ranking.tile_rows(2 * q) == 2 * q  # Only tiles of 2 rows divide it.
 
 
 def test_running_largest_equals_a_sort_with_ties():
@@ -100,3 +107,87 @@ def test_running_largest_equals_a_sort_with_ties():
   for lo in range(0, 8, 3):
     running = ranking.merge_largest(running, values[lo:lo + 3], lo)
   np.testing.assert_array_equal(running.indices, np.lexsort((np.arange(8), -values))[:5])
+
+
+def _exact_merge(run_s, run_i, scores, offset, k):
+  """The k best of a running list and `scores` (columns offset..), ties to the lower index."""
+  out_s, out_i = [], []
+  for rs, ri, row in zip(run_s, run_i, scores):
+    vals = np.concatenate([rs, row])
+    idx = np.concatenate([ri, offset + np.arange(row.size)])
+    order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -vals))[:k]
+    out_s.append(vals[order])
+    out_i.append(idx[order])
+  return np.array(out_s), np.array(out_i)
+
+
+@pytest.mark.parametrize("num_beaten, crowded", [(0, False), (5, False), (40, False), (200, False), (300, False),
+                                                 (5, True)])
+def test_merging_only_the_beaten_queries_equals_an_exact_merge(num_beaten, crowded):
+  """Every branch of `_merge_side_where_beaten` (no query beaten; few of them, gathered into each row
+  bucket; all; a query beaten in more than FEW_GROUPS groups) against an exact merge, with ties."""
+  rng = np.random.default_rng(num_beaten + crowded)
+  t, n, k, offset = 300, 64 * ranking.GROUP, 6, 10_000
+  scores = rng.integers(-20, 21, (t, n)).astype(np.float64)
+  run_s = -np.sort(-rng.integers(30, 60, (t, k)).astype(np.float64), axis=1)
+  run_s[:, -1] = 30.0  # The k-th: a tie for the new scores set to it below.
+  run_i = np.sort(rng.choice(offset, (t, k)), axis=1)
+  beaten = rng.choice(t, num_beaten, replace=False)
+  for q in beaten:  # One to three scores past the k-th (some equal to each other), and ties at it.
+    cols = rng.choice(n, rng.integers(1, 4), replace=False)
+    scores[q, cols] = rng.choice([31.0, 45.0, 70.0], cols.size)
+    scores[q, rng.integers(n)] = 30.0
+  if crowded:  # Beaten in one group more than FEW_GROUPS, the last with the largest score.
+    groups = np.arange(ranking.FEW_GROUPS + 1) * 3
+    scores[beaten[0], groups * ranking.GROUP] = 50.0
+    scores[beaten[0], groups[-1] * ranking.GROUP + 5] = 90.0
+  scores[[q for q in range(t) if q not in beaten][:3], 0] = 30.0  # Ties at the k-th that must lose.
+  grouped = jnp.asarray(scores.reshape(t, n // ranking.GROUP, ranking.GROUP))
+  got_s, got_i = ranking._merge_side_where_beaten(jnp.asarray(run_s), jnp.asarray(run_i), grouped, 1, offset, n,
+                                                  jnp.full((t,), -jnp.inf))
+  want_s, want_i = _exact_merge(run_s, run_i, scores, offset, k)
+  np.testing.assert_array_equal(np.asarray(got_i), want_i)
+  np.testing.assert_array_equal(np.asarray(got_s), want_s)
+  # The opponents' side: the same merge of the negated scores, given as minima.
+  got_s, got_i = ranking._merge_side_where_beaten(jnp.asarray(run_s), jnp.asarray(run_i), -grouped, -1, offset, n,
+                                                  jnp.full((t,), -jnp.inf))
+  np.testing.assert_array_equal(np.asarray(got_i), want_i)
+
+
+def test_block_floors_are_at_most_the_kth_scores():
+  rng = np.random.default_rng(3)
+  queries = rng.normal(size=(7, 12)).astype(np.float32)
+  rows = rng.normal(size=(4 * 1280, 12)).astype(np.float32)
+  for num_valid, k in ((rows.shape[0], 10), (2000, 10), (rows.shape[0], 1), (1300, 3)):
+    tiles = jnp.asarray(rows.reshape(4, 1280, 12))
+    hi, lo = (np.asarray(x) for x in ranking._block_floors(jnp.asarray(queries), tiles, k, num_valid))
+    scores = queries.astype(np.float64) @ rows[:num_valid].T.astype(np.float64)
+    kth_hi = -np.sort(-scores, axis=1)[:, k - 1]
+    kth_lo = -np.sort(scores, axis=1)[:, k - 1]
+    assert (hi <= kth_hi).all() and (lo <= kth_lo).all()
+    assert (hi > kth_hi - 1.0).all()  # And near it: a floor far below would filter nothing.
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_long_stream_with_ties_equals_a_full_sort(k):
+  """Enough rows per query that the k-th scores rise and later tiles merge only the beaten queries,
+  with exact ties throughout (integer scores) and a padded last block."""
+  rng = np.random.default_rng(k)
+  queries = rng.integers(-3, 4, (40, 3)).astype(np.float32)
+  rows = rng.integers(-100, 101, (45_000, 3)).astype(np.float32)
+  blocks = [(lo, rows[lo:lo + 8192]) for lo in range(0, rows.shape[0], 8192)]
+  got = ij.stream_top_k(queries, blocks, k)
+  scores = queries @ rows.T
+  pro, opp = full_sort(scores, k)
+  np.testing.assert_array_equal(got.proponents, pro)
+  np.testing.assert_array_equal(got.opponents, opp)
+  np.testing.assert_array_equal(got.proponent_scores, np.take_along_axis(scores, pro, 1))
+
+
+def test_device_block_pads_with_zero_rows():
+  rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+  block = ranking.device_block(rows, 6)
+  np.testing.assert_array_equal(np.asarray(block), np.concatenate([rows, np.zeros((2, 3), np.float32)]))
+  assert block.dtype == np.float32
+  with pytest.raises(ValueError, match="5 rows does not fit in 4 rows"):
+    ranking.device_block(np.zeros((5, 3), np.float32), 4)

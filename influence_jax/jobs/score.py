@@ -150,8 +150,7 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
     hi = min(lo + block, rows.stop)
     part = store.read(lo, hi, names)
     side = part["projections"] if not s.tail else np.concatenate([part[n] for n in names[:-1]], axis=1)
-    padded = np.zeros((block, side.shape[1]), np.float32)
-    padded[: hi - lo] = side
+    padded = ranking.device_block(side.astype(np.float32, copy=False), block)
     previous, running = running, ranking.merge_rows(running, queries, padded, lo, hi - lo)
     jax.block_until_ready(previous)  # At most two merges queued: the host never runs ahead by more.
     if s.tail:
