@@ -28,6 +28,7 @@ import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
+from flax.linen import linear
 import jax
 import jax.numpy as jnp
 
@@ -142,23 +143,37 @@ class LayerwiseLoss:
   def __call__(self, params, batch) -> jax.Array:
     return self.fn(params, batch)
 
-  def micro_projector(self, params, directions: jax.Array, with_norms: bool, example) -> Callable:
+  def micro_projector(self, params, directions: jax.Array, with_norms: bool, example,
+                      prepared: Optional[dict] = None) -> Callable:
     """Returns mb ↦ ((micro, k) projections D ∇ℓ(z), (micro,) ‖∇ℓ(z)‖² or zeros).
 
     `directions` is (k, p) in `ravel_pytree(params)` order; `example` is any
-    batch of one (its shapes fix the layer calls).
+    batch of one (its shapes fix the layer calls); `prepared` is
+    `prepare_directions(params, directions, with_norms, example)`, or None to
+    lay the directions out inside the projector.
     """
-    return make_micro_projector(self.fn, params, directions, with_norms, example)
+    return make_micro_projector(self.fn, params, directions, with_norms, example, prepared=prepared)
 
   def micro_projector_with_gradients(self, params, directions: jax.Array, example, gradient_fn: Callable,
-                                     chunk: int) -> Callable:
+                                     chunk: int, prepared: Optional[dict] = None) -> Callable:
     """Returns mb ↦ ((micro, k) D ∇ℓ(z), (micro,) ‖∇ℓ(z)‖², gradient_fn of the (chunk, p) flat gradients
     stacked to (micro, ...), (micro,) ℓ(z)) in one forward and backward pass.
 
     The flat per-example gradients are assembled from the layers' inputs and output gradients
     `chunk` examples at a time (a divisor of the micro-batch), so only a few exist at once.
+    `prepared`: `prepare_directions(..., with_gradients=True)` or None.
     """
-    return make_micro_projector(self.fn, params, directions, True, example, gradient_fn=gradient_fn, chunk=chunk)
+    return make_micro_projector(self.fn, params, directions, True, example, gradient_fn=gradient_fn, chunk=chunk,
+                                prepared=prepared)
+
+  def prepare_directions(self, params, directions: jax.Array, with_norms: bool, example,
+                         with_gradients: bool = False) -> dict:
+    """Returns {call index: directions} of the factored Dense calls, in the layout their products
+    take (`_factored_layouts`): made once per set of directions (e.g. per `project_on` call) and passed to the
+    projectors as `prepared`, instead of transposed inside every batch's program."""
+    calls = discover_calls(self.fn, params, example)
+    plans = plan_calls(calls, with_norms and not with_gradients)
+    return _factored_layouts(calls, plans, _split_directions(params, directions), directions.shape[0])
 
   def bytes_per_example(self, params, k: int, example) -> int:
     """Returns an estimate of the working memory one example takes in `micro_projector` (cached by shapes)."""
@@ -188,7 +203,9 @@ class LayerwiseLoss:
     for c in calls:
       total += math.prod(c.in_shape) + 2 * math.prod(c.out_shape)
       own = sum(x.size for x in jax.tree.leaves(_layer_params(params, c.path)))
-      total += k * math.prod(c.out_shape) if _dense_factors(c) else own
+      # A factored call forms one chunk of directions' products at a time (`_factored_layouts`).
+      out = math.prod(c.out_shape)
+      total += min(k * out, max(out, FACTORED_COLUMNS)) if _dense_factors(c) else own
     return max(1, total * itemsize)
 
 
@@ -224,8 +241,45 @@ def _pair(tree_g, tree_u, with_norms):
   return proj, sq
 
 
+def _conv_arguments(call: LayerCall):
+  """Returns conv_general_dilated_patches' keyword arguments for an nn.Conv call on one example with
+  one feature group, no mask, no custom convolution or dtype and 'SAME' / 'VALID' / explicit
+  padding; else None."""
+  layer = call.layer
+  if (type(layer) is not nn.Conv or layer.feature_group_count != 1 or layer.mask is not None or layer.dtype is not None
+      or layer.conv_general_dilated is not None or layer.conv_general_dilated_cls is not None):
+    return None
+  size = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
+  if len(call.in_shape) != len(size) + 2:
+    return None
+  padding = linear.canonicalize_padding(layer.padding, len(size))
+  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+    return None
+  each = lambda v: (1 if v is None else v,) * len(size) if v is None or isinstance(v, int) else tuple(v)
+  return dict(filter_shape=size, window_strides=each(layer.strides), padding=padding,
+              lhs_dilation=each(layer.input_dilation), rhs_dilation=each(layer.kernel_dilation),
+              dimension_numbers=linear._conv_dimension_numbers(call.in_shape))
+
+
+def _conv_gradients(call, arguments, x, d):
+  """Returns {"kernel": (B, *size, in, out)[, "bias": (B, out)]}: per-example gradients of a Conv from its
+  inputs x (B, 1, *spatial, in) and output gradients d (B, 1, *spatial', out), Σ over positions of
+  patch ⊗ δ (patches by `lax.conv_general_dilated_patches`, input channel slowest)."""
+  b, size, c_out = x.shape[0], arguments["filter_shape"], d.shape[-1]
+  patches = jax.lax.conv_general_dilated_patches(x[:, 0], **arguments)
+  patches = patches.reshape(b, -1, patches.shape[-1])
+  grads = jnp.einsum("bpf,bpo->bfo", patches, d.reshape(b, -1, c_out)).reshape((b, x.shape[-1]) + size + (c_out,))
+  out = {"kernel": jnp.moveaxis(grads, 1, 1 + len(size))}
+  if call.layer.use_bias:
+    out["bias"] = jnp.sum(d.reshape(b, -1, c_out), axis=1)
+  return out
+
+
 def _layer_vjp(call, own, x, d):
   """Returns the per-example gradients of a layer's params (B, ...) from its inputs x and output gradients d."""
+  arguments = _conv_arguments(call)
+  if arguments is not None:
+    return _conv_gradients(call, arguments, x, d)
   one = lambda x1, d1: jax.vjp(lambda p: call.layer.apply({"params": p}, x1), own)[1](d1)[0]
   return jax.vmap(one)(x, d)
 
@@ -275,12 +329,32 @@ def _recording_loss(per_example_loss_fn, calls, params, is_rest):
   return loss_and_inputs
 
 
+# Columns (directions × outputs) of one product x U in `_factored_dense`: the directions are taken a
+# few at a time, so that the (B, columns) product stays in cache between being formed and used.
+FACTORED_COLUMNS = 1024
+
+
+def _factored_layouts(calls, plans, dirs, k) -> dict:
+  """Returns {call index: (k / c, in, c·out)} kernel directions of the "factored" calls, c directions a
+  chunk (the largest divisor of k with c·out ≤ FACTORED_COLUMNS, or 1): `_factored_dense`'s layout."""
+  layouts = {}
+  for i, plan in enumerate(plans):
+    if plan == "factored":
+      in_size, out_size = _dense_factors(calls[i])
+      c = max(d for d in range(1, k + 1) if k % d == 0 and d * out_size <= max(out_size, FACTORED_COLUMNS))
+      kern = dirs[calls[i].path + ("kernel",)].reshape(k // c, c, in_size, out_size)
+      layouts[i] = jnp.transpose(kern, (0, 2, 1, 3)).reshape(k // c, in_size, c * out_size)
+  return layouts
+
+
 def make_micro_projector(per_example_loss_fn, params, directions, with_norms, example, *,
-                         gradient_fn: Optional[Callable] = None, chunk: int = 1) -> Callable:
+                         gradient_fn: Optional[Callable] = None, chunk: int = 1,
+                         prepared: Optional[dict] = None) -> Callable:
   """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); see LayerwiseLoss.
 
   With `gradient_fn`, mb ↦ (projections, squared norms, gradient_fn's outputs, losses), the squared
   norms and gradient_fn's input taken from flat gradients assembled `chunk` examples at a time.
+  `prepared`: the factored calls' direction layouts (`_factored_layouts`), made here when None.
   """
   calls = discover_calls(per_example_loss_fn, params, example)
   with_gradients = gradient_fn is not None
@@ -291,13 +365,7 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
   dirs = _split_directions(params, directions)
   rest_dirs = [dirs[p] for p, r in zip(paths, is_rest) if r]
   k = directions.shape[0]
-  # Direction layouts of the factored Dense products, made once, outside the micro-batch loop.
-  factored_u = {}
-  for i, plan in enumerate(plans):
-    if plan == "factored":
-      in_size, out_size = _dense_factors(calls[i])
-      kern = dirs[calls[i].path + ("kernel",)].reshape(k, in_size, out_size)
-      factored_u[i] = jnp.transpose(kern, (1, 0, 2)).reshape(in_size, k * out_size)
+  factored_u = _factored_layouts(calls, plans, dirs, k) if prepared is None else prepared
   loss_and_inputs = _recording_loss(per_example_loss_fn, calls, params, is_rest)
 
   def grads_one(ex):
@@ -371,13 +439,17 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
   return sq.reshape(micro), jax.tree.map(lambda x: x.reshape((micro,) + x.shape[2:]), out)
 
 
-def _factored_dense(x, d, u_kernel, u_bias, k, with_norms):
-  """Returns ((B, k) xᵀ U_j δ (+ ⟨δ, u_bias⟩), (B,) ‖x δᵀ‖² (+ ‖δ‖²)) for a Dense applied once."""
+def _factored_dense(x, d, u_chunks, u_bias, k, with_norms):
+  """Returns ((B, k) xᵀ U_j δ (+ ⟨δ, u_bias⟩), (B,) ‖x δᵀ‖² (+ ‖δ‖²)) for a Dense applied once; `u_chunks`
+  holds the kernel directions as `_factored_layouts` lays them out."""
   b = x.shape[0]
-  x2 = x.reshape(b, -1).astype(u_kernel.dtype)
-  d2 = d.reshape(b, -1).astype(u_kernel.dtype)
-  t = (x2 @ u_kernel).reshape(b, k, d2.shape[1])
-  proj = jnp.einsum("bko,bo->bk", t, d2)
+  x2 = x.reshape(b, -1).astype(u_chunks.dtype)
+  d2 = d.reshape(b, -1).astype(u_chunks.dtype)
+  chunk = lambda u: jnp.einsum("bco,bo->bc", (x2 @ u).reshape(b, -1, d2.shape[1]), d2)
+  if u_chunks.shape[0] == 1:
+    proj = chunk(u_chunks[0])
+  else:
+    proj = jnp.moveaxis(jax.lax.map(chunk, u_chunks), 0, 1).reshape(b, k)
   dd = jnp.sum(d2 * d2, axis=1)
   sq = jnp.sum(x2 * x2, axis=1) * dd if with_norms else 0.0
   if u_bias is not None:

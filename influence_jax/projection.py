@@ -83,13 +83,14 @@ def _single_example_grad(per_example_loss_fn, unravel, flat, example):
   return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
 
 
-def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example):
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared=None):
   """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); `example`: a batch of one.
 
-  `directions` are (k, P) in a flat layout (P ≥ p, columns beyond p zero).
+  `directions` are (k, P) in a flat layout (P ≥ p, columns beyond p zero); `prepared`: the
+  layer-wise method's direction layouts (`_prepare_directions`) or None.
   """
   if method == "layerwise":
-    return per_example_loss_fn.micro_projector(params, directions, with_norms, example)
+    return per_example_loss_fn.micro_projector(params, directions, with_norms, example, prepared)
   flat, unravel = ravel_pytree(params)
   p, columns = flat.size, directions.shape[1]
 
@@ -108,8 +109,14 @@ def _micro_projector(per_example_loss_fn, method, with_norms, params, directions
   return one_micro
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prepare_directions(per_example_loss_fn, with_norms, params, directions, example):
+  """Returns the layer-wise projector's direction layouts, made once per `project_on` call."""
+  return per_example_loss_fn.prepare_directions(params, directions, with_norms, example)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch):
+def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params, directions, batch, prepared):
   """Returns ((S, k) projections sharded P('data', None), (S,) norms) of a (S, ...) batch sharded P('data').
 
   Each 'data' device owns a contiguous S/d rows; micro-step j takes micro/d
@@ -131,7 +138,7 @@ def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params,
     return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
 
   example = jax.tree.map(lambda x: x[:1], batch)
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example)
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared)
   proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
   return from_micro(proj), from_micro(sq)
 
@@ -195,7 +202,7 @@ def project_on(
   params = sharding_lib.place_params(params, mesh)
   d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
   values, norms = [], []
-  padded_size = micro = None
+  padded_size = micro = prepared = None
   for i, batch in enumerate(batches):
     n = data_lib.batch_size(batch)
     if n == 0:
@@ -218,7 +225,11 @@ def project_on(
             "put the largest batch first or use equal batch sizes.")
       size, mb = padded_size, micro
       placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
-    proj, sq = _project_batch(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed)
+    if prepared is None and method == "layerwise":
+      prepared = _prepare_directions(per_example_loss_fn, with_sq_norms, params, directions,
+                                     jax.tree.map(lambda x: x[:1], placed))
+    proj, sq = _project_batch(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed,
+                              prepared)
     values.append(proj if n == size else proj[:n])
     norms.append(sq if n == size else sq[:n])
   if not values:

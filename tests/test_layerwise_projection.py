@@ -34,6 +34,22 @@ class TiedLM(nn.Module):
     return embed.attend(h)  # (B, vocab)
 
 
+class ConvVariants(nn.Module):
+  """Convolutions of every kind the layer-wise projector forms from patches, and two it leaves to vmap."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], 8, 8, 1)
+    x = nn.Conv(3, (3, 2), strides=(2, 1), padding="VALID", name="valid")(x)  # (B, 3, 7, 3)
+    x = nn.Conv(4, (2, 2), padding=((1, 0), (2, 1)), kernel_dilation=(1, 2), use_bias=False, name="pairs")(x)
+    x = nn.Conv(4, (3, 3), input_dilation=2, padding=1, name="dilated")(jnp.tanh(x))
+    x = nn.Conv(4, (3, 3), padding="CIRCULAR", name="circular")(x)  # Left to vmap: padded by hand.
+    x = nn.Conv(4, (1, 1), feature_group_count=2, name="grouped")(x)  # Left to vmap: two groups.
+    s = x.reshape(x.shape[0], -1, 4)  # A 1-D convolution over the positions.
+    s = nn.Conv(2, (3,), strides=2, padding="SAME", name="one_d")(s)
+    return nn.Dense(10, name="output")(s.reshape(s.shape[0], -1))
+
+
 def _float64(variables):
   return jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, variables)
 
@@ -52,7 +68,7 @@ def _problem(name):
       keys, batch, loss = ("src", "tgt"), {"src": src, "tgt": tgt, "y": tgt}, models.sequence_cross_entropy
   else:
     module = {"mlp": models.MLP(features=(6, 5), activation="tanh"),
-              "cnn_bn": models.CNN(features=(3, 4), use_batch_norm=True)}[name]
+              "cnn_bn": models.CNN(features=(3, 4), use_batch_norm=True), "convs": ConvVariants()}[name]
     keys = "x"
     batch = {"x": jax.random.normal(kx, (n, 64), jnp.float64), "y": jax.random.randint(ky, (n,), 0, 10)}
     loss = models.softmax_cross_entropy
@@ -81,7 +97,7 @@ def _split(batch, sizes):
   return out
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer", "tied"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "convs", "transformer", "tied"])
 @pytest.mark.parametrize("method", [None, "layerwise", "vjp", "jvp"])
 def test_every_method_equals_per_example_gradients(name, method):
   fns, batch = _problem(name)
@@ -97,7 +113,7 @@ def test_every_method_equals_per_example_gradients(name, method):
     np.testing.assert_allclose(got.sq_norms, want_sq, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "transformer", "tied"])
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "convs", "transformer", "tied"])
 @pytest.mark.parametrize("method", [None, "vjp"])
 @pytest.mark.parametrize("with_sketch", [False, True])
 def test_project_and_sketch_equals_per_example_gradients(name, method, with_sketch):
@@ -121,6 +137,33 @@ def test_project_and_sketch_equals_per_example_gradients(name, method, with_sket
     np.testing.assert_allclose(got.sketch, want, rtol=TOL, atol=TOL)
   else:
     assert got.sketch.shape == (11, 0)
+
+
+@pytest.mark.parametrize("k", [6, 5])
+def test_factored_dense_in_chunks_of_directions(k, monkeypatch):
+  """Dense directions taken a few at a time (k = 6: chunks of 2 and of 1; k = 5, prime: of 1), by
+  project_on (layouts prepared once per call) and by the store's rows (laid out in the program)."""
+  monkeypatch.setattr(layerwise, "FACTORED_COLUMNS", 12)  # The MLP's layers have 6, 5 and 10 outputs.
+  fns, batch = _problem("mlp")
+  flat, unravel = ravel_pytree(fns.params)
+  directions = jax.random.normal(jax.random.PRNGKey(k), (k, flat.size), jnp.float64)
+  layouts = fns.per_example_loss_fn.prepare_directions(fns.params, directions, True,
+                                                       jax.tree.map(lambda a: a[:1], batch))
+  assert sorted(u.shape[0] for u in layouts.values()) == ([3, 3, 6] if k == 6 else [5, 5, 5])
+  want, want_sq = _exact(fns, batch, directions)
+  got = projection.project_on(directions, fns.per_example_loss_fn, fns.params, _split(batch, (7, 4)),
+                              microbatch_size=3, with_sq_norms=True)
+  np.testing.assert_allclose(got.values, want, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(got.sq_norms, want_sq, rtol=TOL, atol=TOL)
+  rows = sketch.project_and_sketch(directions, None, fns.per_example_loss_fn, fns.params, batch, microbatch_size=0)
+  np.testing.assert_allclose(rows.projections, want, rtol=TOL, atol=TOL)
+
+
+def test_convolutions_from_patches_where_they_can():
+  fns, batch = _problem("convs")
+  calls = layerwise.discover_calls(fns.per_example_loss_fn.fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
+  by_patches = {c.path[0] for c in calls if layerwise._conv_arguments(c) is not None}
+  assert by_patches == {"valid", "pairs", "dilated", "one_d"}
 
 
 def test_project_and_sketch_refuses_jvp():
