@@ -9,9 +9,13 @@ the loss with respect to its output y. So ⟨∇ℓ(z), u⟩ = Σ_layers ⟨∇_
   matmul of x with the k directions (cost 2·k·size, no per-example gradient);
 - Embed: ⟨Σ_l e_{t_l} δ_lᵀ, U_j⟩ = Σ_l U_j[t_l]·δ_l (a gather) when the
   sequence is shorter than the vocabulary;
+- Conv (one feature group; 'SAME', 'VALID' or explicit padding): the layer's
+  per-example gradient (its own size, never p) as, per kernel offset, the
+  inputs that offset reads times δ summed over output positions (batched
+  matmuls), then a matmul with the k directions;
 - any of Dense / DenseGeneral / Conv / Embed otherwise (applied at many
-  positions): the layer's per-example gradient (its own size, never p), by a
-  vmapped VJP of the layer alone, then a matmul with the k directions.
+  positions): the layer's per-example gradient by a vmapped VJP of the layer
+  alone, then a matmul with the k directions.
 
 Inputs are recorded and zero perturbations added to outputs with
 `flax.linen.intercept_methods`; the perturbations' per-example gradients are
@@ -24,6 +28,7 @@ VJP over those leaves only. NNX modules are not intercepted: their losses use
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -241,10 +246,20 @@ def _pair(tree_g, tree_u, with_norms):
   return proj, sq
 
 
-def _conv_arguments(call: LayerCall):
-  """Returns conv_general_dilated_patches' keyword arguments for an nn.Conv call on one example with
-  one feature group, no mask, no custom convolution or dtype and 'SAME' / 'VALID' / explicit
-  padding; else None."""
+class ConvGeometry(NamedTuple):
+  """An nn.Conv call's window: per spatial dimension, kernel size, stride, (low, high) padding, input
+  and kernel dilation."""
+
+  size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+
+
+def _conv_geometry(call: LayerCall) -> Optional[ConvGeometry]:
+  """Returns the window of an nn.Conv call on one example with one feature group, no mask, no custom
+  convolution or dtype and 'SAME' / 'VALID' / explicit padding (as lax pads it); else None."""
   layer = call.layer
   if (type(layer) is not nn.Conv or layer.feature_group_count != 1 or layer.mask is not None or layer.dtype is not None
       or layer.conv_general_dilated is not None or layer.conv_general_dilated_cls is not None):
@@ -252,34 +267,44 @@ def _conv_arguments(call: LayerCall):
   size = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
   if len(call.in_shape) != len(size) + 2:
     return None
-  padding = linear.canonicalize_padding(layer.padding, len(size))
-  if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-    return None
   each = lambda v: (1 if v is None else v,) * len(size) if v is None or isinstance(v, int) else tuple(v)
-  return dict(filter_shape=size, window_strides=each(layer.strides), padding=padding,
-              lhs_dilation=each(layer.input_dilation), rhs_dilation=each(layer.kernel_dilation),
-              dimension_numbers=linear._conv_dimension_numbers(call.in_shape))
+  strides, kernel_dilation = each(layer.strides), each(layer.kernel_dilation)
+  padding = linear.canonicalize_padding(layer.padding, len(size))
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      return None
+    dilated = [(k - 1) * d + 1 for k, d in zip(size, kernel_dilation)]
+    padding = jax.lax.padtype_to_pads(call.in_shape[1:-1], dilated, strides, padding)
+  return ConvGeometry(size, strides, tuple(tuple(p) for p in padding), each(layer.input_dilation), kernel_dilation)
 
 
-def _conv_gradients(call, arguments, x, d):
+def _conv_gradients(call, geometry, x, d):
   """Returns {"kernel": (B, *size, in, out)[, "bias": (B, out)]}: per-example gradients of a Conv from its
-  inputs x (B, 1, *spatial, in) and output gradients d (B, 1, *spatial', out), Σ over positions of
-  patch ⊗ δ (patches by `lax.conv_general_dilated_patches`, input channel slowest)."""
-  b, size, c_out = x.shape[0], arguments["filter_shape"], d.shape[-1]
-  patches = jax.lax.conv_general_dilated_patches(x[:, 0], **arguments)
-  patches = patches.reshape(b, -1, patches.shape[-1])
-  grads = jnp.einsum("bpf,bpo->bfo", patches, d.reshape(b, -1, c_out)).reshape((b, x.shape[-1]) + size + (c_out,))
-  out = {"kernel": jnp.moveaxis(grads, 1, 1 + len(size))}
+  inputs x (B, 1, *spatial, in) and output gradients d (B, 1, *spatial', out): for each kernel offset,
+  Σ over output positions of the input it reads ⊗ δ (a batched matmul over positions)."""
+  b, c_out = x.shape[0], d.shape[-1]
+  g = geometry
+  pads = [(0, 0, 0)] + [(lo, hi, i - 1) for (lo, hi), i in zip(g.padding, g.input_dilation)] + [(0, 0, 0)]
+  x = jax.lax.pad(x[:, 0], jnp.zeros((), x.dtype), pads)
+  out_spatial = d.shape[2:-1]
+  delta = d.reshape(b, -1, c_out)
+  grads = []
+  for offset in itertools.product(*(range(k) for k in g.size)):
+    start = [0] + [o * kd for o, kd in zip(offset, g.kernel_dilation)] + [0]
+    limit = [b] + [st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_spatial, g.strides)] + [x.shape[-1]]
+    seen = jax.lax.slice(x, start, limit, [1] + list(g.strides) + [1]).reshape(b, -1, x.shape[-1])
+    grads.append(jnp.einsum("bpc,bpo->bco", seen, delta))
+  out = {"kernel": jnp.stack(grads, axis=1).reshape((b,) + g.size + (x.shape[-1], c_out))}
   if call.layer.use_bias:
-    out["bias"] = jnp.sum(d.reshape(b, -1, c_out), axis=1)
+    out["bias"] = jnp.sum(delta, axis=1)
   return out
 
 
 def _layer_vjp(call, own, x, d):
   """Returns the per-example gradients of a layer's params (B, ...) from its inputs x and output gradients d."""
-  arguments = _conv_arguments(call)
-  if arguments is not None:
-    return _conv_gradients(call, arguments, x, d)
+  geometry = _conv_geometry(call)
+  if geometry is not None:
+    return _conv_gradients(call, geometry, x, d)
   one = lambda x1, d1: jax.vjp(lambda p: call.layer.apply({"params": p}, x1), own)[1](d1)[0]
   return jax.vmap(one)(x, d)
 

@@ -35,7 +35,7 @@ class TiedLM(nn.Module):
 
 
 class ConvVariants(nn.Module):
-  """Convolutions of every kind the layer-wise projector forms from patches, and two it leaves to vmap."""
+  """Convolutions of every kind the layer-wise projector takes offset by offset, and two it leaves to vmap."""
 
   @nn.compact
   def __call__(self, x):
@@ -159,11 +159,11 @@ def test_factored_dense_in_chunks_of_directions(k, monkeypatch):
   np.testing.assert_allclose(rows.projections, want, rtol=TOL, atol=TOL)
 
 
-def test_convolutions_from_patches_where_they_can():
+def test_convolutions_by_kernel_offsets_where_they_can():
   fns, batch = _problem("convs")
   calls = layerwise.discover_calls(fns.per_example_loss_fn.fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
-  by_patches = {c.path[0] for c in calls if layerwise._conv_arguments(c) is not None}
-  assert by_patches == {"valid", "pairs", "dilated", "one_d"}
+  by_offsets = {c.path[0] for c in calls if layerwise._conv_geometry(c) is not None}
+  assert by_offsets == {"valid", "pairs", "dilated", "one_d"}
 
 
 def test_project_and_sketch_refuses_jvp():
