@@ -124,7 +124,7 @@ def _exact_merge(run_s, run_i, scores, offset, k):
 @pytest.mark.parametrize("num_beaten, crowded", [(0, False), (5, False), (40, False), (200, False), (300, False),
                                                  (5, True)])
 def test_merging_only_the_beaten_queries_equals_an_exact_merge(num_beaten, crowded):
-  """Every branch of `_merge_side_where_beaten` (no query beaten; few of them, gathered into each row
+  """Every branch of `_merge_where_beaten` (no query beaten; few of them, gathered into each row
   bucket; all; a query beaten in more than FEW_GROUPS groups) against an exact merge, with ties."""
   rng = np.random.default_rng(num_beaten + crowded)
   t, n, k, offset = 300, 64 * ranking.GROUP, 6, 10_000
@@ -142,16 +142,15 @@ def test_merging_only_the_beaten_queries_equals_an_exact_merge(num_beaten, crowd
     scores[beaten[0], groups * ranking.GROUP] = 50.0
     scores[beaten[0], groups[-1] * ranking.GROUP + 5] = 90.0
   scores[[q for q in range(t) if q not in beaten][:3], 0] = 30.0  # Ties at the k-th that must lose.
-  grouped = jnp.asarray(scores.reshape(t, n // ranking.GROUP, ranking.GROUP))
-  got_s, got_i = ranking._merge_side_where_beaten(jnp.asarray(run_s), jnp.asarray(run_i), grouped, 1, offset, n,
-                                                  jnp.full((t,), -jnp.inf))
   want_s, want_i = _exact_merge(run_s, run_i, scores, offset, k)
-  np.testing.assert_array_equal(np.asarray(got_i), want_i)
-  np.testing.assert_array_equal(np.asarray(got_s), want_s)
-  # The opponents' side: the same merge of the negated scores, given as minima.
-  got_s, got_i = ranking._merge_side_where_beaten(jnp.asarray(run_s), jnp.asarray(run_i), -grouped, -1, offset, n,
-                                                  jnp.full((t,), -jnp.inf))
-  np.testing.assert_array_equal(np.asarray(got_i), want_i)
+  running = ranking.TopK(*(jnp.asarray(x) for x in (run_i, run_s, run_i, -run_s)))
+  no_floor = (jnp.full((t,), -jnp.inf),) * 2
+  for sign in (1, -1):  # The opponents' side: the same merge of the negated scores.
+    grouped = jnp.asarray(sign * scores.reshape(t, n // ranking.GROUP, ranking.GROUP))
+    got = ranking._merge_where_beaten(running, grouped, offset, n, no_floor)
+    got_i, got_s = (got.proponents, got.proponent_scores) if sign == 1 else (got.opponents, -got.opponent_scores)
+    np.testing.assert_array_equal(np.asarray(got_i), want_i)
+    np.testing.assert_array_equal(np.asarray(got_s), want_s)
 
 
 def test_block_floors_are_at_most_the_kth_scores():
