@@ -173,8 +173,8 @@ class LayerwiseLoss:
 
   def prepare_directions(self, params, directions: jax.Array, with_norms: bool, example,
                          with_gradients: bool = False) -> dict:
-    """Returns {call index: directions} of the factored Dense calls, in the layout their products
-    take (`_factored_layouts`): made once per set of directions (e.g. per `project_on` call) and passed to the
+    """Returns {layer: directions} of the factored Dense layers, in the layout their products take
+    (`_factored_layouts`): made once per set of directions (e.g. per `project_on` call) and passed to the
     projectors as `prepared`, instead of transposed inside every batch's program."""
     calls = discover_calls(self.fn, params, example)
     plans = plan_calls(calls, with_norms and not with_gradients)
@@ -210,7 +210,7 @@ class LayerwiseLoss:
       own = sum(x.size for x in jax.tree.leaves(_layer_params(params, c.path)))
       # A factored call forms one chunk of directions' products at a time (`_factored_layouts`).
       out = math.prod(c.out_shape)
-      total += min(k * out, max(out, FACTORED_COLUMNS)) if _dense_factors(c) else own
+      total += max(out, min(k * out, FACTORED_COLUMNS)) if _dense_factors(c) else own
     return max(1, total * itemsize)
 
 
@@ -258,11 +258,13 @@ class ConvGeometry(NamedTuple):
 
 
 def _conv_geometry(call: LayerCall) -> Optional[ConvGeometry]:
-  """Returns the window of an nn.Conv call on one example with one feature group, no mask, no custom
-  convolution or dtype and 'SAME' / 'VALID' / explicit padding (as lax pads it); else None."""
+  """Returns the window of an nn.Conv call on one example (one batch dimension: images folded into
+  it are summed over) with one feature group, no mask, no custom convolution, dtype or precision
+  and 'SAME' / 'VALID' / explicit padding (as lax pads it); else None."""
   layer = call.layer
   if (type(layer) is not nn.Conv or layer.feature_group_count != 1 or layer.mask is not None or layer.dtype is not None
-      or layer.conv_general_dilated is not None or layer.conv_general_dilated_cls is not None):
+      or layer.precision is not None or layer.conv_general_dilated is not None
+      or layer.conv_general_dilated_cls is not None):
     return None
   size = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
   if len(call.in_shape) != len(size) + 2:
@@ -280,19 +282,20 @@ def _conv_geometry(call: LayerCall) -> Optional[ConvGeometry]:
 
 def _conv_gradients(call, geometry, x, d):
   """Returns {"kernel": (B, *size, in, out)[, "bias": (B, out)]}: per-example gradients of a Conv from its
-  inputs x (B, 1, *spatial, in) and output gradients d (B, 1, *spatial', out): for each kernel offset,
-  Σ over output positions of the input it reads ⊗ δ (a batched matmul over positions)."""
+  inputs x (B, n, *spatial, in) and output gradients d (B, n, *spatial', out), n images an example: for
+  each kernel offset, Σ over images and output positions of the input it reads ⊗ δ (a batched
+  matmul over positions)."""
   b, c_out = x.shape[0], d.shape[-1]
   g = geometry
   pads = [(0, 0, 0)] + [(lo, hi, i - 1) for (lo, hi), i in zip(g.padding, g.input_dilation)] + [(0, 0, 0)]
-  x = jax.lax.pad(x[:, 0], jnp.zeros((), x.dtype), pads)
+  x = jax.lax.pad(x.reshape((-1,) + x.shape[2:]), jnp.zeros((), x.dtype), pads)  # (B·n, *padded, in)
   out_spatial = d.shape[2:-1]
   delta = d.reshape(b, -1, c_out)
   grads = []
   for offset in itertools.product(*(range(k) for k in g.size)):
     start = [0] + [o * kd for o, kd in zip(offset, g.kernel_dilation)] + [0]
-    limit = [b] + [st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_spatial, g.strides)] + [x.shape[-1]]
-    seen = jax.lax.slice(x, start, limit, [1] + list(g.strides) + [1]).reshape(b, -1, x.shape[-1])
+    limit = [x.shape[0]] + [st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_spatial, g.strides)]
+    seen = jax.lax.slice(x, start, limit + [x.shape[-1]], [1] + list(g.strides) + [1]).reshape(b, -1, x.shape[-1])
     grads.append(jnp.einsum("bpc,bpo->bco", seen, delta))
   out = {"kernel": jnp.stack(grads, axis=1).reshape((b,) + g.size + (x.shape[-1], c_out))}
   if call.layer.use_bias:
@@ -359,16 +362,32 @@ def _recording_loss(per_example_loss_fn, calls, params, is_rest):
 FACTORED_COLUMNS = 1024
 
 
+def _layout_key(path) -> str:
+  return "/".join(path)
+
+
+def _chunk_size(k: int, most: int) -> int:
+  """Returns the directions a chunk of k takes, at most `most`: its largest divisor when that is at
+  least most / 2, else the even split of k into ⌈k / most⌉ chunks (the last padded)."""
+  most = min(k, most)
+  divisor = max(d for d in range(1, most + 1) if k % d == 0)
+  return divisor if 2 * divisor >= most else -(-k // -(-k // most))
+
+
 def _factored_layouts(calls, plans, dirs, k) -> dict:
-  """Returns {call index: (k / c, in, c·out)} kernel directions of the "factored" calls, c directions a
-  chunk (the largest divisor of k with c·out ≤ FACTORED_COLUMNS, or 1): `_factored_dense`'s layout."""
+  """Returns {layer path joined by "/": (⌈k / c⌉, in, c·out)} kernel directions of the layers with
+  "factored" calls, c directions a chunk (`_chunk_size`), the last chunk padded with zero
+  directions: `_factored_dense`'s layout."""
   layouts = {}
-  for i, plan in enumerate(plans):
-    if plan == "factored":
-      in_size, out_size = _dense_factors(calls[i])
-      c = max(d for d in range(1, k + 1) if k % d == 0 and d * out_size <= max(out_size, FACTORED_COLUMNS))
-      kern = dirs[calls[i].path + ("kernel",)].reshape(k // c, c, in_size, out_size)
-      layouts[i] = jnp.transpose(kern, (0, 2, 1, 3)).reshape(k // c, in_size, c * out_size)
+  for call, plan in zip(calls, plans):
+    key = _layout_key(call.path)
+    if plan == "factored" and key not in layouts:
+      in_size, out_size = _dense_factors(call)
+      c = _chunk_size(k, max(1, FACTORED_COLUMNS // out_size))
+      chunks = -(-k // c)
+      kern = dirs[call.path + ("kernel",)].reshape(k, in_size, out_size)
+      kern = jnp.pad(kern, ((0, chunks * c - k), (0, 0), (0, 0))).reshape(chunks, c, in_size, out_size)
+      layouts[key] = jnp.transpose(kern, (0, 2, 1, 3)).reshape(chunks, in_size, c * out_size)
   return layouts
 
 
@@ -408,7 +427,7 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
     for i, c in enumerate(calls):
       own = _layer_params(params, c.path)
       if plans[i] == "factored":
-        p_i, s_i = _factored_dense(inputs[i], deltas[i], factored_u[i],
+        p_i, s_i = _factored_dense(inputs[i], deltas[i], factored_u[_layout_key(c.path)],
                                    _sub_directions(dirs, c.path, own).get("bias"), k, norms)
       elif plans[i] == "embed":
         p_i, s_i = _gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], norms)
@@ -465,16 +484,16 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
 
 
 def _factored_dense(x, d, u_chunks, u_bias, k, with_norms):
-  """Returns ((B, k) xᵀ U_j δ (+ ⟨δ, u_bias⟩), (B,) ‖x δᵀ‖² (+ ‖δ‖²)) for a Dense applied once; `u_chunks`
-  holds the kernel directions as `_factored_layouts` lays them out."""
+  """Returns ((B, k) xᵀ U_j δ (+ ⟨δ, u_bias⟩), (B,) ‖x δᵀ‖² (+ ‖δ‖²)) for a Dense applied once;
+  `u_chunks` holds the kernel directions as `_factored_layouts` lays them out."""
   b = x.shape[0]
   x2 = x.reshape(b, -1).astype(u_chunks.dtype)
   d2 = d.reshape(b, -1).astype(u_chunks.dtype)
   chunk = lambda u: jnp.einsum("bco,bo->bc", (x2 @ u).reshape(b, -1, d2.shape[1]), d2)
   if u_chunks.shape[0] == 1:
-    proj = chunk(u_chunks[0])
+    proj = chunk(u_chunks[0])[:, :k]
   else:
-    proj = jnp.moveaxis(jax.lax.map(chunk, u_chunks), 0, 1).reshape(b, k)
+    proj = jnp.moveaxis(jax.lax.map(chunk, u_chunks), 0, 1).reshape(b, -1)[:, :k]
   dd = jnp.sum(d2 * d2, axis=1)
   sq = jnp.sum(x2 * x2, axis=1) * dd if with_norms else 0.0
   if u_bias is not None:

@@ -90,6 +90,8 @@ def _micro_projector(per_example_loss_fn, method, with_norms, params, directions
   layer-wise method's direction layouts (`_prepare_directions`) or None.
   """
   if method == "layerwise":
+    if prepared is None:
+      return per_example_loss_fn.micro_projector(params, directions, with_norms, example)
     return per_example_loss_fn.micro_projector(params, directions, with_norms, example, prepared)
   flat, unravel = ravel_pytree(params)
   p, columns = flat.size, directions.shape[1]
@@ -202,7 +204,7 @@ def project_on(
   params = sharding_lib.place_params(params, mesh)
   d = sharding_lib.axis_size(mesh, sharding_lib.DATA)
   values, norms = [], []
-  padded_size = micro = prepared = None
+  padded_size = micro = prepared = prepared_for = None
   for i, batch in enumerate(batches):
     n = data_lib.batch_size(batch)
     if n == 0:
@@ -225,9 +227,12 @@ def project_on(
             "put the largest batch first or use equal batch sizes.")
       size, mb = padded_size, micro
       placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
-    if prepared is None and method == "layerwise":
-      prepared = _prepare_directions(per_example_loss_fn, with_sq_norms, params, directions,
-                                     jax.tree.map(lambda x: x[:1], placed))
+    if method == "layerwise" and hasattr(per_example_loss_fn, "prepare_directions"):
+      one = shape_of_one(placed)
+      if one != prepared_for:  # Layouts follow the layer calls, which follow the examples' shapes.
+        prepared = _prepare_directions(per_example_loss_fn, with_sq_norms, params, directions,
+                                       jax.tree.map(lambda x: x[:1], placed))
+        prepared_for = one
     proj, sq = _project_batch(per_example_loss_fn, method, with_sq_norms, mesh, mb, params, directions, placed,
                               prepared)
     values.append(proj if n == size else proj[:n])

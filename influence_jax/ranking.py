@@ -26,7 +26,10 @@ import numpy as np
 class TopK(NamedTuple):
   """Per query (rows): indices and scores of the most positive (proponents) and most negative (opponents).
 
-  Slots not filled yet (fewer than k training examples seen) hold index −1 and score ∓inf.
+  Slots not filled yet (fewer than k training examples seen) hold index −1 and score ∓inf. Scores
+  compare as numbers (−0.0 ties +0.0, to the lower index). `merge_rows` gives NaN scores to a query
+  with a non-finite number, and to every query once a merged row has one: their rankings mean
+  nothing.
   """
 
   proponents: np.ndarray
@@ -66,12 +69,18 @@ def _group_extremes(grouped, num_valid, sign):
   return jnp.where(group < whole, extremes, jnp.where(group == whole, part[:, None], -jnp.inf))
 
 
+def _positive_zeros(x):
+  """Returns x with −0.0 as +0.0: `lax.top_k` ranks +0.0 above −0.0, but they are equal scores (a
+  tie, to the lower index) here, as for the comparisons that filter candidates."""
+  return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
 def _top_in_groups(grouped, extremes, k, sign, num_valid, entering=None):
   """Returns (values, columns): per row the k largest of sign × `grouped` (T, G, GROUP) over columns <
   num_valid (−inf past them), searched in the k groups with the largest `extremes` only. With
   `entering` (a function of the (T, k × GROUP) candidates), candidates it rejects are −inf too: XLA:CPU's
   top-k, a sort, is several times faster on them."""
-  _, groups = jax.lax.top_k(extremes, k)
+  _, groups = jax.lax.top_k(_positive_zeros(extremes), k)
   groups = jnp.sort(groups, axis=1)  # Candidates in column order, so that top_k breaks ties by column.
   num = groups.shape[0]
   columns = (groups[:, :, None] * GROUP + jnp.arange(GROUP, dtype=groups.dtype)).reshape(num, k * GROUP)
@@ -79,7 +88,7 @@ def _top_in_groups(grouped, extremes, k, sign, num_valid, entering=None):
   kept = columns < num_valid
   if entering is not None:
     kept &= entering(candidates)
-  values, pos = jax.lax.top_k(jnp.where(kept, candidates, -jnp.inf), k)
+  values, pos = jax.lax.top_k(jnp.where(kept, _positive_zeros(candidates), -jnp.inf), k)
   return values, jnp.take_along_axis(columns, pos, axis=1)
 
 
@@ -103,7 +112,7 @@ def block_extremes(scores: jax.Array, k: int, num_valid=None):
   k = min(k, n)
   num_valid = n if num_valid is None else num_valid
   if not _is_grouped(n, k):
-    masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, sign * scores, -jnp.inf)
+    masked = lambda sign: jnp.where(jnp.arange(n) < num_valid, _positive_zeros(sign * scores), -jnp.inf)
     return tuple(jax.lax.top_k(masked(1), k)) + tuple(jax.lax.top_k(masked(-1), k))
   grouped = scores.reshape(scores.shape[0], n // GROUP, GROUP)
   return sum((_top_in_groups(grouped, _group_extremes(grouped, num_valid, sign), k, sign, num_valid)
@@ -114,7 +123,7 @@ def _merge_side(run_scores, run_idx, cand_s, cand_i, offset):
   k = run_scores.shape[1]
   scores = jnp.concatenate([run_scores, cand_s], axis=1)
   idx = jnp.concatenate([run_idx, cand_i.astype(run_idx.dtype) + offset], axis=1)
-  best_s, pos = jax.lax.top_k(scores, k)  # Stable: the running (lower-index) entries win ties.
+  best_s, pos = jax.lax.top_k(_positive_zeros(scores), k)  # Stable: the running (lower-index) entries win ties.
   return best_s, jnp.take_along_axis(idx, pos, axis=1)
 
 
@@ -168,9 +177,10 @@ def _merge_where_beaten(running: TopK, grouped, offset, num_valid, floors) -> To
   """Returns `running` merged with the tile `grouped` (T, G, GROUP), columns offset.., looking only at
   the groups that hold a score past a query's running k-th (a later column at it loses the tie) on
   either side: while every query has at most FEW_GROUPS of them, the queries that have any (gathered
-  into the smallest of ROW_BUCKETS that holds them) merge those groups' columns alone. A stream in no particular order reaches that state once the k-th scores have risen,
-  and then spends on top-k only for the few queries a tile changes; otherwise `_top_in_groups`
-  merges every query. One conditional a tile (XLA:CPU spends ~0.1 ms on each).
+  into the smallest of ROW_BUCKETS that holds them) merge those groups' columns alone. A stream in
+  no particular order reaches that state once the k-th scores have risen, and then spends on top-k
+  only for the few queries a tile changes; otherwise `_top_in_groups` merges every query. One
+  conditional a tile (XLA:CPU spends ~0.1 ms on each).
 
   Groups below `floors` ((T,) each side), lower bounds of the k-th scores at the end of the call,
   are not merged either: their columns cannot be in its result, though an intermediate state may
@@ -218,7 +228,7 @@ def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid
   """`merge_top_k`, with `floors`: lower bounds (T,) of the call's final k-th largest score and of
   the negated k-th smallest (see `_merge_where_beaten`)."""
   k, n = running.proponents.shape[1], scores.shape[1]
-  if not _is_grouped(n, k):
+  if n % GROUP or k > n // GROUP:  # Too few groups to search a query's top-k in its k best.
     pro_s, pro_i, opp_s, opp_i = block_extremes(scores, k, num_valid)
     pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents, pro_s, pro_i, offset)
     opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents, opp_s, opp_i, offset)
@@ -268,10 +278,10 @@ def _block_floors(queries, tiles, k, num_valid):
 
   hi, lo = jax.lax.map(tile_extremes, jnp.arange(num_tiles))
   # The merge forms the same scores in another program, so they may differ in rounding: by at most
-  # 2·d·u·‖q‖·‖r‖ (u = eps / 2, the bound on a dot product's rounding in any order), taken off here.
+  # 2·d·u·Σ|q_i r_i| ≤ d·eps·‖q‖₁·max|r| (u = eps / 2; a dot product's rounding in any order), taken
+  # off here with a quarter to spare.
   d = queries.shape[1]
-  margin = 1.25 * d * jnp.finfo(queries.dtype).eps * jnp.linalg.norm(queries, axis=1) * jnp.max(
-      jnp.linalg.norm(tiles, axis=2))
+  margin = 1.25 * d * jnp.finfo(queries.dtype).eps * jnp.sum(jnp.abs(queries), axis=1) * jnp.max(jnp.abs(tiles))
   kth = lambda e: jax.lax.top_k(jnp.moveaxis(e, 0, 1).reshape(queries.shape[0], -1), k)[0][:, -1] - margin
   return kth(hi), kth(lo)
 
@@ -284,17 +294,27 @@ def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.
   k = running.proponents.shape[1]
   no_floor = jnp.full(queries.shape[:1], -jnp.inf, queries.dtype)
   floors = (no_floor, no_floor)
-  if _is_grouped(tile, k):
+  if tile % GROUP == 0 and k <= tile // GROUP and jax.default_backend() == "cpu":
     # While some query has fewer than k scores (the first block), its k-th score is no filter: a
-    # first pass over the block's group extremes gives each query one.
+    # first pass over the block's group extremes gives each query one. (Only where both passes'
+    # products round alike: elsewhere a float32 matmul may run at reduced precision.)
     unfilled = jnp.any(jnp.isneginf(running.proponent_scores[:, -1]))
     floors = jax.lax.cond(unfilled, lambda: _block_floors(queries, tiles, k, num_valid), lambda: floors)
 
-  def merge_tile(run, t):
+  def merge_tile(carry, t):
+    run, finite = carry
     lo = t * tile
-    return _merge_scores(run, queries @ tiles[t].T, offset + lo, num_valid - lo, floors), None
+    # Checked while the tile is in cache, not in a pass over the block.
+    finite &= jnp.all(jnp.isfinite(tiles[t]) | (lo + jnp.arange(tile) >= num_valid)[:, None])
+    return (_merge_scores(run, queries @ tiles[t].T, offset + lo, num_valid - lo, floors), finite), None
 
-  return jax.lax.scan(merge_tile, running, jnp.arange(tiles.shape[0], dtype=jnp.int32))[0]
+  steps = jnp.arange(tiles.shape[0], dtype=jnp.int32)
+  merged, finite = jax.lax.scan(merge_tile, (running, jnp.bool_(True)), steps)[0]
+  # A score of a non-finite query or row ranks nowhere sensible (and XLA:CPU's max skips NaN):
+  # such a query's scores become NaN, and every query's for such a row.
+  broken = jnp.logical_not(jnp.all(jnp.isfinite(queries), axis=1) & finite)
+  return merged._replace(proponent_scores=jnp.where(broken[:, None], jnp.nan, merged.proponent_scores),
+                         opponent_scores=jnp.where(broken[:, None], jnp.nan, merged.opponent_scores))
 
 
 def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
@@ -342,6 +362,7 @@ def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k:
     if isinstance(rows, jax.Array):
       running = merge_rows(running, queries, rows, offset)
       continue
+    rows = np.asarray(rows)
     size = max(size, rows.shape[0])
     running = merge_rows(running, queries, device_block(rows, size), offset, rows.shape[0])
   return to_host(running)

@@ -39,6 +39,8 @@ class ConvVariants(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    halves = nn.Conv(2, (3, 3), name="folded")(x.reshape(-1, 4, 8, 1))  # Two images an example.
+    halves = halves.reshape(x.shape[0], -1)
     x = x.reshape(x.shape[0], 8, 8, 1)
     x = nn.Conv(3, (3, 2), strides=(2, 1), padding="VALID", name="valid")(x)  # (B, 3, 7, 3)
     x = nn.Conv(4, (2, 2), padding=((1, 0), (2, 1)), kernel_dilation=(1, 2), use_bias=False, name="pairs")(x)
@@ -47,7 +49,7 @@ class ConvVariants(nn.Module):
     x = nn.Conv(4, (1, 1), feature_group_count=2, name="grouped")(x)  # Left to vmap: two groups.
     s = x.reshape(x.shape[0], -1, 4)  # A 1-D convolution over the positions.
     s = nn.Conv(2, (3,), strides=2, padding="SAME", name="one_d")(s)
-    return nn.Dense(10, name="output")(s.reshape(s.shape[0], -1))
+    return nn.Dense(10, name="output")(jnp.concatenate([s.reshape(s.shape[0], -1), halves], axis=1))
 
 
 def _float64(variables):
@@ -139,17 +141,18 @@ def test_project_and_sketch_equals_per_example_gradients(name, method, with_sket
     assert got.sketch.shape == (11, 0)
 
 
-@pytest.mark.parametrize("k", [6, 5])
-def test_factored_dense_in_chunks_of_directions(k, monkeypatch):
-  """Dense directions taken a few at a time (k = 6: chunks of 2 and of 1; k = 5, prime: of 1), by
-  project_on (layouts prepared once per call) and by the store's rows (laid out in the program)."""
-  monkeypatch.setattr(layerwise, "FACTORED_COLUMNS", 12)  # The MLP's layers have 6, 5 and 10 outputs.
+@pytest.mark.parametrize("k, columns, chunks", [(6, 12, [3, 3, 6]), (5, 12, [5, 5, 5]), (5, 18, [2, 2, 5])])
+def test_factored_dense_in_chunks_of_directions(k, columns, chunks, monkeypatch):
+  """Dense directions taken a few at a time (k = 6: chunks of 2 and of 1; k = 5, prime: of 1, or of
+  3 with a zero direction padding the last), by project_on (layouts prepared once per call) and by
+  the store's rows (laid out in the program)."""
+  monkeypatch.setattr(layerwise, "FACTORED_COLUMNS", columns)  # The MLP's layers have 6, 5 and 10 outputs.
   fns, batch = _problem("mlp")
   flat, unravel = ravel_pytree(fns.params)
   directions = jax.random.normal(jax.random.PRNGKey(k), (k, flat.size), jnp.float64)
   layouts = fns.per_example_loss_fn.prepare_directions(fns.params, directions, True,
                                                        jax.tree.map(lambda a: a[:1], batch))
-  assert sorted(u.shape[0] for u in layouts.values()) == ([3, 3, 6] if k == 6 else [5, 5, 5])
+  assert sorted(u.shape[0] for u in layouts.values()) == chunks
   want, want_sq = _exact(fns, batch, directions)
   got = projection.project_on(directions, fns.per_example_loss_fn, fns.params, _split(batch, (7, 4)),
                               microbatch_size=3, with_sq_norms=True)
@@ -159,11 +162,34 @@ def test_factored_dense_in_chunks_of_directions(k, monkeypatch):
   np.testing.assert_allclose(rows.projections, want, rtol=TOL, atol=TOL)
 
 
+class SharedDense(nn.Module):
+  """One Dense applied twice in a row (an unrolled cell), then a head."""
+
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.Dense(x.shape[-1], name="cell")
+    return nn.Dense(10, name="head")(jnp.tanh(cell(jnp.tanh(cell(x)))))
+
+
+def test_a_dense_called_twice_has_one_layout_and_exact_projections():
+  key, kx, ky = jax.random.split(jax.random.PRNGKey(5), 3)
+  batch = {"x": jax.random.normal(kx, (9, 6), jnp.float64), "y": jax.random.randint(ky, (9,), 0, 10)}
+  module = SharedDense()
+  fns = flax_adapters.linen_loss_fns(module, _float64(module.init(key, batch["x"][:1])), models.softmax_cross_entropy)
+  p = ravel_pytree(fns.params)[0].size
+  directions = jax.random.normal(jax.random.PRNGKey(6), (K, p), jnp.float64)
+  layouts = fns.per_example_loss_fn.prepare_directions(fns.params, directions, False,
+                                                       jax.tree.map(lambda a: a[:1], batch))
+  assert sorted(layouts) == ["cell", "head"]
+  got = projection.project_on(directions, fns.per_example_loss_fn, fns.params, [batch], microbatch_size=4)
+  np.testing.assert_allclose(got.values, _exact(fns, batch, directions)[0], rtol=TOL, atol=TOL)
+
+
 def test_convolutions_by_kernel_offsets_where_they_can():
   fns, batch = _problem("convs")
   calls = layerwise.discover_calls(fns.per_example_loss_fn.fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
   by_offsets = {c.path[0] for c in calls if layerwise._conv_geometry(c) is not None}
-  assert by_offsets == {"valid", "pairs", "dilated", "one_d"}
+  assert by_offsets == {"folded", "valid", "pairs", "dilated", "one_d"}
 
 
 def test_project_and_sketch_refuses_jvp():

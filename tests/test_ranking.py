@@ -167,7 +167,7 @@ def test_block_floors_are_at_most_the_kth_scores():
     assert (hi > kth_hi - 1.0).all()  # And near it: a floor far below would filter nothing.
 
 
-@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("k", [1, 5, 20])
 def test_long_stream_with_ties_equals_a_full_sort(k):
   """Enough rows per query that the k-th scores rise and later tiles merge only the beaten queries,
   with exact ties throughout (integer scores) and a padded last block."""
@@ -190,3 +190,33 @@ def test_device_block_pads_with_zero_rows():
   assert block.dtype == np.float32
   with pytest.raises(ValueError, match="5 rows does not fit in 4 rows"):
     ranking.device_block(np.zeros((5, 3), np.float32), 4)
+
+
+def test_negative_zero_ties_positive_zero():
+  """−0.0 and +0.0 are equal scores: the lower index wins (lax.top_k alone would rank +0.0 first)."""
+  rows = -np.ones((4096, 1), np.float32)
+  rows[0], rows[2048] = -0.0, 0.0
+  for k in (1, 2):
+    got = ij.stream_top_k(np.ones((1, 1), np.float32), [(0, rows)], k)
+    np.testing.assert_array_equal(got.proponents[0], [0, 2048][:k])
+
+
+def test_non_finite_numbers_show_in_the_scores():
+  rng = np.random.default_rng(4)
+  queries, rows = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(8192, 4)).astype(np.float32)
+  queries[2, 1] = np.inf
+  got = ij.stream_top_k(queries, [(0, rows[:4096]), (4096, rows[4096:])], 5)
+  assert np.isnan(got.proponent_scores[2]).all() and np.isnan(got.opponent_scores[2]).all()
+  assert np.isfinite(got.proponent_scores[:2]).all()
+  rows[5000, 2] = np.nan
+  padded = np.concatenate([rows[4096:], np.full((10, 4), np.nan, np.float32)])  # Padding: not a row.
+  got = ij.stream_top_k(queries[:2], [(0, rows[:4096])], 5)
+  assert np.isfinite(got.proponent_scores).all()
+  running = ranking.merge_rows(ranking.empty_top_k(2, 5), queries[:2], rows[:4096], 0)
+  got = ranking.to_host(ranking.merge_rows(running, queries[:2], padded, 4096, num_valid=4096))
+  assert np.isnan(got.proponent_scores).all() and np.isnan(got.opponent_scores).all()
+  clean = rows[4096:].copy()
+  clean[5000 - 4096] = 0.0
+  got = ranking.to_host(ranking.merge_rows(running, queries[:2], np.concatenate([clean, padded[-10:]]), 4096,
+                                           num_valid=4096))
+  assert np.isfinite(got.proponent_scores).all()  # NaN padding past num_valid does not count.
