@@ -3,7 +3,8 @@
 For a Linen layer y = layer(x; W) inside the model, the per-example gradient of
 its parameters is the layer's own vector-Jacobian product at the gradient δ of
 the loss with respect to its output y. So ⟨∇ℓ(z), u⟩ = Σ_layers ⟨∇_W ℓ(z), u_W⟩
-+ ⟨∇_rest ℓ(z), u_rest⟩ needs only each layer's input x and output gradient δ:
++ ⟨∇_rest ℓ(z), u_rest⟩ needs only each layer's input x and output gradient δ
+(the per-layer products are in `layer_gradients`):
 
 - Dense / DenseGeneral applied once per example: ⟨x δᵀ, U_j⟩ = xᵀ U_j δ, a
   matmul of x with the k directions (cost 2·k·size, no per-example gradient);
@@ -28,14 +29,14 @@ VJP over those leaves only. NNX modules are not intercepted: their losses use
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
-from flax.linen import linear
 import jax
 import jax.numpy as jnp
+
+from influence_jax import layer_gradients
 
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
 
@@ -112,25 +113,6 @@ def discover_calls(per_example_loss_fn: Callable, params, example) -> tuple[Laye
       continue
     calls.append(LayerCall(path, layer, in_shape, out_shape, out_dtype))
   return tuple(calls)
-
-
-def _dense_factors(call: LayerCall):
-  """Returns (in_size, out_size) if `call` is a Dense/DenseGeneral applied once per example, else None."""
-  layer = call.layer
-  if isinstance(layer, nn.Dense):
-    n_in = 1
-  elif isinstance(layer, nn.DenseGeneral) and not layer.batch_dims:
-    axes = layer.axis if isinstance(layer.axis, (tuple, list)) else (layer.axis,)
-    n_in = len(axes)
-    norm = sorted(a % len(call.in_shape) for a in axes)
-    if norm != list(range(len(call.in_shape) - n_in, len(call.in_shape))):
-      return None
-  else:
-    return None
-  in_size = math.prod(call.in_shape[len(call.in_shape) - n_in:])
-  if math.prod(call.in_shape) != in_size:  # Applied at several positions.
-    return None
-  return in_size, math.prod(call.out_shape)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -210,7 +192,8 @@ class LayerwiseLoss:
       own = sum(x.size for x in jax.tree.leaves(_layer_params(params, c.path)))
       # A factored call forms one chunk of directions' products at a time (`_factored_layouts`).
       out = math.prod(c.out_shape)
-      total += max(out, min(k * out, FACTORED_COLUMNS)) if _dense_factors(c) else own
+      chunk_columns = max(out, min(k * out, layer_gradients.FACTORED_COLUMNS))
+      total += chunk_columns if layer_gradients.dense_factors(c) else own
     return max(1, total * itemsize)
 
 
@@ -246,72 +229,6 @@ def _pair(tree_g, tree_u, with_norms):
   return proj, sq
 
 
-class ConvGeometry(NamedTuple):
-  """An nn.Conv call's window: per spatial dimension, kernel size, stride, (low, high) padding, input
-  and kernel dilation."""
-
-  size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: tuple[tuple[int, int], ...]
-  input_dilation: tuple[int, ...]
-  kernel_dilation: tuple[int, ...]
-
-
-def _conv_geometry(call: LayerCall) -> Optional[ConvGeometry]:
-  """Returns the window of an nn.Conv call on one example (one batch dimension: images folded into
-  it are summed over) with one feature group, no mask, no custom convolution, dtype or precision
-  and 'SAME' / 'VALID' / explicit padding (as lax pads it); else None."""
-  layer = call.layer
-  if (type(layer) is not nn.Conv or layer.feature_group_count != 1 or layer.mask is not None or layer.dtype is not None
-      or layer.precision is not None or layer.conv_general_dilated is not None
-      or layer.conv_general_dilated_cls is not None):
-    return None
-  size = (layer.kernel_size,) if isinstance(layer.kernel_size, int) else tuple(layer.kernel_size)
-  if len(call.in_shape) != len(size) + 2:
-    return None
-  each = lambda v: (1 if v is None else v,) * len(size) if v is None or isinstance(v, int) else tuple(v)
-  strides, kernel_dilation = each(layer.strides), each(layer.kernel_dilation)
-  padding = linear.canonicalize_padding(layer.padding, len(size))
-  if isinstance(padding, str):
-    if padding not in ("SAME", "VALID"):
-      return None
-    dilated = [(k - 1) * d + 1 for k, d in zip(size, kernel_dilation)]
-    padding = jax.lax.padtype_to_pads(call.in_shape[1:-1], dilated, strides, padding)
-  return ConvGeometry(size, strides, tuple(tuple(p) for p in padding), each(layer.input_dilation), kernel_dilation)
-
-
-def _conv_gradients(call, geometry, x, d):
-  """Returns {"kernel": (B, *size, in, out)[, "bias": (B, out)]}: per-example gradients of a Conv from its
-  inputs x (B, n, *spatial, in) and output gradients d (B, n, *spatial', out), n images an example: for
-  each kernel offset, Σ over images and output positions of the input it reads ⊗ δ (a batched
-  matmul over positions)."""
-  b, c_out = x.shape[0], d.shape[-1]
-  g = geometry
-  pads = [(0, 0, 0)] + [(lo, hi, i - 1) for (lo, hi), i in zip(g.padding, g.input_dilation)] + [(0, 0, 0)]
-  x = jax.lax.pad(x.reshape((-1,) + x.shape[2:]), jnp.zeros((), x.dtype), pads)  # (B·n, *padded, in)
-  out_spatial = d.shape[2:-1]
-  delta = d.reshape(b, -1, c_out)
-  grads = []
-  for offset in itertools.product(*(range(k) for k in g.size)):
-    start = [0] + [o * kd for o, kd in zip(offset, g.kernel_dilation)] + [0]
-    limit = [x.shape[0]] + [st + (n - 1) * s + 1 for st, n, s in zip(start[1:-1], out_spatial, g.strides)]
-    seen = jax.lax.slice(x, start, limit + [x.shape[-1]], [1] + list(g.strides) + [1]).reshape(b, -1, x.shape[-1])
-    grads.append(jnp.einsum("bpc,bpo->bco", seen, delta))
-  out = {"kernel": jnp.stack(grads, axis=1).reshape((b,) + g.size + (x.shape[-1], c_out))}
-  if call.layer.use_bias:
-    out["bias"] = jnp.sum(delta, axis=1)
-  return out
-
-
-def _layer_vjp(call, own, x, d):
-  """Returns the per-example gradients of a layer's params (B, ...) from its inputs x and output gradients d."""
-  geometry = _conv_geometry(call)
-  if geometry is not None:
-    return _conv_gradients(call, geometry, x, d)
-  one = lambda x1, d1: jax.vjp(lambda p: call.layer.apply({"params": p}, x1), own)[1](d1)[0]
-  return jax.vmap(one)(x, d)
-
-
 def plan_calls(calls: tuple[LayerCall, ...], with_norms: bool) -> tuple[str, ...]:
   """Returns, per call, how its projection is computed: "factored", "embed" or "layer_vjp" (see module doc).
 
@@ -324,7 +241,7 @@ def plan_calls(calls: tuple[LayerCall, ...], with_norms: bool) -> tuple[str, ...
   plans = []
   for c in calls:
     alone = counts[c.path] == 1 or not with_norms
-    if alone and _dense_factors(c):
+    if alone and layer_gradients.dense_factors(c):
       plans.append("factored")
     elif alone and isinstance(c.layer, nn.Embed) and math.prod(c.in_shape) < c.layer.num_embeddings:
       plans.append("embed")
@@ -357,37 +274,19 @@ def _recording_loss(per_example_loss_fn, calls, params, is_rest):
   return loss_and_inputs
 
 
-# Columns (directions × outputs) of one product x U in `_factored_dense`: the directions are taken a
-# few at a time, so that the (B, columns) product stays in cache between being formed and used.
-FACTORED_COLUMNS = 1024
-
-
 def _layout_key(path) -> str:
   return "/".join(path)
 
 
-def _chunk_size(k: int, most: int) -> int:
-  """Returns the directions a chunk of k takes, at most `most`: its largest divisor when that is at
-  least most / 2, else the even split of k into ⌈k / most⌉ chunks (the last padded)."""
-  most = min(k, most)
-  divisor = max(d for d in range(1, most + 1) if k % d == 0)
-  return divisor if 2 * divisor >= most else -(-k // -(-k // most))
-
-
 def _factored_layouts(calls, plans, dirs, k) -> dict:
-  """Returns {layer path joined by "/": (⌈k / c⌉, in, c·out)} kernel directions of the layers with
-  "factored" calls, c directions a chunk (`_chunk_size`), the last chunk padded with zero
-  directions: `_factored_dense`'s layout."""
+  """Returns {layer path joined by "/": kernel directions in `layer_gradients.dense_layout`} of the
+  layers with "factored" calls."""
   layouts = {}
   for call, plan in zip(calls, plans):
     key = _layout_key(call.path)
     if plan == "factored" and key not in layouts:
-      in_size, out_size = _dense_factors(call)
-      c = _chunk_size(k, max(1, FACTORED_COLUMNS // out_size))
-      chunks = -(-k // c)
-      kern = dirs[call.path + ("kernel",)].reshape(k, in_size, out_size)
-      kern = jnp.pad(kern, ((0, chunks * c - k), (0, 0), (0, 0))).reshape(chunks, c, in_size, out_size)
-      layouts[key] = jnp.transpose(kern, (0, 2, 1, 3)).reshape(chunks, in_size, c * out_size)
+      in_size, out_size = layer_gradients.dense_factors(call)
+      layouts[key] = layer_gradients.dense_layout(dirs[call.path + ("kernel",)].reshape(k, in_size, out_size))
   return layouts
 
 
@@ -427,12 +326,12 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
     for i, c in enumerate(calls):
       own = _layer_params(params, c.path)
       if plans[i] == "factored":
-        p_i, s_i = _factored_dense(inputs[i], deltas[i], factored_u[_layout_key(c.path)],
+        p_i, s_i = layer_gradients.factored_dense(inputs[i], deltas[i], factored_u[_layout_key(c.path)],
                                    _sub_directions(dirs, c.path, own).get("bias"), k, norms)
       elif plans[i] == "embed":
-        p_i, s_i = _gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], norms)
+        p_i, s_i = layer_gradients.gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], norms)
       else:
-        g = _layer_vjp(c, own, inputs[i], deltas[i])
+        g = layer_gradients.per_example_gradients(c, own, inputs[i], deltas[i])
         layer_grads[c.path] = jax.tree.map(jnp.add, layer_grads[c.path], g) if c.path in layer_grads else g
         continue
       proj, sq = proj + p_i, sq + s_i
@@ -461,7 +360,7 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
     by_layer = dict(layer_grads)
     for i, c in enumerate(calls):
       if plans[i] != "layer_vjp":
-        g = _layer_vjp(c, _layer_params(params, c.path), inputs[i], deltas[i])
+        g = layer_gradients.per_example_gradients(c, _layer_params(params, c.path), inputs[i], deltas[i])
         by_layer[c.path] = jax.tree.map(jnp.add, by_layer[c.path], g) if c.path in by_layer else g
     rest = iter(g_rest)
     leaves = []
@@ -481,34 +380,3 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
   by_chunk = jax.tree.map(lambda x: x.reshape((micro // chunk, chunk) + x.shape[1:]), pieces)
   sq, out = jax.lax.map(one_chunk, by_chunk)
   return sq.reshape(micro), jax.tree.map(lambda x: x.reshape((micro,) + x.shape[2:]), out)
-
-
-def _factored_dense(x, d, u_chunks, u_bias, k, with_norms):
-  """Returns ((B, k) xᵀ U_j δ (+ ⟨δ, u_bias⟩), (B,) ‖x δᵀ‖² (+ ‖δ‖²)) for a Dense applied once;
-  `u_chunks` holds the kernel directions as `_factored_layouts` lays them out."""
-  b = x.shape[0]
-  x2 = x.reshape(b, -1).astype(u_chunks.dtype)
-  d2 = d.reshape(b, -1).astype(u_chunks.dtype)
-  chunk = lambda u: jnp.einsum("bco,bo->bc", (x2 @ u).reshape(b, -1, d2.shape[1]), d2)
-  if u_chunks.shape[0] == 1:
-    proj = chunk(u_chunks[0])[:, :k]
-  else:
-    proj = jnp.moveaxis(jax.lax.map(chunk, u_chunks), 0, 1).reshape(b, -1)[:, :k]
-  dd = jnp.sum(d2 * d2, axis=1)
-  sq = jnp.sum(x2 * x2, axis=1) * dd if with_norms else 0.0
-  if u_bias is not None:
-    proj = proj + d2 @ u_bias.reshape(k, -1).T
-    sq = sq + dd if with_norms else sq
-  return proj, sq
-
-
-def _gathered_embed(tokens, d, u_table, with_norms):
-  """Returns ((B, k) Σ_l ⟨U_j[t_l], δ_l⟩, (B,) ‖Σ_l e_{t_l} δ_lᵀ‖²) for an Embed lookup."""
-  b = tokens.shape[0]
-  t = tokens.reshape(b, -1)
-  d2 = d.reshape(b, t.shape[1], -1).astype(u_table.dtype)
-  proj = jnp.einsum("kbld,bld->bk", u_table[:, t], d2)
-  if not with_norms:
-    return proj, 0.0
-  same = (t[:, :, None] == t[:, None, :]).astype(d2.dtype)
-  return proj, jnp.einsum("blm,bld,bmd->b", same, d2, d2)

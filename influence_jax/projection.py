@@ -78,9 +78,14 @@ def _default_micro(per_example_loss_fn, method, params, k, batch, size):
   return balanced_microbatch(size, LAYERWISE_BYTES // per_example)
 
 
-def _single_example_grad(per_example_loss_fn, unravel, flat, example):
+def example_value_and_grad(per_example_loss_fn, unravel, flat, example):
+  """Returns (ℓ(z), ∇ℓ(z)) of one example (no batch axis) at the flat parameters `flat`."""
   one = jax.tree.map(lambda x: x[None], example)
-  return jax.grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+  return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+
+
+def _single_example_grad(per_example_loss_fn, unravel, flat, example):
+  return example_value_and_grad(per_example_loss_fn, unravel, flat, example)[1]
 
 
 def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared=None):

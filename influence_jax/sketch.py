@@ -95,11 +95,6 @@ def divisor_at_most(n: int, limit: int) -> int:
   return best
 
 
-def _example_value_and_grad(per_example_loss_fn: Callable, unravel, flat, example):
-  one = jax.tree.map(lambda x: x[None], example)
-  return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
-
-
 def _by_micro(batch, micro: int):
   size = data_lib.batch_size(batch)
   return jax.tree.map(lambda x: x.reshape((size // micro, micro) + x.shape[1:]), batch)
@@ -117,7 +112,7 @@ def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, par
   p, columns = flat.size, directions.shape[1]  # columns ≥ p: a mesh's flat layout, zero beyond p.
 
   def one_micro(mb):
-    losses, grads = jax.vmap(lambda ex: _example_value_and_grad(per_example_loss_fn, unravel, flat, ex))(mb)
+    losses, grads = jax.vmap(lambda ex: projection.example_value_and_grad(per_example_loss_fn, unravel, flat, ex))(mb)
     grads = grads.astype(directions.dtype)
     proj = sharding_lib.pad_last(grads, columns) @ directions.T
     sq = jnp.sum(grads * grads, axis=1)

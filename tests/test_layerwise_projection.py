@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, layerwise, projection, sketch
+from influence_jax import flax_adapters, layer_gradients, layerwise, projection, sketch
 from influence_jax.examples import models
 
 TOL = 1e-10
@@ -146,7 +146,7 @@ def test_factored_dense_in_chunks_of_directions(k, columns, chunks, monkeypatch)
   """Dense directions taken a few at a time (k = 6: chunks of 2 and of 1; k = 5, prime: of 1, or of
   3 with a zero direction padding the last), by project_on (layouts prepared once per call) and by
   the store's rows (laid out in the program)."""
-  monkeypatch.setattr(layerwise, "FACTORED_COLUMNS", columns)  # The MLP's layers have 6, 5 and 10 outputs.
+  monkeypatch.setattr(layer_gradients, "FACTORED_COLUMNS", columns)  # The MLP's layers have 6, 5 and 10 outputs.
   fns, batch = _problem("mlp")
   flat, unravel = ravel_pytree(fns.params)
   directions = jax.random.normal(jax.random.PRNGKey(k), (k, flat.size), jnp.float64)
@@ -188,7 +188,7 @@ def test_a_dense_called_twice_has_one_layout_and_exact_projections():
 def test_convolutions_by_kernel_offsets_where_they_can():
   fns, batch = _problem("convs")
   calls = layerwise.discover_calls(fns.per_example_loss_fn.fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
-  by_offsets = {c.path[0] for c in calls if layerwise._conv_geometry(c) is not None}
+  by_offsets = {c.path[0] for c in calls if layer_gradients.conv_geometry(c) is not None}
   assert by_offsets == {"folded", "valid", "pairs", "dilated", "one_d"}
 
 
