@@ -3,17 +3,13 @@ r"""GIF class removal on digits with the small CNN (two 3×3 convolutions and a 
   python scripts/gif_class_removal.py --config=configs/gif_class_removal_cnn.py --workdir=runs/gif_class_removal_cnn
 """
 
-import os
-import runpy
-
 import ml_collections
 
-# The base config, loaded by path: config files are run by path, not imported as a package.
-_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gif_class_removal_mlp.py"))
+from influence_jax.jobs.papers import gif_job
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _BASE["get_config"]()
+  c = gif_job.default_config("class_removal")
   c.model = ml_collections.ConfigDict(dict(name="cnn", features=(8, 16), num_classes=10))
   c.train.num_epochs = 40
   c.edit.hessian_examples = 256  # A Conv HVP on all ~1,400 images is ~0.15 s on 2 CPU cores: subsample.

@@ -3,16 +3,13 @@ r"""GIF label change (backdoor trigger, fixed by an influence edit) on digits wi
   python scripts/gif_label_change.py --config=configs/gif_label_change_cnn.py --workdir=runs/gif_label_change_cnn
 """
 
-import os
-import runpy
-
 import ml_collections
 
-_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gif_label_change_mlp.py"))
+from influence_jax.jobs.papers import gif_job
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _BASE["get_config"]()
+  c = gif_job.default_config("label_change")
   c.model = ml_collections.ConfigDict(dict(name="cnn", features=(8, 16), num_classes=10))
   c.train.num_epochs = 40
   c.edit.hessian_examples = 256  # A Conv HVP on all ~1,400 images is ~0.15 s on 2 CPU cores: subsample.

@@ -13,11 +13,10 @@ import importlib
 
 from influence_jax.checkpoint import load_eigenspace, save_eigenspace
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
-from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, fit_eigenspace, project
+from influence_jax.eigenspace import Eigenspace, EigenspaceInfo, default_tail_constant, fit_eigenspace, project
 from influence_jax.flax_adapters import ModelFns, linen_loss_fns, nnx_loss_fns, nnx_update
-from influence_jax.ranking import TopK, merge_rows, stream_top_k, top_k
+from influence_jax.ranking import Extremes, extremes, merge_rows, stream_extremes
 from influence_jax.scoring import (
-    default_tail_constant,
     influence,
     influence_scores,
     influence_scores_with_tail,
@@ -26,10 +25,10 @@ from influence_jax.scoring import (
     self_influence,
 )
 from influence_jax.residual_basis import fit_residual_basis
-from influence_jax.sketch import KroneckerSketch, make_sketch, project_and_sketch
-from influence_jax.store import ProjectionStore, StoreError, open_store
 from influence_jax.sharding import make_mesh
+from influence_jax.sketch import KroneckerSketch, make_sketch, project_and_sketch
 from influence_jax.solvers import CGResult, conjugate_gradient, dense_hessian, exact_influence
+from influence_jax.store import ProjectionStore, StoreError, open_store
 
 # Methods of the papers, loaded on first attribute access: name -> module under influence_jax.methods.
 _LAZY = {

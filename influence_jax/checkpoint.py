@@ -9,8 +9,6 @@ moment leaves either the previous step or the new one, never a mix.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any, Optional
 
@@ -79,23 +77,6 @@ def verify_checksums(tree: Any, recorded: Optional[dict], what: str) -> None:
                             "Delete it and rerun: it is recomputed.")
 
 
-def fingerprint(*parts: Any) -> str:
-  """Returns a short stable hash of JSON-able parts (configs) and arrays (data, params), their structure
-  (dict keys, None entries) included."""
-  h = hashlib.sha256()
-  for part in parts:
-    h.update(str(jax.tree.structure(part)).encode())
-    for leaf in jax.tree.leaves(part):
-      if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.tobytes())
-      else:
-        h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
-    h.update(b"|")
-  return h.hexdigest()[:16]
-
-
 def _manager(directory: str, *, max_to_keep: Optional[int] = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only,
@@ -103,7 +84,7 @@ def _manager(directory: str, *, max_to_keep: Optional[int] = 2, read_only: bool 
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
 
 
-class Store:
+class CheckpointDir:
   """A directory of fingerprinted steps: `save(step, state, meta)`, `restore_latest()`.
 
   `fingerprint` identifies what the state was computed from; restoring a
@@ -218,7 +199,7 @@ def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra
 
   The eigenvectors are saved as laid out (with their mesh's zero padding).
   """
-  store = Store(directory, fingerprint, max_to_keep=1)
+  store = CheckpointDir(directory, fingerprint, max_to_keep=1)
   store.save(0, _eigenspace_state(es),
              dict(extra or {}, damping=es.damping, num_params=es.num_params, info=_info_to_json(es.info)))
   store.close()

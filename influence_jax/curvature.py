@@ -19,10 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
-
-Params = Any
-Batch = Any
-LossFn = Callable[[Params, Batch], jax.Array]
+from influence_jax.types import Batch, LossFn, OutputsFn, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +33,7 @@ class SplitLoss:
   a static argument like any function.
   """
 
-  outputs_fn: Callable[[Params, Batch], Any]
+  outputs_fn: OutputsFn
   output_loss_fn: Callable[[Any, Batch], jax.Array]
   regularizer: Optional[Callable[[Params], jax.Array]] = None
 
@@ -179,7 +176,7 @@ class _AveragedProduct:
   """The matvec of `curvature_operator`: hashable by value, so jitted steps that take it as a
   static argument compile once per (loss_fn, curvature, sizes), not once per operator."""
 
-  loss_fn: Callable
+  loss_fn: LossFn
   curvature: str
   damping: float
   micro: int
@@ -212,9 +209,3 @@ def _place_examples(tree, axis: int, mesh):
   spec = sharding_lib.MICROBATCHES_SPEC if axis == 1 else sharding_lib.BATCH_SPEC
   target = sharding_lib.named(mesh, spec if n % d == 0 else sharding_lib.REPLICATED)
   return sharding_lib.put_tree(tree, target)
-
-
-def to_dense(op: LinearOperator) -> jax.Array:
-  """Returns the (dim, dim) matrix of `op` by applying it to the identity (tiny problems only)."""
-  eye = jnp.eye(op.dim, dtype=op.dtype)
-  return jax.vmap(lambda e: op.matvec(op.operands, e))(eye).T

@@ -6,12 +6,13 @@ are pure and work on numpy or jax arrays alike.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 
-Batch = Any
+from influence_jax.types import Batch
+
 
 
 def batch_size(batch: Batch) -> int:

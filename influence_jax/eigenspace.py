@@ -25,6 +25,7 @@ from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import sharding as sharding_lib
 from influence_jax import validation
+from influence_jax.types import LossFn, PerExampleLossFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +176,7 @@ def _ritz_vectors(matvec, dim: int, mesh, compute_residuals: bool):
 
 
 def fit_eigenspace(
-    loss_fn: Callable,
+    loss_fn: LossFn,
     params: Any,
     batches,
     *,
@@ -257,7 +258,7 @@ def fit_eigenspace(
 
 def project(
     eigenspace: Eigenspace,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params: Any,
     batches,
     *,
@@ -276,3 +277,37 @@ def project(
   return projection.project_on(
       eigenspace.eigenvectors, per_example_loss_fn, params, batches,
       method=method, microbatch_size=microbatch_size, mesh=mesh).values
+
+
+def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
+  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping.
+
+  Raises ValueError when δ is not finite, or some λ_j + δ is zero or not finite (a negative λ_j + δ
+  is allowed: eigenpairs kept by magnitude invert an indefinite curvature).
+  """
+  delta = eigenspace.damping if damping is None else float(damping)
+  if not np.isfinite(delta):
+    raise ValueError(f"The damping δ must be finite, got {delta}.")
+  shifted = eigenspace.eigenvalues + delta
+  bad = ~jnp.isfinite(shifted) | (shifted == 0)
+  if bool(jnp.any(bad)):
+    j = int(jnp.argmax(bad))
+    raise ValueError(f"Eigenvalue {j} + damping is {float(shifted[j])}: λ + δ must be finite and non-zero "
+                     f"(δ = {delta}); use a positive damping.")
+  return 1.0 / shifted
+
+
+def default_tail_constant(eigenspace: Eigenspace, damping: Optional[float] = None) -> float:
+  """Returns λ_k + δ: the smallest kept eigenvalue plus damping (DESIGN §2, the spectral tail)."""
+  delta = eigenspace.damping if damping is None else float(damping)
+  return float(jnp.min(eigenspace.eigenvalues)) + delta
+
+
+def tail_constant_or_default(eigenspace: Eigenspace, damping: Optional[float] = None,
+                             tail_constant: Optional[float] = None) -> float:
+  """Returns `tail_constant`, or λ_k + δ when None; raises ValueError unless it is finite and positive."""
+  c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
+  if not (np.isfinite(c) and c > 0):
+    raise ValueError(f"The tail constant c must be finite and positive, got {c} (λ_k + δ by default: "
+                     "check the damping).")
+  return c

@@ -23,7 +23,7 @@ influence_jax/examples/flax_training_loop.py)::
     grads = jax.grad(fns.loss_fn)(params, train)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    g = solvers.per_example_gradients(fns.per_example_loss_fn, params, [train])  # (N, p)
+    g = solvers.gradient_matrix(fns.per_example_loss_fn, params, [train])  # (N, p)
     s = solvers.exact_influence(fns.loss_fn, fns.per_example_loss_fn, params,
                                 [probe], [probe], damping=1e-2)               # score(z, x)
     print(epoch, jnp.linalg.norm(g, axis=1).mean(), jnp.diag(s))            # self-influence ≥ 0
@@ -42,9 +42,8 @@ import jax
 import jax.numpy as jnp
 
 from influence_jax import curvature
+from influence_jax.types import LossFn, OutputsFn, Params, PerExampleLossFn
 
-Params = Any
-Batch = Any
 
 # Module-call keywords and attribute values that select evaluation behaviour.
 EVAL_KWARGS = {"train": False, "training": False, "deterministic": True, "use_running_average": True}
@@ -66,9 +65,9 @@ class ModelFns(NamedTuple):
   """
 
   params: Params
-  loss_fn: Callable[[Params, Batch], jax.Array]
-  per_example_loss_fn: Callable[[Params, Batch], jax.Array]
-  outputs_fn: Callable[[Params, Batch], Any]
+  loss_fn: LossFn
+  per_example_loss_fn: PerExampleLossFn
+  outputs_fn: OutputsFn
   merge: Callable[[Params], Any]
 
 

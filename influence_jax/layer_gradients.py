@@ -3,7 +3,7 @@
 - `factored_dense`: a Dense / DenseGeneral applied once per example, projected on k directions
   without its gradient (xᵀ U_j δ), the directions a few at a time (`dense_layout`);
 - `gathered_embed`: an Embed lookup projected by a gather of the directions' rows;
-- `per_example_gradients`: any layer's own per-example gradient: a Conv's by kernel offsets (the
+- `layer_example_gradients`: any layer's own per-example gradient: a Conv's by kernel offsets (the
   input slice each offset reads times δ, summed over output positions: batched matmuls), others by
   a vmapped VJP of the layer alone.
 
@@ -98,7 +98,7 @@ def _conv_gradients(call, geometry, x, d):
   return out
 
 
-def per_example_gradients(call, own, x, d):
+def layer_example_gradients(call, own, x, d):
   """Returns the per-example gradients of a layer's params (B, ...) from its inputs x and output gradients d."""
   geometry = conv_geometry(call)
   if geometry is not None:

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from influence_jax import layer_gradients
+from influence_jax.types import PerExampleLossFn
 
 LAYER_TYPES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed)
 
@@ -77,7 +78,7 @@ def _layer_params(params, path):
   return node
 
 
-def discover_calls(per_example_loss_fn: Callable, params, example) -> tuple[LayerCall, ...]:
+def discover_calls(per_example_loss_fn: PerExampleLossFn, params, example) -> tuple[LayerCall, ...]:
   """Returns the covered layer calls of one forward pass on `example` (a batch of one), in call order.
 
   A layer is covered when it is one of LAYER_TYPES, is only ever called as
@@ -331,7 +332,7 @@ def make_micro_projector(per_example_loss_fn, params, directions, with_norms, ex
       elif plans[i] == "embed":
         p_i, s_i = layer_gradients.gathered_embed(inputs[i], deltas[i], dirs[c.path + ("embedding",)], norms)
       else:
-        g = layer_gradients.per_example_gradients(c, own, inputs[i], deltas[i])
+        g = layer_gradients.layer_example_gradients(c, own, inputs[i], deltas[i])
         layer_grads[c.path] = jax.tree.map(jnp.add, layer_grads[c.path], g) if c.path in layer_grads else g
         continue
       proj, sq = proj + p_i, sq + s_i
@@ -360,7 +361,7 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
     by_layer = dict(layer_grads)
     for i, c in enumerate(calls):
       if plans[i] != "layer_vjp":
-        g = layer_gradients.per_example_gradients(c, _layer_params(params, c.path), inputs[i], deltas[i])
+        g = layer_gradients.layer_example_gradients(c, _layer_params(params, c.path), inputs[i], deltas[i])
         by_layer[c.path] = jax.tree.map(jnp.add, by_layer[c.path], g) if c.path in by_layer else g
     rest = iter(g_rest)
     leaves = []

@@ -26,7 +26,7 @@ Cost model (T queries, N training examples, k eigenvectors, p parameters):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +36,10 @@ from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import solvers
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params
+from influence_jax.eigenspace import Eigenspace, check_params, default_tail_constant, inverse_eigenvalues
 from influence_jax.residual_basis import stored_directions
-from influence_jax.scoring import default_tail_constant, inverse_eigenvalues
 from influence_jax.sketch import KroneckerSketch, apply_sketch
+from influence_jax.types import LossFn, PerExampleLossFn
 
 
 def apply_tail_inverse(eigenvectors: jax.Array, inv_shifted: jax.Array, tail_constant, rows: jax.Array) -> jax.Array:
@@ -142,11 +142,11 @@ def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: j
 
 def solve_queries(
     eigenspace: Eigenspace,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params,
     test_batches,
     *,
-    loss_fn: Callable,
+    loss_fn: LossFn,
     curvature_batches,
     cg_iters: int = 10,
     tail_constant: Optional[float] = None,
@@ -173,7 +173,7 @@ def solve_queries(
 
 def influence_preconditioned(
     eigenspace: Eigenspace,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params,
     test_batches,
     train_batches,

@@ -13,7 +13,7 @@ keeping p-sized gradients for more than one micro-batch:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
 from influence_jax import validation
+from influence_jax.types import LayerwiseLossFn, PerExampleLossFn
 
 METHODS = ("vjp", "jvp", "layerwise")
 _MICROBATCH_BYTES = 256 * 2**20
@@ -51,15 +52,15 @@ def balanced_microbatch(batch: int, most: int) -> int:
   return -(-batch // steps)
 
 
-def resolve_method(per_example_loss_fn: Callable, method: Optional[str]) -> str:
+def resolve_method(per_example_loss_fn: PerExampleLossFn, method: Optional[str]) -> str:
   """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
-  has_layerwise = hasattr(per_example_loss_fn, "micro_projector")
+  has_layerwise = isinstance(per_example_loss_fn, LayerwiseLossFn)
   if method is None:
     return "layerwise" if has_layerwise else "vjp"
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
   if method == "layerwise" and not has_layerwise:
-    raise ValueError("method='layerwise' needs a per_example_loss_fn with micro_projector (a "
+    raise ValueError("method='layerwise' needs a per_example_loss_fn that is a types.LayerwiseLossFn (a "
                      "layerwise.LayerwiseLoss, as flax_adapters.linen_loss_fns returns).")
   return method
 
@@ -168,7 +169,7 @@ def _global_micro(size: int, micro: int, d: int) -> int:
 
 def project_on(
     directions: jax.Array,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params: Any,
     batches: Iterable[Any],
     *,
@@ -232,7 +233,7 @@ def project_on(
             "put the largest batch first or use equal batch sizes.")
       size, mb = padded_size, micro
       placed = sharding_lib.put_tree(data_lib.pad(batch, padded_size), sharding_lib.batch_sharding(mesh))
-    if method == "layerwise" and hasattr(per_example_loss_fn, "prepare_directions"):
+    if method == "layerwise":
       one = shape_of_one(placed)
       if one != prepared_for:  # Layouts follow the layer calls, which follow the examples' shapes.
         prepared = _prepare_directions(per_example_loss_fn, with_sq_norms, params, directions,
@@ -264,7 +265,7 @@ def _concatenation(sharding):
   return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding)
 
 
-def per_example_gradients(per_example_loss_fn: Callable, params: Any, batch: Any,
+def per_example_gradients(per_example_loss_fn: PerExampleLossFn, params: Any, batch: Any,
                           *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """Returns the (B, P) flat per-example gradients of one host batch, in `mesh`'s flat layout.
 
@@ -289,7 +290,7 @@ def _per_example_gradients(per_example_loss_fn, columns: int, mesh):
   return jax.jit(grads, out_shardings=sharding_lib.flat_sharding(mesh, 2))
 
 
-def gradients(per_example_loss_fn: Callable, params: Any, batches: Iterable[Any], chunk_size: int = 64,
+def gradients(per_example_loss_fn: PerExampleLossFn, params: Any, batches: Iterable[Any], chunk_size: int = 64,
               *, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
   """Returns the (T, P) flat per-example gradients of every example of `batches`, `chunk_size` at a time.
 

@@ -4,7 +4,7 @@ Streaming keeps, per query, the k largest scores (proponents, descending) and th
 (opponents, ascending) with their training indices, on the device: each block of training rows
 is one jitted program that scores it tile by tile and merges each tile with the running state, so
 memory is bounded by the block and k, never by N. Merging blocks in any split gives the same result
-as `top_k` over all columns at once; ties go to the lower training index.
+as `extremes` over all columns at once; ties go to the lower training index.
 
 A tile's merge looks at maxima (minima) of groups of GROUP columns first: only groups past a
 query's running k-th score can change its list, and in a stream in no particular order they soon
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class TopK(NamedTuple):
+class Extremes(NamedTuple):
   """Per query (rows): indices and scores of the most positive (proponents) and most negative (opponents).
 
   Slots not filled yet (fewer than k training examples seen) hold index −1 and score ∓inf. Scores
@@ -38,19 +38,19 @@ class TopK(NamedTuple):
   opponent_scores: np.ndarray
 
 
-def top_k(scores: jax.Array, k: int) -> TopK:
+def extremes(scores: jax.Array, k: int) -> Extremes:
   """Returns the k largest (proponents, descending) and k smallest (opponents, ascending) per row."""
   k = min(k, scores.shape[1])
   pro_s, pro_i = jax.lax.top_k(scores, k)
   opp_s, opp_i = jax.lax.top_k(-scores, k)
-  return TopK(np.asarray(pro_i), np.asarray(pro_s), np.asarray(opp_i), np.asarray(-opp_s))
+  return Extremes(np.asarray(pro_i), np.asarray(pro_s), np.asarray(opp_i), np.asarray(-opp_s))
 
 
-def empty_top_k(num_queries: int, k: int, dtype=jnp.float32) -> TopK:
-  """Returns a running TopK with no candidates yet (indices −1, scores ∓inf)."""
+def empty_extremes(num_queries: int, k: int, dtype=jnp.float32) -> Extremes:
+  """Returns a running Extremes with no candidates yet (indices −1, scores ∓inf)."""
   idx = -np.ones((num_queries, k), np.int32)
   inf = np.full((num_queries, k), np.inf, dtype)
-  return TopK(idx, -inf, idx.copy(), inf.copy())
+  return Extremes(idx, -inf, idx.copy(), inf.copy())
 
 
 # Columns a group when a block's top-k is searched through group extremes (`block_extremes`).
@@ -173,7 +173,7 @@ class _Side(NamedTuple):
   beats: jax.Array
 
 
-def _merge_where_beaten(running: TopK, grouped, offset, num_valid, floors) -> TopK:
+def _merge_where_beaten(running: Extremes, grouped, offset, num_valid, floors) -> Extremes:
   """Returns `running` merged with the tile `grouped` (T, G, GROUP), columns offset.., looking only at
   the groups that hold a score past a query's running k-th (a later column at it loses the tie) on
   either side: while every query has at most FEW_GROUPS of them, the queries that have any (gathered
@@ -195,7 +195,7 @@ def _merge_where_beaten(running: TopK, grouped, offset, num_valid, floors) -> To
   per_query = [jnp.sum(side.beats, axis=1) for side in sides]
 
   def result(pro, opp):
-    return TopK(pro[1], pro[0], opp[1], -opp[0])
+    return Extremes(pro[1], pro[0], opp[1], -opp[0])
 
   def few(size):
     merged = []
@@ -223,30 +223,21 @@ def _merge_where_beaten(running: TopK, grouped, offset, num_valid, floors) -> To
 
 
 @jax.jit
-def _merge_scores(running: TopK, scores: jax.Array, offset: jax.Array, num_valid: jax.Array,
-                  floors=None) -> TopK:
-  """`merge_top_k`, with `floors`: lower bounds (T,) of the call's final k-th largest score and of
-  the negated k-th smallest (see `_merge_where_beaten`)."""
+def _merge_scores(running: Extremes, scores: jax.Array, offset: jax.Array, num_valid: jax.Array,
+                  floors=None) -> Extremes:
+  """Returns `running` updated with a (T, B) block of scores of training examples offset..offset+B−1 (only
+  the first `num_valid` columns count). `floors`: lower bounds (T,) of the call's final k-th largest score
+  and of the negated k-th smallest (see `_merge_where_beaten`)."""
   k, n = running.proponents.shape[1], scores.shape[1]
   if n % GROUP or k > n // GROUP:  # Too few groups to search a query's top-k in its k best.
     pro_s, pro_i, opp_s, opp_i = block_extremes(scores, k, num_valid)
     pro_s, pro_i = _merge_side(running.proponent_scores, running.proponents, pro_s, pro_i, offset)
     opp_s, opp_i = _merge_side(-running.opponent_scores, running.opponents, opp_s, opp_i, offset)
-    return TopK(pro_i, pro_s, opp_i, -opp_s)
+    return Extremes(pro_i, pro_s, opp_i, -opp_s)
   if floors is None:
     floors = (jnp.full(scores.shape[:1], -jnp.inf, scores.dtype),) * 2
   return _merge_where_beaten(running, scores.reshape(scores.shape[0], n // GROUP, GROUP), offset, num_valid,
                              floors)
-
-
-def merge_top_k(running: TopK, scores: jax.Array, offset: int, num_valid: Optional[int] = None) -> TopK:
-  """Returns `running` updated with a (T, B) block of scores of training examples offset..offset+B−1.
-
-  Only the first `num_valid` columns count (padding after them is ignored). Runs on the device;
-  the result holds jax arrays (convert with `to_host`).
-  """
-  num_valid = scores.shape[1] if num_valid is None else num_valid
-  return _merge_scores(running, jnp.asarray(scores), jnp.int32(offset), jnp.int32(num_valid))
 
 
 # Rows scored at once inside one jitted merge: bounds the (T, rows) score buffer (8 MiB at T = 1,000)
@@ -287,8 +278,8 @@ def _block_floors(queries, tiles, k, num_valid):
 
 
 @jax.jit
-def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.Array,
-                num_valid: jax.Array) -> TopK:
+def _merge_rows(running: Extremes, queries: jax.Array, rows: jax.Array, offset: jax.Array,
+                num_valid: jax.Array) -> Extremes:
   tile = tile_rows(rows.shape[0])
   tiles = rows.reshape(rows.shape[0] // tile, tile, rows.shape[1])
   k = running.proponents.shape[1]
@@ -317,8 +308,8 @@ def _merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: jax.
                          opponent_scores=jnp.where(broken[:, None], jnp.nan, merged.opponent_scores))
 
 
-def merge_rows(running: TopK, queries: jax.Array, rows: jax.Array, offset: int,
-               num_valid: Optional[int] = None) -> TopK:
+def merge_rows(running: Extremes, queries: jax.Array, rows: jax.Array, offset: int,
+               num_valid: Optional[int] = None) -> Extremes:
   """Returns `running` updated with the scores queries @ rowsᵀ of training rows offset..offset+B−1.
 
   `queries` (T, d) and `rows` (B, d) are the two sides of a bilinear score (e.g.
@@ -349,14 +340,14 @@ def device_block(rows: np.ndarray, size: int) -> jax.Array:
   return jax.device_put(out)
 
 
-def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k: int,
-                 running: Optional[TopK] = None) -> TopK:
+def stream_extremes(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k: int,
+                 running: Optional[Extremes] = None) -> Extremes:
   """Returns the top-k of queries @ rowsᵀ over every (offset, rows) block, on the host.
 
   Host blocks are padded to the largest block so far (`device_block`): a shorter last block
   compiles nothing new.
   """
-  running = empty_top_k(queries.shape[0], k, queries.dtype) if running is None else running
+  running = empty_extremes(queries.shape[0], k, queries.dtype) if running is None else running
   size = 0
   for offset, rows in blocks:
     if isinstance(rows, jax.Array):
@@ -368,9 +359,9 @@ def stream_top_k(queries: jax.Array, blocks: Iterable[tuple[int, jax.Array]], k:
   return to_host(running)
 
 
-def to_host(running: TopK) -> TopK:
+def to_host(running: Extremes) -> Extremes:
   """Returns `running` with numpy arrays."""
-  return TopK(*(np.asarray(x) for x in running))
+  return Extremes(*(np.asarray(x) for x in running))
 
 
 class RunningLargest(NamedTuple):

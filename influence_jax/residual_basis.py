@@ -22,7 +22,7 @@ orthonormal by an SVD after projecting out U twice.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import sharding
 from influence_jax import validation
+from influence_jax.types import PerExampleLossFn
 
 
 def orthonormal_rows(y: jax.Array, against: jax.Array) -> jax.Array:
@@ -55,7 +56,7 @@ def _numerical_rank(singular_values: jax.Array) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _weighted_gradients(per_example_loss_fn: Callable, params, batch, weights: jax.Array) -> jax.Array:
+def _weighted_gradients(per_example_loss_fn: PerExampleLossFn, params, batch, weights: jax.Array) -> jax.Array:
   """Returns (l, p) Σ_i weights[i, j] ∇ℓ(z_i) for each column j of (B, l) `weights`."""
   flat, unravel = ravel_pytree(params)
   _, vjp_fn = jax.vjp(lambda f: per_example_loss_fn(unravel(f), batch), flat)
@@ -85,7 +86,7 @@ def _transpose_products(per_example_loss_fn, params, batches, weights, dtype, co
 
 def fit_residual_basis(
     directions: jax.Array,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params: Any,
     batches: Iterable[Any],
     rank: int,

@@ -6,50 +6,17 @@ training z. Positive: z is a proponent of x (upweighting z lowers x's loss).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from influence_jax import data as data_lib
+from influence_jax import preconditioning
 from influence_jax import projection
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params, on_mesh
-
-
-def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
-  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping.
-
-  Raises ValueError when δ is not finite, or some λ_j + δ is zero or not finite (a negative λ_j + δ
-  is allowed: eigenpairs kept by magnitude invert an indefinite curvature).
-  """
-  delta = eigenspace.damping if damping is None else float(damping)
-  if not np.isfinite(delta):
-    raise ValueError(f"The damping δ must be finite, got {delta}.")
-  shifted = eigenspace.eigenvalues + delta
-  bad = ~jnp.isfinite(shifted) | (shifted == 0)
-  if bool(jnp.any(bad)):
-    j = int(jnp.argmax(bad))
-    raise ValueError(f"Eigenvalue {j} + damping is {float(shifted[j])}: λ + δ must be finite and non-zero "
-                     f"(δ = {delta}); use a positive damping.")
-  return 1.0 / shifted
-
-
-def default_tail_constant(eigenspace: Eigenspace, damping: Optional[float] = None) -> float:
-  """Returns λ_k + δ: the smallest kept eigenvalue plus damping (DESIGN §2, the spectral tail)."""
-  delta = eigenspace.damping if damping is None else float(damping)
-  return float(jnp.min(eigenspace.eigenvalues)) + delta
-
-
-def tail_constant_or_default(eigenspace: Eigenspace, damping: Optional[float] = None,
-                             tail_constant: Optional[float] = None) -> float:
-  """Returns `tail_constant`, or λ_k + δ when None; raises ValueError unless it is finite and positive."""
-  c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
-  if not (np.isfinite(c) and c > 0):
-    raise ValueError(f"The tail constant c must be finite and positive, got {c} (λ_k + δ by default: "
-                     "check the damping).")
-  return c
+from influence_jax.eigenspace import (Eigenspace, check_params, inverse_eigenvalues, on_mesh, tail_constant_or_default)
+from influence_jax.types import LossFn, PerExampleLossFn
 
 
 def _check_proj(eigenspace: Eigenspace, proj: jax.Array, name: str) -> None:
@@ -148,7 +115,7 @@ def row_side(projections: jax.Array, sketch: Optional[jax.Array] = None,
 
 def influence(
     eigenspace: Eigenspace,
-    per_example_loss_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
     params,
     test_batches,
     train_batches,
@@ -156,7 +123,7 @@ def influence(
     tail: bool = False,
     tail_constant: Optional[float] = None,
     damping: Optional[float] = None,
-    loss_fn: Optional[Callable] = None,
+    loss_fn: Optional[LossFn] = None,
     curvature_batches=None,
     cg_iters: int = 3,
     method: str = "vjp",
@@ -193,7 +160,6 @@ def influence(
     if (mesh is not None and mesh.devices.size > 1) or eigenspace.mesh.devices.size > 1:
       raise ValueError("The preconditioned tail (loss_fn given, cg_iters > 0) runs on one device: pass no mesh and "
                        "an eigenspace on one device, or cg_iters=0 for the plain tail on a mesh.")
-    from influence_jax import preconditioning  # noqa: PLC0415 (it builds on this module)
     return preconditioning.influence_preconditioned(
         eigenspace, per_example_loss_fn, params, test_batches, train_batches, method=method,
         microbatch_size=microbatch_size, loss_fn=loss_fn, curvature_batches=curvature_batches, cg_iters=cg_iters,

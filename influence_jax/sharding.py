@@ -20,22 +20,21 @@ redistributed between the flat layout and the parameters' layout, once per
 product (p numbers, never the n × p basis).
 
 Several processes: `initialize_distributed` first, then a mesh over all
-devices of all processes (`make_mesh`), then `process_slice` /
-`global_batches` to feed each process's own examples into global batches.
+devices of all processes (`make_mesh`), then `to_global` (e.g. through `jobs.input.global_batches`)
+to feed each process's own examples into global batches.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from influence_jax import data as data_lib
 
 DATA = "data"
 MODEL = "model"
@@ -133,24 +132,9 @@ def flat_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL))
 
 
-def basis_sharding(mesh: Mesh) -> NamedSharding:
-  """Returns the sharding of a (rows, p) basis or (k, p) eigenvectors: columns over 'model'."""
-  return flat_sharding(mesh, 2)
-
-
-def vector_sharding(mesh: Mesh) -> NamedSharding:
-  """Returns the sharding of one flat (p,) parameter-space vector: split over 'model'."""
-  return flat_sharding(mesh, 1)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of a batch leaf (B, ...): examples over 'data'."""
   return NamedSharding(mesh, BATCH_SPEC)
-
-
-def projections_sharding(mesh: Mesh) -> NamedSharding:
-  """Returns the sharding of (N, k) per-example projections: examples over 'data'."""
-  return NamedSharding(mesh, PROJECTIONS_SPEC)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -257,24 +241,6 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
       coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs)
 
 
-def process_slice(num_examples: int, *, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> np.ndarray:
-  """Returns the global example ids this process reads: a contiguous near-equal share of range(num_examples)."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  bounds = np.linspace(0, num_examples, count + 1).round().astype(np.int64)
-  return np.arange(bounds[index], bounds[index + 1])
-
-
-class GlobalBatch(NamedTuple):
-  """One global batch: `batch` (leaves (G, ...) sharded over 'data'), `ids` (G,) global example ids
-  (−1 on padding rows) and `mask` (G,) True on real examples."""
-
-  batch: Any
-  ids: jax.Array
-  mask: jax.Array
-
-
 def num_steps(num_local: int, local_batch_size: int) -> int:
   """Returns the number of batches every process runs: the largest process's count (agreed across processes)."""
   mine = -(-num_local // local_batch_size)
@@ -305,30 +271,3 @@ def to_global(local: Any, global_batch_size: int, mesh: Mesh) -> Any:
   spec = batch_sharding(mesh)
   make = lambda x: jax.make_array_from_process_local_data(spec, np.asarray(x), (global_batch_size,) + np.shape(x)[1:])
   return jax.tree.map(make, local)
-
-
-def global_batches(local_data: Any, local_ids: np.ndarray, global_batch_size: int, mesh: Mesh) -> Iterator[GlobalBatch]:
-  """Yields global batches of `global_batch_size` examples, each process contributing its own examples.
-
-  `local_data` holds this process's examples (a batch pytree, leading axis
-  len(local_ids)) and `local_ids` their global ids (e.g. from
-  `process_slice`). Every process runs the same number of steps: short or
-  missing last batches are padded by repeating an example, with mask False
-  and id −1. Built with `jax.make_array_from_process_local_data`; the 'data'
-  axis must span the processes (its size a multiple of the process count).
-  """
-  local_size = local_batch_size(global_batch_size, mesh)
-  local_ids = np.asarray(local_ids, np.int64)
-  n = len(local_ids)
-  if n and data_lib.batch_size(local_data) != n:
-    raise ValueError(f"local_data has {data_lib.batch_size(local_data)} examples but {n} local_ids.")
-  if n == 0:
-    raise ValueError("This process has no examples; give every process at least one (padding needs a real row).")
-  for step in range(num_steps(n, local_size)):
-    start, stop = step * local_size, min((step + 1) * local_size, n)
-    chunk = data_lib.take(local_data, start, stop) if start < n else data_lib.take(local_data, 0, 1)
-    ids = np.full((local_size,), -1, np.int32)
-    if stop > start:
-      ids[:stop - start] = local_ids[start:stop]
-    batch, ids, mask = to_global((data_lib.pad(chunk, local_size), ids, ids >= 0), global_batch_size, mesh)
-    yield GlobalBatch(batch, ids, mask)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import sharding as sharding_lib
+from influence_jax.types import PerExampleLossFn
 
 
 class KroneckerSketch(NamedTuple):
@@ -106,7 +107,7 @@ def _sketched_remainder(sketch, directions, p, proj, sketched_grads):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, params, directions, sketch, batch):
+def _project_and_sketch(per_example_loss_fn: PerExampleLossFn, microbatch_size: int, params, directions, sketch, batch):
   """The "vjp" path: per-example gradients of a micro-batch, then U g and R g from them."""
   flat, unravel = ravel_pytree(params)
   p, columns = flat.size, directions.shape[1]  # columns ≥ p: a mesh's flat layout, zero beyond p.
@@ -128,7 +129,7 @@ def _project_and_sketch(per_example_loss_fn: Callable, microbatch_size: int, par
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _layerwise_project_and_sketch(per_example_loss_fn: Callable, micro: int, chunk: int, params, directions, sketch,
+def _layerwise_project_and_sketch(per_example_loss_fn: PerExampleLossFn, micro: int, chunk: int, params, directions, sketch,
                                   batch):
   """The "layerwise" path: U g layer by layer (no p-sized buffer for the matmul with U); the flat gradients
   for R g and ‖g‖² assembled from the same pass's layer pieces, `chunk` examples at a time (kept in cache)."""
@@ -153,7 +154,7 @@ _PROJECT_GRADIENT_BYTES = 256 * 2**20
 _SKETCH_GRADIENT_BYTES = 8 * 2**20
 
 
-def store_method(per_example_loss_fn: Callable, method: str | None, sketched: bool, params: Any, example: Any) -> str:
+def store_method(per_example_loss_fn: PerExampleLossFn, method: str | None, sketched: bool, params: Any, example: Any) -> str:
   """Returns how `project_and_sketch` computes U∇ℓ: `method` when given; else `projection.resolve_method`'s
   default, except "vjp" for a sketched store of a model with less than half its parameters in layers
   projected without their per-example gradient (`LayerwiseLoss.factored_fraction`; `example`: a batch
@@ -167,7 +168,7 @@ def store_method(per_example_loss_fn: Callable, method: str | None, sketched: bo
   return resolved
 
 
-def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: Callable,
+def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: PerExampleLossFn,
                        params: Any, batch: Any, *, microbatch_size: int = 0,
                        method: str | None = None) -> SketchedProjections:
   """Returns U∇ℓ, ‖∇ℓ‖², R(I − UᵀU)∇ℓ and ℓ for every example of `batch`.

@@ -7,7 +7,7 @@ approximate method is tested against.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,11 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax.curvature import LinearOperator
+from influence_jax.types import LossFn, Params, PerExampleLossFn
 
-Params = Any
 
 
-def dense_hessian(loss_fn: Callable, params: Params, batches) -> jax.Array:
+def dense_hessian(loss_fn: LossFn, params: Params, batches) -> jax.Array:
   """Returns the (p, p) Hessian of the example-weighted mean of loss_fn over `batches`.
 
   Flat parameter order is that of `ravel_pytree(params)`.
@@ -37,7 +37,7 @@ def dense_hessian(loss_fn: Callable, params: Params, batches) -> jax.Array:
   return hess
 
 
-def per_example_gradients(per_example_loss_fn: Callable, params: Params, batches) -> jax.Array:
+def gradient_matrix(per_example_loss_fn: PerExampleLossFn, params: Params, batches) -> jax.Array:
   """Returns the (N, p) matrix of flat per-example gradients ∇ℓ(z_i) on one device (tiny problems only).
 
   The same as `projection.gradients` without a mesh.
@@ -46,8 +46,8 @@ def per_example_gradients(per_example_loss_fn: Callable, params: Params, batches
 
 
 def exact_influence(
-    loss_fn: Callable,
-    per_example_loss_fn: Callable,
+    loss_fn: LossFn,
+    per_example_loss_fn: PerExampleLossFn,
     params: Params,
     test_batches,
     train_batches,
@@ -63,8 +63,8 @@ def exact_influence(
   """
   hess = dense_hessian(loss_fn, params, hessian_batches if hessian_batches is not None else train_batches)
   hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
-  g_test = per_example_gradients(per_example_loss_fn, params, test_batches)
-  g_train = per_example_gradients(per_example_loss_fn, params, train_batches)
+  g_test = gradient_matrix(per_example_loss_fn, params, test_batches)
+  g_train = gradient_matrix(per_example_loss_fn, params, train_batches)
   if np.linalg.cond(np.asarray(hess, np.float64)) > 1e15:
     raise np.linalg.LinAlgError(
         "H + damping·I is singular or nearly so; use a positive damping for exact influence.")

@@ -65,7 +65,7 @@ class SubsetSource:
     return read_rows(self.source, self.indices[np.asarray(rows, np.int64)], "a subset of a source")
 
   def fingerprint_parts(self) -> list:
-    return [fingerprint(self.source), hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]]
+    return [source_fingerprint(self.source), hashlib.sha256(self.indices.tobytes()).hexdigest()[:16]]
 
 
 def read_rows(source: Any, rows: np.ndarray, what: str) -> Any:
@@ -130,7 +130,7 @@ def sample_indices(num_examples: int, num_samples: int, seed: int) -> np.ndarray
   return np.sort(rng.choice(num_examples, size=num_samples, replace=False))
 
 
-def fingerprint(source: Any, num_samples: int = 8) -> str:
+def source_fingerprint(source: Any, num_samples: int = 8) -> str:
   """Returns a short hash of what identifies `source`, without reading it all.
 
   Parts: its type and length; what the source says identifies it (`fingerprint_parts()`, e.g. file

@@ -7,14 +7,13 @@ chunk of rows, each with a crc32c checksum that tensorstore verifies on every re
   projections/     (N, k)  G(z) = U ∇ℓ(z)
   residual/        (N, r)  V ∇ℓ(z) on a residual basis V (`residual_basis`; only when residual_rank > 0)
   sq_norms/        (N,)    ‖∇ℓ(z)‖²
-  self_influence/  (N,)    G(z)ᵀ(Λ+δ)⁻¹G(z) + (‖∇ℓ(z)‖² − ‖G(z)‖²)/c, with δ and c of meta.json's attrs
   sketch/          (N, m)  R(I − WᵀW)∇ℓ(z), W = [U; V], the sketched remainder (only when sketch_dim > 0)
   done/            one empty file per finished chunk of rows
   residual_basis.npz  V (r, p) with its fingerprint and checksum (written by the project job)
 
 Rows are written chunk by chunk; a chunk counts only once its `done/` marker exists, so a writer
 killed at any moment loses at most the chunks it had not finished, and a reader never sees a
-half-written chunk. Missing chunk files are an error on read (never zeros), as is a checksum
+half-written chunk. Nothing in a store depends on the damping δ. Missing chunk files are an error on read (never zeros), as is a checksum
 mismatch. Several processes write disjoint chunk ranges of one store (`chunk_owner`).
 """
 
@@ -29,8 +28,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import tensorstore as ts
 
-FORMAT = 1
-ARRAYS = ("projections", "sq_norms", "self_influence", "residual", "sketch")
+FORMAT = 2  # 2: no self_influence array (the damping is applied when scoring).
+ARRAYS = ("projections", "sq_norms", "residual", "sketch")
 BASIS_FILE = "residual_basis.npz"
 
 
@@ -60,8 +59,7 @@ class StoreMeta:
     return lo, min(lo + self.chunk_rows, self.num_rows)
 
   def shapes(self) -> dict:
-    out = {"projections": (self.num_rows, self.k), "sq_norms": (self.num_rows,),
-           "self_influence": (self.num_rows,)}
+    out = {"projections": (self.num_rows, self.k), "sq_norms": (self.num_rows,)}
     if self.residual_rank:
       out["residual"] = (self.num_rows, self.residual_rank)
     if self.sketch_dim:
@@ -126,10 +124,6 @@ class ProjectionStore:
   def missing_chunks(self) -> list[int]:
     done = set(self.done_chunks())
     return [c for c in range(self.meta.num_chunks) if c not in done]
-
-  @property
-  def is_complete(self) -> bool:
-    return not self.missing_chunks()
 
   # ------------------------------------------------------------------ writing
 

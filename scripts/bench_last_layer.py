@@ -1,6 +1,6 @@
 r"""Times closed-form last-layer influence on digits against one full-batch training step.
 
-Trains examples.models.MLP (64 → hidden → 10, ReLU) with examples.training.train
+Trains examples.models.MLP (64 → hidden → 10, ReLU) with methods.training.train
 on the 1,438 digits training points (examples.datasets.load_digits, 359 held
 out), then times one "influence pass" as it would run every epoch: body
 features, the factored last-layer Hessian, the per-example loss and margin
@@ -50,7 +50,8 @@ def main(argv):
   import optax
 
   from influence_jax import flax_adapters
-  from influence_jax.examples import datasets, models, training
+  from influence_jax.examples import datasets, models
+  from influence_jax.methods import training
   from influence_jax.methods import classification as cl
   from influence_jax.methods import last_layer as ll
   from influence_jax.methods import relative

@@ -143,7 +143,7 @@ def scoring(num_queries: int, num_rows: int, k: int, block: int, repeats: int, w
     if order == "rising":
       lean = np.asarray(queries).sum(axis=0)
       rows += np.linspace(0, 1000, num_rows, dtype=np.float32)[:, None] * (lean / np.linalg.norm(lean))
-    t = best_time(lambda: ranking.stream_top_k(queries, blocks(), 10), repeats)
+    t = best_time(lambda: ranking.stream_extremes(queries, blocks(), 10), repeats)
     floor_t = 2 * num_queries * num_rows * k / matmul_rate(repeats)
     write(f"| scoring T={num_queries:,} N={num_rows:,} k={k}, blocks of {block:,}, {order} order | {t:.2f} s | "
           f"floor {floor_t:.2f} s | × floor {t / floor_t:.2f} |")

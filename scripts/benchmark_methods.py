@@ -1,25 +1,22 @@
 r"""Runs the attribution-method benchmark (influence_jax.eval) from an ml_collections config.
 
-  PYTHONPATH=. python scripts/benchmark_methods.py --config=configs/benchmark_digits.py
+  python scripts/benchmark_methods.py --config=configs/benchmark_digits.py
 
-Writes results.md and results.csv (and the config) under --config.workdir;
+Writes results.md and results.csv (and the config) under --workdir (default: the config's workdir);
 retrained models are cached there, so a killed run resumes.
 """
 
-from absl import app, flags, logging
 import jax
-from ml_collections import config_flags
+from absl import logging
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.", lock_config=True)
-flags.mark_flags_as_required(["config"])
+from influence_jax.jobs import cli
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def job(run):
+  config = run.config
   if any(p.dtype == "float64" for p in config.problems.values()):
     jax.config.update("jax_enable_x64", True)
-  from influence_jax.eval import benchmark  # After x64 is set.
+  from influence_jax.eval import benchmark  # noqa: PLC0415 (after x64 is set)
 
   def log(msg):
     logging.info(msg)
@@ -31,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job)

@@ -14,8 +14,9 @@ from absl import logging
 from influence_jax.jobs import cli, stages
 
 
-def job(ctx, quiet, fault):
-  es = stages.fit_stage(ctx, quiet=quiet, fault=fault)
+def job(run):
+  ctx = run.context()
+  es = stages.fit_stage(ctx, quiet=run.quiet, fault=run.fault)
   logging.warning("Eigenspace (k=%d) saved in %s; eigenvalues in %s", es.k, ctx.path("eigenspace"),
                   ctx.path("eigenvalues.json"))
 

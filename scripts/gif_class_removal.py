@@ -1,13 +1,12 @@
-r"""GIF class removal: GIF / FIF / PIF / IF edits against retraining, over several seeds (DESIGN §4).
+r"""GIF class removal: GIF / FIF / PIF / IF edits against retraining, over several seeds.
 
   python scripts/gif_class_removal.py --config=configs/gif_class_removal_mlp.py --workdir=runs/gif_class_removal_mlp
 
-See influence_jax/gif_pipeline.py for the metrics and the files written.
+See influence_jax/jobs/papers/gif_job.py for the metrics and the files written.
 """
 
-from absl import app
-
-from influence_jax.jobs import gif_pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs.papers import gif_job
 
 if __name__ == "__main__":
-  app.run(gif_pipeline.job_main("class_removal"))
+  cli.run(gif_job.job("class_removal"))

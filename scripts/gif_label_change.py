@@ -1,13 +1,12 @@
-r"""GIF label change: GIF / FIF / PIF / IF edits against retraining, over several seeds (DESIGN §4).
+r"""GIF label change: GIF / FIF / PIF / IF edits against retraining, over several seeds.
 
   python scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py --workdir=runs/gif_label_change_mlp
 
-See influence_jax/gif_pipeline.py for the metrics and the files written.
+See influence_jax/jobs/papers/gif_job.py for the metrics and the files written.
 """
 
-from absl import app
-
-from influence_jax.jobs import gif_pipeline
+from influence_jax.jobs import cli
+from influence_jax.jobs.papers import gif_job
 
 if __name__ == "__main__":
-  app.run(gif_pipeline.job_main("label_change"))
+  cli.run(gif_job.job("label_change"))

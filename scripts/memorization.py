@@ -7,18 +7,13 @@ Writes --workdir/{memorization.csv, histogram.png, metrics.json} and prints the 
 
 import json
 
-from absl import app
-
 from influence_jax.jobs import cli
-from influence_jax.jobs import memorization_pipeline
+from influence_jax.jobs.papers import memorization_job
 
 
-def main(argv):
-  del argv
-  config, workdir, _, _ = cli.setup()
-  metrics = memorization_pipeline.run_memorization(config, workdir)
-  print(json.dumps(metrics, indent=1))
+def job(run):
+  print(json.dumps(memorization_job.run_memorization(run.config, run.workdir), indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job)

@@ -15,8 +15,8 @@ from influence_jax import store as store_lib
 from influence_jax.jobs import cli, stages
 
 
-def job(ctx, quiet, fault):
-  store = stages.project_stage(ctx, quiet=quiet, fault=fault)
+def job(run):
+  store = stages.project_stage(run.context(), quiet=run.quiet, fault=run.fault)
   logging.warning("Projection store: %s", store_lib.describe(store))
 
 

@@ -10,10 +10,12 @@ from influence_jax.examples import tasks
 from influence_jax.jobs import cli, stages
 
 
-def job(ctx, quiet, fault):
-  paths = stages.all_stages(ctx, quiet=quiet, fault=fault)
+def job(run):
+  tasks.train_example(run.config, run.workdir, quiet=run.quiet)
+  ctx = run.context()
+  paths = stages.all_stages(ctx, quiet=run.quiet, fault=run.fault)
   print("\n".join([f"Done. Results in {ctx.workdir}:"] + [f"  {name}: {path}" for name, path in paths.items()]))
 
 
 if __name__ == "__main__":
-  cli.run(job, before_task=lambda config, workdir, quiet: tasks.train_example(config, workdir, quiet=quiet))
+  cli.run(job)

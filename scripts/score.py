@@ -12,8 +12,8 @@ from absl import logging
 from influence_jax.jobs import cli, stages
 
 
-def job(ctx, quiet, fault):
-  for name, path in stages.score_stage(ctx, quiet=quiet, fault=fault).items():
+def job(run):
+  for name, path in stages.score_stage(run.context(), quiet=run.quiet, fault=run.fault).items():
     logging.warning("%s: %s", name, path)
 
 

@@ -5,17 +5,13 @@ Writes --workdir/{removal.md, removal.json} and prints the table.
   python scripts/selective_removal.py --config=configs/selective_removal_digits.py --workdir=runs/removal
 """
 
-from absl import app
-
 from influence_jax.jobs import cli
-from influence_jax.jobs import memorization_pipeline
+from influence_jax.jobs.papers import memorization_job
 
 
-def main(argv):
-  del argv
-  config, workdir, _, _ = cli.setup()
-  print(memorization_pipeline.run_selective_removal(config, workdir)["table"])
+def job(run):
+  print(memorization_job.run_selective_removal(run.config, run.workdir)["table"])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(job)

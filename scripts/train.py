@@ -12,10 +12,10 @@ from influence_jax.examples import tasks
 from influence_jax.jobs import cli
 
 
-def train(config, workdir, quiet):
-  tasks.train_example(config, workdir, quiet=quiet)
-  logging.warning("Model saved in %s", tasks.model_dir(config, workdir))
+def job(run):
+  tasks.train_example(run.config, run.workdir, quiet=run.quiet)
+  logging.warning("Model saved in %s", tasks.model_dir(run.config, run.workdir))
 
 
 if __name__ == "__main__":
-  cli.run(before_task=train)
+  cli.run(job)

@@ -6,7 +6,7 @@ Every process joins 127.0.0.1:PORT (gloo collectives), builds a global
 (2, 4) mesh over all processes' CPU devices, fits an eigenspace with the
 curvature batches split over 'data' and the basis over 'model', then projects
 and scores its own slice of the training set (global batches padded and
-masked) and process 0 writes eigenvalues, projections and scores, in global
+padded; padding rows dropped by their id) and process 0 writes eigenvalues, projections and scores, in global
 example order, to OUT.npz.
 """
 
@@ -21,7 +21,8 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from influence_jax import eigenspace, scoring, sharding  # noqa: E402
+from influence_jax import eigenspace, scoring, sharding, sources  # noqa: E402
+from influence_jax.jobs import input as input_lib  # noqa: E402
 from tests import sharding_problem  # noqa: E402
 
 
@@ -34,21 +35,23 @@ def main(port: int, process_id: int, num_processes: int, out: str) -> None:
 
   # Each process reads only its own slice of the training set, by global id.
   whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-  n = len(whole["y"])
-  ids = sharding.process_slice(n)
-  local = {k: v[ids] for k, v in whole.items()}
-  globals_ = list(sharding.global_batches(local, ids, sharding_problem.GLOBAL_BATCH, mesh))
-  train = [g.batch for g in globals_]
+  rows = np.array_split(np.arange(len(whole["y"])), jax.process_count())[jax.process_index()]
+  feed = list(input_lib.global_batches(sources.ArraySource(whole), rows, sharding_problem.GLOBAL_BATCH, mesh,
+                                       "train", num_threads=1))
+  train = [batch for _, batch in feed]
+  local = sharding.local_batch_size(sharding_problem.GLOBAL_BATCH, mesh)
+  padded_ids = [np.concatenate([ids, np.full(local - ids.size, -1, np.int64)]) for ids, _ in feed]
+  all_ids = np.concatenate([sharding.to_host(sharding.to_global(ids, sharding_problem.GLOBAL_BATCH, mesh))
+                            for ids in padded_ids])  # Laid out like the batches' rows.
+  mask = all_ids >= 0
   proj = eigenspace.project(es, per_example, params, train, mesh=mesh)
   scores = scoring.influence(es, per_example, params, test, train, mesh=mesh)
-  all_ids = np.concatenate([sharding.to_host(g.ids) for g in globals_])
-  mask = np.concatenate([sharding.to_host(g.mask) for g in globals_])
   proj, scores = sharding.to_host(proj), sharding.to_host(scores)
   order = np.argsort(all_ids[mask])
   if jax.process_index() == 0:
     np.savez(out, eigenvalues=sharding.to_host(es.eigenvalues), eigenvectors=sharding.to_host(es.eigenvectors),
              projections=proj[mask][order], scores=scores[:, mask][:, order], ids=all_ids[mask][order],
-             num_steps=len(globals_))
+             num_steps=len(feed))
   jax.distributed.shutdown()
 
 

@@ -61,7 +61,7 @@ def test_krylov_basis_is_orthonormal(mlp):
   assert int(state.num_steps) == 60 and not bool(state.breakdown)
   np.testing.assert_allclose(q @ q.T, np.eye(61), atol=1e-10)
   # Arnoldi relation A Q_n = Q_{n+1} H̄_n.
-  dense = np.asarray(curvature.to_dense(op))
+  dense = np.asarray(toy_problems.dense_matrix(op))
   np.testing.assert_allclose(dense @ q[:60].T, q.T @ np.asarray(state.hessenberg[:61]), atol=1e-10)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from influence_jax import curvature, solvers
+from tests import toy_problems
 
 
 def _spd(n, seed, cond=100.0):
@@ -72,7 +73,7 @@ def test_cg_on_damped_curvature_operator_matches_dense_solve():
   params = {"w1": jnp.asarray(rng.normal(size=(3, 4))), "b1": jnp.zeros(4), "w2": jnp.asarray(rng.normal(size=(4, 3)))}
   batches = [{"x": rng.normal(size=(10, 3)), "y": rng.integers(0, 3, size=10).astype(np.int32)} for _ in range(2)]
   op = curvature.curvature_operator(loss_fn, params, batches, curvature="hessian", damping=5.0)
-  dense = np.asarray(curvature.to_dense(op))
+  dense = np.asarray(toy_problems.dense_matrix(op))
   assert np.linalg.eigvalsh(dense).min() > 0
   b = rng.normal(size=op.dim)
   res = solvers.conjugate_gradient(op, jnp.asarray(b), tol=1e-11, max_iters=200)
@@ -161,7 +162,7 @@ def test_batched_cg_on_a_linear_operator_matches_dense_solve():
   batches = [{"x": rng.normal(size=(12, 5)), "y": np.sign(rng.normal(size=12))}]
   op = curvature.curvature_operator(loss_fn, params, batches, damping=0.1)
   assert jax.tree.leaves(op) == jax.tree.leaves(op.operands)  # only arrays are pytree leaves
-  dense = np.asarray(curvature.to_dense(op))
+  dense = np.asarray(toy_problems.dense_matrix(op))
   b = rng.normal(size=(3, 5))
   res = solvers.conjugate_gradient(op, jnp.asarray(b), tol=1e-12, max_iters=50)
   assert bool(np.all(res.converged))

@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax.methods import classification as cl
 from influence_jax.methods import last_layer as ll
+from tests import toy_problems
 
 D, C, N, T, L2 = 2, 3, 15, 6, 0.05
 
@@ -50,15 +51,7 @@ def _newton_fit(x, y, upweight_index=None, eps=0.0):
       obj = obj + eps * _per_example_ce(unravel(f), batch)[upweight_index]
     return obj
 
-  grad, hess = jax.jit(jax.grad(objective)), jax.jit(jax.hessian(objective))
-  f = flat0
-  for _ in range(100):
-    g = grad(f)
-    if np.max(np.abs(g)) < 1e-15:
-      break
-    f = f - jnp.linalg.solve(hess(f), g)
-  assert np.max(np.abs(grad(f))) < 1e-13
-  return unravel(f)
+  return unravel(toy_problems.newton_to_tolerance(objective, flat0, tol=1e-15, final_tol=1e-13))
 
 
 def test_margin_and_its_logit_gradient():

@@ -18,7 +18,7 @@ def test_hvp_equals_dense_hessian(problem, microbatch_size):
   op = curvature.curvature_operator(loss, params, batches, microbatch_size=microbatch_size)
   v = jax.random.normal(jax.random.key(1), (op.dim,), jnp.float64)
   np.testing.assert_allclose(op(v), hess @ v, atol=1e-10, rtol=0)
-  np.testing.assert_allclose(curvature.to_dense(op), hess, atol=1e-10, rtol=0)
+  np.testing.assert_allclose(toy_problems.dense_matrix(op), hess, atol=1e-10, rtol=0)
 
 
 def test_hessian_is_indefinite_on_the_mlp_problem():
@@ -31,7 +31,7 @@ def test_damping_adds_identity():
   params, loss, _, batches = toy_problems.logistic_regression()
   hess = solvers.dense_hessian(loss, params, batches)
   op = curvature.curvature_operator(loss, params, batches, damping=0.3)
-  np.testing.assert_allclose(curvature.to_dense(op), hess + 0.3 * np.eye(hess.shape[0]), atol=1e-10)
+  np.testing.assert_allclose(toy_problems.dense_matrix(op), hess + 0.3 * np.eye(hess.shape[0]), atol=1e-10)
 
 
 def test_unequal_batches_are_weighted_by_examples():
@@ -40,7 +40,7 @@ def test_unequal_batches_are_weighted_by_examples():
             {k: np.concatenate([batches[0][k][13:], batches[1][k]]) for k in batches[0]}]
   whole = [{k: np.concatenate([b[k] for b in batches]) for k in batches[0]}]
   op = curvature.curvature_operator(loss, params, uneven, microbatch_size=6)
-  np.testing.assert_allclose(curvature.to_dense(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)
+  np.testing.assert_allclose(toy_problems.dense_matrix(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)
 
 
 def test_gauss_newton_equals_jt_hout_j():
@@ -61,7 +61,7 @@ def test_gauss_newton_equals_jt_hout_j():
     logits = toy_problems.mlp_logits(params, b["x"]).reshape(-1)
     h_out = jax.hessian(lambda o: output_loss(o.reshape(len(b["y"]), -1), b))(logits)
     expected = expected + jac.T @ h_out @ jac * (len(b["y"]) / total)
-  dense = curvature.to_dense(op)
+  dense = toy_problems.dense_matrix(op)
   np.testing.assert_allclose(dense, expected, atol=1e-10)
   assert np.linalg.eigvalsh(np.asarray(dense)).min() > 0  # PSD + l2
   # The split loss is still a loss_fn: its Hessian product works too.
@@ -89,8 +89,8 @@ def test_microbatches_divide_the_examples_when_a_divisor_is_near():
   hess = solvers.dense_hessian(loss, params, batches)
   op = curvature.curvature_operator(loss, params, batches, microbatch_size=7)  # 50 = 10 × 5: no remainder.
   assert op.operands[2] is None and jax.tree.leaves(op.operands[1])[0].shape[:2] == (10, 5)
-  np.testing.assert_allclose(curvature.to_dense(op), hess, atol=1e-10)
+  np.testing.assert_allclose(toy_problems.dense_matrix(op), hess, atol=1e-10)
   whole = [{k: np.concatenate([b[k] for b in batches])[:37] for k in batches[0]}]
   op = curvature.curvature_operator(loss, params, whole, microbatch_size=8)  # 37 = 4 × 8 + 5.
   assert op.operands[2] is not None
-  np.testing.assert_allclose(curvature.to_dense(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)
+  np.testing.assert_allclose(toy_problems.dense_matrix(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)

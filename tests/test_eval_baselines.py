@@ -15,13 +15,13 @@ def tiny_task(checkpoints=()):
   rng = np.random.default_rng(5)
   x = rng.normal(size=(7, 5))
   test = [{"x": x, "y": (x[:, 0] > 0).astype(np.float64)}]
-  return baselines.Task(loss, per_example, params, batches, test, checkpoints)
+  return baselines.MethodInputs(loss, per_example, params, batches, test, checkpoints)
 
 
 def dense_reference(task, damping=0.0):
   hess = np.asarray(solvers.dense_hessian(task.loss_fn, task.params, task.train_batches)) + damping * np.eye(6)
-  g_train = np.asarray(solvers.per_example_gradients(task.per_example_loss_fn, task.params, task.train_batches))
-  g_test = np.asarray(solvers.per_example_gradients(task.per_example_loss_fn, task.params, task.test_batches))
+  g_train = np.asarray(solvers.gradient_matrix(task.per_example_loss_fn, task.params, task.train_batches))
+  g_test = np.asarray(solvers.gradient_matrix(task.per_example_loss_fn, task.params, task.test_batches))
   return hess, g_test, g_train
 
 

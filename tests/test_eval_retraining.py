@@ -51,7 +51,7 @@ def test_leave_one_out_matches_the_closed_form_and_influence_at_first_order():
   closed = d @ test_grads.T + 0.5 * (d @ xt.T) ** 2  # (R, T)
   np.testing.assert_allclose(gt.deltas, closed, rtol=1e-8, atol=1e-12)
 
-  task = baselines.Task(prob.loss_fn, prob.per_example_loss_fn, params, [prob.train], [prob.test])
+  task = baselines.MethodInputs(prob.loss_fn, prob.per_example_loss_fn, params, [prob.train], [prob.test])
   scores = baselines.exact(task).scores
   np.testing.assert_allclose(scores, test_grads @ hinv_g.T, rtol=1e-8)
   loo = metrics.loo_correlation(scores, removed, gt.deltas)
@@ -61,7 +61,7 @@ def test_leave_one_out_matches_the_closed_form_and_influence_at_first_order():
 def test_lds_of_exact_ridge_influence_is_high_and_its_sign_is_ours():
   prob, train_fn = ridge()
   params = train_fn(jnp.ones(N), 0)
-  task = baselines.Task(prob.loss_fn, prob.per_example_loss_fn, params, [prob.train], [prob.test])
+  task = baselines.MethodInputs(prob.loss_fn, prob.per_example_loss_fn, params, [prob.train], [prob.test])
   scores = baselines.exact(task).scores
   gt = retraining.lds_ground_truth(train_fn, problems.loss_targets(prob), N, num_subsets=50, chunk_size=16)
   assert gt.masks.shape == (50, N) and np.all(gt.masks.sum(1) == N // 2)

@@ -11,7 +11,8 @@ from flax import nnx
 from influence_jax import flax_adapters, projection, solvers
 from influence_jax.examples import datasets
 from influence_jax.examples import models
-from influence_jax.examples import training
+from influence_jax.methods import training
+from tests import toy_problems
 
 L2 = 1e-2
 
@@ -221,7 +222,7 @@ def test_adapter_loss_supports_gauss_newton(data, twins):
   assert np.isclose(linen.loss_fn(linen.params, train),
                     np.mean(linen.per_example_loss_fn(linen.params, train)) + L2 * flax_adapters.l2_penalty(linen.params))
   op = curvature.curvature_operator(linen.loss_fn, linen.params, [train], curvature="gauss_newton")
-  exact = np.sort(np.linalg.eigvalsh(np.asarray(curvature.to_dense(op))))[::-1]
+  exact = np.sort(np.linalg.eigvalsh(np.asarray(toy_problems.dense_matrix(op))))[::-1]
   assert exact.min() > 0  # Gauss-Newton + L2 is positive definite.
   es = ij.fit_eigenspace(linen.loss_fn, linen.params, [train], n_iters=60, top_k=5, curvature="gauss_newton")
   np.testing.assert_allclose(es.eigenvalues, exact[:5], rtol=1e-6)

@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import curvature, solvers
 from influence_jax.methods import gif_selection
 from influence_jax.methods import gif_updates
+from tests import toy_problems
 
 TIGHT = dict(tol=1e-13, max_iters=3000)
 
@@ -72,7 +73,7 @@ def test_hessian_is_indefinite_and_operator_matches_it(problem):
   eig = np.linalg.eigvalsh(problem["hess"])
   assert eig.min() < -1e-3 * eig.max() and eig.max() > 0
   assert np.abs(eig).min() > 1e-8  # nonsingular: H⁻¹g is defined
-  np.testing.assert_allclose(np.asarray(curvature.to_dense(problem["op"])), problem["hess"], atol=1e-10)
+  np.testing.assert_allclose(np.asarray(toy_problems.dense_matrix(problem["op"])), problem["hess"], atol=1e-10)
 
 
 def test_gif_is_the_least_squares_solution_and_satisfies_the_block_equations(problem):

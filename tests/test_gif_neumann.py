@@ -1,6 +1,5 @@
 """The authors' Neumann iteration against exact solves (float64)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from influence_jax.methods import gif_selection
-from influence_jax.methods import gif_updates
 
 
 class _ConvNet(nn.Module):

@@ -7,10 +7,10 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import curvature
-from influence_jax.methods import gif_selection
-from influence_jax.methods import gif_updates
 from influence_jax.methods import gif_steps
 from influence_jax.methods import gif_tasks
+from influence_jax.methods import gif_updates
+from tests import toy_problems
 
 LAM = 1e-2
 
@@ -127,8 +127,8 @@ def test_line_search_minimises_the_objective_over_the_grid():
 
 
 def test_metrics_on_hand_built_predictions():
-  # logits = x itself: the prediction is the argmax of the input row.
-  logits_fn = lambda p, x: x
+  # outputs = x itself: the prediction is the argmax of the input row.
+  logits_fn = lambda p, batch: batch["x"]
   eye = np.eye(3)
   x = eye[[0, 1, 2, 2, 1, 0]]
   y = np.array([0, 1, 1, 2, 0, 0], np.int32)  # predictions [0,1,2,2,1,0]: wrong at 2 and 4
@@ -162,8 +162,8 @@ def test_hessian_examples_average_the_curvature_over_a_fixed_subset(data):
   drawn[np.random.default_rng(4).choice(drawn.size, 50, replace=False)] = True
   flat, unravel = ravel_pytree(theta)
   exact = jax.hessian(lambda v: _loss(unravel(v), {"x": remaining["x"][drawn], "y": remaining["y"][drawn]}))(flat)
-  np.testing.assert_allclose(curvature.to_dense(sub.hessian), exact, rtol=1e-10, atol=1e-12)
-  assert not np.allclose(curvature.to_dense(full.hessian), exact)
+  np.testing.assert_allclose(toy_problems.dense_matrix(sub.hessian), exact, rtol=1e-10, atol=1e-12)
+  assert not np.allclose(toy_problems.dense_matrix(full.hessian), exact)
   # solve_edit on the problem is the edit function's result.
   res = gif_tasks.solve_edit(full, "if", scales=(1.0,), solver="cg", tol=1e-12)
   ref = gif_tasks.class_removal_edit(_per_example, theta, batch, 3, method="if", scales=(1.0,), solver="cg", tol=1e-12)

@@ -113,9 +113,39 @@ def test_foreign_checkpoint_is_refused(reference, tmp_path):
   proc = run_job("fit_eigenspace.py", workdir, "--config.train.l2=0.5", check=False)
   assert proc.returncode != 0 and "different model, config or data set" in proc.stderr
   # Same model, other Arnoldi settings: the old progress must not be mixed in.
-  run_job("fit_eigenspace.py", workdir, "--fault_injection=arnoldi:7", check=False)
-  proc = run_job("fit_eigenspace.py", workdir, "--config.arnoldi.damping=0.5", check=False)
+  shutil.rmtree(os.path.join(workdir, "arnoldi_progress"), ignore_errors=True)  # The reference's, if any.
+  proc = run_job("fit_eigenspace.py", workdir, "--fault_injection=arnoldi:7", check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  proc = run_job("fit_eigenspace.py", workdir, "--config.arnoldi.top_k=10", check=False)
   assert proc.returncode != 0 and "different model, config or data set" in proc.stderr
+
+
+def _tree_state(directory):
+  """Returns {relative path: (size, mtime_ns)} of every file under `directory`."""
+  out = {}
+  for base, _, files in os.walk(directory):
+    for name in files:
+      st = os.stat(os.path.join(base, name))
+      out[os.path.relpath(os.path.join(base, name), directory)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_a_new_damping_rescores_from_the_same_eigenspace_and_store(reference, tmp_path):
+  # δ is a scoring setting: the eigenspace and the store are reused untouched, and the tables equal
+  # those of a fresh run at the new δ (same seed: the same Arnoldi basis, eigenspace and store).
+  workdir = str(tmp_path / "w")
+  shutil.copytree(reference, workdir)
+  before = {d: _tree_state(os.path.join(workdir, d)) for d in ("eigenspace", "store")}
+  run_job("score.py", workdir, "--config.arnoldi.damping=0.5")
+  assert {d: _tree_state(os.path.join(workdir, d)) for d in ("eigenspace", "store")} == before
+  fresh = str(tmp_path / "fresh")
+  run_job("run_all.py", fresh, "--config.arnoldi.damping=0.5")
+  for table in ("top_k.csv", "self_influence.csv"):
+    got, want = read(os.path.join(workdir, "scores", table)), read(os.path.join(fresh, "scores", table))
+    assert got == want, table
+    assert got != read(os.path.join(reference, "scores", table)), f"{table} did not change with δ"
+  summary = json.loads(read(os.path.join(workdir, "scores", "summary.json")))
+  assert summary["damping"] == 0.5
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

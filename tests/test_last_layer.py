@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from influence_jax.methods import last_layer as ll
 from influence_jax import solvers
+from influence_jax.methods import last_layer as ll
 
 D, C, N, T = 3, 3, 14, 5
 

@@ -13,12 +13,13 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from influence_jax.eigenspace import fit_eigenspace
+from influence_jax.examples import models
 from influence_jax.methods import classification as cl
 from influence_jax.methods import last_layer as ll
 from influence_jax.methods import memorization as mz
 from influence_jax.methods import selective_removal as sr
-from influence_jax.examples import models
-from influence_jax.eigenspace import fit_eigenspace
+from tests import toy_problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, PER_CLASS, L2 = 3, 6, 1e-3
@@ -59,15 +60,7 @@ def _newton_fit(x, y):
   flat0, unravel = ravel_pytree({"bias": np.zeros(C), "kernel": np.zeros((x.shape[1], C))})
   batch = {"x": x, "y": y}
   objective = lambda f: _loss(unravel(f), batch)
-  grad, hess = jax.jit(jax.grad(objective)), jax.jit(jax.hessian(objective))
-  f = flat0
-  for _ in range(100):
-    g = grad(f)
-    if np.max(np.abs(g)) < 1e-14:
-      break
-    f = f - jnp.linalg.solve(hess(f), g)
-  assert np.max(np.abs(grad(f))) < 1e-12
-  return unravel(f)
+  return unravel(toy_problems.newton_to_tolerance(objective, flat0, tol=1e-14, final_tol=1e-12))
 
 
 MISLABELLED = (0, 7)

@@ -9,7 +9,7 @@ import pytest
 from influence_jax import flax_adapters
 from influence_jax.examples import datasets
 from influence_jax.examples import models
-from influence_jax.examples import training
+from influence_jax.methods import training
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ def mlp():
 
 
 def _grads(per_example, params, test):
-  return np.asarray(solvers.per_example_gradients(per_example, params, test))
+  return np.asarray(solvers.gradient_matrix(per_example, params, test))
 
 
 def test_preconditioned_solve_equals_dense_solve(mlp):

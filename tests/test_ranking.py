@@ -23,7 +23,7 @@ def test_streaming_top_k_equals_a_full_sort(num_rows, block, k):
   rows = rng.integers(-2, 3, (num_rows, 4)).astype(np.float32)
   scores = queries @ rows.T
   blocks = [(lo, rows[lo:lo + block]) for lo in range(0, num_rows, block)]
-  got = ij.stream_top_k(queries, blocks, k)
+  got = ij.stream_extremes(queries, blocks, k)
   pro, opp = full_sort(scores, k)
   kk = min(k, num_rows)
   np.testing.assert_array_equal(got.proponents[:, :kk], pro)
@@ -68,8 +68,8 @@ def test_padded_blocks_ignore_their_padding():
   rng = np.random.default_rng(0)
   queries, rows = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(10, 5)).astype(np.float32)
   padded = np.concatenate([rows, np.full((6, 5), 100.0, np.float32)])  # Padding would win if it counted.
-  got = ranking.to_host(ranking.merge_rows(ranking.empty_top_k(3, 4), queries, padded, 0, num_valid=10))
-  want = ij.top_k(queries @ rows.T, 4)
+  got = ranking.to_host(ranking.merge_rows(ranking.empty_extremes(3, 4), queries, padded, 0, num_valid=10))
+  want = ij.extremes(queries @ rows.T, 4)
   np.testing.assert_array_equal(got.proponents, want.proponents)
   np.testing.assert_array_equal(got.opponents, want.opponents)
 
@@ -82,7 +82,7 @@ def test_tiled_block_with_padding_in_a_later_tile_equals_a_full_sort():
   rows = rng.integers(-2, 3, (block, 4)).astype(np.float32)
   num_valid = block - 1500
   rows[num_valid:] = 100.0  # Padding would win if it counted.
-  got = ranking.to_host(ranking.merge_rows(ranking.empty_top_k(3, 9), queries, rows, 40, num_valid=num_valid))
+  got = ranking.to_host(ranking.merge_rows(ranking.empty_extremes(3, 9), queries, rows, 40, num_valid=num_valid))
   pro, opp = full_sort(queries @ rows[:num_valid].T, 9)
   np.testing.assert_array_equal(got.proponents, pro + 40)
   np.testing.assert_array_equal(got.opponents, opp + 40)
@@ -143,7 +143,7 @@ def test_merging_only_the_beaten_queries_equals_an_exact_merge(num_beaten, crowd
     scores[beaten[0], groups[-1] * ranking.GROUP + 5] = 90.0
   scores[[q for q in range(t) if q not in beaten][:3], 0] = 30.0  # Ties at the k-th that must lose.
   want_s, want_i = _exact_merge(run_s, run_i, scores, offset, k)
-  running = ranking.TopK(*(jnp.asarray(x) for x in (run_i, run_s, run_i, -run_s)))
+  running = ranking.Extremes(*(jnp.asarray(x) for x in (run_i, run_s, run_i, -run_s)))
   no_floor = (jnp.full((t,), -jnp.inf),) * 2
   for sign in (1, -1):  # The opponents' side: the same merge of the negated scores.
     grouped = jnp.asarray(sign * scores.reshape(t, n // ranking.GROUP, ranking.GROUP))
@@ -175,7 +175,7 @@ def test_long_stream_with_ties_equals_a_full_sort(k):
   queries = rng.integers(-3, 4, (40, 3)).astype(np.float32)
   rows = rng.integers(-100, 101, (45_000, 3)).astype(np.float32)
   blocks = [(lo, rows[lo:lo + 8192]) for lo in range(0, rows.shape[0], 8192)]
-  got = ij.stream_top_k(queries, blocks, k)
+  got = ij.stream_extremes(queries, blocks, k)
   scores = queries @ rows.T
   pro, opp = full_sort(scores, k)
   np.testing.assert_array_equal(got.proponents, pro)
@@ -197,7 +197,7 @@ def test_negative_zero_ties_positive_zero():
   rows = -np.ones((4096, 1), np.float32)
   rows[0], rows[2048] = -0.0, 0.0
   for k in (1, 2):
-    got = ij.stream_top_k(np.ones((1, 1), np.float32), [(0, rows)], k)
+    got = ij.stream_extremes(np.ones((1, 1), np.float32), [(0, rows)], k)
     np.testing.assert_array_equal(got.proponents[0], [0, 2048][:k])
 
 
@@ -205,14 +205,14 @@ def test_non_finite_numbers_show_in_the_scores():
   rng = np.random.default_rng(4)
   queries, rows = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(8192, 4)).astype(np.float32)
   queries[2, 1] = np.inf
-  got = ij.stream_top_k(queries, [(0, rows[:4096]), (4096, rows[4096:])], 5)
+  got = ij.stream_extremes(queries, [(0, rows[:4096]), (4096, rows[4096:])], 5)
   assert np.isnan(got.proponent_scores[2]).all() and np.isnan(got.opponent_scores[2]).all()
   assert np.isfinite(got.proponent_scores[:2]).all()
   rows[5000, 2] = np.nan
   padded = np.concatenate([rows[4096:], np.full((10, 4), np.nan, np.float32)])  # Padding: not a row.
-  got = ij.stream_top_k(queries[:2], [(0, rows[:4096])], 5)
+  got = ij.stream_extremes(queries[:2], [(0, rows[:4096])], 5)
   assert np.isfinite(got.proponent_scores).all()
-  running = ranking.merge_rows(ranking.empty_top_k(2, 5), queries[:2], rows[:4096], 0)
+  running = ranking.merge_rows(ranking.empty_extremes(2, 5), queries[:2], rows[:4096], 0)
   got = ranking.to_host(ranking.merge_rows(running, queries[:2], padded, 4096, num_valid=4096))
   assert np.isnan(got.proponent_scores).all() and np.isnan(got.opponent_scores).all()
   clean = rows[4096:].copy()

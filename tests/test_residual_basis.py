@@ -15,7 +15,7 @@ def mlp():
   params, loss, per_example, batches = toy_problems.small_mlp_problem()
   es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=8, damping=0.5)
   u = np.asarray(es.eigenvectors)
-  g = np.asarray(solvers.per_example_gradients(per_example, params, batches))
+  g = np.asarray(solvers.gradient_matrix(per_example, params, batches))
   return params, loss, per_example, batches, es, u, g - (g @ u.T) @ u
 
 

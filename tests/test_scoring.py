@@ -46,8 +46,8 @@ def test_damping_changes_inverse_without_refit(logreg):
 def test_tail_formula_matches_definition(logreg):
   params, loss, per_example, batches, test = logreg
   es = ij.fit_eigenspace(loss, params, batches, n_iters=8, top_k=3, damping=0.01)
-  g_test = solvers.per_example_gradients(per_example, params, test)
-  g_train = solvers.per_example_gradients(per_example, params, batches)
+  g_test = solvers.gradient_matrix(per_example, params, test)
+  g_train = solvers.gradient_matrix(per_example, params, batches)
   u, lam = np.asarray(es.eigenvectors), np.asarray(es.eigenvalues)
   c = lam[-1] + 0.01
   inv = u.T @ np.diag(1 / (lam + 0.01)) @ u + (np.eye(8) - u.T @ u) / c
@@ -66,7 +66,7 @@ def test_tail_formula_matches_definition(logreg):
 def test_jvp_and_vjp_projections_agree(microbatch_size):
   params, loss, per_example, batches = toy_problems.small_mlp_problem()
   es = ij.fit_eigenspace(loss, params, batches, n_iters=20, top_k=6, selection="magnitude")
-  g = solvers.per_example_gradients(per_example, params, batches)
+  g = solvers.gradient_matrix(per_example, params, batches)
   expected = g @ es.eigenvectors.T
   for method in ("vjp", "jvp"):
     got = ij.project(es, per_example, params, batches, method=method, microbatch_size=microbatch_size)
@@ -85,7 +85,7 @@ def test_uneven_batches_are_padded_and_sliced():
 
 def test_top_k_proponents_and_opponents():
   scores = jnp.asarray([[0.5, -2.0, 3.0, 0.0], [-1.0, -0.5, 0.25, 4.0]])
-  top = ij.top_k(scores, 2)
+  top = ij.extremes(scores, 2)
   np.testing.assert_array_equal(top.proponents, [[2, 0], [3, 2]])
   np.testing.assert_array_equal(top.opponents, [[1, 3], [0, 1]])
   np.testing.assert_allclose(top.opponent_scores, [[-2.0, 0.0], [-1.0, -0.5]])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import influence_jax as ij
-from influence_jax import arnoldi, curvature, eigenspace, sharding
+from influence_jax import arnoldi, curvature, eigenspace, sharding, sources
+from influence_jax.jobs import input as input_lib
 from tests import sharding_problem, toy_problems
 
 MESHES = [(8, 1), (1, 8), (2, 4)]
@@ -204,38 +205,28 @@ def test_make_mesh_shapes_and_errors():
   assert sharding.padded_dim(51, None) == 51
 
 
-def test_process_slices_cover_every_example_once():
-  slices = [sharding.process_slice(58, process_index=i, process_count=3) for i in range(3)]
-  np.testing.assert_array_equal(np.concatenate(slices), np.arange(58))
-  assert [len(s) for s in slices] == [19, 20, 19]
-
-
-def test_global_batches_pad_and_mask_the_last_batch():
+def test_global_batches_pad_the_last_batch():
   mesh = sharding.make_mesh((8, 1))
   x = np.arange(20.0)[:, None] * np.ones((1, 3))
-  ids = np.arange(100, 120)
-  out = list(sharding.global_batches({"x": x}, ids, 8, mesh))
+  out = list(input_lib.global_batches(sources.ArraySource({"x": x}), np.arange(20), 8, mesh, "x", num_threads=1))
   assert len(out) == 3
-  for g in out:
-    assert g.batch["x"].shape == (8, 3) and g.batch["x"].sharding.spec == sharding.BATCH_SPEC
-  got_ids = np.concatenate([np.asarray(g.ids) for g in out])
-  mask = np.concatenate([np.asarray(g.mask) for g in out])
-  np.testing.assert_array_equal(got_ids[mask], ids)
-  assert not mask[20:].any() and np.all(got_ids[20:] == -1)
-  rows = np.concatenate([np.asarray(g.batch["x"]) for g in out])
-  np.testing.assert_array_equal(rows[mask], x)
+  for _, batch in out:
+    assert batch["x"].shape == (8, 3) and batch["x"].sharding.spec == sharding.BATCH_SPEC
+  np.testing.assert_array_equal(np.concatenate([ids for ids, _ in out]), np.arange(20))
+  rows = np.concatenate([np.asarray(b["x"]) for _, b in out])
+  np.testing.assert_array_equal(rows[:20], x)
+  np.testing.assert_array_equal(rows[20:], np.repeat(x[16:17], 4, axis=0))  # Padding repeats an example.
   with pytest.raises(ValueError, match="multiple of the 'data' axis"):
-    next(sharding.global_batches({"x": x}, ids, 12, mesh))
+    next(input_lib.global_batches(sources.ArraySource({"x": x}), np.arange(20), 12, mesh, "x", num_threads=1))
 
 
 def test_global_batches_project_like_host_batches(single):
   params, _, per_example, batches, _, _ = single["problem"]
   mesh = sharding.make_mesh((2, 4))
   whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-  out = list(sharding.global_batches(whole, np.arange(58), 16, mesh))
-  proj = np.asarray(ij.project(single["es"], per_example, params, [g.batch for g in out], mesh=mesh))
-  mask = np.concatenate([np.asarray(g.mask) for g in out])
-  np.testing.assert_allclose(proj[mask], single["proj"], **TOL)
+  out = list(input_lib.global_batches(sources.ArraySource(whole), np.arange(58), 16, mesh, "train", num_threads=1))
+  proj = np.asarray(ij.project(single["es"], per_example, params, [b for _, b in out], mesh=mesh))
+  np.testing.assert_allclose(proj[:58], single["proj"], **TOL)
 
 
 def _free_port() -> int:

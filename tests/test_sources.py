@@ -32,7 +32,7 @@ def test_npy_records_equal_array_records(tmp_path):
   ar = synthetic.ArrayRecordSource(synthetic.write_array_records(str(tmp_path), 300, num_shards=1, seed=4))
   rows = np.array([0, 1, 2, 17, 298, 299])  # Runs of consecutive rows and single ones.
   _assert_rows(npy.read_batch(rows), ar, rows)
-  assert len(npy) == 300 and sources.fingerprint(npy) == sources.fingerprint(npy)
+  assert len(npy) == 300 and sources.source_fingerprint(npy) == sources.source_fingerprint(npy)
 
 
 def test_array_records_subsets_and_fallback_read_the_same_examples(tmp_path):

@@ -17,7 +17,7 @@ def make(tmp_path, num_rows=10, chunk_rows=4, sketch_dim=3):
 def chunk_rows(meta, c):
   lo, hi = meta.chunk_bounds(c)
   r = np.arange(lo, hi, dtype=np.float32)
-  out = {"projections": np.stack([r, -r], 1), "sq_norms": r * r, "self_influence": r + 0.5}
+  out = {"projections": np.stack([r, -r], 1), "sq_norms": r * r}
   if meta.sketch_dim:
     out["sketch"] = np.repeat(r[:, None], meta.sketch_dim, 1)
   return out

@@ -9,7 +9,8 @@ import optax
 from sklearn import datasets as sk_datasets
 from sklearn import preprocessing
 
-from influence_jax.examples import datasets, training
+from influence_jax.examples import datasets
+from influence_jax.methods import training
 
 
 def logistic_regression(num_examples=80, num_features=5, l2=0.05, seed=0):
@@ -83,7 +84,7 @@ def digits(num_train=None, seed=0):
 
 
 def train_full_batch(loss_fn, params, batch, steps=500, lr=0.05):
-  """Returns params after `steps` full-batch Adam steps (deterministic; examples.training.train)."""
+  """Returns params after `steps` full-batch Adam steps (deterministic; methods.training.train)."""
   return training.train(loss_fn, params, batch, optimizer=optax.adam(lr), num_steps=steps)[0]
 
 
@@ -109,3 +110,23 @@ def breast_cancer(seed=0):
   x = preprocessing.StandardScaler().fit_transform(d.data)
   perm = np.random.default_rng(seed).permutation(len(d.target))
   return x[perm], d.target[perm].astype(np.float64)
+
+
+def dense_matrix(op) -> jax.Array:
+  """Returns the (dim, dim) matrix of a `curvature.LinearOperator` by applying it to the identity."""
+  eye = jnp.eye(op.dim, dtype=op.dtype)
+  return jax.vmap(lambda e: op.matvec(op.operands, e))(eye).T
+
+
+def newton_to_tolerance(objective, flat0, *, tol: float, final_tol: float):
+  """Returns the flat minimiser of a smooth convex `objective` by Newton steps from `flat0`, stopping when
+  max |∇| < tol (at most 100 steps); asserts max |∇| < final_tol at the end."""
+  grad, hess = jax.jit(jax.grad(objective)), jax.jit(jax.hessian(objective))
+  f = flat0
+  for _ in range(100):
+    g = grad(f)
+    if np.max(np.abs(g)) < tol:
+      break
+    f = f - jnp.linalg.solve(hess(f), g)
+  assert np.max(np.abs(grad(f))) < final_tol
+  return f

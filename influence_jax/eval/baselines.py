@@ -1,10 +1,10 @@
 """Attribution methods behind one interface, for benchmarking against retraining.
 
-Every method is `method(task, **settings) -> MethodResult` whose scores are
+Every method is `method(inputs, **settings) -> MethodResult` whose scores are
 (T, N) with the DESIGN §1 sign: scores[x, z] > 0 means training example z is a
 proponent of test example x. The influence methods estimate
 ∇ℓ(x)ᵀ (H + δI)⁻¹ ∇ℓ(z), H the Hessian of the training objective at
-`task.params`; gradient dot product and TracIn replace H⁻¹ by I (TracIn:
+`inputs.params`; gradient dot product and TracIn replace H⁻¹ by I (TracIn:
 summed over checkpoints, each weighted by its learning rate).
 
 Timings are wall seconds measured around the work, blocking on results, JIT
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +28,17 @@ from influence_jax import (curvature, data as data_lib, preconditioning, project
                            solvers)
 from influence_jax.eigenspace import fit_eigenspace
 from influence_jax.scoring import influence
+from influence_jax.types import LossFn, PerExampleLossFn
 
 
-class Task(NamedTuple):
+class MethodInputs(NamedTuple):
   """What a method sees: the losses, the trained params, the data, and checkpoints for TracIn.
 
   checkpoints: a sequence of (params, learning_rate) saved during training.
   """
 
-  loss_fn: Callable
-  per_example_loss_fn: Callable
+  loss_fn: LossFn
+  per_example_loss_fn: PerExampleLossFn
   params: Any
   train_batches: Sequence[Any]
   test_batches: Sequence[Any]
@@ -64,16 +65,16 @@ class _Clock:
     return out
 
 
-def query_gradients(task: Task, params=None) -> jax.Array:
+def query_gradients(inputs: MethodInputs, params=None) -> jax.Array:
   """Returns the (T, p) flat per-example gradients of the test examples (T × p must fit in memory)."""
-  params = task.params if params is None else params
-  return projection.gradients(task.per_example_loss_fn, params, data_lib.materialize(task.test_batches, "test_batches"))
+  params = inputs.params if params is None else params
+  return projection.gradients(inputs.per_example_loss_fn, params, data_lib.materialize(inputs.test_batches, "test_batches"))
 
 
-def _dots_with_train(task: Task, directions: jax.Array, params=None) -> jax.Array:
+def _dots_with_train(inputs: MethodInputs, directions: jax.Array, params=None) -> jax.Array:
   """Returns the (T, N) matrix directions · ∇ℓ(z) over all training examples z (no N × p gradients kept)."""
-  params = task.params if params is None else params
-  return projection.project_on(directions, task.per_example_loss_fn, params, task.train_batches).values.T
+  params = inputs.params if params is None else params
+  return projection.project_on(directions, inputs.per_example_loss_fn, params, inputs.train_batches).values.T
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,30 +84,30 @@ def _dense_hessian(loss_fn, params, batch):
   return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
 
 
-def exact(task: Task, *, damping: float = 0.0) -> MethodResult:
+def exact(inputs: MethodInputs, *, damping: float = 0.0) -> MethodResult:
   """Exact influence ∇ℓ(x)ᵀ(H + δI)⁻¹∇ℓ(z) with a dense H (tiny models only).
 
   Fit: the dense Hessian and its eigendecomposition (info: its smallest
   eigenvalue and the number of negative ones after damping).
   """
   clock = _Clock()
-  batches = data_lib.materialize(task.train_batches, "train_batches")
+  batches = data_lib.materialize(inputs.train_batches, "train_batches")
   total = sum(data_lib.batch_size(b) for b in batches)
-  hess = sum(_dense_hessian(task.loss_fn, task.params, b) * (data_lib.batch_size(b) / total) for b in batches)
+  hess = sum(_dense_hessian(inputs.loss_fn, inputs.params, b) * (data_lib.batch_size(b) / total) for b in batches)
   hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
   evals, evecs = jnp.linalg.eigh(hess)
   if bool(jnp.any(evals == 0)):
     raise np.linalg.LinAlgError("H + damping·I is singular; use a positive damping.")
   fit_s = clock.lap(evals, evecs)
-  g = query_gradients(task)
+  g = query_gradients(inputs)
   solved = ((g @ evecs) / evals) @ evecs.T
-  scores = _dots_with_train(task, solved)
+  scores = _dots_with_train(inputs, solved)
   score_s = clock.lap(scores)
   info = {"min_eigenvalue": float(evals[0]), "num_negative": int(jnp.sum(evals < 0)), "dim": int(hess.shape[0])}
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
-def conjugate_gradients(task: Task, *, damping: float = 0.0, tol: float = 1e-6,
+def conjugate_gradients(inputs: MethodInputs, *, damping: float = 0.0, tol: float = 1e-6,
                         max_iters: int = 500, microbatch_size: Optional[int] = None) -> MethodResult:
   """Influence with (H + δI)⁻¹∇ℓ(x) solved by conjugate gradients, all test examples at once.
 
@@ -116,12 +117,12 @@ def conjugate_gradients(task: Task, *, damping: float = 0.0, tol: float = 1e-6,
   how many solves converged and the iterations taken.
   """
   clock = _Clock()
-  op = curvature.curvature_operator(task.loss_fn, task.params, task.train_batches,
+  op = curvature.curvature_operator(inputs.loss_fn, inputs.params, inputs.train_batches,
                                     damping=damping, microbatch_size=microbatch_size)
   fit_s = clock.lap()
-  g = query_gradients(task)
+  g = query_gradients(inputs)
   res = solvers.conjugate_gradient(op, g, tol=tol, max_iters=max_iters)
-  scores = _dots_with_train(task, res.x)
+  scores = _dots_with_train(inputs, res.x)
   score_s = clock.lap(scores)
   info = {"converged": f"{int(jnp.sum(res.converged))}/{g.shape[0]}",
           "mean_iters": float(jnp.mean(res.num_iters)),
@@ -159,7 +160,7 @@ def _relative_residuals(loss_fn, unravel, params, examples, x, v, damping):
   return jnp.linalg.norm(r, axis=1) / jnp.linalg.norm(v, axis=1)
 
 
-def lissa(task: Task, *, damping: float = 0.0, scale: float = 10.0, depth: int = 1000,
+def lissa(inputs: MethodInputs, *, damping: float = 0.0, scale: float = 10.0, depth: int = 1000,
           batch_size: Optional[int] = None, repeats: int = 1, tol: float = 1e-2, seed: int = 0) -> MethodResult:
   """Influence with (H + δI)⁻¹∇ℓ(x) from the LiSSA recursion (Agarwal et al. 2017; Koh & Liang's form).
 
@@ -175,22 +176,22 @@ def lissa(task: Task, *, damping: float = 0.0, scale: float = 10.0, depth: int =
   if depth < 1 or repeats < 1 or not scale > 0:
     raise ValueError(f"Need depth ≥ 1, repeats ≥ 1 and scale > 0; got {depth}, {repeats}, {scale}.")
   clock = _Clock()
-  examples = jax.tree.map(jnp.asarray, data_lib.concatenate(data_lib.materialize(task.train_batches)))
-  flat, unravel = ravel_pytree(task.params)
+  examples = jax.tree.map(jnp.asarray, data_lib.concatenate(data_lib.materialize(inputs.train_batches)))
+  flat, unravel = ravel_pytree(inputs.params)
   fit_s = clock.lap()
-  g = query_gradients(task)
+  g = query_gradients(inputs)
   dtype = flat.dtype
   total, growth = 0, 0.0
   for r in range(repeats):
-    h, grow = _lissa(task.loss_fn, unravel, int(depth), batch_size, task.params, examples, g,
+    h, grow = _lissa(inputs.loss_fn, unravel, int(depth), batch_size, inputs.params, examples, g,
                      jnp.asarray(damping, dtype), jnp.asarray(scale, dtype), jax.random.key(seed + r))
     total = total + h
     growth = max(growth, float(grow))
   solved = total / repeats
   diverged = not bool(jnp.all(jnp.isfinite(solved))) or not np.isfinite(growth) or growth > 1e8
-  scores = _dots_with_train(task, jnp.nan_to_num(solved))
+  scores = _dots_with_train(inputs, jnp.nan_to_num(solved))
   score_s = clock.lap(scores)
-  residuals = np.asarray(_relative_residuals(task.loss_fn, unravel, task.params, examples,
+  residuals = np.asarray(_relative_residuals(inputs.loss_fn, unravel, inputs.params, examples,
                                              jnp.nan_to_num(solved), g, jnp.asarray(damping, dtype)))
   if diverged:
     scores = jnp.full_like(scores, jnp.nan)
@@ -199,25 +200,25 @@ def lissa(task: Task, *, damping: float = 0.0, scale: float = 10.0, depth: int =
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
-def gradient_dot(task: Task) -> MethodResult:
+def gradient_dot(inputs: MethodInputs) -> MethodResult:
   """Returns scores ∇ℓ(x)ᵀ∇ℓ(z) at the final params (H replaced by I)."""
   clock = _Clock()
-  scores = _dots_with_train(task, query_gradients(task))
+  scores = _dots_with_train(inputs, query_gradients(inputs))
   return MethodResult(np.asarray(scores), 0.0, clock.lap(scores), {})
 
 
-def tracin(task: Task) -> MethodResult:
-  """Returns TracIn-CP scores Σ_c η_c ∇ℓ(x; θ_c)ᵀ∇ℓ(z; θ_c) over task.checkpoints (θ_c, η_c)."""
-  if not task.checkpoints:
-    raise ValueError("TracIn needs task.checkpoints: a non-empty sequence of (params, learning_rate).")
+def tracin(inputs: MethodInputs) -> MethodResult:
+  """Returns TracIn-CP scores Σ_c η_c ∇ℓ(x; θ_c)ᵀ∇ℓ(z; θ_c) over inputs.checkpoints (θ_c, η_c)."""
+  if not inputs.checkpoints:
+    raise ValueError("TracIn needs inputs.checkpoints: a non-empty sequence of (params, learning_rate).")
   clock = _Clock()
   scores = 0
-  for params, lr in task.checkpoints:
-    scores = scores + lr * _dots_with_train(task, query_gradients(task, params), params)
-  return MethodResult(np.asarray(scores), 0.0, clock.lap(scores), {"num_checkpoints": len(task.checkpoints)})
+  for params, lr in inputs.checkpoints:
+    scores = scores + lr * _dots_with_train(inputs, query_gradients(inputs, params), params)
+  return MethodResult(np.asarray(scores), 0.0, clock.lap(scores), {"num_checkpoints": len(inputs.checkpoints)})
 
 
-def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
+def arnoldi(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
             tail: bool = False, seed: int = 0, curvature: str = "hessian") -> MethodResult:
   """Arnoldi influence (DESIGN §2): top-k eigenpairs, with the spectral tail when `tail`.
 
@@ -225,41 +226,41 @@ def arnoldi(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: f
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
+  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed, curvature=curvature)
   fit_s = clock.lap(es.eigenvectors)
-  scores = influence(es, task.per_example_loss_fn, task.params, task.test_batches, task.train_batches, tail=tail)
+  scores = influence(es, inputs.per_example_loss_fn, inputs.params, inputs.test_batches, inputs.train_batches, tail=tail)
   score_s = clock.lap(scores)
   info = {"k": es.k, "n_iters": n_iters, "smallest_kept_eigenvalue": float(jnp.min(es.eigenvalues)),
           "max_residual": float(jnp.max(es.residuals))}
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
-def _stored_rows(task: Task, directions, sk: sketch.KroneckerSketch, batches) -> tuple[jax.Array, jax.Array]:
+def _stored_rows(inputs: MethodInputs, directions, sk: sketch.KroneckerSketch, batches) -> tuple[jax.Array, jax.Array]:
   """Returns what a projection store holds for `batches`: (N, k) W∇ℓ(z) and (N, m) R(I − WᵀW)∇ℓ(z)
   for orthonormal directions W (the eigenvectors, and a residual basis if any)."""
-  rows = [sketch.project_and_sketch(directions, sk, task.per_example_loss_fn, task.params, b) for b in batches]
+  rows = [sketch.project_and_sketch(directions, sk, inputs.per_example_loss_fn, inputs.params, b) for b in batches]
   return jnp.concatenate([r.projections for r in rows]), jnp.concatenate([r.sketch for r in rows])
 
 
-def arnoldi_sketched(task: Task, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
+def arnoldi_sketched(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
                      sketch_dim: int = 1024, seed: int = 0) -> MethodResult:
   """Arnoldi influence with the spectral tail from stored sketches (what the projection store holds):
   score = G(x)(Λ+δ)⁻¹G(z) + S(x)·S(z)/c with S = R(I − UᵀU)∇ℓ, R a Kronecker sketch of `sketch_dim` rows."""
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
+  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed)
   fit_s = clock.lap(es.eigenvectors)
   sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
-  test_proj, test_sketch = _stored_rows(task, es.eigenvectors, sk, task.test_batches)
+  test_proj, test_sketch = _stored_rows(inputs, es.eigenvectors, sk, inputs.test_batches)
   scores = scoring.query_side(es, test_proj, test_sketch) @ scoring.row_side(
-      *_stored_rows(task, es.eigenvectors, sk, task.train_batches)).T
+      *_stored_rows(inputs, es.eigenvectors, sk, inputs.train_batches)).T
   score_s = clock.lap(scores)
   return MethodResult(np.asarray(scores), fit_s, score_s, {"k": es.k, "n_iters": n_iters, "sketch_dim": sk.dim})
 
 
-def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
+def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
                 seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
                 residual_examples: int = 1024) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
@@ -275,25 +276,25 @@ def arnoldi_pcg(task: Task, *, top_k: int, cg_iters: int, n_iters: Optional[int]
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(task.loss_fn, task.params, task.train_batches, n_iters=n_iters, top_k=top_k,
+  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
                       damping=damping, seed=seed, curvature=curvature_kind)
   basis = None
   if residual_rank:
-    basis = residual_basis.fit_residual_basis(es.eigenvectors, task.per_example_loss_fn, task.params,
-                                              [data_lib.take(data_lib.concatenate(list(task.train_batches)), 0, residual_examples)],
+    basis = residual_basis.fit_residual_basis(es.eigenvectors, inputs.per_example_loss_fn, inputs.params,
+                                              [data_lib.take(data_lib.concatenate(list(inputs.train_batches)), 0, residual_examples)],
                                               int(residual_rank), seed=seed)
   fit_s = clock.lap(es.eigenvectors if basis is None else basis)
-  res = preconditioning.solve_queries(es, task.per_example_loss_fn, task.params, task.test_batches,
-                                      loss_fn=task.loss_fn, curvature_batches=task.train_batches, cg_iters=int(cg_iters))
+  res = preconditioning.solve_queries(es, inputs.per_example_loss_fn, inputs.params, inputs.test_batches,
+                                      loss_fn=inputs.loss_fn, curvature_batches=inputs.train_batches, cg_iters=int(cg_iters))
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
     directions = residual_basis.stored_directions(es.eigenvectors, basis)
-    stored = scoring.row_side(*_stored_rows(task, directions, sk, task.train_batches))
+    stored = scoring.row_side(*_stored_rows(inputs, directions, sk, inputs.train_batches))
     scores = preconditioning.solved_query_side(es, sk, res.x, basis) @ stored.T
   else:
-    scores = _dots_with_train(task, res.x)
+    scores = _dots_with_train(inputs, res.x)
   score_s = clock.lap(scores)
-  g_norm = jnp.linalg.norm(query_gradients(task), axis=1)
+  g_norm = jnp.linalg.norm(query_gradients(inputs), axis=1)
   info = {"k": es.k, "n_iters": n_iters, "cg_iters": int(cg_iters),
           "max_rel_residual": float(jnp.max(res.residual_norm / g_norm)),
           "positive_curvature": f"{int(jnp.sum(res.positive_curvature))}/{g_norm.shape[0]}"}

@@ -101,7 +101,7 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
     loo_gt = retraining.loo_ground_truth(
         train_fn, evaluate, prob.num_train, loo_idx, seed=cfg.init_seed, dtype=np.dtype(cfg.dtype), **cache)
   batch = cfg.batch_size
-  task = baselines.Task(
+  task = baselines.MethodInputs(
       loss_fn=prob.loss_fn, per_example_loss_fn=prob.per_example_loss_fn, params=params,
       train_batches=[{k: v[i:i + batch] for k, v in prob.train.items()} for i in range(0, prob.num_train, batch)],
       test_batches=[prob.test],
@@ -114,35 +114,44 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
   names = [n for n in (order or methods_cfg.keys()) if n not in set(cfg.get("skip", ()))]
   names.sort(key=lambda n: methods_cfg[n].method != "exact")  # The reference first (stable sort).
   for method_name in names:
-    method_cfg = methods_cfg[method_name]
-    fn = baselines.METHODS[method_cfg.method]
-    settings = method_settings(method_cfg, cfg)
-    result = fn(task, **settings)
-    warm = fn(task, **settings) if warm_timings else None
-    if method_cfg.method == "exact" and exact_scores is None:
-      exact_scores = result.scores
-    finite = bool(np.all(np.isfinite(result.scores)))
-    loo = (metrics.loo_correlation(result.scores, loo_gt.indices, loo_gt.deltas)
-           if finite and loo_gt is not None else None)
-    row = {
-        "problem": name,
-        "method": method_name,
-        "settings": _compact(settings),
-        "fit_s": result.fit_seconds,
-        "score_s": result.score_seconds,
-        "fit_s_warm": warm.fit_seconds if warm else float("nan"),
-        "score_s_warm": warm.score_seconds if warm else float("nan"),
-        "lds": metrics.lds(result.scores, lds_gt.masks, lds_gt.targets) if finite else float("nan"),
-        "loo_pearson": loo.pearson if loo else float("nan"),
-        "loo_spearman": loo.spearman if loo else float("nan"),
-        "exact_pearson": (metrics.row_pearson(result.scores, exact_scores)
-                          if finite and exact_scores is not None else float("nan")),
-        "info": _compact(result.info),
-    }
+    row, scores = _method_row(name, method_name, methods_cfg[method_name], cfg, task, lds_gt, loo_gt, exact_scores,
+                              warm_timings)
+    if methods_cfg[method_name].method == "exact" and exact_scores is None:
+      exact_scores = scores
     log(f"[{name}] {method_name}: LDS {row['lds']:.3f}  LOO r {row['loo_pearson']:.3f}  "
         f"vs exact r {row['exact_pearson']:.3f}  fit {row['fit_s']:.2f}s  score {row['score_s']:.2f}s  {row['info']}")
     rows.append(row)
   return rows
+
+
+def _method_row(name, method_name, method_cfg, cfg, task, lds_gt, loo_gt, exact_scores, warm_timings) -> tuple:
+  """Returns (the row of one method keyed by COLUMNS, its (T, N) scores): run once (and once more
+  for warm timings), scored against LDS, LOO and the exact scores when they are known."""
+  fn = baselines.METHODS[method_cfg.method]
+  settings = method_settings(method_cfg, cfg)
+  result = fn(task, **settings)
+  warm = fn(task, **settings) if warm_timings else None
+  finite = bool(np.all(np.isfinite(result.scores)))
+  loo = (metrics.loo_correlation(result.scores, loo_gt.indices, loo_gt.deltas)
+         if finite and loo_gt is not None else None)
+  if exact_scores is None and method_cfg.method == "exact":
+    exact_scores = result.scores
+  row = {
+      "problem": name,
+      "method": method_name,
+      "settings": _compact(settings),
+      "fit_s": result.fit_seconds,
+      "score_s": result.score_seconds,
+      "fit_s_warm": warm.fit_seconds if warm else float("nan"),
+      "score_s_warm": warm.score_seconds if warm else float("nan"),
+      "lds": metrics.lds(result.scores, lds_gt.masks, lds_gt.targets) if finite else float("nan"),
+      "loo_pearson": loo.pearson if loo else float("nan"),
+      "loo_spearman": loo.spearman if loo else float("nan"),
+      "exact_pearson": (metrics.row_pearson(result.scores, exact_scores)
+                        if finite and exact_scores is not None else float("nan")),
+      "info": _compact(result.info),
+  }
+  return row, result.scores
 
 
 def _fmt(v) -> str:

@@ -7,7 +7,7 @@ A problem's objective with per-example weights w (DESIGN §1):
 so w = 1 is the training objective, w = 1 − e_j removes z_j (upweighting it by
 ε = −1/N) and w = mask / fraction is the mean over a subset. Training is a
 pure function `train_fn(weights, seed) -> params` (one
-`examples.training.train_segment`, the weights riding in the batch under
+`methods.training.train_segment`, the weights riding in the batch under
 "weight"), so retraining many models is one `jax.vmap` over (weights, seed).
 The models are `examples.models.MLP` through `flax_adapters.linen_loss_fns`,
 the data `examples.datasets.digits_arrays`.
@@ -15,7 +15,7 @@ the data `examples.datasets.digits_arrays`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +23,10 @@ import numpy as np
 import optax
 
 from influence_jax import flax_adapters
-from influence_jax.examples import datasets, models, training
+from influence_jax.examples import datasets, models
+from influence_jax.methods import training
+from influence_jax.types import Batch, Params, PerExampleLossFn
 
-Params = Any
-Batch = Any
 
 WEIGHT_KEY = "weight"
 
@@ -40,7 +40,7 @@ class Problem(NamedTuple):
 
   name: str
   init_fn: Callable[[jax.Array], Params]
-  per_example_loss_fn: Callable[[Params, Batch], jax.Array]
+  per_example_loss_fn: PerExampleLossFn
   l2: float
   train: Batch
   test: Batch

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax.checkpoint import fingerprint
-from influence_jax.jobs import common
+from influence_jax import io as io_lib
 
 
 class Retrained(NamedTuple):
@@ -35,13 +34,13 @@ class Retrained(NamedTuple):
 
 
 def cache_key(config: Any, weights: np.ndarray, seeds: np.ndarray) -> str:
-  """Returns checkpoint.fingerprint of (config as sorted JSON, weights, seeds): a short hex digest.
+  """Returns io.digest of (config as sorted JSON, weights, seeds): a short hex digest.
 
   `config` must name everything that defines train_fn and evaluate_fn (model,
   data, steps, learning rate, dtype...): functions themselves are not hashed.
   """
   # The config as sorted JSON, so that its keys count too (fingerprint hashes pytree leaves).
-  return fingerprint(json.dumps(config, sort_keys=True, default=str), np.asarray(weights), np.asarray(seeds))
+  return io_lib.digest(json.dumps(config, sort_keys=True, default=str), np.asarray(weights), np.asarray(seeds))
 
 
 def retrain(
@@ -79,7 +78,7 @@ def retrain(
   if cache_dir is not None:
     folder = pathlib.Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
-    common.atomic_write_text(str(folder / "config.json"), json.dumps(
+    io_lib.atomic_write_text(str(folder / "config.json"), json.dumps(
         {"config": config, "num_models": int(weights.shape[0]), "chunk_size": chunk_size},
         sort_keys=True, indent=1, default=str))
   run = _runner(train_fn, evaluate_fn)
@@ -107,7 +106,7 @@ def retrain(
     if not np.all(np.isfinite(out)):
       raise FloatingPointError(f"Retrained models {lo}..{hi - 1} gave non-finite targets.")
     if path is not None:
-      common.atomic_write(str(path), lambda f, out=out: np.savez(f, targets=out), binary=True)
+      io_lib.atomic_write(str(path), lambda f, out=out: np.savez(f, targets=out), binary=True)
     outputs.append(out)
     if log is not None:
       log(f"retrained models {lo}..{hi - 1} of {num_models} ({time.perf_counter() - start:.1f}s so far)")

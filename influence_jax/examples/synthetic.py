@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax.jobs.task import Task
+from influence_jax.types import Task
 
 NUM_FEATURES, NUM_CLASSES = 16, 10
 _RECORD = np.dtype([("x", "<f4", (NUM_FEATURES,)), ("y", "<i4")])

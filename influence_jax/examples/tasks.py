@@ -18,10 +18,11 @@ from absl import logging
 from influence_jax import checkpoint
 from influence_jax import data as data_lib
 from influence_jax import flax_adapters
+from influence_jax import io as io_lib
 from influence_jax import sources
-from influence_jax.examples import datasets, models, training
-from influence_jax.jobs import common
-from influence_jax.jobs.task import Task
+from influence_jax.examples import datasets, models
+from influence_jax.methods import training
+from influence_jax.types import Task
 
 
 class Example(NamedTuple):
@@ -99,7 +100,7 @@ def model_fns(example: Example, variables: Any, config) -> flax_adapters.ModelFn
 
 def model_fingerprint(config, example: Example) -> str:
   """Returns the hash of everything the trained model depends on (configs and the small data set)."""
-  return checkpoint.fingerprint(config.seed, config.data.to_dict(), config.model.to_dict(),
+  return io_lib.digest(config.seed, config.data.to_dict(), config.model.to_dict(),
                                 config.train.to_dict(), example.splits)
 
 
@@ -125,7 +126,7 @@ def evaluate(example: Example, fns: flax_adapters.ModelFns, params) -> dict:
 def train_example(config, workdir: Optional[str] = None, *, quiet: bool = False) -> Any:
   """Trains the example's model (or loads it if already trained with this config); returns the variables."""
   example = build_example(config)
-  store = checkpoint.Store(model_dir(config, workdir), model_fingerprint(config, example), max_to_keep=1)
+  store = checkpoint.CheckpointDir(model_dir(config, workdir), model_fingerprint(config, example), max_to_keep=1)
   template = init_variables(example, config)
   found = store.restore_latest(target=template)
   if found is not None:
@@ -143,7 +144,7 @@ def train_example(config, workdir: Optional[str] = None, *, quiet: bool = False)
                  models.num_params(fns.params), data_lib.batch_size(example.splits["train"]), t.num_epochs)
   train_batch = {k: v for k, v in example.splits["train"].items() if k != "id"}
   params, history = training.train(fns.loss_fn, fns.params, train_batch,
-                                   optimizer=common.optimizer_from_config(t), num_epochs=t.num_epochs,
+                                   optimizer=training.optimizer_from_config(t), num_epochs=t.num_epochs,
                                    batch_size=t.batch_size, seed=config.seed)
   variables = fns.merge(params)
   metrics = evaluate(example, fns, params)
@@ -155,7 +156,7 @@ def train_example(config, workdir: Optional[str] = None, *, quiet: bool = False)
 
 def load_variables(config, example: Example, workdir: Optional[str] = None) -> Any:
   """Returns the trained variables from model_dir; raises FileNotFoundError when not trained yet."""
-  store = checkpoint.Store(model_dir(config, workdir), model_fingerprint(config, example), max_to_keep=1)
+  store = checkpoint.CheckpointDir(model_dir(config, workdir), model_fingerprint(config, example), max_to_keep=1)
   found = store.restore_latest(target=init_variables(example, config))
   store.close()
   if found is None:

@@ -2,6 +2,6 @@
 store once, score any query set against it (scripts/). The contract: `default_config()` and `Task`."""
 
 from influence_jax.jobs.config import default_config
-from influence_jax.jobs.task import Task
+from influence_jax.types import Task
 
 __all__ = ["Task", "default_config"]

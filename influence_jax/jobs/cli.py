@@ -1,11 +1,14 @@
-"""Flags shared by the absl jobs in scripts/: --config, --workdir, --quiet, --fault_injection, and the
-multi-process flags --coordinator_address, --num_processes, --process_id (jax.distributed)."""
+"""The one way every script in scripts/ runs: `cli.run(job)`, with the flags shared by all of them
+(--config, --workdir, --quiet, --fault_injection, and the multi-process flags --coordinator_address,
+--num_processes, --process_id for jax.distributed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging as py_logging
 import os
 import sys
+from typing import Any, Callable, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,7 +16,8 @@ from ml_collections import config_flags
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py); override keys with "
     "--config.a.b=value. An unknown key is an error.", lock_config=True)
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed).")
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed); "
+                              "required unless the config names its own workdir.")
 QUIET = flags.DEFINE_bool("quiet", False, "Log only warnings and the final result (no progress).")
 FAULT = flags.DEFINE_string(
     "fault_injection", None, "For resume tests: 'arnoldi:N', 'project:N' or 'score:N' SIGKILLs the job "
@@ -26,7 +30,7 @@ COORDINATOR = flags.DEFINE_string(
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -56,18 +60,37 @@ def initialize_distributed() -> None:
   sharding.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
 
 
-def setup() -> tuple:
-  """Returns (config, workdir, quiet, fault) after joining a multi-process run (if asked), creating
-  the workdir and setting log verbosity."""
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+  """What a job runs with: the config file's config (with its overrides), the workdir (absolute, created),
+  --quiet and --fault_injection."""
+
+  config: Any
+  workdir: str
+  quiet: bool
+  fault: Optional[str]
+
+  def context(self):
+    """Returns the stages' Context (`jobs.context.prepare`): the config checked, the task loaded."""
+    from influence_jax.jobs import context  # noqa: PLC0415 (jax after the flags)
+
+    return context.prepare(self.config, self.workdir)
+
+
+def _setup() -> Invocation:
+  """Joins a multi-process run (if asked), creates the workdir, sets log verbosity."""
   initialize_distributed()
-  workdir = os.path.abspath(WORKDIR.value)
+  config = CONFIG.value
+  workdir = WORKDIR.value or (config.get("workdir", None) if hasattr(config, "get") else None)
+  if not workdir:
+    raise ValueError("--workdir is required (this config has no workdir of its own).")
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if QUIET.value:
-    logging.set_verbosity(logging.WARNING)
-  else:
-    logging.set_verbosity(logging.INFO)
-  return CONFIG.value, workdir, QUIET.value, FAULT.value
+  logging.set_verbosity(logging.WARNING if QUIET.value else logging.INFO)
+  if "workdir" in config:
+    config.workdir = workdir
+  return Invocation(config, workdir, QUIET.value, FAULT.value)
 
 
 # Errors that mean "this input cannot be used" (bad config, foreign or damaged store, missing stage):
@@ -89,24 +112,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
-def run(job=None, *, before_task=None) -> None:
-  """Runs an absl program: `before_task(config, workdir, quiet)` (e.g. training a built-in example),
-  then `job(ctx, quiet, fault)` on the Context of --config / --workdir; logs the job's XLA compilations."""
+def run(job: Callable[[Invocation], Any]) -> None:
+  """Runs `job(invocation)` as an absl program: every script's one entry point.
+
+  The workdir is locked for the job's lifetime (a second job on it is refused), a user error (bad
+  config, foreign or damaged files, a missing stage) ends as one line naming it with exit status 1
+  (INFLUENCE_JAX_DEBUG=1 shows the traceback), and the job's XLA compilations are counted and logged.
+  """
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config, workdir, quiet, fault = setup()
-    from influence_jax.jobs import compilations, context, lock  # noqa: PLC0415 (jax after the flags)
+    from influence_jax.jobs import compilations, lock  # noqa: PLC0415 (jax after the flags)
 
     try:
-      with lock.workdir_lock(workdir), compilations.counting() as count:
-        if "workdir" in config:
-          config.workdir = workdir
-        if before_task is not None:
-          before_task(config, workdir, quiet)
-        if job is not None:
-          job(context.prepare(config, workdir), quiet, fault)
+      invocation = _setup()
+      with lock.workdir_lock(invocation.workdir), compilations.counting() as count:
+        job(invocation)
         logging.warning("%s: %s", os.path.basename(sys.argv[0]), count.describe())
     except USER_ERRORS + (lock.WorkdirBusy,) as e:
       if os.environ.get("INFLUENCE_JAX_DEBUG"):

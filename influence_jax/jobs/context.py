@@ -1,13 +1,5 @@
 """What every stage starts from: the checked config, the task, the mesh, and the fingerprints that
-tie each stage's outputs to what they were computed from.
-
-Work directory layout:
-  arnoldi_progress/   orbax: Arnoldi state (resume)
-  eigenspace/         orbax: the fitted Eigenspace
-  eigenvalues.json, spectrum.png
-  store/              the projection store (influence_jax.store): every training example, once
-  scores/             tables of the task's query set (scores/<name>/ for a named set)
-"""
+tie each stage's outputs to what they were computed from (the workdir's layout: jobs/workdir.py)."""
 
 from __future__ import annotations
 
@@ -18,19 +10,20 @@ from typing import Any, Optional
 
 import jax
 
-from influence_jax import checkpoint
+from influence_jax import io as io_lib
 from influence_jax import sharding
 from influence_jax import sources
 from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import task as task_lib
 
-# Keys that change how a stage runs, not what it computes: left out of fingerprints.
-_RUN_ONLY = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
-             "self_influence_rows", "batch_size", "rows_per_block", "name")
+# Keys left out of the eigenspace's and the store's fingerprints: those that change how a stage runs,
+# not what it computes, and the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ).
+_NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
+                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping")
 
 
 def _what(section) -> dict:
-  return {k: v for k, v in section.to_dict().items() if k not in _RUN_ONLY}
+  return {k: v for k, v in section.to_dict().items() if k not in _NOT_FINGERPRINTED}
 
 
 @dataclasses.dataclass
@@ -44,20 +37,20 @@ class Context:
 
   @functools.cached_property
   def params_fingerprint(self) -> str:
-    return checkpoint.fingerprint(self.task.params)
+    return io_lib.digest(self.task.params)
 
   @functools.cached_property
   def eigenspace_fingerprint(self) -> str:
     c = self.config
-    return checkpoint.fingerprint(c.task, self.params_fingerprint, c.seed, _what(c.arnoldi),
-                                  sources.fingerprint(task_lib.curvature_source(self.task, c)))
+    return io_lib.digest(c.task, self.params_fingerprint, c.seed, _what(c.arnoldi),
+                         sources.source_fingerprint(task_lib.curvature_source(self.task, c)))
 
   @functools.cached_property
   def store_fingerprint(self) -> str:
     c = self.config
     basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
-    return checkpoint.fingerprint(self.eigenspace_fingerprint, sources.fingerprint(self.task.train),
-                                  c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis)
+    return io_lib.digest(self.eigenspace_fingerprint, sources.source_fingerprint(self.task.train),
+                         c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)

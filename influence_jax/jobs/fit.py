@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 from absl import logging
@@ -20,48 +19,13 @@ from influence_jax import arnoldi
 from influence_jax import checkpoint
 from influence_jax import data as data_lib
 from influence_jax import eigenspace as eigenspace_lib
+from influence_jax import io as io_lib
 from influence_jax import sharding
 from influence_jax.jobs import common
-from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import plots
 from influence_jax.jobs import progress as progress_lib
-from influence_jax.jobs import task as task_lib
+from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.jobs.context import Context
-
-
-def curvature_batches(ctx: Context) -> list:
-  """Returns the fixed list of batches the curvature averages over (the curvature source, read once)."""
-  source = task_lib.curvature_source(ctx.task, ctx.config)
-  a = ctx.config.arnoldi
-  return [b for _, b in input_lib.batches(source, np.arange(len(source)), a.batch_size, "curvature source")]
-
-
-class Checkpointer:
-  """Decides when to save progress: every `every` steps (0: never by count) or after `seconds` of wall
-  time; times the saves it is given (`save`) against the stage's wall time (`describe`)."""
-
-  def __init__(self, every: int, seconds: float):
-    self.every, self.seconds, self.last = every, seconds, time.monotonic()
-    self.start, self.saves, self.save_seconds = self.last, 0, 0.0
-
-  def due(self, step: int) -> bool:
-    if (self.every and step % self.every == 0) or time.monotonic() - self.last >= self.seconds:
-      self.last = time.monotonic()
-      return True
-    return False
-
-  def save(self, write: Callable[[], Any]) -> None:
-    """Calls write() (one save of progress) and adds its wall time to the total."""
-    start = time.monotonic()
-    write()
-    self.saves += 1
-    self.save_seconds += time.monotonic() - start
-
-  def describe(self) -> str:
-    """Returns e.g. 'progress saved 3 times in 0.4 s (0.2 % of 180 s)'."""
-    total = max(time.monotonic() - self.start, 1e-9)
-    return (f"progress saved {self.saves} times in {self.save_seconds:.1f} s "
-            f"({100 * self.save_seconds / total:.1f} % of {total:.0f} s)")
 
 
 def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -> eigenspace_lib.Eigenspace:
@@ -72,7 +36,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
     try:
       es = checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=ctx.mesh)
       write_reports(ctx, es, only_missing=True)
-      return es
+      return workdir_lib.with_scoring_damping(ctx, es)
     except FileNotFoundError:
       pass  # A directory with no finished step: fit again.
   task, a, mesh = ctx.task, ctx.config.arnoldi, ctx.mesh
@@ -81,8 +45,8 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
                           a.n_iters, block_size=a.block_size)
   columns = sharding.padded_dim(flat.size, mesh)
   # A basis padded for another 'model' size has other columns: not this job's progress.
-  store = checkpoint.Store(ctx.path("arnoldi_progress"),
-                           fp if columns == flat.size else checkpoint.fingerprint(fp, columns))
+  store = checkpoint.CheckpointDir(ctx.path("arnoldi_progress"),
+                           fp if columns == flat.size else io_lib.digest(fp, columns))
   try:
     found = store.restore_latest(target=template._asdict())
   except checkpoint.CorruptCheckpoint as e:  # Resumable work: recomputed, never trusted.
@@ -90,13 +54,13 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
     store.discard()
     found = None
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
-  batches = curvature_batches(ctx)
+  batches = workdir_lib.curvature_batches(ctx)
   if not quiet:
     logging.info("Fitting the top-%d eigenspace: %d parameters, curvature over %d examples, %d steps",
                  a.top_k, flat.size, sum(data_lib.batch_size(b) for b in batches), a.n_iters)
   bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps),
                               quiet=quiet or not common.is_writer())
-  saver = Checkpointer(a.checkpoint_every, a.checkpoint_seconds)
+  saver = workdir_lib.SaveTimer(a.checkpoint_every, a.checkpoint_seconds)
 
   def callback(s: arnoldi.ArnoldiState) -> None:
     bar.update()
@@ -136,7 +100,7 @@ def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: 
         "num_steps": es.info.num_steps, "breakdown": es.info.breakdown,
         "num_params": es.info.num_params, "num_examples": es.info.num_examples,
     }
-    common.atomic_write_json(paths["eigenvalues"], record)
+    io_lib.atomic_write_json(paths["eigenvalues"], record)
   if not (only_missing and os.path.exists(paths["spectrum"])):
     plots.spectrum(paths["spectrum"], host["eigenvalues"], host["residuals"], es.damping,
                    title=f"top-{es.k} {ctx.config.arnoldi.curvature} eigenvalues")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import matplotlib
@@ -11,12 +10,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from influence_jax.jobs import common  # noqa: E402
+from influence_jax import io as io_lib  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
   try:
-    return common.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+    return io_lib.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
                                binary=True)
   finally:
     plt.close(fig)

@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from influence_jax import io as io_lib
 from influence_jax import ranking
-from influence_jax.jobs import common
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import plots
 from influence_jax.jobs import task as task_lib
@@ -50,7 +50,7 @@ class _Labels:
     return self.cache[i]
 
 
-def top_k_rows(running: ranking.TopK, train_label, query_label) -> list:
+def top_k_rows(running: ranking.Extremes, train_label, query_label) -> list:
   """Returns top_k.csv's rows (header first); unfilled slots (fewer training examples than k) are skipped."""
   rows = [TOP_K_HEADER]
   for t in range(running.proponents.shape[0]):
@@ -64,7 +64,7 @@ def top_k_rows(running: ranking.TopK, train_label, query_label) -> list:
 
 
 def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: Any,
-                       running: ranking.TopK, largest: ranking.RunningLargest, summary: dict,
+                       running: ranking.Extremes, largest: ranking.RunningLargest, summary: dict,
                        *, grid_examples: int) -> dict:
   """Writes the tables (and the picture when the task has image_fn); returns their paths.
 
@@ -74,24 +74,25 @@ def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: A
   paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(train_out, "self_influence.csv"),
            "summary": os.path.join(out, "summary.json")}
   keep = largest.indices >= 0
-  record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"]}
+  record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"],
+            "damping": summary["damping"]}
   write_self = _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"])
   train_label = _Labels(task, task.train).prefetch(np.concatenate(
       [running.proponents.ravel(), running.opponents.ravel()] + ([largest.indices] if write_self else [])))
   query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
-  common.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
+  io_lib.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
   if write_self:
     # A property of the store alone: written once, not again for every query set.
-    common.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
+    io_lib.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
         [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
         for r, (j, v) in enumerate(zip(largest.indices[keep], largest.values[keep]))])
-    common.atomic_write_json(paths["self_influence"] + ".json", record)
+    io_lib.atomic_write_json(paths["self_influence"] + ".json", record)
   shown = min(grid_examples, running.proponents.shape[0])
   if task.image_fn is not None and shown:
     paths["grid"] = _grid(os.path.join(out, "influence_grid.png"), task, queries, query_label, train_label,
                           running, shown)
   summary = dict(summary, most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
-  common.atomic_write_json(paths["summary"], summary)
+  io_lib.atomic_write_json(paths["summary"], summary)
   return paths
 
 
@@ -103,7 +104,7 @@ def _read_json(path: str):
     return None
 
 
-def _grid(path, task, queries, query_label, train_label, running: ranking.TopK, shown: int, num_shown: int = 4):
+def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4):
   cols = min(num_shown, running.proponents.shape[1])
   pro, opp = running.proponents[:shown, :cols], running.opponents[:shown, :cols]
   needed = [int(j) for j in np.unique(np.concatenate([pro.ravel(), opp.ravel()])) if j >= 0]

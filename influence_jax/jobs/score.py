@@ -11,7 +11,6 @@ fingerprint) starts clean: scoring a new query set in the same workdir is the no
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -22,8 +21,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import checkpoint
 from influence_jax import data as data_lib
+from influence_jax import io as io_lib
 from influence_jax import preconditioning
 from influence_jax import ranking
 from influence_jax import residual_basis as residual_basis_lib
@@ -33,14 +32,13 @@ from influence_jax import sketch as sketch_lib
 from influence_jax import sources
 from influence_jax import store as store_lib
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace
+from influence_jax.eigenspace import Eigenspace, default_tail_constant, inverse_eigenvalues
 from influence_jax.jobs import common
-from influence_jax.jobs import fit as fit_lib
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import progress as progress_lib
-from influence_jax.jobs import project as project_lib
 from influence_jax.jobs import reports
 from influence_jax.jobs import task as task_lib
+from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.jobs.context import Context
 
 
@@ -62,22 +60,22 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
   mesh = ctx.mesh
   params = sharding.place_params(ctx.task.params, mesh)
   p = ravel_pytree(ctx.task.params)[0].size
-  basis = project_lib.load_residual_basis(ctx, es) if store.meta.residual_rank else None
+  basis = workdir_lib.load_residual_basis(ctx, es) if store.meta.residual_rank else None
   if store.meta.residual_rank and (basis is None or basis.shape[0] != store.meta.residual_rank):
     raise store_lib.StoreError(f"The store has {store.meta.residual_rank} residual columns but "
-                               f"{project_lib.basis_path(ctx)} is missing or from other inputs: delete {ctx.path('store')} "
+                               f"{workdir_lib.basis_path(ctx)} is missing or from other inputs: delete {ctx.path('store')} "
                                "and run scripts/project.py again.")
   es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
-  tail_constant = store.meta.attrs["tail_constant"] if s.tail else None
+  tail_constant = default_tail_constant(es) if s.tail else None
   solve = s.tail and s.cg_iters > 0
   sketch, directions = None, es.eigenvectors
   if solve:  # On one device per process: host copies of the eigenspace and params.
     es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
     host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
-    host_sketch = project_lib.make_sketch(ctx, p)
-    curvature = fit_lib.curvature_batches(ctx)
+    host_sketch = workdir_lib.make_sketch(ctx, p)
+    curvature = workdir_lib.curvature_batches(ctx)
   elif s.tail:  # The queries projected like the store's rows, on the mesh.
-    sk = project_lib.make_sketch(ctx, p)
+    sk = workdir_lib.make_sketch(ctx, p)
     sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
     directions = residual_basis_lib.stored_directions(es.eigenvectors, basis)
   parts = []
@@ -117,48 +115,55 @@ def _progress_path(out: str) -> str:
   return os.path.join(out, "progress", f"process_{jax.process_index():04d}.npz")
 
 
-def _save_progress(path: str, fingerprint: str, running: ranking.TopK, largest: ranking.RunningLargest,
+def _save_progress(path: str, fingerprint: str, running: ranking.Extremes, largest: ranking.RunningLargest,
                    next_row: int) -> None:
-  common.save_checked_npz(path, fingerprint, dict(
+  io_lib.save_checked_npz(path, fingerprint, dict(
       ranking.to_host(running)._asdict(), largest_indices=largest.indices, largest_values=largest.values,
       next_row=np.int64(next_row)))
 
 
-def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarray, inverse: np.ndarray,
+def stored_self_influence(rows: dict, inverse: np.ndarray, tail_constant: Optional[float]) -> np.ndarray:
+  """Returns the (n,) self-influence of stored rows, in float64: G(z)ᵀ(Λ+δ)⁻¹G(z), plus with the tail
+  (‖∇ℓ(z)‖² − ‖G(z)‖²)/c (`scoring.self_influence` on the store's columns)."""
+  g = rows["projections"].astype(np.float64)
+  top = np.sum(g * g * inverse, axis=1)
+  if tail_constant is None:
+    return top
+  return top + (rows["sq_norms"] - np.sum(g * g, axis=1)) / tail_constant
+
+
+def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarray, es: Eigenspace,
                rows: range, fingerprint: str, out: str, *, quiet: bool, fault: Optional[str]) -> tuple:
-  """Returns (TopK, RunningLargest self-influence) over store rows `rows` (this process's), resuming."""
+  """Returns (Extremes, RunningLargest self-influence) over store rows `rows` (this process's), resuming."""
   s = ctx.config.score
   k = s.top_k
   num_largest = store.meta.num_rows if s.self_influence_rows < 0 else s.self_influence_rows
   path = _progress_path(out)
-  saved = common.load_checked_npz(path, fingerprint)
+  saved = io_lib.load_checked_npz(path, fingerprint)
   if saved is not None:
-    running = ranking.TopK(*(saved[n] for n in ranking.TopK._fields))
+    running = ranking.Extremes(*(saved[n] for n in ranking.Extremes._fields))
     largest = ranking.RunningLargest(saved["largest_indices"], saved["largest_values"])
     start = int(saved["next_row"])
   else:
-    running, largest, start = ranking.empty_top_k(vectors.shape[0], k, np.float32), ranking.empty_largest(num_largest), rows.start
-  names = ("projections", "sketch", "self_influence") if s.tail else ("projections", "sq_norms")
-  if s.tail and store.meta.residual_rank:
-    names = ("projections", "residual") + names[1:]
+    running, largest, start = ranking.empty_extremes(vectors.shape[0], k, np.float32), ranking.empty_largest(num_largest), rows.start
+  inverse = np.asarray(sharding.to_host(inverse_eigenvalues(es)), np.float64)
+  tail_constant = default_tail_constant(es) if s.tail else None
+  side_names = ("projections",)
+  if s.tail:
+    side_names += ("residual", "sketch") if store.meta.residual_rank else ("sketch",)
   queries = jnp.asarray(vectors)
   block = s.rows_per_block
   bar = progress_lib.Progress(len(rows), "scoring", "examples", start=start - rows.start,
                               quiet=quiet or not common.is_writer())
-  saver = fit_lib.Checkpointer(s.checkpoint_every, s.checkpoint_seconds)
+  saver = workdir_lib.SaveTimer(s.checkpoint_every, s.checkpoint_seconds)
   for count, lo in enumerate(range(start, rows.stop, block), 1):
     hi = min(lo + block, rows.stop)
-    part = store.read(lo, hi, names)
-    side = part["projections"] if not s.tail else np.concatenate([part[n] for n in names[:-1]], axis=1)
+    part = store.read(lo, hi, side_names + ("sq_norms",))
+    side = np.concatenate([part[n] for n in side_names], axis=1)
     padded = ranking.device_block(side.astype(np.float32, copy=False), block)
     previous, running = running, ranking.merge_rows(running, queries, padded, lo, hi - lo)
     jax.block_until_ready(previous)  # At most two merges queued: the host never runs ahead by more.
-    if s.tail:
-      self_infl = part["self_influence"]
-    else:
-      g = part["projections"].astype(np.float64)
-      self_infl = np.sum(g * g * inverse, axis=1)
-    largest = ranking.merge_largest(largest, self_infl, lo)
+    largest = ranking.merge_largest(largest, stored_self_influence(part, inverse, tail_constant), lo)
     bar.update(hi - lo)
     if saver.due(count) and hi < rows.stop:
       running = jax.block_until_ready(running)  # The queued merges are scoring, not saving: not timed.
@@ -178,8 +183,8 @@ def _gather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
 
-def combine(running: ranking.TopK, largest: ranking.RunningLargest) -> tuple:
-  """Returns the TopK and self-influence ranking over all processes' states (ties to the lower index)."""
+def combine(running: ranking.Extremes, largest: ranking.RunningLargest) -> tuple:
+  """Returns the Extremes and self-influence ranking over all processes' states (ties to the lower index)."""
   tops = [_gather(x) for x in running]
   out = []
   k = running.proponents.shape[1]
@@ -193,7 +198,7 @@ def combine(running: ranking.TopK, largest: ranking.RunningLargest) -> tuple:
   for idx, vals in zip(_gather(largest.indices), _gather(largest.values)):
     keep = idx >= 0
     merged = ranking.merge_indexed(merged, idx[keep], vals[keep])
-  return ranking.TopK(*out), merged
+  return ranking.Extremes(*out), merged
 
 
 def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
@@ -209,25 +214,24 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
                      "config.project.sketch_dim=0: set project.sketch_dim > 0 and run scripts/project.py in a fresh "
                      "workdir, or score with --config.score.tail=False.")
   queries = task_lib.query_source(ctx.task, ctx.config)
-  inverse = np.asarray(sharding.to_host(scoring.inverse_eigenvalues(es)), np.float64)
   vectors = project_queries(ctx, es, store, queries)
   out = output_dir(ctx)
-  fingerprint = checkpoint.fingerprint(store.meta.fingerprint, sources.fingerprint(queries),
+  fingerprint = io_lib.digest(store.meta.fingerprint, sources.source_fingerprint(queries),
                                        {k: v for k, v in s.to_dict().items() if k in ("top_k", "tail", "queries", "cg_iters")},
-                                       s.get("self_influence_rows"), jax.process_count())
+                                       s.get("self_influence_rows"), es.damping, jax.process_count())
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
   hi = store.meta.chunk_bounds(owned.stop - 1)[1] if len(owned) else store.meta.num_rows
   if not quiet:
     logging.info("Scoring %d queries against %d stored training examples (rows %d–%d here)",
                  vectors.shape[0], store.meta.num_rows, lo, hi)
-  running, largest = score_rows(ctx, store, vectors, inverse, range(lo, hi), fingerprint, out, quiet=quiet, fault=fault)
+  running, largest = score_rows(ctx, store, vectors, es, range(lo, hi), fingerprint, out, quiet=quiet, fault=fault)
   running, largest = combine(running, largest)
   if not common.is_writer():
     return {}
   return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest,
                                     {"num_train": store.meta.num_rows, "num_queries": int(vectors.shape[0]),
-                                     "k": store.meta.k, "tail": bool(s.tail), "cg_iters": int(s.cg_iters) if s.tail else 0,
+                                     "k": store.meta.k, "damping": es.damping, "tail": bool(s.tail), "cg_iters": int(s.cg_iters) if s.tail else 0,
                                      "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim,
                                      "store": store_lib.describe(store), "store_fingerprint": store.meta.fingerprint,
                                      "fingerprint": fingerprint},

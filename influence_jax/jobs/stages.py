@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from influence_jax import checkpoint
 from influence_jax.eigenspace import Eigenspace
 from influence_jax.jobs import fit, project, score
+from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.jobs.context import Context
 
 
 def load_eigenspace(ctx: Context) -> Eigenspace:
-  """Returns the stage's fitted eigenspace; raises FileNotFoundError naming the job to run first."""
-  try:
-    es = checkpoint.load_eigenspace(ctx.path("eigenspace"), fingerprint=ctx.eigenspace_fingerprint, mesh=ctx.mesh)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"No fitted eigenspace in {ctx.path('eigenspace')}: run scripts/fit_eigenspace.py "
-                            "with this config first.") from None
+  """Returns the stage's fitted eigenspace (its missing reports rewritten); raises FileNotFoundError
+  naming the job to run first."""
+  es = workdir_lib.load_eigenspace(ctx)
   fit.write_reports(ctx, es, only_missing=True)
   return es
 

@@ -1,4 +1,4 @@
-"""The task interface: a user's trained model and data, as the jobs see them.
+"""The task interface: a user's trained model and data, as the jobs see them (`types.Task`).
 
 A config names a factory, `config.task = "my_pkg.my_module:get_task"`; the jobs import it (from
 the working directory or an installed package) and call `get_task(config)`, which returns a Task.
@@ -6,44 +6,13 @@ the working directory or an installed package) and call `get_task(config)`, whic
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any
 
 from influence_jax import sources as sources_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """What the jobs need to trace predictions back to training examples.
-
-  params: the trained parameters (a pytree of arrays; restore them from your checkpoint).
-  loss_fn(params, batch) -> scalar: the training objective whose curvature is used (mean loss plus
-    any L2 term); a `curvature.SplitLoss` makes `arnoldi.curvature="gauss_newton"` available.
-  per_example_loss_fn(params, batch) -> (B,): each example's loss, no regulariser.
-  train: random-access source of the training examples (len() and [i] -> one example, a pytree of
-    numpy arrays); row ids in every table are indices into it.
-  queries: random-access source of the examples to explain (ids in the tables index it).
-  curvature: optional source the curvature averages over (default: a fixed sample of `train` of
-    config.arnoldi.num_examples examples, drawn with config.seed).
-  label_fn(example) -> str: optional label shown in tables and pictures (default: none).
-  image_fn(example) -> 2-D array: optional picture of an example for influence_grid.png.
-  A batch is examples stacked on a leading axis (what `loss_fn` and `per_example_loss_fn` receive).
-  """
-
-  params: Any
-  loss_fn: Callable
-  per_example_loss_fn: Callable
-  train: Any
-  queries: Any
-  curvature: Optional[Any] = None
-  label_fn: Optional[Callable[[Any], str]] = None
-  image_fn: Optional[Callable[[Any], Any]] = None
-
-  def replace(self, **changes) -> "Task":
-    return dataclasses.replace(self, **changes)
+from influence_jax.types import Task
 
 
 def import_object(path: str, what: str) -> Any:

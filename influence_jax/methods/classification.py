@@ -28,6 +28,7 @@ from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import solvers
 from influence_jax.methods import last_layer as ll
+from influence_jax.types import LossFn, OutputsFn, PerExampleLossFn
 
 
 def _check_logits(logits, labels) -> None:
@@ -63,7 +64,7 @@ def margin_logit_gradients(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jax.nn.one_hot(labels, c, dtype=dt) - jax.nn.one_hot(runner_up(logits, labels), c, dtype=dt)
 
 
-def per_example_margin_fn(outputs_fn: Callable, label_key: str = "y") -> Callable:
+def per_example_margin_fn(outputs_fn: OutputsFn, label_key: str = "y") -> Callable:
   """Returns fn(params, batch) -> (B,) margins of outputs_fn(params, batch) (logits (B, C)) at batch[label_key]."""
 
   def fn(params, batch):
@@ -72,7 +73,7 @@ def per_example_margin_fn(outputs_fn: Callable, label_key: str = "y") -> Callabl
   return fn
 
 
-def classification_test_loss(outputs_fn: Callable, label_key: str = "y") -> Callable:
+def classification_test_loss(outputs_fn: OutputsFn, label_key: str = "y") -> Callable:
   """Returns fn(params, batch) -> (B,) the negative margin −m.
 
   Used as the *test-side* per-example loss of any scorer, the loss score
@@ -82,7 +83,7 @@ def classification_test_loss(outputs_fn: Callable, label_key: str = "y") -> Call
   return lambda params, batch: -margin_fn(params, batch)
 
 
-def per_example_margin_gradients(outputs_fn: Callable, params: Any, batches, label_key: str = "y") -> jax.Array:
+def per_example_margin_gradients(outputs_fn: OutputsFn, params: Any, batches, label_key: str = "y") -> jax.Array:
   """Returns the (N, p) matrix of flat ∇m(x) (order of ravel_pytree(params); N × p must fit in memory)."""
   batches = data_lib.materialize(batches, "batches")
   return projection.gradients(per_example_margin_fn(outputs_fn, label_key), params, batches)
@@ -93,9 +94,9 @@ _TEST_SIDE_KEY = "__classification_test_side__"
 
 
 def exact_classification_influence(
-    loss_fn: Callable,
-    per_example_loss_fn: Callable,
-    outputs_fn: Callable,
+    loss_fn: LossFn,
+    per_example_loss_fn: PerExampleLossFn,
+    outputs_fn: OutputsFn,
     params: Any,
     test_batches,
     train_batches,

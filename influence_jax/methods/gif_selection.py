@@ -13,7 +13,7 @@ Norm layers and other non-Dense/Conv parameters are never selected.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence_jax import validation
+from influence_jax.types import Batch, LossFn, Params
 
-Params = Any
-Batch = Any
 
 SELECTION_METHODS = ("output", "gradient", "random")
 
@@ -156,7 +155,7 @@ def _layer_outputs(loss_fn, params, batch, layers, perturbations=None):
   return loss, outputs
 
 
-def unit_scores(loss_fn: Callable, params: Params, batch: Batch, method: str) -> dict:
+def unit_scores(loss_fn: LossFn, params: Params, batch: Batch, method: str) -> dict:
   """Returns {layer key: (units,) scores} for ranking output units of each Dense/Conv layer.
 
   "output":   |mean over the batch (and spatial positions) of the unit's pre-activation|.
@@ -196,7 +195,7 @@ def select_parameters(
     *,
     ratio: float,
     method: str = "output",
-    loss_fn: Optional[Callable] = None,
+    loss_fn: Optional[LossFn] = None,
     target_batch: Optional[Batch] = None,
     seed: int = 0,
 ) -> TargetSet:

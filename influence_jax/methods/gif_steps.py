@@ -23,8 +23,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from influence_jax.methods import gif_updates
+from influence_jax.types import Params
 
-Params = Any
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 

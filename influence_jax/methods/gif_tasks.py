@@ -1,7 +1,7 @@
 """Editing tasks with influence updates (DESIGN §4): class removal and label change.
 
 Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
-`logits_fn(params, x) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.
+`outputs_fn(params, batch) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.
 The training loss is taken to be mean(per_example_loss_fn) (any L2 term inside
 it). An edit is an `EditProblem` (θ, g, the curvature operator, the edited
 training loss: `class_removal_problem`, `label_change_problem`), solved by
@@ -12,7 +12,7 @@ combine forgetting (or relabelling) and keeping.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,9 @@ import numpy as np
 from influence_jax import curvature as curvature_lib
 from influence_jax.methods import gif_steps
 from influence_jax.methods import gif_updates
+from influence_jax.methods import training
+from influence_jax.types import Batch, OutputsFn, Params, PerExampleLossFn
 
-Params = Any
-Batch = Any
 
 METHODS = ("gif", "fif", "pif", "if")
 
@@ -61,28 +61,19 @@ def select_examples(batch: Batch, keep) -> Batch:
   return jax.tree.map(lambda x: np.asarray(x)[keep], batch)
 
 
-def accuracy(logits_fn: Callable, params: Params, batch: Batch) -> float:
-  """Returns the fraction of `batch` whose argmax logit equals batch["y"] (nan for an empty batch)."""
-  y = np.asarray(batch["y"])
-  if y.size == 0:
-    return float("nan")
-  pred = np.asarray(jnp.argmax(logits_fn(params, batch["x"]), -1))
-  return float(np.mean(pred == y))
-
-
-def class_removal_metrics(logits_fn: Callable, params: Params, test_batch: Batch, removed_class: int) -> dict:
+def class_removal_metrics(outputs_fn: OutputsFn, params: Params, test_batch: Batch, removed_class: int) -> dict:
   """Returns {"removed": accuracy on the removed class, "rest": accuracy on the other classes}."""
   is_removed = np.asarray(test_batch["y"]) == removed_class
-  return {"removed": accuracy(logits_fn, params, select_examples(test_batch, is_removed)),
-          "rest": accuracy(logits_fn, params, select_examples(test_batch, ~is_removed))}
+  return {"removed": training.accuracy(outputs_fn, params, select_examples(test_batch, is_removed)),
+          "rest": training.accuracy(outputs_fn, params, select_examples(test_batch, ~is_removed))}
 
 
-def label_change_metrics(logits_fn: Callable, params: Params, test_batch: Batch, changed_batch: Batch,
+def label_change_metrics(outputs_fn: OutputsFn, params: Params, test_batch: Batch, changed_batch: Batch,
                          wrong_labels) -> dict:
   """Returns clean test accuracy, accuracy on the relabelled examples (corrected labels, changed_batch["y"]),
   and the backdoor rate: the fraction of relabelled examples still predicted as their wrong label."""
-  pred = np.asarray(jnp.argmax(logits_fn(params, changed_batch["x"]), -1))
-  return {"clean": accuracy(logits_fn, params, test_batch),
+  pred = np.argmax(training.predict(outputs_fn, params, changed_batch), -1)
+  return {"clean": training.accuracy(outputs_fn, params, test_batch),
           "relabelled": float(np.mean(pred == np.asarray(changed_batch["y"]))),
           "backdoor": float(np.mean(pred == np.asarray(wrong_labels)))}
 
@@ -146,7 +137,7 @@ def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
 
 
 def class_removal_problem(
-    per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
+    per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, removed_class: int, *,
     damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
     hessian_examples: Optional[int] = None, seed: int = 0,
 ) -> EditProblem:
@@ -166,7 +157,7 @@ def class_removal_problem(
 
 
 def class_removal_edit(
-    per_example_loss_fn: Callable, params: Params, train_batch: Batch, removed_class: int, *,
+    per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, removed_class: int, *,
     method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
     microbatch_size: Optional[int] = None, scales: Sequence[float] = gif_steps.DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:
@@ -183,7 +174,7 @@ def class_removal_edit(
 
 
 def label_change_problem(
-    per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
+    per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, changed, corrected_labels, *,
     damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
     hessian_examples: Optional[int] = None, seed: int = 0,
 ) -> EditProblem:
@@ -211,7 +202,7 @@ def label_change_problem(
 
 
 def label_change_edit(
-    per_example_loss_fn: Callable, params: Params, train_batch: Batch, changed, corrected_labels, *,
+    per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, changed, corrected_labels, *,
     method: str = "gif", mask: Optional[Params] = None, damping: float = 0.0, curvature: str = "hessian",
     microbatch_size: Optional[int] = None, scales: Sequence[float] = gif_steps.DEFAULT_SCALES, **solver_kwargs,
 ) -> EditResult:

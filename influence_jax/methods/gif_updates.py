@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,8 @@ from influence_jax import solvers
 from influence_jax import validation
 from influence_jax.methods import gif_neumann
 from influence_jax.methods import gif_selection
+from influence_jax.types import Params, PerExampleLossFn
 
-Params = Any
 
 SOLVERS = ("cg", "normal", "neumann")
 
@@ -54,7 +54,7 @@ def _summed_gradient(per_example_loss_fn, params, batches) -> Params:
   return total
 
 
-def removal_gradient(per_example_loss_fn: Callable, params: Params, removed_batches, num_remaining: int) -> Params:
+def removal_gradient(per_example_loss_fn: PerExampleLossFn, params: Params, removed_batches, num_remaining: int) -> Params:
   """Returns g = (1/num_remaining) Σ_{z∈U} ∇ℓ(z) over the removed examples U (a params pytree).
 
   θ + H⁻¹g approximates the parameters retrained without U (H: Hessian of the
@@ -72,7 +72,7 @@ def removal_gradient(per_example_loss_fn: Callable, params: Params, removed_batc
 
 
 def label_change_gradient(
-    per_example_loss_fn: Callable, params: Params, wrong_batches, corrected_batches, num_examples: int,
+    per_example_loss_fn: PerExampleLossFn, params: Params, wrong_batches, corrected_batches, num_examples: int,
 ) -> Params:
   """Returns g = (1/num_examples) Σ_{changed z} ∇[ℓ(z, wrong label) − ℓ(z, corrected label)].
 

@@ -35,7 +35,7 @@ changes no label, "fitted and A ≤ 0" is the whole criterion. A threshold adds
 s(z) ≥ min_self_influence to the MEMORIZED condition (DESIGN §5's "its
 self-influence high"); points it excludes become NEITHER. It never changes A,
 its sign or the order of `selective_removal.removal_ranking` among the points
-still labelled MEMORIZED. The jobs (memorization_pipeline) set it to a quantile
+still labelled MEMORIZED. The jobs (jobs.papers.memorization_job) set it to a quantile
 of s over the training set, by default the median, which raised the precision
 of MEMORIZED for flipped labels on digits (docs/memorization_results.md).
 
@@ -72,9 +72,10 @@ from influence_jax import flax_adapters
 from influence_jax import projection
 from influence_jax import scoring
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params
+from influence_jax.eigenspace import Eigenspace, check_params, default_tail_constant, inverse_eigenvalues
 from influence_jax.methods import classification as cl
 from influence_jax.methods import last_layer as ll
+from influence_jax.types import OutputsFn, PerExampleLossFn
 
 GENERALIZES, MEMORIZED, NEITHER = 0, 1, 2
 LABEL_NAMES = ("generalizes", "memorized", "neither")
@@ -241,7 +242,7 @@ def linen_memorization(
 # ----------------------------------------------------------------------------- full eigenspace (option)
 
 
-def mean_margin_gradient(outputs_fn: Callable, params: Any, reference_batches, *, label_key: str = "y") -> jax.Array:
+def mean_margin_gradient(outputs_fn: OutputsFn, params: Any, reference_batches, *, label_key: str = "y") -> jax.Array:
   """Returns ḡ_R = (1/|R|) Σ_{x∈R} ∇m(x), flat in ravel_pytree(params) order (p,)."""
   batches = data_lib.materialize(reference_batches, "reference_batches")
   flat, unravel = ravel_pytree(params)
@@ -252,8 +253,8 @@ def mean_margin_gradient(outputs_fn: Callable, params: Any, reference_batches, *
 
 def eigenspace_memorization(
     eigenspace: Eigenspace,
-    per_example_loss_fn: Callable,
-    outputs_fn: Callable,
+    per_example_loss_fn: PerExampleLossFn,
+    outputs_fn: OutputsFn,
     params: Any,
     train_batches,
     reference_batches,
@@ -278,10 +279,10 @@ def eigenspace_memorization(
   u = jnp.asarray(eigenspace.host_eigenvectors())
   g_bar = mean_margin_gradient(outputs_fn, params, reference_batches, label_key=label_key).astype(u.dtype)
   coords = u @ g_bar
-  v = u.T @ (scoring.inverse_eigenvalues(eigenspace, damping).astype(u.dtype) * coords)
+  v = u.T @ (inverse_eigenvalues(eigenspace, damping).astype(u.dtype) * coords)
   c = None
   if tail:
-    c = scoring.default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
+    c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
     if not c > 0:
       raise ValueError(f"the tail constant must be positive; got {c}.")
     v = v + (g_bar - u.T @ coords) / c

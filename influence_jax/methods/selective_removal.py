@@ -20,8 +20,9 @@ import numpy as np
 import optax
 
 from influence_jax import data as data_lib
-from influence_jax.examples import training
 from influence_jax.methods import memorization as mz
+from influence_jax.methods import training
+from influence_jax.types import LossFn
 
 
 def removal_ranking(mem: mz.Memorization, indices=None) -> np.ndarray:
@@ -72,7 +73,7 @@ class RemovalHistory(NamedTuple):
 
 
 def train_with_removal(
-    loss_fn: Callable,
+    loss_fn: LossFn,
     params: Any,
     train_batch: dict,
     *,

@@ -10,7 +10,7 @@ L2 term belongs in `loss_fn` (see flax_adapters).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,8 @@ import optax.tree_utils as otu
 
 from influence_jax import data as data_lib
 from influence_jax import validation
+from influence_jax.types import Batch, LossFn, OutputsFn, Params
 
-Params = Any
-Batch = Any
 
 
 def epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int) -> jax.Array:
@@ -37,7 +36,7 @@ def epoch_indices(key: jax.Array, n: int, batch_size: int, num_steps: int) -> ja
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "batch_size", "num_steps"))
 def train_segment(
-    loss_fn: Callable[[Params, Batch], jax.Array],
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     params: Params,
     opt_state: Any,
@@ -75,7 +74,7 @@ def train_segment(
 
 
 def train(
-    loss_fn: Callable[[Params, Batch], jax.Array],
+    loss_fn: LossFn,
     params: Params,
     train_batch: Batch,
     *,
@@ -141,7 +140,7 @@ def _lbfgs_loop(loss_fn, params, batch, tol, *, max_steps, memory_size):
 
 
 def train_to_convergence(
-    loss_fn: Callable[[Params, Batch], jax.Array],
+    loss_fn: LossFn,
     params: Params,
     batch: Batch,
     *,
@@ -165,23 +164,36 @@ def train_to_convergence(
   return params, info
 
 
-def predict(outputs_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
+def predict(outputs_fn: OutputsFn, params: Params, batch: Batch,
             *, batch_size: int = 1024) -> np.ndarray:
   """Returns outputs_fn(params, batch) computed in chunks of `batch_size` examples (numpy)."""
   fn = jax.jit(outputs_fn)
   return np.concatenate([np.asarray(fn(params, b)) for b in data_lib.iterate(batch, batch_size)])
 
 
-def accuracy(outputs_fn: Callable[[Params, Batch], jax.Array], params: Params, batch: Batch,
+def accuracy(outputs_fn: OutputsFn, params: Params, batch: Batch,
              *, label_key: str = "y", batch_size: int = 1024) -> float:
-  """Returns the fraction of argmax(outputs_fn(params, batch), −1) equal to batch[label_key].
+  """Returns the fraction of argmax(outputs_fn(params, batch), −1) equal to batch[label_key] (nan for an
+  empty batch).
 
   Per token for sequence outputs (B, L, V) with labels (B, L).
   """
   if label_key not in batch:
     raise KeyError(f"batch has no label key {label_key!r}; its keys are {sorted(batch)}.")
+  if np.size(batch[label_key]) == 0:
+    return float("nan")
   logits = predict(outputs_fn, params, batch, batch_size=batch_size)
   labels = np.asarray(batch[label_key])
   if logits.shape[:-1] != labels.shape:
     raise ValueError(f"logits {logits.shape} do not match labels {labels.shape} (expected labels.shape + (C,)).")
   return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def optimizer_from_config(train_config):
+  """Returns the optax optimizer named by config.train: optimizer ('adam' | 'sgd'), learning_rate, momentum."""
+  name = train_config.get("optimizer", "adam")
+  if name == "adam":
+    return optax.adam(train_config.learning_rate)
+  if name == "sgd":
+    return optax.sgd(train_config.learning_rate, momentum=train_config.get("momentum", 0.9))
+  raise ValueError(f"Unknown config.train.optimizer {name!r}; expected 'adam' or 'sgd'.")

@@ -52,20 +52,19 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
 from influence_jax import flax_adapters
 from influence_jax.examples import datasets
-from influence_jax.examples import training
 from influence_jax.examples import tasks
-from influence_jax.jobs import common, gif_report
+from influence_jax.jobs.papers import gif_report
 from influence_jax.methods import gif_selection
 from influence_jax.methods import gif_steps
 from influence_jax.methods import gif_tasks
 from influence_jax.methods import gif_updates
+from influence_jax.methods import training
 
 TASKS = ("class_removal", "label_change")
 STEP_RULES = (
@@ -87,7 +86,7 @@ NEAREST_KEYS = {
 
 
 class Models:
-  """The task of seed 0, its ModelFns, the per-example loss with the L2 term inside and jitted logits(params, x).
+  """The task of seed 0, its ModelFns, the per-example loss with the L2 term inside and jitted outputs(params, batch).
 
   The functions do not depend on the seed, so the jitted training, curvature
   and solver loops are compiled once for all seeds. This is the job's only
@@ -99,7 +98,7 @@ class Models:
     self.fns = tasks.model_fns(self.task, tasks.init_variables(self.task, config), config)
     l2 = config.train.l2
     self.per_example = lambda p, b: self.fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
-    self.logits = jax.jit(lambda p, x: self.fns.outputs_fn(p, {"x": x}))
+    self.outputs = jax.jit(self.fns.outputs_fn)
 
   def splits(self, config, seed: int) -> tuple[dict, dict]:
     """Returns the (train, test) batches {"x", "y"} of `seed`."""
@@ -193,17 +192,17 @@ def _class_removal_seed(config, seed: int, models: Models, optimizer, notes) -> 
   retrained = models.train(config, init, gif_tasks.select_examples(train_b, keep), seed, optimizer)
 
   def metrics(p):
-    m = gif_tasks.class_removal_metrics(models.logits, p, test_b, c)
-    t = gif_tasks.class_removal_metrics(models.logits, p, train_b, c)
+    m = gif_tasks.class_removal_metrics(models.outputs, p, test_b, c)
+    t = gif_tasks.class_removal_metrics(models.outputs, p, train_b, c)
     return dict(m, f1=gif_tasks.removal_f1(m["removed"], m["rest"]), train_removed=t["removed"],
                 train_rest=t["rest"], train_f1=gif_tasks.removal_f1(t["removed"], t["rest"]))
 
   def test_f1(p):  # ORACLE: test labels.
-    m = gif_tasks.class_removal_metrics(models.logits, p, test_b, c)
+    m = gif_tasks.class_removal_metrics(models.outputs, p, test_b, c)
     return gif_tasks.removal_f1(m["removed"], m["rest"])
 
   def train_f1(p):  # Training data only.
-    t = gif_tasks.class_removal_metrics(models.logits, p, train_b, c)
+    t = gif_tasks.class_removal_metrics(models.outputs, p, train_b, c)
     return gif_tasks.removal_f1(t["removed"], t["rest"])
 
   target = metrics(retrained)
@@ -247,13 +246,13 @@ def _label_change_seed(config, seed: int, models: Models, optimizer, notes) -> d
   clean_b = gif_tasks.select_examples(fixed_b, ~changed)
 
   def train_metrics(p):  # The authors' metrics: training data (the editor holds these labels).
-    m = gif_tasks.label_change_metrics(models.logits, p, clean_b, changed_b, wrong_y[changed])
+    m = gif_tasks.label_change_metrics(models.outputs, p, clean_b, changed_b, wrong_y[changed])
     return dict(clean=m["clean"], relabelled=m["relabelled"], attack=m["backdoor"],
                 f1=gif_tasks.edit_f1(m["relabelled"], m["clean"]))
 
   def metrics(p):
-    m = dict(train_metrics(p), test_clean=gif_tasks.accuracy(models.logits, p, test_b))
-    m["test_attack"] = gif_tasks.accuracy(models.logits, p, attack_b) if attack_b is not None else float("nan")
+    m = dict(train_metrics(p), test_clean=training.accuracy(models.outputs, p, test_b))
+    m["test_attack"] = training.accuracy(models.outputs, p, attack_b) if attack_b is not None else float("nan")
     return m
 
   f1 = lambda p: train_metrics(p)["f1"]
@@ -280,10 +279,10 @@ def _with_seed(config, seed: int):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False) -> dict:
-  """Runs config.task over config.seeds seeds; writes results.{md,csv,json} in workdir (after every seed,
+  """Runs config.gif_task over config.seeds seeds; writes results.{md,csv,json} in workdir (after every seed,
   so a stopped run leaves the seeds it finished) and returns their paths."""
-  if config.task not in TASKS:
-    raise ValueError(f"Unknown config.task {config.task!r}; expected one of {TASKS}.")
+  if config.gif_task not in TASKS:
+    raise ValueError(f"Unknown config.gif_task {config.gif_task!r}; expected one of {TASKS}.")
   if config.seeds < 1:
     raise ValueError(f"config.seeds must be at least 1; got {config.seeds}.")
   bad = set(config.edit.methods) - set(gif_tasks.METHODS)
@@ -293,8 +292,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     _solver_kwargs(config.edit, solver, "gif")
   os.makedirs(workdir, exist_ok=True)
   models = Models(config)
-  optimizer = common.optimizer_from_config(config.train)
-  run_seed = _class_removal_seed if config.task == "class_removal" else _label_change_seed
+  optimizer = training.optimizer_from_config(config.train)
+  run_seed = _class_removal_seed if config.gif_task == "class_removal" else _label_change_seed
   e = config.edit
   notes = [f"solvers: neumann = {e.neumann_iters} Neumann iterations, no damping, normaliser from "
            f"{e.neumann_normaliser} × {e.neumann_growth} on divergence; cg = CG (normal equations) to relative "
@@ -310,27 +309,67 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     per_seed.append(run_seed(config, seed, models, optimizer, notes))
     if not quiet:
       logging.info("seed %d done after %.0f s", seed, time.perf_counter() - t0)
-    paths = gif_report.write(workdir, config, per_seed, COLUMNS[config.task], STEP_RULES, notes,
+    paths = gif_report.write(workdir, config, per_seed, COLUMNS[config.gif_task], STEP_RULES, notes,
                              time.perf_counter() - t0)
   return paths
 
 
-def job_main(task: str) -> Callable[[list], None]:
-  """Returns the absl `main` of the job for `task` ("class_removal" or "label_change").
+def default_config(gif_task: str = "class_removal") -> ml_collections.ConfigDict:
+  """Returns every key of a GIF job, at the MLP's values; `gif_task` ("class_removal" or "label_change")
+  picks the edit (label change: 5 % of the parameters by output ranking and a backdoor-trigger corruption)."""
+  if gif_task not in TASKS:
+    raise ValueError(f"Unknown gif_task {gif_task!r}; expected one of {TASKS}.")
+  c = ml_collections.ConfigDict()
+  c.gif_task = gif_task
+  c.seed = 0  # Only builds the model; each of the `seeds` runs uses its own seed for data, init and selection.
+  c.seeds = 5
+  c.data = dict(name="digits", test_fraction=0.2, num_train=-1, num_test=-1)
+  c.model = dict(name="mlp", features=(32,), num_classes=10, activation="tanh")
+  c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=60, batch_size=128, l2=1e-3)  # Retraining too.
+  c.edit = dict(
+      ratios=(0.1, 0.3, 0.5),  # Fraction of each Dense/Conv layer's parameters in the target set (exact budget).
+      selections=("gradient",),  # Unit ranking: "output", "gradient" or "random".
+      methods=("gif", "fif", "pif", "if"),
+      solvers=("neumann", "cg"),  # Every edit is solved by each; one row per solver.
+      neumann_iters=30,  # The authors' early-stopped Neumann iteration (no damping).
+      neumann_normaliser=1.0,
+      neumann_growth=1.25,
+      damping=1e-3,  # CG only: added to the Hessian of the edited training loss.
+      curvature="hessian",  # or "gauss_newton"
+      hessian_examples=-1,  # Edited-training-set examples the curvature averages over (-1: all).
+      cg_max_iters=100,
+      cg_tol=1e-5,
+      scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0),
+      walk_step=0.25,  # The walks' step, in units of the update Δ.
+      walk_max_steps=256,
+      walk_patience=64,  # Steps without a better score before the coarse walk stops (f1 has plateaus).
+  )
+  if gif_task == "class_removal":
+    c.edit.removed_class = 8
+  else:
+    c.edit.ratios = (0.05,)  # The authors' label-change setting: 5 % of the parameters, output ranking.
+    c.edit.selections = ("output",)
+    c.corruption = dict(
+        kind="trigger",  # "trigger": datasets.add_trigger (stamp + target label); "flip": datasets.flip_labels.
+        fraction=0.1,  # Of the training examples (the authors: 10 %).
+        target_class=7,  # The trigger's label (unused by "flip").
+        trigger_size=3,
+    )
+  return c
 
-  It reads --config/--workdir (influence_jax.cli), refuses a config made for the other task,
-  runs `run`, and prints the results table and the paths written.
-  """
-  from influence_jax.jobs import cli  # Defines the absl flags: only the jobs need them.
 
-  def main(argv):
-    del argv
-    config, workdir, quiet, _ = cli.setup()
-    if config.task != task:
-      raise ValueError(f"config.task is {config.task!r}; this job runs {task!r} (use configs/gif_{task}_*.py).")
-    paths = run(config, workdir, quiet=quiet)
+def job(gif_task: str) -> Callable:
+  """Returns the `cli.run` job of `gif_task`: refuses a config made for the other task, runs `run`,
+  prints the results table and the paths written."""
+
+  def run_job(invocation) -> None:
+    config = invocation.config
+    if config.gif_task != gif_task:
+      raise ValueError(f"config.gif_task is {config.gif_task!r}; this job runs {gif_task!r} "
+                       f"(use configs/gif_{gif_task}_*.py).")
+    paths = run(config, invocation.workdir, quiet=invocation.quiet)
     with open(paths["md"]) as f:
       print(f.read())
     print("\n".join(f"  {k}: {v}" for k, v in paths.items()))
 
-  return main
+  return run_job

@@ -15,30 +15,27 @@ run_selective_removal writes removal.md (the table), removal.json (every run).
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from sklearn import metrics as sk_metrics
 
 from influence_jax import data as data_lib
-from influence_jax.jobs import common
-from influence_jax.examples import datasets
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import flax_adapters
-from influence_jax.methods import memorization as mz
-from influence_jax.methods import selective_removal
+from influence_jax import io as io_lib
+from influence_jax.examples import datasets
 from influence_jax.examples import models
 from influence_jax.jobs import plots
-from influence_jax.examples import training
+from influence_jax.methods import memorization as mz
+from influence_jax.methods import selective_removal
+from influence_jax.methods import training
 
 
 class NoisyDigits(NamedTuple):
@@ -126,7 +123,7 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = module.init(jax.random.key(config.seed), jnp.asarray(data.train["x"][:2]))
   fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=config.train.l2)
   t = config.train
-  params, _ = training.train(fns.loss_fn, fns.params, _xy(data.train), optimizer=common.optimizer_from_config(config.train),
+  params, _ = training.train(fns.loss_fn, fns.params, _xy(data.train), optimizer=training.optimizer_from_config(config.train),
                              num_epochs=t.num_epochs, batch_size=t.batch_size, seed=config.seed)
   acc = lambda b: training.accuracy(fns.outputs_fn, params, _xy(b))
   flipped_batch = {"x": data.train["x"][data.flipped], "y": data.train["y"][data.flipped]}
@@ -144,13 +141,13 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{mem.influence[i]:.6g}", mz.LABEL_NAMES[mem.label[i]], f"{mem.strength[i]:.6g}",
                  f"{mem.own_margin[i]:.6g}", f"{mem.self_influence[i]:.6g}"])
   os.makedirs(workdir, exist_ok=True)
-  common.atomic_write_csv(os.path.join(workdir, "memorization.csv"), rows)
+  io_lib.atomic_write_csv(os.path.join(workdir, "memorization.csv"), rows)
   plots.histogram(os.path.join(workdir, "histogram.png"),
                   {"clean": mem.influence[~data.flipped], "flipped": mem.influence[data.flipped]},
                   "A(z) = mean held-out classification influence",
                   title=f"{config.memorization.method}: AUC(−A) = {out['auc_minus_A']:.3f}, "
                         f"AUC(self-influence) = {out['auc_self_influence']:.3f}")
-  common.atomic_write_json(os.path.join(workdir, "metrics.json"), out)
+  io_lib.atomic_write_json(os.path.join(workdir, "metrics.json"), out)
   return out
 
 
@@ -200,7 +197,7 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     variables = module.init(jax.random.key(seed), jnp.asarray(data.train["x"][:2]))
     fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy, l2=cfg.train.l2)
     train = _xy(data.train)
-    train_kw = dict(optimizer=common.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs,
+    train_kw = dict(optimizer=training.optimizer_from_config(cfg.train), num_epochs=cfg.train.num_epochs,
                     batch_size=cfg.train.batch_size, seed=seed)
     row = {"seed": seed, "num_flipped": int(data.flipped.sum())}
     counts = None
@@ -229,8 +226,8 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
     runs.append(row)
   table = removal_table(runs)
   os.makedirs(workdir, exist_ok=True)
-  common.atomic_write_json(os.path.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
-  common.atomic_write_text(os.path.join(workdir, "removal.md"), table)
+  io_lib.atomic_write_json(os.path.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
+  io_lib.atomic_write_text(os.path.join(workdir, "removal.md"), table)
   return {"runs": runs, "table": table}
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from influence_jax.jobs import common
+from influence_jax import io as io_lib
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -50,14 +50,14 @@ def write(workdir: str, config, per_seed: list[dict], columns, step_rules, notes
   for seed, r in enumerate(per_seed):
     for name, row in r.items():
       rows.append([seed, name] + [f"{row[k]:.6g}" if k in row else "" for k in keys])
-  record = {"task": config.task, "config": config.to_dict(), "seeds": len(per_seed), "seconds": seconds,
+  record = {"task": config.gif_task, "config": config.to_dict(), "seeds": len(per_seed), "seconds": seconds,
             "notes": notes, "summary": summary}
-  header = (f"# {config.task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} seeds "
+  header = (f"# {config.gif_task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} seeds "
             f"({seconds:.0f} s)\n\n" + "".join(f"- {n}\n" for n in notes) + "\n")
   extra = ("rel_residual", "iters", "normaliser")
   tables = [f"## {what}\n\n{markdown_table(summary, columns, prefix, extra if i == 0 else ())}\n"
             for i, (prefix, what) in enumerate(step_rules)]
-  common.atomic_write_csv(paths["csv"], rows)
-  common.atomic_write_json(paths["json"], record)
-  common.atomic_write_text(paths["md"], header + "\n".join(tables))
+  io_lib.atomic_write_csv(paths["csv"], rows)
+  io_lib.atomic_write_json(paths["json"], record)
+  io_lib.atomic_write_text(paths["md"], header + "\n".join(tables))
   return paths

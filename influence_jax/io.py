@@ -1,0 +1,99 @@
+"""Files the jobs and the evaluation write: atomic writes, checked .npz records, content digests.
+
+Atomic writes go to a temporary name in the same directory, are flushed, then renamed over the
+target, so a reader (or a job killed half-way) never sees a half-written file. `digest` is the one
+hash that ties an output to what it was computed from (configs, arrays, data).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+
+def digest(*parts: Any) -> str:
+  """Returns a short stable hash of JSON-able parts (configs) and arrays (data, params), their structure
+  (dict keys, None entries) included."""
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(str(jax.tree.structure(part)).encode())
+    for leaf in jax.tree.leaves(part):
+      if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+      else:
+        h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
+    h.update(b"|")
+  return h.hexdigest()[:16]
+
+
+def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = False) -> str:
+  """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns `path`."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def save_checked_npz(path: str, fingerprint: str, arrays: dict) -> str:
+  """Writes `arrays` atomically as .npz with their checksum and `fingerprint` (what they belong to)."""
+  record = dict(arrays, checksum=np.asarray(digest(arrays)), fingerprint=np.asarray(fingerprint))
+  buffer = io.BytesIO()
+  np.savez(buffer, **record)
+  return atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+
+
+def load_checked_npz(path: str, fingerprint: str) -> Optional[dict]:
+  """Returns the arrays of `save_checked_npz` when the file exists, is intact and belongs to
+  `fingerprint`; else None (missing, damaged, or from other inputs)."""
+  try:
+    with np.load(path) as f:
+      record = {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError):
+    return None
+  checksum, owner = str(record.pop("checksum", "")), str(record.pop("fingerprint", ""))
+  if owner != fingerprint or digest(record) != checksum:
+    return None
+  return record
+
+
+def atomic_write_text(path: str, text: str) -> str:
+  """Writes `text` to `path` atomically; returns `path`."""
+  return atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path: str, obj: Any) -> str:
+  """Writes `obj` as indented JSON to `path` atomically; returns `path`."""
+  return atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: str, rows: list) -> str:
+  """Writes `rows` (lists, the first the header) as CSV to `path` atomically; returns `path`."""
+  return atomic_write(path, lambda f: csv.writer(f).writerows(rows))
+
+
+def _json_default(x):
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, (set, tuple)):
+    return list(x)
+  raise TypeError(f"{type(x).__name__} is not JSON serialisable")
