@@ -1,4 +1,4 @@
-"""The Eigenspace value: top-k curvature eigenpairs, fitted once and reused (DESIGN §2).
+"""The Eigenspace value: top-k curvature eigenpairs, fitted once and reused (docs/design.md, "Arnoldi influence and the spectral tail").
 
 H⁻¹ ≈ Uᵀ (Λ + δ)⁻¹ U with U the (k, p) eigenvectors (rows, flat parameter
 order of `ravel_pytree(params)`), Λ the eigenvalues of the *undamped*
