@@ -1,4 +1,4 @@
-r"""GIF class removal on digits with the MLP: forget every training 8, against retraining without it.
+r"""GIF class removal on digits with the MLP: forget every training 8, against retraining without it (docs/design.md, "The papers' methods").
 
   python scripts/gif_class_removal.py --config=configs/gif_class_removal_mlp.py --workdir=runs/gif_class_removal_mlp
 

@@ -1,5 +1,5 @@
 r"""GIF label change on digits with the MLP: a backdoor trigger on 10% of the training images (labelled 7), fixed
-by an influence edit, against retraining on the corrected labels.
+by an influence edit, against retraining on the corrected labels (docs/design.md, "The papers' methods").
 
   python scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py --workdir=runs/gif_label_change_mlp
 

@@ -1,4 +1,4 @@
-r"""Memorization labels on digits with 20% of the training labels flipped (DESIGN §5).
+r"""Memorization labels on digits with 20% of the training labels flipped (docs/design.md, "The papers' methods").
 
   python scripts/memorization.py --config=configs/memorization_digits.py --workdir=runs/memorization
 

@@ -1,4 +1,4 @@
-r"""Selective removal of memorized points while training on digits with 20% flipped labels (DESIGN §5).
+r"""Selective removal of memorized points while training on digits with 20% flipped labels (docs/design.md, "The papers' methods").
 
   python scripts/selective_removal.py --config=configs/selective_removal_digits.py --workdir=runs/removal
 

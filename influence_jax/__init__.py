@@ -1,6 +1,6 @@
 """influence_jax: influence functions for JAX/Flax models that scale to big models and data.
 
-Sign convention everywhere (docs/design.md §1): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z).
+Sign convention everywhere (docs/design.md, "What a score means"): score(z, x) = ∇ℓ(x)ᵀ H⁻¹ ∇ℓ(z).
 Positive: training example z is a proponent of test example x.
 
 `import influence_jax` loads the core only (curvature, Arnoldi, eigenspace,

@@ -1,7 +1,7 @@
 """Curvature operators: Hessian- and Gauss-Newton-vector products over fixed batches.
 
 The operator is the curvature of the *mean* loss over a fixed list of batches,
-chosen once (DESIGN §2.1), so it is one deterministic symmetric matrix. It acts
+chosen once (docs/design.md, "Arnoldi influence and the spectral tail"), so it is one deterministic symmetric matrix. It acts
 on flat parameter vectors (the order of `jax.flatten_util.ravel_pytree`), which
 is the layout the Arnoldi basis uses.
 """

@@ -1,4 +1,4 @@
-"""The Eigenspace value: top-k curvature eigenpairs, fitted once and reused (DESIGN §2).
+"""The Eigenspace value: top-k curvature eigenpairs, fitted once and reused (docs/design.md, "Arnoldi influence and the spectral tail").
 
 H⁻¹ ≈ Uᵀ (Λ + δ)⁻¹ U with U the (k, p) eigenvectors (rows, flat parameter
 order of `ravel_pytree(params)`), Λ the eigenvalues of the *undamped*
@@ -298,7 +298,7 @@ def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None)
 
 
 def default_tail_constant(eigenspace: Eigenspace, damping: Optional[float] = None) -> float:
-  """Returns λ_k + δ: the smallest kept eigenvalue plus damping (DESIGN §2, the spectral tail)."""
+  """Returns λ_k + δ: the smallest kept eigenvalue plus damping (docs/design.md, "Arnoldi influence and the spectral tail")."""
   delta = eigenspace.damping if damping is None else float(damping)
   return float(jnp.min(eigenspace.eigenvalues)) + delta
 

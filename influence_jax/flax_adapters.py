@@ -11,7 +11,7 @@ adapters make them from a Flax model:
   called method accepts; NNX: the same attributes set with nnx.view), so each
   example's loss depends on that example only.
 - loss_fn(params, batch) = mean_i per_example_loss(z_i) + (l2/2)‖params‖²,
-  the objective L of DESIGN §1 whose Hessian influence inverts.
+  the objective L of docs/design.md, "What a score means" whose Hessian influence inverts.
 
 Example: influence inside a Flax training loop (runnable version:
 influence_jax/examples/flax_training_loop.py)::

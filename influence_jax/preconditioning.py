@@ -1,6 +1,6 @@
 """Query-side solves preconditioned by the eigenspace: near-exact H⁻¹∇ℓ(x) for a few products.
 
-The spectral tail (DESIGN §2) approximates the inverse damped curvature by
+The spectral tail (docs/design.md, "Arnoldi influence and the spectral tail") approximates the inverse damped curvature by
 
     P = Uᵀ (Λ + δ)⁻¹ U + c⁻¹ (I − UᵀU),     c = λ_k + δ by default,
 

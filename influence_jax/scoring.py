@@ -1,4 +1,4 @@
-"""Influence scores from projected gradients (DESIGN §1–§2).
+"""Influence scores from projected gradients (docs/design.md, "What a score means"; docs/design.md, "Arnoldi influence and the spectral tail").
 
 Every score is an estimate of ∇ℓ(x)ᵀ (H + δI)⁻¹ ∇ℓ(z) for test x and
 training z. Positive: z is a proponent of x (upweighting z lowers x's loss).
@@ -141,7 +141,7 @@ def influence(
     100-iteration CG at a tenth of its cost (docs/eval_results.md). Cost per query: 1 + cg_iters
     curvature products over the curvature batches; per training example: one gradient dotted with
     the T solved vectors. `cg_iters=0` is the plain tail below.
-  - `tail=True` otherwise: the spectral tail (DESIGN §2), G(x)ᵀ(Λ+δ)⁻¹G(z) + (∇ℓ(x)ᵀ∇ℓ(z) −
+  - `tail=True` otherwise: the spectral tail (docs/design.md, "Arnoldi influence and the spectral tail"), G(x)ᵀ(Λ+δ)⁻¹G(z) + (∇ℓ(x)ᵀ∇ℓ(z) −
     G(x)ᵀG(z))/c: the training examples are projected on [eigenvectors; test gradients] in one
     pass (no p-sized per-example gradient of the training set is held; the T test gradients are).
 

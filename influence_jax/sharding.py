@@ -1,4 +1,4 @@
-"""Device meshes and the flat layout rule of sharded influence computations (DESIGN §3).
+"""Device meshes and the flat layout rule of sharded influence computations (docs/design.md, "Sharding: one code path, one layout rule").
 
 Every computation runs on a mesh with two axes; no mesh is the 1 × 1 mesh on
 one device (`single_device_mesh`), not a separate code path:

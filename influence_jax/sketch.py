@@ -1,7 +1,7 @@
 """A Kronecker-structured random sketch of per-example gradients, for a reusable spectral tail.
 
 The tail term of a score needs ∇ℓ(x)ᵀ(I − UᵀU)∇ℓ(z) for every query x and training example z
-(docs/design.md §2). Storing, beside G(z) = U∇ℓ(z), the sketch S(z) = R(I − UᵀU)∇ℓ(z) with a
+(docs/design.md, "Arnoldi influence and the spectral tail"). Storing, beside G(z) = U∇ℓ(z), the sketch S(z) = R(I − UᵀU)∇ℓ(z) with a
 random R of m rows and E[RᵀR] = I makes that term S(x)ᵀS(z) for any later query set, without
 touching the training set again (Johnson–Lindenstrauss, as TRAK does for whole gradients).
 

@@ -57,7 +57,7 @@ def exact_influence(
 ) -> jax.Array:
   """Returns the (T, N) matrix ∇ℓ(x)ᵀ (H + damping·I)⁻¹ ∇ℓ(z), H dense and exact.
 
-  Positive: z is a proponent of x (DESIGN §1). H is the Hessian of the mean of
+  Positive: z is a proponent of x (docs/design.md, "What a score means"). H is the Hessian of the mean of
   `loss_fn` over `hessian_batches` (default: `train_batches`). Raises if
   H + damping·I is singular.
   """

@@ -1,4 +1,4 @@
-r"""GIF class removal: GIF / FIF / PIF / IF edits against retraining, over several seeds.
+r"""GIF class removal: GIF / FIF / PIF / IF edits against retraining, over several seeds (docs/design.md, "The papers' methods").
 
   python scripts/gif_class_removal.py --config=configs/gif_class_removal_mlp.py --workdir=runs/gif_class_removal_mlp
 

@@ -1,4 +1,4 @@
-r"""GIF label change: GIF / FIF / PIF / IF edits against retraining, over several seeds.
+r"""GIF label change: GIF / FIF / PIF / IF edits against retraining, over several seeds (docs/design.md, "The papers' methods").
 
   python scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py --workdir=runs/gif_label_change_mlp
 

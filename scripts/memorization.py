@@ -1,4 +1,4 @@
-r"""Labels every training point memorized / generalizes (DESIGN §5) on digits with flipped labels.
+r"""Labels every training point memorized / generalizes (docs/design.md, "The papers' methods") on digits with flipped labels.
 
 Writes --workdir/{memorization.csv, histogram.png, metrics.json} and prints the metrics.
 

@@ -1,4 +1,4 @@
-r"""Selective removal of memorized points during training, against no and random removal (DESIGN §5).
+r"""Selective removal of memorized points during training, against no and random removal (docs/design.md, "The papers' methods").
 
 Writes --workdir/{removal.md, removal.json} and prints the table.
 

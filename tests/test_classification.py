@@ -91,7 +91,7 @@ def test_classification_influence_is_d_margin_d_epsilon_by_retraining():
     dm = (cl.margin(_logits(plus, test_batch), ty) - cl.margin(_logits(minus, test_batch), ty)) / (2 * eps)
     dloss = (_per_example_ce(plus, test_batch) - _per_example_ce(minus, test_batch)) / (2 * eps)
     np.testing.assert_allclose(cls[:, z], dm, rtol=1e-5, atol=1e-5 * np.max(np.abs(dm)))  # measured 2e-7
-    # DESIGN §1: upweighting z changes the loss on x by −ε·score(z, x).
+    # docs/design.md, "What a score means": upweighting z changes the loss on x by −ε·score(z, x).
     np.testing.assert_allclose(-score[:, z], dloss, rtol=1e-3, atol=1e-3 * np.max(np.abs(dloss)))
     assert np.max(np.abs(dm)) > 1e-3  # the check is not vacuous
 

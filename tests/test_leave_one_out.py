@@ -54,6 +54,6 @@ def test_predicted_loss_change_matches_retraining():
     return per_example(unravel(v), test)[0]
 
   actual = np.asarray(jax.jit(jax.vmap(retrained_test_loss))(jnp.asarray(weights))) - float(per_example(params, test)[0])
-  predicted = scores[removed] / NUM_TRAIN  # Removing z raises the loss by about score/N (DESIGN §1).
+  predicted = scores[removed] / NUM_TRAIN  # Removing z raises the loss by about score/N (docs/design.md, "What a score means").
   assert np.corrcoef(predicted, actual)[0, 1] >= 0.98
   assert np.mean(np.sign(predicted) == np.sign(actual)) >= 0.9

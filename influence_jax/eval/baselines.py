@@ -1,7 +1,7 @@
 """Attribution methods behind one interface, for benchmarking against retraining.
 
 Every method is `method(inputs, **settings) -> MethodResult` whose scores are
-(T, N) with the DESIGN §1 sign: scores[x, z] > 0 means training example z is a
+(T, N) with the docs/design.md, "What a score means" sign: scores[x, z] > 0 means training example z is a
 proponent of test example x. The influence methods estimate
 ∇ℓ(x)ᵀ (H + δI)⁻¹ ∇ℓ(z), H the Hessian of the training objective at
 `inputs.params`; gradient dot product and TracIn replace H⁻¹ by I (TracIn:
@@ -46,7 +46,7 @@ class MethodInputs(NamedTuple):
 
 
 class MethodResult(NamedTuple):
-  """scores: (T, N) numpy, DESIGN §1 sign; fit_seconds, score_seconds: wall time incl. JIT; info: diagnostics."""
+  """scores: (T, N) numpy, docs/design.md, "What a score means" sign; fit_seconds, score_seconds: wall time incl. JIT; info: diagnostics."""
 
   scores: np.ndarray
   fit_seconds: float
@@ -220,7 +220,7 @@ def tracin(inputs: MethodInputs) -> MethodResult:
 
 def arnoldi(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
             tail: bool = False, seed: int = 0, curvature: str = "hessian") -> MethodResult:
-  """Arnoldi influence (DESIGN §2): top-k eigenpairs, with the spectral tail when `tail`.
+  """Arnoldi influence (docs/design.md, "Arnoldi influence and the spectral tail"): top-k eigenpairs, with the spectral tail when `tail`.
 
   n_iters defaults to 1.5 · top_k. Fit: `fit_eigenspace`; score: `influence`.
   """

@@ -1,6 +1,6 @@
 """Agreement metrics between attribution scores and retraining (numpy, float64).
 
-Scores follow DESIGN §1: scores[x, z] > 0 means training example z is a
+Scores follow docs/design.md, "What a score means": scores[x, z] > 0 means training example z is a
 proponent of test example x (removing z raises x's loss).
 """
 

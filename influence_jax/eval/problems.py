@@ -1,6 +1,6 @@
 """Benchmark problems: tiny models with per-example weighted objectives, and their training.
 
-A problem's objective with per-example weights w (DESIGN §1):
+A problem's objective with per-example weights w (docs/design.md, "What a score means"):
 
     L_w(θ) = (1/N) Σ_i w_i ℓ(z_i, θ) + (λ/2)‖θ‖²,
 

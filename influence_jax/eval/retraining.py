@@ -184,7 +184,7 @@ def loo_ground_truth(
   """Returns leave-one-out changes of the target: one model per removed index, all from the same seed.
 
   Removing z_j sets w_j = 0 (the others stay 1): upweighting z_j by ε = −1/N,
-  so influence predicts deltas[:, x] ≈ score(z_j, x)/N (DESIGN §1). The
+  so influence predicts deltas[:, x] ≈ score(z_j, x)/N (docs/design.md, "What a score means"). The
   reference model is train_fn(ones, seed), trained in the same vmap.
   """
   indices = np.asarray(indices, np.int64)

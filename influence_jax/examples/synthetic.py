@@ -4,7 +4,7 @@ The scale benchmark (scripts/bench_scale.py) writes N examples and runs the jobs
 (config.user.data_dir, config.user.hidden, config.user.format). Two formats: a memory-mapped .npy of
 fixed-size records (the default: no index, so a reader's memory does not grow with N) and
 ArrayRecord, grain's native random-access format (whose reader holds an index that grows with N:
-+0.3 GB at 10⁷ records, docs in README "Measured at scale"). The training set is never held in
++0.3 GB at 10⁷ records, docs/scale.md). The training set is never held in
 memory either way.
 """
 

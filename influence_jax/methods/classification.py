@@ -1,4 +1,4 @@
-"""Classification influence: influence on the margin instead of the loss (DESIGN §5).
+"""Classification influence: influence on the margin instead of the loss (docs/design.md, "The papers' methods").
 
 The toolkit's own definition, in the spirit of Kounavis, Dia & Ramazanli (2023),
 of whom only the abstract is public. The test quantity is the margin
@@ -7,7 +7,7 @@ of whom only the abstract is public. The test quantity is the margin
 
 and the classification influence of training example z on x is
 
-    cls(z, x) = −∇m(x)ᵀ H⁻¹ ∇ℓ(z) = dm(x)/dε   when z is upweighted by ε (DESIGN §1).
+    cls(z, x) = −∇m(x)ᵀ H⁻¹ ∇ℓ(z) = dm(x)/dε   when z is upweighted by ε (docs/design.md, "What a score means").
 
 Positive: upweighting z makes x more correctly classified (its margin grows),
 the same sense as a positive loss score. Since cls is the loss score with the

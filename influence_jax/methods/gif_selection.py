@@ -1,4 +1,4 @@
-"""GIF target sets: which parameters an edit may move (Lyu et al.; DESIGN §4).
+"""GIF target sets: which parameters an edit may move (Lyu et al.; docs/design.md, "The papers' methods").
 
 A target set T is a boolean mask shaped like params (`TargetSet.mask`). It is
 chosen per Dense/Conv layer with an exact budget of int(ratio · layer size)

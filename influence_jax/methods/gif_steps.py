@@ -1,4 +1,4 @@
-"""Step rules: how far to move along an influence update Δ (θ + sΔ; DESIGN §4).
+"""Step rules: how far to move along an influence update Δ (θ + sΔ; docs/design.md, "The papers' methods").
 
 An influence update gives a direction and a first-order length; on a finite
 edit (a whole class, 5–10 % of the data) the length is off by a factor of

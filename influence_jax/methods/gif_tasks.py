@@ -1,4 +1,4 @@
-"""Editing tasks with influence updates (DESIGN §4): class removal and label change.
+"""Editing tasks with influence updates (docs/design.md, "The papers' methods"): class removal and label change.
 
 Pure functions over a generic `per_example_loss_fn(params, batch) -> (B,)` and
 `outputs_fn(params, batch) -> (B, classes)`; batches are {"x": inputs, "y": int labels}.

@@ -1,6 +1,6 @@
 """Generalized influence functions (GIF; Lyu et al.) and their baselines: the edit Δ of each method.
 
-DESIGN §4. Removing a set U from N training examples, with H the Hessian of the
+docs/design.md, "The papers' methods". Removing a set U from N training examples, with H the Hessian of the
 mean loss on the N − |U| remaining examples and
 g = (1/(N−|U|)) Σ_{z∈U} ∇ℓ(z), the retrained parameters are ≈ θ + Δ with
 

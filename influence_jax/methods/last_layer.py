@@ -1,6 +1,6 @@
 """Exact influence restricted to the last Dense layer under softmax cross-entropy.
 
-The toolkit's own closed form (DESIGN §5, "fewer parameters"). The body of the
+The toolkit's own closed form (docs/design.md, "The papers' methods": exact last-layer influence). The body of the
 network is frozen: it maps an example to features h ∈ ℝᵈ, and only the last
 Dense layer (kernel (d, C), bias (C,)) counts as parameters. With r = softmax −
 onehot(y) and p = softmax(logits):
@@ -239,7 +239,7 @@ def fit_last_layer(
 
   H = (1/N) Σ (a aᵀ) ⊗ (diag p − p pᵀ) + (l2 + damping)·I over the N rows of
   `features` (the frozen body's outputs on the training set), for the objective
-  (1/N) Σ ℓ + (l2/2)‖(kernel, bias)‖² of DESIGN §1 (l2 on the bias too).
+  (1/N) Σ ℓ + (l2/2)‖(kernel, bias)‖² of docs/design.md, "What a score means" (l2 on the bias too).
   `damping` is extra, for influence only. With l2 + damping = 0 the inverse is
   the pseudo-inverse: eigenvalues at or below rcond·max μ (default rcond:
   10·P·machine epsilon) are dropped (see the module docstring). `labels` are
@@ -313,7 +313,7 @@ def last_layer_influence(curv: LastLayerCurvature, test_grads, train_grads) -> j
 
   Rows are test examples x (rows of `test_grads`), columns training examples z
   (rows of `train_grads`), both from `last_layer_gradients`. Positive: z is a
-  proponent of x (DESIGN §1); removing z raises the loss on x by about score/N.
+  proponent of x (docs/design.md, "What a score means"); removing z raises the loss on x by about score/N.
   """
   p_dim = curv.dim
   _check_gradient_matrix(test_grads, "test_grads", p_dim)

@@ -1,11 +1,11 @@
-"""Memorization vs generalization of training points, and selective removal (DESIGN §5).
+"""Memorization vs generalization of training points, and selective removal (docs/design.md, "The papers' methods").
 
 The toolkit's own formalisation, in the spirit of Kounavis, Dia & Ramazanli
 (2023), of whom only the abstract is public: these definitions are ours, not
 the paper's.
 
 Quantities. θ the trained parameters, H the Hessian of the training objective
-L (DESIGN §1), R a held-out *reference* set with its true labels, m(x) the
+L (docs/design.md, "What a score means"), R a held-out *reference* set with its true labels, m(x) the
 margin logit_y(x) − max_{c≠y} logit_c(x) and cls(z, x) = −∇m(x)ᵀ H⁻¹ ∇ℓ(z)
 the classification influence (classification.py: dm(x)/dε when z is
 upweighted by ε). For every training point z (with the label it was trained
@@ -18,7 +18,7 @@ in R, so it costs one inverse-Hessian product (of ḡ_R) and one dot product
 per training point, whatever |R|. Beside it:
 
     m(z)  own margin, at z's training label (> 0: the model fits z),
-    s(z)  self-influence ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) ≥ 0 (loss scale, DESIGN §1).
+    s(z)  self-influence ∇ℓ(z)ᵀ H⁻¹ ∇ℓ(z) ≥ 0 (loss scale, docs/design.md, "What a score means").
 
 Labels (`LABEL_NAMES`):
     GENERALIZES (0)  A(z) > 0: z helps held-out predictions.
@@ -32,7 +32,7 @@ Labels (`LABEL_NAMES`):
 How self-influence enters. Only through the optional threshold: with
 min_self_influence=None (the library default) it is *reported* beside A and
 changes no label, "fitted and A ≤ 0" is the whole criterion. A threshold adds
-s(z) ≥ min_self_influence to the MEMORIZED condition (DESIGN §5's "its
+s(z) ≥ min_self_influence to the MEMORIZED condition (docs/design.md, "The papers' methods": "its
 self-influence high"); points it excludes become NEITHER. It never changes A,
 its sign or the order of `selective_removal.removal_ranking` among the points
 still labelled MEMORIZED. The jobs (jobs.papers.memorization_job) set it to a quantile
@@ -50,7 +50,7 @@ Two ways to get H⁻¹:
   `split_linen_last_layer` gives a Linen model's body features and its last
   Dense kernel/bias. The default.
 - `eigenspace_memorization`: a fitted Arnoldi eigenspace over all parameters,
-  H⁻¹ ≈ Uᵀ(Λ+δ)⁻¹U (optionally + the spectral tail (I − UᵀU)/c, DESIGN §2),
+  H⁻¹ ≈ Uᵀ(Λ+δ)⁻¹U (optionally + the spectral tail (I − UᵀU)/c, docs/design.md, "Arnoldi influence and the spectral tail"),
   so that A(z) = −G_m(R)ᵀ(Λ+δ)⁻¹G(z) with G_m(R) = U ḡ_R, G(z) = U ∇ℓ(z).
 
 Selective removal, which ranks points by these labels during training, is in
@@ -270,7 +270,7 @@ def eigenspace_memorization(
 
   A(z) = −G_m(R)ᵀ(Λ+δ)⁻¹G(z), G_m(R) = U ḡ_R (the projected mean reference
   margin gradient), G(z) = U ∇ℓ(z); with `tail`, + the spectral tail
-  −(ḡ_Rᵀ∇ℓ(z) − G_m(R)ᵀG(z))/c (DESIGN §2; c defaults to λ_k + δ), and s(z)
+  −(ḡ_Rᵀ∇ℓ(z) − G_m(R)ᵀG(z))/c (docs/design.md, "Arnoldi influence and the spectral tail"; c defaults to λ_k + δ), and s(z)
   gets its tail too. One pass over the training set projects each ∇ℓ(z) on
   the k eigenvectors and on v = H̃⁻¹ḡ_R (A(z) = −⟨∇ℓ(z), v⟩).
   `outputs_fn(params, batch)` gives (B, C) logits; batch[label_key] the labels.

@@ -1,6 +1,6 @@
 """Relative influence: scores divided by the square root of the training example's self-influence.
 
-The toolkit's own definition (DESIGN §5):
+The toolkit's own definition (docs/design.md, "The papers' methods"):
 
     rel(z, x) = score(z, x) / √max(score(z, z), floor).
 

@@ -1,4 +1,4 @@
-"""Selective removal of memorized points during training (DESIGN §5).
+"""Selective removal of memorized points during training (docs/design.md, "The papers' methods").
 
 At chosen epochs, rank the still-kept training points (`removal_ranking`: the
 MEMORIZED ones of a memorization.Memorization, most negative A first), drop up

@@ -1,4 +1,4 @@
-"""The memorization and selective-removal jobs' work as library functions (DESIGN §5).
+"""The memorization and selective-removal jobs' work as library functions (docs/design.md, "The papers' methods").
 
 Data: scikit-learn digits split into test (clean labels, for accuracy), a
 held-out reference set R (clean labels, for A(z)) and training points, of
