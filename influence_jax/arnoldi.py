@@ -122,7 +122,7 @@ def _constrain(x: jax.Array, mesh: jax.sharding.Mesh, spec) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def _step(matvec: Callable, block_size: int, dim: int, mesh: jax.sharding.Mesh,
+def _step(matvec: Callable[[Any, jax.Array], jax.Array], block_size: int, dim: int, mesh: jax.sharding.Mesh,
           operands: Any, state: ArnoldiState, tol: jax.Array) -> ArnoldiState:
   """One Arnoldi step: product, three-term recurrence, full re-orthogonalisation, update in place.
 

@@ -23,6 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence_jax import io as io_lib
+from influence_jax.types import Params
+
+
+# train_fn(weights (N,), seed) -> params: one model trained with per-example weights (pure, vmappable).
+TrainFn = Callable[[jax.Array, jax.Array], Params]
+# evaluate_fn(params) -> (T,) targets, e.g. the per-example test losses.
+EvaluateFn = Callable[[Params], jax.Array]
 
 
 class Retrained(NamedTuple):
@@ -44,8 +51,8 @@ def cache_key(config: Any, weights: np.ndarray, seeds: np.ndarray) -> str:
 
 
 def retrain(
-    train_fn: Callable,
-    evaluate_fn: Callable,
+    train_fn: TrainFn,
+    evaluate_fn: EvaluateFn,
     weights: np.ndarray,
     seeds: np.ndarray,
     *,
@@ -114,7 +121,7 @@ def retrain(
 
 
 @functools.lru_cache(maxsize=8)
-def _runner(train_fn: Callable, evaluate_fn: Callable) -> Callable:
+def _runner(train_fn: TrainFn, evaluate_fn: Callable) -> Callable:
   """Returns jit(vmap(evaluate_fn ∘ train_fn)), one per pair of functions, so LDS and LOO share a compile."""
   return jax.jit(jax.vmap(lambda w, s: evaluate_fn(train_fn(w, s))))
 
@@ -142,8 +149,8 @@ class LDSGroundTruth(NamedTuple):
 
 
 def lds_ground_truth(
-    train_fn: Callable,
-    evaluate_fn: Callable,
+    train_fn: TrainFn,
+    evaluate_fn: EvaluateFn,
     num_train: int,
     *,
     num_subsets: int,
@@ -172,8 +179,8 @@ class LOOGroundTruth(NamedTuple):
 
 
 def loo_ground_truth(
-    train_fn: Callable,
-    evaluate_fn: Callable,
+    train_fn: TrainFn,
+    evaluate_fn: EvaluateFn,
     num_train: int,
     indices,
     *,
