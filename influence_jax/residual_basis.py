@@ -12,11 +12,14 @@ in which training gradients vary most outside the eigenspace. Storing V∇ℓ(z)
 exactly and sketching only (I − UᵀU − VᵀV)∇ℓ(z) shrinks the part left to
 the sketch (and its error) to what V misses.
 
-V is found by a randomized SVD of the (n × p) sample matrix G⊥ without ever
-forming it (Halko, Martinsson & Tropp 2011, Algorithm 4.4): products G⊥ᵀW
-are per-example-weighted gradients (one VJP per column of W), products G⊥Qᵀ
-are per-example projections (`projection.project_on`); rows are made
-orthonormal by an SVD after projecting out U twice.
+V is found by a randomized SVD of the (n × p) sample matrix G⊥ (Halko,
+Martinsson & Tropp 2011, Algorithm 4.4) without ever holding it: each pass
+over the sample forms the per-example gradients of a chunk of rows at a time
+(`CHUNK_BYTES`) and multiplies them into GᵀW or GQᵀ, so a pass costs one
+per-example backward pass an example plus a (c × p) · (p × l) matmul a chunk,
+whatever l (a weighted-VJP product would cost l backward passes an example,
+every token's included); rows are made orthonormal by an SVD after
+projecting out U twice.
 """
 
 from __future__ import annotations
@@ -38,15 +41,24 @@ from influence_jax.types import PerExampleLossFn
 
 def orthonormal_rows(y: jax.Array, against: jax.Array) -> jax.Array:
   """Returns (l, p) rows spanning those of `y` (l, p) minus their part in the span of `against`'s orthonormal
-  rows: orthonormal up to the remainder's numerical rank (singular values > 1000·eps·the largest), zero
-  beyond it (a fixed shape whatever the data: no recompilation downstream).
+  rows: orthonormal up to the remainder's numerical rank, zero beyond it (a fixed shape whatever the data:
+  no recompilation downstream).
 
-  The projection is applied twice (re-orthogonalisation); the rows come from an SVD of the remainder.
+  The projection is applied twice (re-orthogonalisation); the rows come from the (l × l) Gram matrix's
+  eigendecomposition, twice (the second pass, on nearly orthonormal rows, makes them orthonormal to
+  rounding): l²p multiply-adds a pass where a QR or SVD of the wide (l, p) matrix is tens of times
+  slower on CPU. Directions whose singular value is below `_gram_tolerance` of the largest are dropped:
+  they are rounding noise of the Gram matrix (and carry no energy a basis needs).
   """
   for _ in range(2):
     y = y - (y @ against.T) @ against
-  _, s, vt = jnp.linalg.svd(y, full_matrices=False)
-  return vt * (jnp.arange(vt.shape[0]) < _numerical_rank(s))[:, None].astype(vt.dtype)
+  return _gram_orthonormal(_gram_orthonormal(y))
+
+
+def _gram_tolerance(y: jax.Array) -> float:
+  """Returns the smallest singular value kept, relative to the largest: √(100·l·eps), above the rounding
+  noise of an (l × l) Gram matrix's eigenvalues (l·eps of the largest)."""
+  return float(np.sqrt(100 * y.shape[0] * jnp.finfo(y.dtype).eps))
 
 
 def _numerical_rank(singular_values: jax.Array) -> int:
@@ -55,33 +67,68 @@ def _numerical_rank(singular_values: jax.Array) -> int:
   return int(jnp.sum(s > 1000 * jnp.finfo(s.dtype).eps * s[0])) if s.size and float(s[0]) > 0 else 0
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _weighted_gradients(per_example_loss_fn: PerExampleLossFn, params, batch, weights: jax.Array) -> jax.Array:
-  """Returns (l, p) Σ_i weights[i, j] ∇ℓ(z_i) for each column j of (B, l) `weights`."""
+def _gram_orthonormal(y: jax.Array) -> jax.Array:
+  """Returns (l, p) orthonormal rows spanning `y`'s numerically significant directions (largest singular
+  value first), zero rows beyond them: Λ^(-1/2) Aᵀ y for y yᵀ = A Λ Aᵀ."""
+  w, a = jnp.linalg.eigh(jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST))
+  w, a = w[::-1], a[:, ::-1]
+  s = jnp.sqrt(jnp.maximum(w, 0.0))
+  keep = s > _gram_tolerance(y) * s[0]
+  return (a * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)).T @ y
+
+
+# Per-example gradients formed at once while fitting a basis: a chunk of the sample of at most this many
+# bytes (and at most MAX_CHUNK_ROWS rows), so memory stays bounded whatever p is.
+CHUNK_BYTES = 64 << 20
+MAX_CHUNK_ROWS = 128
+
+
+def _flat_gradients(per_example_loss_fn, params, chunk) -> jax.Array:
+  """Returns the (c, p) flat per-example gradients of `chunk`."""
   flat, unravel = ravel_pytree(params)
-  _, vjp_fn = jax.vjp(lambda f: per_example_loss_fn(unravel(f), batch), flat)
-  return jax.vmap(lambda w: vjp_fn(w.astype(flat.dtype))[0])(weights.T)
+  return jax.vmap(lambda ex: projection.example_value_and_grad(per_example_loss_fn, unravel, flat, ex)[1])(chunk)
 
 
-def _transpose_products(per_example_loss_fn, params, batches, weights, dtype, columns: int = 32) -> jax.Array:
-  """Returns (l, p) GᵀW = Σ_i W[i] ∇ℓ(z_i) over the examples of `batches`, W (n, l) (`orthonormal_rows`
-  then takes the part outside D: G⊥ᵀW).
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _add_weighted_gradients(per_example_loss_fn, params, chunk, weights: jax.Array, total: jax.Array) -> jax.Array:
+  """Returns `total` (l, p) + Σ_i weights[i] ∇ℓ(z_i) over the examples of `chunk`, `weights` (c, l)."""
+  g = _flat_gradients(per_example_loss_fn, params, chunk).astype(total.dtype)
+  return total + weights.T.astype(total.dtype) @ g
 
-  The l weighted gradients are taken `columns` at a time (one compiled program; memory: `columns`
-  backward passes of a batch).
-  """
-  l = weights.shape[1]
-  padded = jnp.pad(weights, ((0, 0), (0, -l % columns)))
-  blocks = []
-  for c in range(0, padded.shape[1], columns):
-    total, start = 0.0, 0
-    for batch in batches:
-      n = data_lib.batch_size(batch)
-      total = total + _weighted_gradients(per_example_loss_fn, params, batch,
-                                          padded[start:start + n, c:c + columns]).astype(dtype)
-      start += n
-    blocks.append(total)
-  return jnp.concatenate(blocks)[:l]
+
+@functools.partial(jax.jit, static_argnums=0)
+def _projected_gradients(per_example_loss_fn, params, chunk, rows: jax.Array) -> jax.Array:
+  """Returns the (c, l) products ∇ℓ(z_i) · rows[j] over the examples of `chunk`."""
+  return _flat_gradients(per_example_loss_fn, params, chunk).astype(rows.dtype) @ rows.T
+
+
+class _Sample:
+  """The basis's sample as equal chunks of rows (the last padded by repeating an example): every pass over it
+  forms each chunk's per-example gradients once and multiplies them, one compiled program a product."""
+
+  def __init__(self, batches, num_params: int, itemsize: int):
+    self.examples = data_lib.concatenate(batches)
+    self.size = data_lib.batch_size(self.examples)
+    self.rows = max(1, min(MAX_CHUNK_ROWS, self.size, CHUNK_BYTES // (num_params * itemsize)))
+
+  def chunks(self):
+    """Yields (lo, hi, chunk of self.rows examples) covering rows lo..hi−1 of the sample."""
+    for lo in range(0, self.size, self.rows):
+      hi = min(lo + self.rows, self.size)
+      yield lo, hi, data_lib.pad(data_lib.take(self.examples, lo, hi), self.rows)
+
+  def transpose_products(self, per_example_loss_fn, params, weights: jax.Array, num_params: int) -> jax.Array:
+    """Returns (l, p) GᵀW = Σ_i W[i] ∇ℓ(z_i), W (n, l) (`orthonormal_rows` then takes the part outside D)."""
+    padded = jnp.pad(weights, ((0, self.rows), (0, 0)))  # Padding rows weigh 0.
+    total = jnp.zeros((weights.shape[1], num_params), weights.dtype)
+    for lo, _, chunk in self.chunks():
+      total = _add_weighted_gradients(per_example_loss_fn, params, chunk, padded[lo:lo + self.rows], total)
+    return total
+
+  def projections(self, per_example_loss_fn, params, rows: jax.Array) -> jax.Array:
+    """Returns (n, l) G rowsᵀ: every sample example's gradient on each of the (l, p) `rows`."""
+    return jnp.concatenate([_projected_gradients(per_example_loss_fn, params, chunk, rows)[:hi - lo]
+                            for lo, hi, chunk in self.chunks()])
 
 
 def fit_residual_basis(
@@ -102,8 +149,8 @@ def fit_residual_basis(
 
   `directions` D: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p);
   `batches`: the sample (held in memory); cost, with l = rank + oversample (at most the sample size
-  and p − k): (1 + power_iters) × l weighted gradients and (1 + power_iters) projections of the
-  sample on l directions. When l reaches the rank of the sample's remainders the result is exact.
+  and p − k): 2 + 2·power_iters passes over the sample, each one per-example gradient an example and
+  2·l·p multiply-adds an example. When l reaches the rank of the sample's remainders the result is exact.
   """
   flat, _ = ravel_pytree(params)
   p = flat.size
@@ -124,12 +171,13 @@ def fit_residual_basis(
   width = min(rank + oversample, most)
   validation.check_finite(params, "params")
   weights = jnp.asarray(np.random.default_rng(seed).standard_normal((n, width)), d.dtype)
-  q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, weights, d.dtype), d)
+  sample = _Sample(batches, p, jnp.dtype(d.dtype).itemsize)
+  q = orthonormal_rows(sample.transpose_products(per_example_loss_fn, params, weights, p), d)
   for _ in range(power_iters):
-    b = projection.project_on(q, per_example_loss_fn, params, batches).values  # G⊥Qᵀ = GQᵀ (Q ⊥ D).
-    b = jnp.linalg.qr(b.astype(d.dtype))[0]  # Orthonormal columns: G⊥ᵀb keeps κ, not κ², in float32.
-    q = orthonormal_rows(_transpose_products(per_example_loss_fn, params, batches, b, d.dtype), d)
-  b = projection.project_on(q, per_example_loss_fn, params, batches).values
+    b = sample.projections(per_example_loss_fn, params, q)  # G⊥Qᵀ = GQᵀ (Q ⊥ D).
+    b = jnp.linalg.qr(b)[0]  # Orthonormal columns: G⊥ᵀb keeps κ, not κ², in float32.
+    q = orthonormal_rows(sample.transpose_products(per_example_loss_fn, params, b, p), d)
+  b = sample.projections(per_example_loss_fn, params, q)
   _, s, vt = jnp.linalg.svd(b.astype(q.dtype), full_matrices=False)
   v = vt[:min(int(rank), _numerical_rank(s))] @ q
   return v * jnp.sign(v[jnp.arange(v.shape[0]), jnp.argmax(jnp.abs(v), axis=1)])[:, None]  # Largest entry > 0.

@@ -51,11 +51,6 @@ def store_meta(ctx: Context, es: Eigenspace, residual_rank: int) -> store_lib.St
       residual_rank=residual_rank)
 
 
-# Examples a step when fitting the residual basis: 32 backward passes of a batch run at once
-# (`residual_basis`), so 128 holds about what an HVP over a batch of 2,048 does.
-BASIS_BATCH = 128
-
-
 def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Optional[np.ndarray]:
   """Returns the store's (r, p) residual basis V on the host (None when project.residual_rank = 0): loaded
   when saved, else fitted on the first project.residual_examples examples of the curvature sample and saved
@@ -73,7 +68,7 @@ def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Opti
   sample = data_lib.concatenate(workdir_lib.curvature_batches(ctx))
   sample = data_lib.take(sample, 0, min(ctx.config.project.residual_examples, data_lib.batch_size(sample)))
   basis = np.asarray(residual_basis_lib.fit_residual_basis(
-      u, ctx.task.per_example_loss_fn, params, list(data_lib.iterate(sample, BASIS_BATCH)), rank,
+      u, ctx.task.per_example_loss_fn, params, [sample], rank,
       seed=ctx.config.seed))
   if common.is_writer():
     io_lib.save_checked_npz(workdir_lib.basis_path(ctx), workdir_lib.basis_fingerprint(ctx, rank), {"basis": basis})
