@@ -11,6 +11,7 @@ def get_config():
   c.task = "user_task:get_task"
   c.user.data_dir = ""
   c.user.read_log = ""
+  c.user.params_data_dir = ""  # Where the model is trained from ("": data_dir).
   c.user.bad_row = -1  # For user_task_config:bad_row_task.
   c.user.bad = ""
   c.arnoldi.n_iters = 40
