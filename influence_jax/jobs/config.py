@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
       name="queries",  # Query set name: its tables, summary and progress in scores/<name>/.
       batch_size=256,  # Queries projected per step.
       rows_per_block=16384,  # Store rows scored per block (memory: queries × rows_per_block).
-      self_influence_rows=10000,  # Rows of self_influence.csv (the highest; -1: every training example).
+      # Rows of the self-influence ranking, scores/self_influence/*.csv (the highest; -1: every training example).
+      self_influence_rows=10000,
       checkpoint_seconds=60.0,  # Save progress at most this often.
       checkpoint_every=0,  # ... and every N blocks (0: by time only).
       grid_examples=6,  # Queries shown in influence_grid.png (needs Task.image_fn).
