@@ -88,7 +88,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
         initial_state=state, compute_residuals=a.residuals, mesh=mesh)
   except ValueError as e:
     check_curvature_rows(ctx, batches)  # Names the examples when the data are at fault.
-    raise e
+    raise
   checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
   store.close()
   logging.info("Arnoldi: %s", saver.describe())
