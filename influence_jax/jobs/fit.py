@@ -86,7 +86,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
         curvature=a.curvature, seed=ctx.config.seed, selection=a.selection,
         microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
         initial_state=state, compute_residuals=a.residuals, mesh=mesh)
-  except ValueError as e:
+  except ValueError:
     check_curvature_rows(ctx, batches)  # Names the examples when the data are at fault.
     raise
   checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
@@ -102,14 +102,14 @@ def check_curvature_rows(ctx: Context, batches: list) -> None:
   their rows in Task.train, or in Task.curvature when the task gives one); returns when there are none."""
   source = task_lib.curvature_source(ctx.task, ctx.config)
   rows = getattr(source, "indices", None)
-  what = "Task.curvature" if ctx.task.curvature is not None else "Task.train (the curvature sample)"
+  what = ("The curvature sample (Task.curvature" if ctx.task.curvature is not None
+          else "The curvature sample (by Task.train row") + "; no Arnoldi progress was saved from a non-finite step)"
   params, lo = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params), 0
   for batch in batches:
     n = data_lib.batch_size(batch)
     losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, params, batch)
     ids = np.arange(lo, lo + n) if rows is None else rows[lo: lo + n]
-    validation.check_finite_rows(losses, f"{what}: no Arnoldi progress was saved from a non-finite step; "
-                                 "the curvature sample", row_ids=ids)
+    validation.check_finite_rows(losses, what, row_ids=ids)
     lo += n
 
 
