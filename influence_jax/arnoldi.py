@@ -31,6 +31,11 @@ from influence_jax import sharding as sharding_lib
 from influence_jax.curvature import LinearOperator
 
 
+class NonFiniteStep(ValueError):
+  """An Arnoldi step produced a non-finite Hessenberg column (hence basis vector): the curvature product
+  was not finite. The step is not kept and `run`'s callback never sees it."""
+
+
 class ArnoldiState(NamedTuple):
   """Progress of an Arnoldi run: a plain pytree, so it can be checkpointed.
 
@@ -184,6 +189,9 @@ def run(
   `block_size` must be the one given to `init`. `callback(state)` is called
   after every step (for progress and checkpointing); it must not keep
   references to the state, whose buffers are donated to the next step.
+  A step whose Hessenberg column is not finite (NaN or inf in the curvature
+  product; the new basis vector is that column's w / β) raises NonFiniteStep
+  before the callback: no callback ever sees a non-finite state.
   Breakdown (the Krylov space closed: the new direction is smaller than
   `tol` × ‖A‖ estimate) ends the run cleanly. The basis is kept in the flat
   layout of the operator's mesh (`op.mesh`).
@@ -204,11 +212,19 @@ def run(
   breakdown = bool(state.breakdown)
   while done < stop and not breakdown:
     state = _step(op.matvec, block_size, op.dim, mesh, op.operands, state, tol)
+    if not bool(_all_finite(state.hessenberg)):
+      raise NonFiniteStep(f"Arnoldi step {done + 1}: the curvature product is not finite (NaN or inf in the "
+                          "Hessenberg matrix); the step is not kept.")
     done += 1
     breakdown = bool(state.breakdown)
     if callback is not None:
       callback(state)
   return state
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
 
 
 class Ritz(NamedTuple):

@@ -241,7 +241,7 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
   if fingerprint is not None and meta.get("fingerprint") != fingerprint:
     raise FingerprintMismatch(
         f"The eigenspace in {directory} was fitted on a different model, config or data set "
-        f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}).")
+        f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}). Delete {directory} to fit it again.")
   shapes = _saved_shapes(directory, step)
   target = _eigenspace_target(shapes, mesh)
   state = _restore_state(mngr, step, target, what)

@@ -220,8 +220,7 @@ def fit_eigenspace(
     raise ValueError(f"top_k ({top_k}) cannot exceed n_iters ({n_iters}): Arnoldi finds at most n_iters eigenpairs.")
   if selection not in arnoldi.SELECTIONS:
     raise ValueError(f"Unknown selection {selection!r}; expected one of {arnoldi.SELECTIONS}.")
-  if damping < 0 or not np.isfinite(damping):
-    raise ValueError(f"damping must be finite and non-negative, got {damping}.")
+  damping = validation.check_damping(damping)
   validation.check_finite(params, "params")
   batches = data_lib.materialize(batches, "batches")
   loss = loss_fn(params, batches[0])
@@ -279,28 +278,38 @@ def project(
       method=method, microbatch_size=microbatch_size, mesh=mesh).values
 
 
-def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
-  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping.
+def scoring_damping(eigenspace: Eigenspace, damping: Optional[float] = None) -> float:
+  """Returns the damping δ a score uses: `damping`, or the eigenspace's when None; raises ValueError
+  unless it is finite and ≥ 0 (a negative δ flips the sign of every direction with λ < |δ|)."""
+  return validation.check_damping(eigenspace.damping if damping is None else damping)
 
-  Raises ValueError when δ is not finite, or some λ_j + δ is zero or not finite (a negative λ_j + δ
-  is allowed: eigenpairs kept by magnitude invert an indefinite curvature).
+
+def kept_by_magnitude(eigenspace: Eigenspace) -> bool:
+  """Returns True when the eigenpairs were selected by |λ| (`selection="magnitude"`): only then may a
+  kept λ be negative, and λ + δ < 0 inverts a direction of negative curvature as it is."""
+  return eigenspace.info is not None and eigenspace.info.selection == "magnitude"
+
+
+def inverse_eigenvalues(eigenspace: Eigenspace, damping: Optional[float] = None) -> jax.Array:
+  """Returns (k,) 1/(λ_j + δ); δ defaults to the eigenspace's damping (`scoring_damping`: ≥ 0).
+
+  Raises ValueError when some λ_j + δ is not finite, or ≤ 0 for eigenpairs kept by value (selection
+  "largest"). Eigenpairs kept by magnitude (`kept_by_magnitude`) may have λ_j + δ < 0: they were
+  chosen to invert an indefinite curvature, negative directions included; only 0 is refused there.
   """
-  delta = eigenspace.damping if damping is None else float(damping)
-  if not np.isfinite(delta):
-    raise ValueError(f"The damping δ must be finite, got {delta}.")
+  delta = scoring_damping(eigenspace, damping)
   shifted = eigenspace.eigenvalues + delta
-  bad = ~jnp.isfinite(shifted) | (shifted == 0)
+  bad = ~jnp.isfinite(shifted) | (shifted == 0 if kept_by_magnitude(eigenspace) else shifted <= 0)
   if bool(jnp.any(bad)):
     j = int(jnp.argmax(bad))
-    raise ValueError(f"Eigenvalue {j} + damping is {float(shifted[j])}: λ + δ must be finite and non-zero "
-                     f"(δ = {delta}); use a positive damping.")
+    raise ValueError(f"Eigenvalue {j} + damping is {float(shifted[j])} (λ = {float(eigenspace.eigenvalues[j])}, "
+                     f"δ = {delta}): λ + δ must be finite and positive for eigenpairs kept by value.")
   return 1.0 / shifted
 
 
 def default_tail_constant(eigenspace: Eigenspace, damping: Optional[float] = None) -> float:
   """Returns λ_k + δ: the smallest kept eigenvalue plus damping (docs/design.md, "Arnoldi influence and the spectral tail")."""
-  delta = eigenspace.damping if damping is None else float(damping)
-  return float(jnp.min(eigenspace.eigenvalues)) + delta
+  return float(jnp.min(eigenspace.eigenvalues)) + scoring_damping(eigenspace, damping)
 
 
 def tail_constant_or_default(eigenspace: Eigenspace, damping: Optional[float] = None,

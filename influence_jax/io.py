@@ -35,6 +35,42 @@ def digest(*parts: Any) -> str:
   return h.hexdigest()[:16]
 
 
+class RowDigest:
+  """A digest of examples fed batch by batch (`update(batch)`), the same however the rows are split into
+  batches: one sha256 per leaf over its rows' bytes in order, with the tree structure and each leaf's dtype
+  and row shape. What a store chunk, a query set or a curvature sample is identified by: its content."""
+
+  def __init__(self):
+    self._leaves, self._kinds, self.rows = None, None, 0
+
+  def update(self, batch: Any) -> "RowDigest":
+    leaves, treedef = jax.tree.flatten(batch)
+    arrays = [np.ascontiguousarray(np.asarray(x)) for x in leaves]
+    kinds = (str(treedef), [f"{a.dtype}{a.shape[1:]}" for a in arrays])
+    if self._leaves is None:
+      self._leaves, self._kinds = [hashlib.sha256() for _ in arrays], kinds
+    elif kinds != self._kinds:
+      raise ValueError(f"Rows of another structure or shape ({kinds}) than the first ({self._kinds}).")
+    for h, a in zip(self._leaves, arrays):
+      h.update(a.tobytes())
+    self.rows += int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 0
+    return self
+
+  def hexdigest(self) -> str:
+    """Returns the short digest of every row fed so far ("" before any)."""
+    if self._leaves is None:
+      return ""
+    return digest(self._kinds, self.rows, [h.hexdigest() for h in self._leaves])
+
+
+def rows_digest(batches: Any) -> str:
+  """Returns the `RowDigest` of a batch, or of a list of batches in order."""
+  d = RowDigest()
+  for batch in (batches if isinstance(batches, list) else [batches]):
+    d.update(batch)
+  return d.hexdigest()
+
+
 def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = False) -> str:
   """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns `path`."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -87,6 +123,15 @@ def atomic_write_json(path: str, obj: Any) -> str:
 def atomic_write_csv(path: str, rows: list) -> str:
   """Writes `rows` (lists, the first the header) as CSV to `path` atomically; returns `path`."""
   return atomic_write(path, lambda f: csv.writer(f).writerows(rows))
+
+
+def read_json(path: str) -> Any:
+  """Returns the JSON at `path`, or None when it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def _json_default(x):

@@ -36,7 +36,8 @@ from influence_jax import data as data_lib
 from influence_jax import projection
 from influence_jax import solvers
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params, default_tail_constant, inverse_eigenvalues
+from influence_jax.eigenspace import (Eigenspace, check_params, default_tail_constant, inverse_eigenvalues,
+                                      scoring_damping)
 from influence_jax.residual_basis import stored_directions
 from influence_jax.sketch import KroneckerSketch, apply_sketch
 from influence_jax.types import LossFn, PerExampleLossFn
@@ -104,7 +105,7 @@ def preconditioned_solve(
   if not tol >= 0:
     raise ValueError(f"tol must be non-negative, got {tol}.")
   validation.check_finite(b, "b")
-  delta = eigenspace.damping if damping is None else float(damping)
+  delta = scoring_damping(eigenspace, damping)
   c = default_tail_constant(eigenspace, delta) if tail_constant is None else float(tail_constant)
   if not c > 0:
     raise ValueError(f"The tail constant must be positive, got {c}.")

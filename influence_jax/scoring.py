@@ -15,7 +15,8 @@ from influence_jax import data as data_lib
 from influence_jax import preconditioning
 from influence_jax import projection
 from influence_jax import validation
-from influence_jax.eigenspace import (Eigenspace, check_params, inverse_eigenvalues, on_mesh, tail_constant_or_default)
+from influence_jax.eigenspace import (Eigenspace, check_params, inverse_eigenvalues, on_mesh, scoring_damping,
+                                      tail_constant_or_default)
 from influence_jax.types import LossFn, PerExampleLossFn
 
 
@@ -153,6 +154,7 @@ def influence(
   """
   check_params(eigenspace, params)
   validation.check_finite(params, "params")
+  scoring_damping(eigenspace, damping)  # Refused before any gradient is computed.
   if (loss_fn is None) != (curvature_batches is None):
     raise ValueError("Pass both loss_fn and curvature_batches (the preconditioned tail solves with the curvature "
                      "of the fit) or neither (the plain tail).")

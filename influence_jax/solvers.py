@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import projection
+from influence_jax import validation
 from influence_jax.curvature import LinearOperator
 from influence_jax.types import LossFn, Params, PerExampleLossFn
 
@@ -61,6 +62,7 @@ def exact_influence(
   `loss_fn` over `hessian_batches` (default: `train_batches`). Raises if
   H + damping·I is singular.
   """
+  damping = validation.check_damping(damping)
   hess = dense_hessian(loss_fn, params, hessian_batches if hessian_batches is not None else train_batches)
   hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
   g_test = gradient_matrix(per_example_loss_fn, params, test_batches)

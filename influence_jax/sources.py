@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from influence_jax import io as io_lib
+
 
 class ArraySource:
   """A source over in-memory arrays: `ArraySource({"x": (N, ...), "y": (N,)})[i]` is example i."""
@@ -43,8 +45,8 @@ class ArraySource:
     return jax.tree.map(lambda x: x[idx], self.arrays)
 
   def fingerprint_parts(self) -> list:
-    """Returns what identifies this source beyond sampled examples: every array's dtype and shape."""
-    return [f"{x.dtype}{x.shape}" for x in jax.tree.leaves(self.arrays)]
+    """Returns what identifies this source: the digest of its arrays' content (they are in memory)."""
+    return [io_lib.digest(self.arrays)]
 
 
 class SubsetSource:
@@ -130,21 +132,40 @@ def sample_indices(num_examples: int, num_samples: int, seed: int) -> np.ndarray
   return np.sort(rng.choice(num_examples, size=num_samples, replace=False))
 
 
+def file_identity(paths: Sequence[str]) -> list:
+  """Returns [name, size, mtime_ns] of each file: what a file-backed source's `fingerprint_parts()` returns
+  (object storage: the object's name, size and generation or etag instead). Rewriting a file changes it."""
+  out = []
+  for path in paths:
+    st = os.stat(path)
+    out.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+  return out
+
+
+def offers_identity(source: Any) -> bool:
+  """Returns True when `source` says what identifies its content: `fingerprint_parts()` (files' identity, a
+  version) or a `paths` attribute; a subset offers its source's. Without it, `source_fingerprint` sees
+  only the type, the length and sampled examples."""
+  if isinstance(source, SubsetSource):
+    return offers_identity(source.source)
+  return hasattr(source, "fingerprint_parts") or bool(getattr(source, "paths", None))
+
+
 def source_fingerprint(source: Any, num_samples: int = 8) -> str:
   """Returns a short hash of what identifies `source`, without reading it all.
 
-  Parts: its type and length; what the source says identifies it (`fingerprint_parts()`, e.g. file
-  names and sizes; for sources with a `paths` attribute, each path's name, size and mtime); and
-  the bytes of `num_samples` examples spread evenly over it (the first and last included).
+  Parts: its type and length; what the source says identifies it (`fingerprint_parts()`, e.g. its
+  files' names, sizes and modification times; for sources with a `paths` attribute, `file_identity`
+  of them); and the bytes of `num_samples` examples spread evenly over it (the first and last
+  included). A source offering neither (`offers_identity`) is seen only through those examples.
   """
   n = check_source(source, "source")
   h = hashlib.sha256()
   h.update(f"{type(source).__module__}.{type(source).__qualname__}:{n}".encode())
   if hasattr(source, "fingerprint_parts"):
     h.update(json.dumps(source.fingerprint_parts(), default=str).encode())
-  for path in getattr(source, "paths", None) or ():
-    st = os.stat(path)
-    h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+  if getattr(source, "paths", None):
+    h.update(json.dumps(file_identity(source.paths)).encode())
   for i in np.unique(np.linspace(0, n - 1, min(num_samples, n)).round().astype(np.int64)):
     for leaf in jax.tree.leaves(source[int(i)]):
       arr = np.ascontiguousarray(np.asarray(leaf))

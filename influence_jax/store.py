@@ -8,7 +8,9 @@ chunk of rows, each with a crc32c checksum that tensorstore verifies on every re
   residual/        (N, r)  V ∇ℓ(z) on a residual basis V (`residual_basis`; only when residual_rank > 0)
   sq_norms/        (N,)    ‖∇ℓ(z)‖²
   sketch/          (N, m)  R(I − WᵀW)∇ℓ(z), W = [U; V], the sketched remainder (only when sketch_dim > 0)
-  done/            one empty file per finished chunk of rows
+  done/            one file per finished chunk of rows, holding the digest of the examples it was projected
+                   from (`io.RowDigest`; "" in stores written before digests)
+  source.json      the training set's identity when the rows were written (`record_source`)
   residual_basis.npz  V (r, p) with its fingerprint and checksum (written by the project job)
 
 Rows are written chunk by chunk; a chunk counts only once its `done/` marker exists, so a writer
@@ -31,6 +33,7 @@ import tensorstore as ts
 FORMAT = 2  # 2: no self_influence array (the damping is applied when scoring).
 ARRAYS = ("projections", "sq_norms", "residual", "sketch")
 BASIS_FILE = "residual_basis.npz"
+SOURCE_FILE = "source.json"
 
 
 class StoreError(ValueError):
@@ -119,7 +122,35 @@ class ProjectionStore:
   def done_chunks(self) -> list[int]:
     """Returns the finished chunks, ascending."""
     names = os.listdir(os.path.join(self.directory, "done"))
-    return sorted(int(n[len("chunk_"):]) for n in names if n.startswith("chunk_"))
+    return sorted(int(n[len("chunk_"):]) for n in names if n.startswith("chunk_") and n[len("chunk_"):].isdigit())
+
+  def chunk_digest(self, chunk: int) -> str:
+    """Returns the digest of the examples chunk `chunk` was projected from ("" when unknown or not done)."""
+    try:
+      with open(self._marker(chunk)) as f:
+        return f.read().strip()
+    except OSError:
+      return ""
+
+  def unmark(self, chunk: int) -> None:
+    """Marks `chunk` unfinished (it is projected again by the next projection job)."""
+    with contextlib.suppress(OSError):
+      os.remove(self._marker(chunk))
+
+  def recorded_source(self) -> Optional[str]:
+    """Returns the training set's identity recorded with the rows (`record_source`), or None."""
+    try:
+      with open(os.path.join(self.directory, SOURCE_FILE)) as f:
+        return json.load(f)["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+      return None
+
+  def record_source(self, identity: str) -> None:
+    """Records `identity` (`sources.source_fingerprint` of the training set) as the one the rows are from."""
+    tmp = os.path.join(self.directory, f".{SOURCE_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"identity": identity}, f)
+    os.replace(tmp, os.path.join(self.directory, SOURCE_FILE))
 
   def missing_chunks(self) -> list[int]:
     done = set(self.done_chunks())
@@ -127,8 +158,9 @@ class ProjectionStore:
 
   # ------------------------------------------------------------------ writing
 
-  def write_chunk(self, chunk: int, rows: dict) -> None:
-    """Writes all rows of `chunk` ({array name: (rows, ...)}), then marks it done (atomically)."""
+  def write_chunk(self, chunk: int, rows: dict, digest: str = "") -> None:
+    """Writes all rows of `chunk` ({array name: (rows, ...)}), then marks it done with `digest` (the
+    digest of the examples they were projected from), atomically."""
     lo, hi = self.meta.chunk_bounds(chunk)
     futures = []
     for name, array in self._arrays.items():
@@ -138,8 +170,10 @@ class ProjectionStore:
       futures.append(array[lo:hi].write(value))
     for f in futures:
       f.result()
-    with open(self._marker(chunk), "w"):
-      pass
+    tmp = self._marker(chunk) + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      f.write(digest)
+    os.replace(tmp, self._marker(chunk))
 
   # ------------------------------------------------------------------ reading
 
@@ -169,8 +203,7 @@ class ProjectionStore:
         self._read(*self.meta.chunk_bounds(chunk), names)
       except ValueError:
         damaged.append(chunk)
-        with contextlib.suppress(OSError):
-          os.remove(self._marker(chunk))
+        self.unmark(chunk)
     return damaged
 
   def chunks(self, rows_per_read: Optional[int] = None, names: Optional[tuple] = None,

@@ -58,6 +58,15 @@ def check_finite_scalar(value: Any, name: str) -> None:
     raise ValueError(f"{name} is not finite: {v}.")
 
 
+def check_damping(damping: Any, name: str = "damping δ") -> float:
+  """Returns `damping` as a float; raises ValueError naming it unless it is finite and ≥ 0 (a negative δ
+  turns every direction with λ < |δ| into a negative one: scores of the wrong sign)."""
+  delta = float(damping)
+  if not (np.isfinite(delta) and delta >= 0):
+    raise ValueError(f"The {name} must be finite and ≥ 0, got {delta}.")
+  return delta
+
+
 def param_signature(params: Any) -> tuple[tuple[str, tuple[int, ...], str], ...]:
   """Returns ((path, shape, dtype), ...) for every leaf of `params`, in flattening order."""
   return tuple(

@@ -3,6 +3,8 @@ r"""Projects every training example once into the projection store (--workdir/st
 Resumable: killed at any moment and run again, it continues at the first unfinished chunk.
 
   python scripts/project.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
+  # the training set's files changed since: re-read it all, re-project only the chunks that changed
+  python scripts/project.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp --config.project.verify=True
 
 On several processes run the same command in each, sharing --workdir, with
 --coordinator_address=HOST0:PORT --num_processes=N --process_id=I: each projects and writes its own

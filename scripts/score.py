@@ -1,8 +1,9 @@
 r"""Scores a query set against the projection store: top proponents and opponents of every query, and
 the training set ranked by self-influence. Only the queries are projected.
 
-  python scripts/score.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
-  # another query set, same store: tables in --workdir/scores/NAME/
+  python scripts/score.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp  # scores/queries/
+  # another query set, same store: its outputs in --workdir/scores/NAME/ (the self-influence ranking, a
+  # property of the store, in scores/self_influence/, one file per damping and tail setting)
   python scripts/score.py --config=... --workdir=... --config.score.queries=my_pkg.data:other_queries \
       --config.score.name=NAME
 """

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from influence_jax.jobs import lock
-from tests.user_task_jobs import run
+from tests.user_task_jobs import run, table
 
 
 def read(path):
@@ -90,11 +90,11 @@ def test_a_damaged_or_missing_store_chunk_is_named_then_reprojected(reference, d
   os.remove(os.path.join(w, "store", "sq_norms", "c", "1"))
   ok, text = refused(run("score.py", w, data_dir, check=False), "damaged: chunk(s) [1]", "scripts/project.py")
   assert ok, text
-  assert not os.path.exists(os.path.join(w, "scores", "top_k.csv"))
+  assert not os.path.exists(table(w, "top_k.csv"))
   run("project.py", w, data_dir)  # Re-projects chunk 1 only.
   run("score.py", w, data_dir)
-  for table in ("top_k.csv", "self_influence.csv"):
-    assert read(os.path.join(w, "scores", table)) == read(os.path.join(reference, "scores", table))
+  for name in ("top_k.csv", "self_influence.csv"):
+    assert read(table(w, name)) == read(table(reference, name))
 
 
 def test_a_second_job_on_a_held_workdir_is_refused(reference, data_dir, tmp_path):
@@ -105,7 +105,7 @@ def test_a_second_job_on_a_held_workdir_is_refused(reference, data_dir, tmp_path
     assert ok, text
   assert not os.path.exists(os.path.join(w, "scores"))
   run("score.py", w, data_dir)  # Released: the lock file left behind does not block.
-  assert read(os.path.join(w, "scores", "top_k.csv")) == read(os.path.join(reference, "scores", "top_k.csv"))
+  assert read(table(w, "top_k.csv")) == read(table(reference, "top_k.csv"))
 
 
 @pytest.mark.parametrize("bad", ["nan", "label"])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import influence_jax as ij
+from tests.user_task_jobs import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
@@ -47,8 +48,7 @@ def stored(workdir):
 def outputs(workdir):
   """Returns the deterministic outputs of fit, project and score."""
   ev = json.loads(read(os.path.join(workdir, "eigenvalues.json")))
-  return (ev, read(os.path.join(workdir, "scores", "top_k.csv")),
-          read(os.path.join(workdir, "scores", "self_influence.csv")), stored(workdir))
+  return (ev, read(table(workdir, "top_k.csv")), read(table(workdir, "self_influence.csv")), stored(workdir))
 
 
 def assert_same_outputs(got, ref):
@@ -70,15 +70,15 @@ def test_jobs_write_their_outputs(reference):
   ev = json.loads(read(os.path.join(reference, "eigenvalues.json")))
   assert len(ev["eigenvalues"]) == 12 and ev["eigenvalues"] == sorted(ev["eigenvalues"], reverse=True)
   assert all(r < 1e-2 * ev["eigenvalues"][0] for r in ev["residuals"][:3])
-  for name in ("spectrum.png", "scores/influence_grid.png"):
-    with open(os.path.join(reference, name), "rb") as f:
+  for path in (os.path.join(reference, "spectrum.png"), table(reference, "influence_grid.png")):
+    with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  rows = list(csv.DictReader(open(os.path.join(reference, "scores", "top_k.csv"))))
+  rows = list(csv.DictReader(open(table(reference, "top_k.csv"))))
   assert len(rows) == 12 * 2 * 4
   pro = [float(r["score"]) for r in rows if r["kind"] == "proponent" and r["rank"] == "1"]
   opp = [float(r["score"]) for r in rows if r["kind"] == "opponent" and r["rank"] == "1"]
   assert min(pro) > 0 > max(opp)
-  selfs = [float(r["self_influence"]) for r in csv.DictReader(open(os.path.join(reference, "scores", "self_influence.csv")))]
+  selfs = [float(r["self_influence"]) for r in csv.DictReader(open(table(reference, "self_influence.csv")))]
   assert len(selfs) == 160 and selfs == sorted(selfs, reverse=True) and selfs[-1] >= 0
 
 
@@ -140,11 +140,11 @@ def test_a_new_damping_rescores_from_the_same_eigenspace_and_store(reference, tm
   assert {d: _tree_state(os.path.join(workdir, d)) for d in ("eigenspace", "store")} == before
   fresh = str(tmp_path / "fresh")
   run_job("run_all.py", fresh, "--config.arnoldi.damping=0.5")
-  for table in ("top_k.csv", "self_influence.csv"):
-    got, want = read(os.path.join(workdir, "scores", table)), read(os.path.join(fresh, "scores", table))
-    assert got == want, table
-    assert got != read(os.path.join(reference, "scores", table)), f"{table} did not change with δ"
-  summary = json.loads(read(os.path.join(workdir, "scores", "summary.json")))
+  for name in ("top_k.csv", "self_influence.csv"):
+    got, want = read(table(workdir, name)), read(table(fresh, name))
+    assert got == want, name
+    assert got != read(table(reference, name)), f"{name} did not change with δ"
+  summary = json.loads(read(table(workdir, "summary.json")))
   assert summary["damping"] == 0.5
 
 
@@ -169,6 +169,6 @@ def test_cnn_and_transformer_examples_run_end_to_end(tmp_path, config, extra):
          f"--workdir={tmp_path}", "--quiet", *small, *extra]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = list(csv.DictReader(open(tmp_path / "scores" / "top_k.csv")))
+  rows = list(csv.DictReader(open(table(str(tmp_path), "top_k.csv"))))
   assert rows and all(np.isfinite(float(r["score"])) for r in rows)
   assert len(json.loads(read(tmp_path / "eigenvalues.json"))["eigenvalues"]) == 4

@@ -18,6 +18,7 @@ import influence_jax as ij
 from influence_jax import checkpoint, sharding
 from tests import sharding_problem
 from tests.test_jobs import ROOT, SMALL, run_job
+from tests.user_task_jobs import table
 
 REL = 2e-5  # float32 jobs, sums reordered by sharding (measured: 5e-7 of the largest score).
 TIE = 1e-5
@@ -90,10 +91,9 @@ def _compare_outputs(got_dir, want_dir):
   want_ev = json.load(open(os.path.join(want_dir, "eigenvalues.json")))
   np.testing.assert_allclose(got_ev["eigenvalues"], want_ev["eigenvalues"], rtol=REL)
   assert got_ev["num_steps"] == want_ev["num_steps"] and got_ev["num_params"] == want_ev["num_params"]
-  _assert_same_ranking(_rows(os.path.join(got_dir, "scores", "top_k.csv")),
-                       _rows(os.path.join(want_dir, "scores", "top_k.csv")), "train_id", "score")
-  _assert_same_ranking(_rows(os.path.join(got_dir, "scores", "self_influence.csv")),
-                       _rows(os.path.join(want_dir, "scores", "self_influence.csv")), "train_id", "self_influence")
+  _assert_same_ranking(_rows(table(got_dir, "top_k.csv")), _rows(table(want_dir, "top_k.csv")), "train_id", "score")
+  _assert_same_ranking(_rows(table(got_dir, "self_influence.csv")), _rows(table(want_dir, "self_influence.csv")),
+                       "train_id", "self_influence")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_two_processes_match_one_process(single, tmp_path):
   assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
   assert os.path.exists(os.path.join(workdir, "eigenvalues.json"))
   assert sorted(os.listdir(os.path.join(workdir, "store", "done"))) == ["chunk_00000000", "chunk_00000002"]
-  assert not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+  assert not os.path.exists(table(workdir, "top_k.csv"))
   # Score, killed after the first block of each process, then resumed.
   procs = run_processes("run_all.py", workdir, FEATURES, "--config.mesh_shape=(2,4)",
                         "--fault_injection=score:1", check=False)

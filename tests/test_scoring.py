@@ -1,11 +1,16 @@
 """Influence scores against exact dense influence (float64)."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import influence_jax as ij
-from influence_jax import projection, solvers
+from influence_jax import eigenspace as eigenspace_lib
+from influence_jax import preconditioning, projection, scoring, solvers
+from influence_jax.methods import classification, memorization
 from tests import toy_problems
 
 
@@ -102,3 +107,49 @@ def test_sign_convention_removal_raises_loss(logreg):
     retrained = toy_problems.newton_minimize(loss, params, {k: v[keep] for k, v in whole.items()})
     change = float(per_example(retrained, test[0])[0] - per_example(params, test[0])[0])
     assert np.sign(change) == np.sign(scores[z])
+
+
+def test_negative_damping_is_refused_by_every_scoring_entry_point(logreg):
+  params, loss, per_example, batches, test = logreg
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=8, top_k=4, damping=0.01)
+  tp, qp = ij.project(es, per_example, params, batches), ij.project(es, per_example, params, test)
+  dots = qp @ tp.T
+  g = solvers.gradient_matrix(per_example, params, test)
+  op = ij.curvature_operator(loss, params, batches)
+  outputs = lambda p, b: jnp.stack([jnp.zeros(b["x"].shape[0]), b["x"] @ p["w"] + p["b"]], axis=1)
+  batches = [dict(b, y=b["y"].astype(np.int32)) for b in batches]  # Class labels for the margin.
+  test = [dict(b, y=b["y"].astype(np.int32)) for b in test]
+  calls = {
+      "influence_scores": lambda d: ij.influence_scores(es, qp, tp, damping=d),
+      "influence_scores_with_tail": lambda d: ij.influence_scores_with_tail(es, qp, tp, dots, damping=d),
+      "self_influence": lambda d: ij.self_influence(es, tp, damping=d),
+      "query_side": lambda d: scoring.query_side(es, qp, damping=d),
+      "influence": lambda d: ij.influence(es, per_example, params, test, batches, damping=d),
+      "influence with the tail": lambda d: ij.influence(es, per_example, params, test, batches, tail=True, damping=d),
+      "preconditioned influence": lambda d: ij.influence(es, per_example, params, test, batches, tail=True,
+                                                         loss_fn=loss, curvature_batches=batches, damping=d),
+      "preconditioned_solve": lambda d: preconditioning.preconditioned_solve(op, es, g, cg_iters=2, damping=d),
+      "default_tail_constant": lambda d: eigenspace_lib.default_tail_constant(es, d),
+      "eigenspace_memorization": lambda d: memorization.eigenspace_memorization(
+          es, per_example, outputs, params, batches, test, damping=d, tail=True),
+      "exact_influence": lambda d: solvers.exact_influence(loss, per_example, params, test, batches, damping=d),
+      "exact_classification_influence": lambda d: classification.exact_classification_influence(
+          loss, per_example, outputs, params, test, batches, damping=d),
+      "a damped eigenspace": lambda d: ij.influence_scores(es.replace(damping=d), qp, tp),
+  }
+  for name, call in calls.items():
+    assert np.all(np.isfinite(np.asarray(jax.tree.leaves(call(0.5))[0]))), name
+    with pytest.raises(ValueError, match=r"damping δ must be finite and ≥ 0, got -0.5"):
+      call(-0.5)
+      raise AssertionError(f"{name} accepted a negative damping")
+
+
+def test_a_non_positive_shifted_eigenvalue_is_refused_unless_kept_by_magnitude(logreg):
+  params, loss, per_example, batches, test = logreg
+  es = ij.fit_eigenspace(loss, params, batches, n_iters=8, top_k=4)
+  tp = ij.project(es, per_example, params, batches)
+  negative = es.replace(eigenvalues=es.eigenvalues.at[-1].set(-1.0))  # The last pair: λ + δ = −1.
+  with pytest.raises(ValueError, match=r"Eigenvalue 3 \+ damping is -1.0 .*kept by value"):
+    ij.self_influence(negative, tp)
+  by_magnitude = negative.replace(info=dataclasses.replace(es.info, selection="magnitude"))
+  np.testing.assert_allclose(eigenspace_lib.inverse_eigenvalues(by_magnitude)[-1], -1.0)

@@ -11,6 +11,7 @@ import influence_jax as ij
 from influence_jax import checkpoint, sources
 from tests import user_task, user_task_config
 from tests.user_task_jobs import REFERENCE_COMPILATIONS, compilations, rows, run
+from tests.user_task_jobs import table as table_path
 
 
 def in_memory_scores(workdir, data_dir, queries_prefix):
@@ -38,8 +39,8 @@ def curvature_sample(num_train):
   return sources.sample_indices(num_train, config.arnoldi.num_examples, config.seed)
 
 
-def assert_tables_match(table_dir, self_dir, scores, self_infl, k=5):
-  table = rows(os.path.join(table_dir, "top_k.csv"))
+def assert_tables_match(workdir, query_set, scores, self_infl, k=5):
+  table = rows(table_path(workdir, "top_k.csv", query_set))
   assert len(table) == scores.shape[0] * 2 * k
   tol = 1e-5 * np.abs(scores).max()  # Float rounding: rows whose scores tie to it may swap ranks.
   seen = set()
@@ -50,15 +51,15 @@ def assert_tables_match(table_dir, self_dir, scores, self_infl, k=5):
     assert (t, r["kind"], j) not in seen, r
     seen.add((t, r["kind"], j))
     np.testing.assert_allclose(float(r["score"]), scores[t, j], rtol=2e-3, atol=1e-4 * np.abs(scores).max())
-  table = rows(os.path.join(self_dir, "self_influence.csv"))
+  table = rows(table_path(workdir, "self_influence.csv", query_set))
   assert [int(r["train_id"]) for r in table] == list(np.argsort(-self_infl, kind="stable"))
   np.testing.assert_allclose([float(r["self_influence"]) for r in table], np.sort(self_infl)[::-1], rtol=2e-3)
 
 
 def test_tables_equal_in_memory_influence(reference, data_dir):
   scores, self_infl = in_memory_scores(reference, data_dir, "queries")
-  assert_tables_match(os.path.join(reference, "scores"), os.path.join(reference, "scores"), scores, self_infl)
-  labels = {r["train_id"]: r["train_label"] for r in rows(os.path.join(reference, "scores", "top_k.csv"))}
+  assert_tables_match(reference, "queries", scores, self_infl)
+  labels = {r["train_id"]: r["train_label"] for r in rows(table_path(reference, "top_k.csv"))}
   y = np.load(os.path.join(data_dir, "train_y.npy"))
   assert all(int(label) == y[int(j)] for j, label in labels.items())
 
@@ -76,7 +77,7 @@ def test_second_query_set_reuses_the_store(reference, data_dir, tmp_path):
   # and a few rows for labels and a fingerprint.
   assert len(read - set(curvature_sample(300).tolist())) < 60
   scores, self_infl = in_memory_scores(reference, data_dir, "other")
-  assert_tables_match(os.path.join(reference, "scores", "other"), os.path.join(reference, "scores"), scores, self_infl)
+  assert_tables_match(reference, "other", scores, self_infl)
 
 
 def test_compilations_do_not_grow_with_the_data(reference, tmp_path):
@@ -101,13 +102,13 @@ def test_sigkill_then_rerun_gives_identical_outputs(reference, data_dir, tmp_pat
   proc = run("score.py", workdir, data_dir, f"--fault_injection={'score:2' if stage == 'score.py' else 'none'}",
              check=False)
   if stage == "score.py":
-    assert proc.returncode == -9 and not os.path.exists(os.path.join(workdir, "scores", "top_k.csv"))
+    assert proc.returncode == -9 and not os.path.exists(table_path(workdir, "top_k.csv"))
     run("score.py", workdir, data_dir)
   want, got = ij.open_store(os.path.join(reference, "store")), ij.open_store(os.path.join(workdir, "store"))
   for name, value in want.read(0, 300).items():
     np.testing.assert_array_equal(got.read(0, 300)[name], value)
   for table in ("top_k.csv", "self_influence.csv"):
-    with open(os.path.join(workdir, "scores", table)) as f, open(os.path.join(reference, "scores", table)) as g:
+    with open(table_path(workdir, table)) as f, open(table_path(reference, table)) as g:
       assert f.read() == g.read()
 
 

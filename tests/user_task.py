@@ -3,7 +3,8 @@
 Used by tests/test_user_task.py through `config.task = "user_task:get_task"` (tests/ is the
 working directory's import root there). config.user.data_dir holds train_x.npy, train_y.npy,
 queries_x.npy, queries_y.npy, other_x.npy, other_y.npy; config.user.read_log, when set, gets one
-line per training example read (so a test can tell whether the training set was read).
+line per training example read (so a test can tell whether the training set was read);
+config.user.params_data_dir, when set, is where the model's training data are read from instead.
 """
 
 import os
@@ -76,7 +77,8 @@ def trained_params(train, steps=200, lr=0.5):
 def get_task(config):
   d = config.user.data_dir
   train = NpySource(d, "train", config.user.get("read_log", ""))
-  return Task(params=trained_params(NpySource(d, "train")), loss_fn=loss, per_example_loss_fn=per_example_loss,
+  # The model trained on config.user.params_data_dir when set (so that a test can edit the data after training).
+  return Task(params=trained_params(NpySource(config.user.get("params_data_dir", "") or d, "train")), loss_fn=loss, per_example_loss_fn=per_example_loss,
               train=train, queries=NpySource(d, "queries"), label_fn=lambda ex: str(int(ex["y"])))
 
 

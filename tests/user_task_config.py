@@ -11,6 +11,7 @@ def get_config():
   c.task = "user_task:get_task"
   c.user.data_dir = ""
   c.user.read_log = ""
+  c.user.params_data_dir = ""  # Where the model is trained from ("": data_dir).
   c.user.bad_row = -1  # For user_task_config:bad_row_task.
   c.user.bad = ""
   c.arnoldi.n_iters = 40
@@ -67,3 +68,31 @@ def bad_row_task(config):
   task = user_task.get_task(config)
   bad = _WithBadRow(task.train, config.user.bad_row, config.user.bad)
   return task.replace(train=bad, curvature=ArraySource({"x": task.train.x[:100], "y": task.train.y[:100]}))
+
+
+class _Unversioned:
+  """Examples {"x", "y"} from <data_dir>/<prefix>_x.npy and _y.npy with no identity to offer (no `paths`, no
+  `fingerprint_parts`): like the README's NpySource, seen by the jobs only through its content."""
+
+  def __init__(self, directory, prefix):
+    self.x, self.y = (np.load(f"{directory}/{prefix}_{k}.npy") for k in ("x", "y"))
+
+  def __len__(self):
+    return len(self.y)
+
+  def __getitem__(self, i):
+    return {"x": np.asarray(self.x[i], np.float32), "y": np.asarray(self.y[i], np.int32)}
+
+
+def unversioned_queries(config):
+  """The query set many_x.npy / many_y.npy of config.user.data_dir (written by the test that uses it)."""
+  return _Unversioned(config.user.data_dir, "many")
+
+
+def bad_curvature_task(config):
+  """tests/user_task.py's task with its curvature sample the first 100 training examples, example
+  config.user.bad_row of it damaged as config.user.bad says (-1: none)."""
+  import user_task  # noqa: PLC0415 (tests/ is the jobs' working directory)
+  task = user_task.get_task(config)
+  curvature = ArraySource({"x": np.asarray(task.train.x[:100]), "y": np.asarray(task.train.y[:100])})
+  return task.replace(curvature=_WithBadRow(curvature, config.user.bad_row, config.user.bad))

@@ -1,6 +1,7 @@
 """Running tests/user_task.py's jobs as a user would (subprocesses from tests/), for the job tests."""
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -25,11 +26,19 @@ def run(script, workdir, data_dir, *extra, check=True):
   return proc
 
 
+def table(workdir, name, query_set="queries"):
+  """Returns the path of a query set's output `name` (top_k.csv, summary.json, influence_grid.png) in
+  scores/<query_set>/, or for "self_influence.csv" the store's ranking that the set's summary names."""
+  directory = os.path.join(workdir, "scores", query_set)
+  if name != "self_influence.csv":
+    return os.path.join(directory, name)
+  with open(os.path.join(directory, "summary.json")) as f:
+    return os.path.join(workdir, "scores", json.load(f)["self_influence"])
+
+
 def rows(path):
   with open(path) as f:
     return list(csv.DictReader(f))
-
-
 
 
 def make_data_dir(directory):

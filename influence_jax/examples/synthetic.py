@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influence_jax import sources
 from influence_jax.types import Task
 
 NUM_FEATURES, NUM_CLASSES = 16, 10
@@ -111,7 +112,7 @@ class NpyRecordSource:
     return {"x": np.array(r["x"]), "y": r["y"].astype(np.int32)}
 
   def fingerprint_parts(self) -> list:
-    return [os.path.basename(self.path), os.path.getsize(self.path)]
+    return sources.file_identity([self.path])
 
 
 class ArrayRecordSource:

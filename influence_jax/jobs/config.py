@@ -45,6 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
       residual_rank=128,
       residual_examples=1024,  # Examples of the curvature sample the residual basis is fitted on.
       num_threads=8,  # grain reader threads.
+      # Re-read every training example of a written store, compare each chunk's digest with the one
+      # recorded when it was projected, and re-project the chunks that changed: a full read of the
+      # training set (needed when the training set's files or version changed since the store was written).
+      verify=False,
   )
   c.score = dict(
       top_k=10,  # Proponents and opponents kept per query.
@@ -53,10 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
       # curvature sample (per query 1 + cg_iters curvature passes); 0: the plain tail.
       cg_iters=3,
       queries="",  # "module:fn" returning another query source (fn(config)); "": Task.queries.
-      name="",  # Query set name: tables in scores/<name>/ ("": scores/).
+      name="queries",  # Query set name: its tables, summary and progress in scores/<name>/.
       batch_size=256,  # Queries projected per step.
       rows_per_block=16384,  # Store rows scored per block (memory: queries × rows_per_block).
-      self_influence_rows=10000,  # Rows of self_influence.csv (the highest; -1: every training example).
+      # Rows of the self-influence ranking, scores/self_influence/*.csv (the highest; -1: every training example).
+      self_influence_rows=10000,
       checkpoint_seconds=60.0,  # Save progress at most this often.
       checkpoint_every=0,  # ... and every N blocks (0: by time only).
       grid_examples=6,  # Queries shown in influence_grid.png (needs Task.image_fn).
@@ -84,7 +89,10 @@ _RULES = (
     ("project.residual_rank", lambda v: v >= 0, "≥ 0 (0: no residual basis)"),
     ("project.residual_examples", lambda v: v >= 1, "a positive integer"),
     ("project.num_threads", lambda v: v >= 1, "a positive integer"),
+    ("project.verify", lambda v: isinstance(v, bool), "True or False"),
     ("score.top_k", lambda v: v >= 1, "a positive integer"),
+    ("score.name", lambda v: isinstance(v, str) and v not in ("", ".", "..", "self_influence") and "/" not in v
+     and "\\" not in v, "a directory name (not empty, no '/', not 'self_influence')"),
     ("score.cg_iters", lambda v: v >= 0, "≥ 0 (0: the plain tail)"),
     ("score.batch_size", lambda v: v >= 1, "a positive integer"),
     ("score.rows_per_block", lambda v: v >= 1, "a positive integer"),

@@ -1,5 +1,5 @@
-"""What every stage starts from: the checked config, the task, the mesh, and the fingerprints that
-tie each stage's outputs to what they were computed from (the workdir's layout: jobs/workdir.py)."""
+"""What every stage starts from: the checked config, the task, the mesh, the parameters' fingerprint
+(the fingerprints of what each stage computes, and the workdir's layout: jobs/workdir.py)."""
 
 from __future__ import annotations
 
@@ -12,45 +12,24 @@ import jax
 
 from influence_jax import io as io_lib
 from influence_jax import sharding
-from influence_jax import sources
 from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import task as task_lib
-
-# Keys left out of the eigenspace's and the store's fingerprints: those that change how a stage runs,
-# not what it computes, and the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ).
-_NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
-                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping")
-
-
-def _what(section) -> dict:
-  return {k: v for k, v in section.to_dict().items() if k not in _NOT_FINGERPRINTED}
 
 
 @dataclasses.dataclass
 class Context:
-  """A stage's inputs: config (checked), workdir, task, mesh; fingerprints computed on first use."""
+  """A stage's inputs: config (checked), workdir, task, mesh; `cache` holds what the workdir layer computes
+  once per stage (the curvature sample, the fingerprints: jobs/workdir.py)."""
 
   config: Any
   workdir: str
   task: task_lib.Task
   mesh: jax.sharding.Mesh
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @functools.cached_property
   def params_fingerprint(self) -> str:
     return io_lib.digest(self.task.params)
-
-  @functools.cached_property
-  def eigenspace_fingerprint(self) -> str:
-    c = self.config
-    return io_lib.digest(c.task, self.params_fingerprint, c.seed, _what(c.arnoldi),
-                         sources.source_fingerprint(task_lib.curvature_source(self.task, c)))
-
-  @functools.cached_property
-  def store_fingerprint(self) -> str:
-    c = self.config
-    basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
-    return io_lib.digest(self.eigenspace_fingerprint, sources.source_fingerprint(self.task.train),
-                         c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis)
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)

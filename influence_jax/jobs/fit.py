@@ -1,7 +1,9 @@
 """The fit stage: the top-k eigenspace of the curvature over a fixed sample of the training set.
 
-Resumes from `arnoldi_progress/` (saved by wall-time interval and every `checkpoint_every` steps);
-the eigenspace is committed to `eigenspace/`, and its reports (eigenvalues.json, spectrum.png)
+Resumes from `arnoldi_progress/` (saved by wall-time interval and every `checkpoint_every` steps,
+only ever from a finite step: `arnoldi.NonFiniteStep`; progress restored with non-finite values is
+discarded); a fit that fails on non-finite curvature names the curvature sample's rows whose loss is
+not finite. The eigenspace is committed to `eigenspace/`, and its reports (eigenvalues.json, spectrum.png)
 are (re)written from it whenever they are missing, so a finished stage always has them.
 """
 
@@ -11,6 +13,8 @@ import json
 import os
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.flatten_util import ravel_pytree
@@ -21,9 +25,11 @@ from influence_jax import data as data_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import io as io_lib
 from influence_jax import sharding
+from influence_jax import validation
 from influence_jax.jobs import common
 from influence_jax.jobs import plots
 from influence_jax.jobs import progress as progress_lib
+from influence_jax.jobs import task as task_lib
 from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.jobs.context import Context
 
@@ -31,7 +37,7 @@ from influence_jax.jobs.context import Context
 def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -> eigenspace_lib.Eigenspace:
   """Fits (or loads, or resumes) the eigenspace; returns it, laid out on the stage's mesh."""
   final_dir = ctx.path("eigenspace")
-  fp = ctx.eigenspace_fingerprint
+  fp = workdir_lib.eigenspace_fingerprint(ctx)
   if os.path.isdir(final_dir):
     try:
       es = checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=ctx.mesh)
@@ -53,6 +59,11 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
     logging.warning("%s Starting the Arnoldi iteration again.", e)
     store.discard()
     found = None
+  if found is not None and validation.nonfinite_leaves(found[1]):  # Saved by an older version: unsound.
+    logging.warning("%s holds non-finite Arnoldi progress: discarded, starting the Arnoldi iteration again.",
+                    ctx.path("arnoldi_progress"))
+    store.discard()
+    found = None
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
   batches = workdir_lib.curvature_batches(ctx)
   if not quiet:
@@ -69,17 +80,37 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
       saver.save(lambda: store.save(step, s._asdict()))
     common.maybe_kill(fault, "arnoldi", step)
 
-  es = eigenspace_lib.fit_eigenspace(
-      task.loss_fn, task.params, batches, n_iters=a.n_iters, top_k=a.top_k, damping=a.damping,
-      curvature=a.curvature, seed=ctx.config.seed, selection=a.selection,
-      microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
-      initial_state=state, compute_residuals=a.residuals, mesh=mesh)
+  try:
+    es = eigenspace_lib.fit_eigenspace(
+        task.loss_fn, task.params, batches, n_iters=a.n_iters, top_k=a.top_k, damping=a.damping,
+        curvature=a.curvature, seed=ctx.config.seed, selection=a.selection,
+        microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
+        initial_state=state, compute_residuals=a.residuals, mesh=mesh)
+  except ValueError:
+    check_curvature_rows(ctx, batches)  # Names the examples when the data are at fault.
+    raise
   checkpoint.save_eigenspace(final_dir, es, fingerprint=fp)
   store.close()
   logging.info("Arnoldi: %s", saver.describe())
   common.maybe_kill(fault, "fit_saved", 0)  # Between the commit and its reports (a rerun writes them).
   write_reports(ctx, es)
   return es
+
+
+def check_curvature_rows(ctx: Context, batches: list) -> None:
+  """Raises ValueError naming the curvature sample's examples whose per-example loss is NaN or inf (by
+  their rows in Task.train, or in Task.curvature when the task gives one); returns when there are none."""
+  source = task_lib.curvature_source(ctx.task, ctx.config)
+  rows = getattr(source, "indices", None)
+  what = ("The curvature sample (Task.curvature" if ctx.task.curvature is not None
+          else "The curvature sample (by Task.train row") + "; no Arnoldi progress was saved from a non-finite step)"
+  params, lo = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params), 0
+  for batch in batches:
+    n = data_lib.batch_size(batch)
+    losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, params, batch)
+    ids = np.arange(lo, lo + n) if rows is None else rows[lo: lo + n]
+    validation.check_finite_rows(losses, what, row_ids=ids)
+    lo += n
 
 
 def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: bool = False) -> dict:

@@ -90,8 +90,9 @@ def process_rows(rows: np.ndarray, global_batch_size: int, mesh) -> tuple[int, i
 
 
 def global_batches(source: Any, rows: np.ndarray, global_batch_size: int, mesh, what: str, *,
-                   num_threads: int = 8) -> Iterator[tuple[np.ndarray, Any]]:
-  """Yields (local rows, global batch) with this process's `rows` fed into global batches on `mesh`.
+                   num_threads: int = 8, with_host: bool = False) -> Iterator[tuple]:
+  """Yields (local rows, global batch) with this process's `rows` fed into global batches on `mesh`
+  (with `with_host`, (local rows, global batch, local host batch): the examples as read, unpadded).
 
   Every process yields the same number of batches; batches are padded at the end by repeating an
   example, and `local rows` lists only this process's real rows (the first len(rows) of its share).
@@ -105,7 +106,8 @@ def global_batches(source: Any, rows: np.ndarray, global_batch_size: int, mesh, 
       ids, batch = np.zeros(0, np.int64), template
     else:
       ids, batch = got
-    yield ids, sharding.to_global(data_lib.pad(batch, local), global_batch_size, mesh)
+    placed = sharding.to_global(data_lib.pad(batch, local), global_batch_size, mesh)
+    yield (ids, placed, batch) if with_host else (ids, placed)
 
 
 def local_rows(x: jax.Array, mesh) -> np.ndarray:

@@ -46,8 +46,8 @@ def store_meta(ctx: Context, es: Eigenspace, residual_rank: int) -> store_lib.St
   sketch_dim = workdir_lib.make_sketch(ctx, num_params).dim if c.sketch_dim else 0
   return store_lib.StoreMeta(
       num_rows=len(ctx.task.train), k=es.k, sketch_dim=sketch_dim, chunk_rows=c.chunk_rows,
-      fingerprint=ctx.store_fingerprint,
-      attrs={"eigenspace_fingerprint": ctx.eigenspace_fingerprint},
+      fingerprint=workdir_lib.store_fingerprint(ctx),
+      attrs={"eigenspace_fingerprint": workdir_lib.eigenspace_fingerprint(ctx)},
       residual_rank=residual_rank)
 
 
@@ -96,12 +96,62 @@ def open_for_writing(ctx: Context, meta: store_lib.StoreMeta) -> store_lib.Proje
   return store_lib.create(directory, meta, writer=False)
 
 
+class ChunkDigests:
+  """The digest (`io.RowDigest`) of the examples of each store chunk, fed (rows, batch) in row order."""
+
+  def __init__(self, chunk_rows: int):
+    self.chunk_rows, self.open = chunk_rows, {}
+
+  def update(self, ids: np.ndarray, batch) -> None:
+    chunks = np.asarray(ids) // self.chunk_rows
+    for chunk in np.unique(chunks):
+      where = np.flatnonzero(chunks == chunk)  # Contiguous: rows come in order.
+      part = jax.tree.map(lambda x, a=where[0], b=where[-1] + 1: x[a:b], batch)
+      self.open.setdefault(int(chunk), io_lib.RowDigest()).update(part)
+
+  def pop(self, chunk: int) -> str:
+    return self.open.pop(chunk).hexdigest() if chunk in self.open else ""
+
+
+def verify_chunks(ctx: Context, store: store_lib.ProjectionStore, chunks: list, *, quiet: bool) -> list:
+  """Re-reads the examples of finished `chunks`, compares each chunk's digest with the one recorded when it
+  was projected, and marks those that differ (or recorded none) unfinished; returns them."""
+  c = ctx.config.project
+  digests = ChunkDigests(store.meta.chunk_rows)
+  rows = input_lib.RowRanges([store.meta.chunk_bounds(ch) for ch in chunks])
+  for ids, batch in input_lib.batches(ctx.task.train, rows, c.batch_size, "Task.train", num_threads=c.num_threads):
+    digests.update(ids, batch)
+  changed = [ch for ch in chunks if digests.pop(ch) != store.chunk_digest(ch) or not store.chunk_digest(ch)]
+  for ch in changed:
+    store.unmark(ch)
+  if not quiet:
+    logging.info("Verified %d chunks (%d rows) against their digests: %d changed %s, re-projected", len(chunks),
+                 rows.size, len(changed), changed)
+  return changed
+
+
+def check_or_verify(ctx: Context, store: store_lib.ProjectionStore, *, quiet: bool) -> None:
+  """With project.verify, verifies this process's finished chunks (`verify_chunks`); without it, refuses a
+  store whose training set's identity changed (`workdir.check_training_set`). Then process 0 records the
+  training set's identity with the store (before any new row is written)."""
+  if ctx.config.project.verify:
+    owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
+    verify_chunks(ctx, store, [ch for ch in owned if store.is_done(ch)], quiet=quiet)
+  else:
+    workdir_lib.check_training_set(ctx, store)
+  _sync("influence_jax store verified")
+  if common.is_writer() and store.recorded_source() != workdir_lib.training_identity(ctx):
+    store.record_source(workdir_lib.training_identity(ctx))
+
+
 def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
                 fault: Optional[str] = None) -> store_lib.ProjectionStore:
-  """Projects every training example not yet in the store; returns the complete store."""
+  """Projects every training example not yet in the store, each chunk with the digest of its examples;
+  returns the complete store. Refuses a store whose training set changed unless project.verify."""
   basis = residual_basis(ctx, es, quiet=quiet)
   meta = store_meta(ctx, es, 0 if basis is None else basis.shape[0])
   store = open_for_writing(ctx, meta)
+  check_or_verify(ctx, store, quiet=quiet)
   mine = [ch for ch in store_lib.chunk_owner(meta, jax.process_index(), jax.process_count())
           if not store.is_done(ch)]
   rows = input_lib.RowRanges([meta.chunk_bounds(ch) for ch in mine])
@@ -118,10 +168,11 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
     logging.info("Projecting %d training examples (%d left on this process) on k=%d eigenvectors, r=%d residual "
                  "directions, sketch %d", meta.num_rows, rows.size, meta.k, meta.residual_rank, meta.sketch_dim)
   bar = progress_lib.Progress(int(rows.size), "projection", "examples", quiet=quiet or not common.is_writer())
-  pending, chunk_queue = [], list(mine)
+  pending, chunk_queue, digests = [], list(mine), ChunkDigests(meta.chunk_rows)
   start = time.perf_counter()
-  for step, (ids, batch) in enumerate(input_lib.global_batches(
-      ctx.task.train, rows, c.batch_size, mesh, "Task.train", num_threads=c.num_threads), 1):
+  for step, (ids, batch, host) in enumerate(input_lib.global_batches(
+      ctx.task.train, rows, c.batch_size, mesh, "Task.train", num_threads=c.num_threads, with_host=True), 1):
+    digests.update(ids, host)
     out = sketch_lib.project_and_sketch(directions, sketch, ctx.task.per_example_loss_fn, params, batch,
                                         microbatch_size=c.microbatch_size)
     local = {name: input_lib.local_rows(x, mesh)[: ids.size] for name, x in out._asdict().items()}
@@ -130,7 +181,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
     if ids.size:
       pending.append(local)
       bar.update(int(ids.size))
-    pending = _write_full_chunks(store, chunk_queue, pending)
+    pending = _write_full_chunks(store, chunk_queue, pending, digests)
     if fault == f"project:{step}":
       _sync(f"fault injection after batch {step}")  # Every process has written this step's chunks.
     common.maybe_kill(fault, "project", step)
@@ -144,8 +195,9 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
   return store_lib.open_store(store.directory, meta.fingerprint)
 
 
-def _write_full_chunks(store, chunk_queue: list, pending: list) -> list:
-  """Writes every chunk of `chunk_queue` whose rows are all in `pending`; returns the rows left over."""
+def _write_full_chunks(store, chunk_queue: list, pending: list, digests: ChunkDigests) -> list:
+  """Writes every chunk of `chunk_queue` whose rows are all in `pending`, each with the digest of its examples;
+  returns the rows left over."""
   if not pending:
     return pending
   rows = {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
@@ -161,6 +213,7 @@ def _write_full_chunks(store, chunk_queue: list, pending: list) -> list:
       part.pop("residual")
     for name, x in part.items():
       validation.check_finite_rows(x, f"Training set (Task.train, {name})", row_ids=np.arange(lo, hi))
-    store.write_chunk(chunk_queue.pop(0), part)
+    chunk = chunk_queue.pop(0)
+    store.write_chunk(chunk, part, digests.pop(chunk))
     taken += hi - lo
   return [{name: x[taken:] for name, x in rows.items()}] if taken < rows["projections"].shape[0] else []

@@ -1,15 +1,19 @@
 """The score stage's tables and pictures, written atomically from the merged ranking.
 
-scores/top_k.csv          test_id, test_label, kind, rank, train_id, train_label, score
-scores/self_influence.csv rank, train_id, train_label, self_influence (highest first)
-scores/summary.json       what was scored, with what
-scores/influence_grid.png queries next to their top proponents / opponents (with Task.image_fn)
-Ids are indices into Task.train / the query source.
+Everything of a query set lives in its own directory, scores/<score.name>/ ("queries" by default):
+  top_k.csv            test_id, test_label, kind, rank, train_id, train_label, score
+  summary.json         every setting the tables depend on, and which self-influence ranking goes with them
+  influence_grid.png   queries next to their top proponents / opponents (with Task.image_fn)
+  progress/            the running state of each process (resume)
+What belongs to the store, whatever the query set, is written once per way of computing it:
+  scores/self_influence/<tail|no_tail>_damping_<δ>_rows_<n|all>.csv   rank, train_id, train_label,
+      self_influence (highest first)
+  ... .json            how it was computed (store, damping, tail and its constant, rows)
+so no run overwrites another's outputs made with other settings. Ids index Task.train / the query source.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -63,20 +67,42 @@ def top_k_rows(running: ranking.Extremes, train_label, query_label) -> list:
   return rows
 
 
-def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: Any,
+SELF_INFLUENCE_DIR = "self_influence"
+# What the store's self-influence ranking depends on (the rest of a query set's settings does not count).
+_SELF_INFLUENCE_SETTINGS = ("store_fingerprint", "training_identity", "eigenspace_fingerprint", "k", "residual_rank",
+                            "sketch_dim", "damping", "tail", "tail_constant", "self_influence_rows")
+
+
+def self_influence_name(summary: dict) -> str:
+  """Returns the file name (no extension) of the self-influence ranking computed as `summary` says, e.g.
+  'tail_damping_0.01_rows_10000': one file per way of computing it."""
+  rows = summary["self_influence_rows"]
+  return (f"{'tail' if summary['tail'] else 'no_tail'}_damping_{summary['damping']:g}_"
+          f"rows_{'all' if rows < 0 else rows}")
+
+
+def self_influence_record(summary: dict, rows: int) -> dict:
+  """Returns the self-influence ranking's own summary: how it was computed and from what."""
+  formula = "G(z)ᵀ(Λ+δ)⁻¹G(z)" + (" + (‖∇ℓ(z)‖² − ‖G(z)‖²)/c" if summary["tail"] else "")
+  return dict({k: summary[k] for k in _SELF_INFLUENCE_SETTINGS}, rows_written=rows, formula=formula)
+
+
+def write_score_tables(out: str, scores_dir: str, task: task_lib.Task, queries: Any,
                        running: ranking.Extremes, largest: ranking.RunningLargest, summary: dict,
                        *, grid_examples: int) -> dict:
   """Writes the tables (and the picture when the task has image_fn); returns their paths.
 
-  top_k.csv and summary.json go to `out` (the query set's directory); self_influence.csv, a
-  property of the training set alone, to `train_out`.
+  top_k.csv and summary.json go to `out` (the query set's directory); the self-influence ranking, a
+  property of the store, to scores_dir/self_influence/ under its settings' name, written only when
+  missing or computed from other inputs (`self_influence_record`).
   """
-  paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(train_out, "self_influence.csv"),
-           "summary": os.path.join(out, "summary.json")}
+  name = self_influence_name(summary)
+  paths = {"top_k": os.path.join(out, "top_k.csv"), "summary": os.path.join(out, "summary.json"),
+           "self_influence": os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".csv")}
   keep = largest.indices >= 0
-  record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"],
-            "damping": summary["damping"]}
-  write_self = _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"])
+  record = self_influence_record(summary, int(keep.sum()))
+  record_path = os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".json")
+  write_self = io_lib.read_json(record_path) != record or not os.path.exists(paths["self_influence"])
   train_label = _Labels(task, task.train).prefetch(np.concatenate(
       [running.proponents.ravel(), running.opponents.ravel()] + ([largest.indices] if write_self else [])))
   query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
@@ -86,22 +112,15 @@ def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: A
     io_lib.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
         [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
         for r, (j, v) in enumerate(zip(largest.indices[keep], largest.values[keep]))])
-    io_lib.atomic_write_json(paths["self_influence"] + ".json", record)
+    io_lib.atomic_write_json(record_path, record)
   shown = min(grid_examples, running.proponents.shape[0])
   if task.image_fn is not None and shown:
     paths["grid"] = _grid(os.path.join(out, "influence_grid.png"), task, queries, query_label, train_label,
                           running, shown)
-  summary = dict(summary, most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
+  summary = dict(summary, self_influence=os.path.relpath(paths["self_influence"], scores_dir),
+                 most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
   io_lib.atomic_write_json(paths["summary"], summary)
   return paths
-
-
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4):

@@ -4,13 +4,17 @@ Only the queries are projected; the store is streamed in blocks of `score.rows_p
 each one jitted matmul + top-k merge on the device, so memory is bounded by the block and the
 top-k state, never by N. Each process scores its own chunks of the store; the per-process states
 are merged at the end and process 0 writes the tables. Progress (the running state and the next
-row) is saved per process by wall-time interval; a query set that changed since (another
-fingerprint) starts clean: scoring a new query set in the same workdir is the normal case.
+row) is saved per process by wall-time interval under the fingerprint of everything the scores depend
+on, the queries' full content digest included: progress of a query set that changed since, even by
+one example, is never resumed (it starts clean). A store whose training set changed since it was
+written (`workdir.check_training_set`) is refused.
+
+Every output of a query set goes to scores/<score.name>/ ("queries" by default); the store's
+self-influence ranking to scores/self_influence/, one per way of computing it (`reports`).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Optional
 
@@ -29,7 +33,6 @@ from influence_jax import residual_basis as residual_basis_lib
 from influence_jax import scoring
 from influence_jax import sharding
 from influence_jax import sketch as sketch_lib
-from influence_jax import sources
 from influence_jax import store as store_lib
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, default_tail_constant, inverse_eigenvalues
@@ -43,20 +46,19 @@ from influence_jax.jobs.context import Context
 
 
 def output_dir(ctx: Context) -> str:
-  """Returns where the query set's tables go: scores/, or scores/<score.name>/ for a named set."""
-  name = ctx.config.score.name
-  return ctx.path("scores", name) if name else ctx.path("scores")
+  """Returns where every output of the query set goes (tables, summary, progress): scores/<score.name>/."""
+  return ctx.path("scores", ctx.config.score.name)
 
 
-def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries: Any) -> np.ndarray:
+def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, batch: Any) -> np.ndarray:
   """Returns the (T, d) query vectors q(x), on the host, with score(z, x) = q(x) · [stored row of z].
 
   score.tail=False: G(x)(Λ+δ)⁻¹ against G(z). With the tail, against [G(z), V∇ℓ(z), S(z)]: each
   query solved by score.cg_iters preconditioned CG iterations over the curvature sample,
   `preconditioning.solved_query_side`, or with cg_iters = 0 the plain tail [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c].
+  `batch`: every query, as read (`input.read_all`).
   """
   s = ctx.config.score
-  batch = input_lib.read_all(queries, "query source", s.batch_size)
   mesh = ctx.mesh
   params = sharding.place_params(ctx.task.params, mesh)
   p = ravel_pytree(ctx.task.params)[0].size
@@ -79,11 +81,11 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
     sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
     directions = residual_basis_lib.stored_directions(es.eigenvectors, basis)
   parts = []
-  for lo in range(0, len(queries), s.batch_size):
+  for lo in range(0, data_lib.batch_size(batch), s.batch_size):
     chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
     n = data_lib.batch_size(chunk)
     if solve:
-      losses = _losses(ctx.task.per_example_loss_fn, host_params, chunk)
+      losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, host_params, chunk)
       validation.check_finite_rows(losses, "Query set (loss)", row_ids=np.arange(lo, lo + n))
       solved = preconditioning.solve_queries(
           es_host, ctx.task.per_example_loss_fn, host_params, [chunk], loss_fn=ctx.task.loss_fn,
@@ -104,11 +106,6 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
   vectors = np.concatenate(parts)
   validation.check_finite_rows(vectors, "Query set (query vectors)")
   return vectors
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _losses(per_example_loss_fn, params, batch):
-  return per_example_loss_fn(params, batch)
 
 
 def _progress_path(out: str) -> str:
@@ -208,17 +205,18 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
   """
   common.release_freed_blocks()
   s = ctx.config.score
-  store = store_lib.open_store(ctx.path("store"), ctx.store_fingerprint)
+  store = store_lib.open_store(ctx.path("store"), workdir_lib.store_fingerprint(ctx))
+  workdir_lib.check_training_set(ctx, store)
   if s.tail and not store.meta.sketch_dim:
     raise ValueError("config.score.tail=True needs the store's sketch of the remainder, but it was built with "
                      "config.project.sketch_dim=0: set project.sketch_dim > 0 and run scripts/project.py in a fresh "
                      "workdir, or score with --config.score.tail=False.")
   queries = task_lib.query_source(ctx.task, ctx.config)
-  vectors = project_queries(ctx, es, store, queries)
+  batch = input_lib.read_all(queries, "query source", s.batch_size)
+  vectors = project_queries(ctx, es, store, batch)
   out = output_dir(ctx)
-  fingerprint = io_lib.digest(store.meta.fingerprint, sources.source_fingerprint(queries),
-                                       {k: v for k, v in s.to_dict().items() if k in ("top_k", "tail", "queries", "cg_iters")},
-                                       s.get("self_influence_rows"), es.damping, jax.process_count())
+  settings = scoring_settings(ctx, es, store, io_lib.rows_digest(batch))
+  fingerprint = io_lib.digest(settings, jax.process_count())
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
   hi = store.meta.chunk_bounds(owned.stop - 1)[1] if len(owned) else store.meta.num_rows
@@ -229,10 +227,20 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
   running, largest = combine(running, largest)
   if not common.is_writer():
     return {}
-  return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest,
-                                    {"num_train": store.meta.num_rows, "num_queries": int(vectors.shape[0]),
-                                     "k": store.meta.k, "damping": es.damping, "tail": bool(s.tail), "cg_iters": int(s.cg_iters) if s.tail else 0,
-                                     "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim,
-                                     "store": store_lib.describe(store), "store_fingerprint": store.meta.fingerprint,
-                                     "fingerprint": fingerprint},
+  summary = dict(settings, num_train=store.meta.num_rows, num_queries=int(vectors.shape[0]),
+                 store=store_lib.describe(store), fingerprint=fingerprint)
+  return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest, summary,
                                     grid_examples=s.grid_examples)
+
+
+def scoring_settings(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries_digest: str) -> dict:
+  """Returns every setting the query set's tables depend on (JSON-able; its digest keys the progress):
+  what was scored (the queries' content digest, the store, the training set's identity) and how (top_k,
+  damping, tail, its constant c and CG iterations, the self-influence rows)."""
+  s = ctx.config.score
+  return {"name": s.name, "queries": s.queries or "Task.queries", "queries_digest": queries_digest,
+          "store_fingerprint": store.meta.fingerprint, "training_identity": workdir_lib.training_identity(ctx),
+          "eigenspace_fingerprint": workdir_lib.eigenspace_fingerprint(ctx), "k": store.meta.k,
+          "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim, "top_k": int(s.top_k),
+          "damping": es.damping, "tail": bool(s.tail), "tail_constant": default_tail_constant(es) if s.tail else None,
+          "cg_iters": int(s.cg_iters) if s.tail else 0, "self_influence_rows": int(s.self_influence_rows)}

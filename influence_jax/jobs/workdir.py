@@ -1,5 +1,6 @@
-"""What the stages share beneath them: the workdir's paths, the curvature sample, the fitted eigenspace
-as the scoring settings want it, the store's residual basis and sketch, and when to save progress.
+"""What the stages share beneath them: the workdir's paths, the curvature sample, the fingerprints and
+digests that tie each output to what it was computed from, the fitted eigenspace as the scoring
+settings want it, the store's residual basis and sketch, and when to save progress.
 
 fit, project and score import this module and never each other.
 
@@ -7,40 +8,131 @@ Work directory layout:
   arnoldi_progress/   orbax: Arnoldi state (resume)
   eigenspace/         orbax: the fitted Eigenspace
   eigenvalues.json, spectrum.png
+  curvature_digest.json  the curvature sample's content digest, by the identity of its source
   store/              the projection store (influence_jax.store): every training example, once
-  scores/             tables of the task's query set (scores/<name>/ for a named set)
+  scores/<name>/      the tables of query set <name> (score.name, "queries" by default)
+  scores/self_influence/  the store's self-influence rankings, one per way of computing it
+
+Content: the curvature sample and the queries are hashed whole (`io.RowDigest`) as they are read;
+the training set is seen through its identity (`sources.source_fingerprint`) recorded with the
+store, and each store chunk records the digest of the examples it was projected from.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import checkpoint
 from influence_jax import io as io_lib
 from influence_jax import sketch as sketch_lib
+from influence_jax import sources
 from influence_jax import store as store_lib
 from influence_jax.eigenspace import Eigenspace
+from influence_jax.jobs import common
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import task as task_lib
 from influence_jax.jobs.context import Context
 
 
+# Keys left out of the eigenspace's and the store's fingerprints: those that change how a stage runs,
+# not what it computes, and the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ).
+_NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
+                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping", "verify")
+CURVATURE_DIGEST_FILE = "curvature_digest.json"
+
+
+def _what(section) -> dict:
+  return {k: v for k, v in section.to_dict().items() if k not in _NOT_FINGERPRINTED}
+
+
+def _cached(ctx: Context, key: str, compute: Callable[[], Any]) -> Any:
+  if key not in ctx.cache:
+    ctx.cache[key] = compute()
+  return ctx.cache[key]
+
+
 def curvature_batches(ctx: Context) -> list:
-  """Returns the fixed list of batches the curvature averages over (the curvature source, read once)."""
+  """Returns the fixed list of batches the curvature averages over (the curvature source, read once a stage)."""
+  def read():
+    source = task_lib.curvature_source(ctx.task, ctx.config)
+    a = ctx.config.arnoldi
+    return [b for _, b in input_lib.batches(source, np.arange(len(source)), a.batch_size, "curvature source")]
+  return _cached(ctx, "curvature_batches", read)
+
+
+def curvature_digest(ctx: Context) -> str:
+  """Returns the digest of every example of the curvature sample (`io.RowDigest`).
+
+  When the sample's source offers an identity (`sources.offers_identity`: its files or a version), the
+  digest recorded in curvature_digest.json under the same identity is reused (no read); otherwise, or
+  when the identity changed, the sample is read whole (arnoldi.num_examples examples) and hashed.
+  """
   source = task_lib.curvature_source(ctx.task, ctx.config)
-  a = ctx.config.arnoldi
-  return [b for _, b in input_lib.batches(source, np.arange(len(source)), a.batch_size, "curvature source")]
+  identity = sources.source_fingerprint(source) if sources.offers_identity(source) else None
+  path = ctx.path(CURVATURE_DIGEST_FILE)
+  recorded = io_lib.read_json(path) or {}
+  if identity is not None and recorded.get("identity") == identity and recorded.get("digest"):
+    return recorded["digest"]
+  digest = io_lib.rows_digest(curvature_batches(ctx))
+  if identity is not None and common.is_writer():
+    io_lib.atomic_write_json(path, {"identity": identity, "digest": digest})
+  return digest
+
+
+def eigenspace_fingerprint(ctx: Context) -> str:
+  """Returns what the eigenspace is computed from: task, params, seed, the arnoldi settings (not δ) and the
+  curvature sample's content (`curvature_digest`)."""
+  c = ctx.config
+  return _cached(ctx, "eigenspace_fingerprint", lambda: io_lib.digest(
+      c.task, ctx.params_fingerprint, c.seed, _what(c.arnoldi), curvature_digest(ctx)))
+
+
+def store_fingerprint(ctx: Context) -> str:
+  """Returns what the store's layout and directions are computed from: the eigenspace, the training set's
+  type and length, the sketch, the chunking, the residual basis. The training set's content is checked
+  apart (`check_training_set`), so that a changed example re-projects only its chunk."""
+  c = ctx.config
+  basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
+  train = f"{type(ctx.task.train).__module__}.{type(ctx.task.train).__qualname__}:{len(ctx.task.train)}"
+  return _cached(ctx, "store_fingerprint", lambda: io_lib.digest(
+      eigenspace_fingerprint(ctx), train, c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis))
+
+
+def training_identity(ctx: Context) -> str:
+  """Returns the training set's identity: `sources.source_fingerprint` (its files or version when it offers
+  them, its type, length and 8 sampled examples), without reading it all."""
+  return _cached(ctx, "training_identity", lambda: sources.source_fingerprint(ctx.task.train))
+
+
+def check_training_set(ctx: Context, store: store_lib.ProjectionStore) -> None:
+  """Raises StoreError when the training set's identity differs from the one recorded with the store's
+  rows: scores from it would be of other examples. Names the way out (project.verify)."""
+  recorded, now = store.recorded_source(), training_identity(ctx)
+  if recorded is not None and recorded != now:
+    raise store_lib.StoreError(
+        f"The training set changed since the projection store {store.directory} was written (its identity: "
+        f"{recorded}, now {now}: files, version or sampled examples). Run scripts/project.py with "
+        "--config.project.verify=True to re-read every training example, compare each chunk's digest and "
+        f"re-project the chunks that changed (a full read of the training set), or delete {store.directory}.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def per_example_losses(per_example_loss_fn, params, batch):
+  """Returns the (B,) per-example losses of a batch (jitted): what names the examples a NaN comes from."""
+  return per_example_loss_fn(params, batch)
 
 
 def load_eigenspace(ctx: Context) -> Eigenspace:
   """Returns the fitted eigenspace with the config's damping (`with_scoring_damping`); raises
   FileNotFoundError naming the job to run first."""
   try:
-    es = checkpoint.load_eigenspace(ctx.path("eigenspace"), fingerprint=ctx.eigenspace_fingerprint, mesh=ctx.mesh)
+    es = checkpoint.load_eigenspace(ctx.path("eigenspace"), fingerprint=eigenspace_fingerprint(ctx), mesh=ctx.mesh)
   except FileNotFoundError:
     raise FileNotFoundError(f"No fitted eigenspace in {ctx.path('eigenspace')}: run scripts/fit_eigenspace.py "
                             "with this config first.") from None
@@ -75,7 +167,7 @@ def basis_path(ctx: Context) -> str:
 
 def basis_fingerprint(ctx: Context, rank: int) -> str:
   """Returns what a residual basis of `rank` rows is computed from: the eigenspace, its sample, the seed."""
-  return io_lib.digest(ctx.eigenspace_fingerprint, rank, ctx.config.project.residual_examples, ctx.config.seed)
+  return io_lib.digest(eigenspace_fingerprint(ctx), rank, ctx.config.project.residual_examples, ctx.config.seed)
 
 
 def load_residual_basis(ctx: Context, es: Eigenspace) -> Optional[np.ndarray]:

@@ -72,7 +72,7 @@ from influence_jax import flax_adapters
 from influence_jax import projection
 from influence_jax import scoring
 from influence_jax import validation
-from influence_jax.eigenspace import Eigenspace, check_params, default_tail_constant, inverse_eigenvalues
+from influence_jax.eigenspace import Eigenspace, check_params, inverse_eigenvalues, tail_constant_or_default
 from influence_jax.methods import classification as cl
 from influence_jax.methods import last_layer as ll
 from influence_jax.types import OutputsFn, PerExampleLossFn
@@ -282,9 +282,7 @@ def eigenspace_memorization(
   v = u.T @ (inverse_eigenvalues(eigenspace, damping).astype(u.dtype) * coords)
   c = None
   if tail:
-    c = default_tail_constant(eigenspace, damping) if tail_constant is None else float(tail_constant)
-    if not c > 0:
-      raise ValueError(f"the tail constant must be positive; got {c}.")
+    c = tail_constant_or_default(eigenspace, damping, tail_constant)
     v = v + (g_bar - u.T @ coords) / c
   train_batches = data_lib.materialize(train_batches, "train_batches")
   proj = projection.project_on(jnp.concatenate([u, v[None]]), per_example_loss_fn, params, train_batches,
