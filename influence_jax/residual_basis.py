@@ -41,40 +41,69 @@ from influence_jax.types import PerExampleLossFn
 
 def orthonormal_rows(y: jax.Array, against: jax.Array) -> jax.Array:
   """Returns (l, p) rows spanning those of `y` (l, p) minus their part in the span of `against`'s orthonormal
-  rows: orthonormal up to the remainder's numerical rank, zero beyond it (a fixed shape whatever the data:
-  no recompilation downstream).
+  rows: orthonormal up to the remainder's numerical rank (singular values > 1000·eps·the largest), zero
+  beyond it (a fixed shape whatever the data: no recompilation downstream).
 
-  The projection is applied twice (re-orthogonalisation); the rows come from the (l × l) Gram matrix's
-  eigendecomposition, twice (the second pass, on nearly orthonormal rows, makes them orthonormal to
-  rounding): l²p multiply-adds a pass where a QR or SVD of the wide (l, p) matrix is tens of times
-  slower on CPU. Directions whose singular value is below `_gram_tolerance` of the largest are dropped:
-  they are rounding noise of the Gram matrix (and carry no energy a basis needs).
+  The projection is applied twice (re-orthogonalisation). The rows come from (l × l) Gram matrices, l²p
+  multiply-adds each where a QR or SVD of the wide (l, p) matrix is tens of times slower on CPU: a Gram
+  matrix resolves singular values only down to `_gram_tolerance` of its largest (its eigenvalues' rounding),
+  so the directions found are deflated from `y` and the rest searched again, `GRAM_ROUNDS` times.
   """
   for _ in range(2):
     y = y - (y @ against.T) @ against
-  return _gram_orthonormal(_gram_orthonormal(y))
+  floor = 1000 * jnp.finfo(y.dtype).eps * jnp.sqrt(jnp.max(jnp.linalg.eigvalsh(_gram(y))))
+  found = jnp.zeros((0, y.shape[1]), y.dtype)
+  rest = y
+  for _ in range(GRAM_ROUNDS):
+    rows = _gram_orthonormal(_deflated(rest, found), floor)
+    found = jnp.concatenate([found, _gram_orthonormal(_deflated(rows, found), 0.5)])  # Nearly orthonormal.
+    rest = _deflated(rest, found)
+  return _leading_rows(found, y.shape[0])
+
+
+# Rounds of deflation in `orthonormal_rows`: each resolves singular values down to `_gram_tolerance` (≈ 4 %
+# in float32 at l = 144) of the largest left, so three reach the 1000·eps floor.
+GRAM_ROUNDS = 3
+
+
+def _gram(y: jax.Array) -> jax.Array:
+  return jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _deflated(y: jax.Array, rows: jax.Array) -> jax.Array:
+  """Returns `y` minus its part in the span of the orthonormal (or zero) `rows`, projected twice."""
+  for _ in range(2):
+    y = y - (y @ rows.T) @ rows
+  return y
 
 
 def _gram_tolerance(y: jax.Array) -> float:
-  """Returns the smallest singular value kept, relative to the largest: √(100·l·eps), above the rounding
-  noise of an (l × l) Gram matrix's eigenvalues (l·eps of the largest)."""
+  """Returns the smallest singular value a Gram matrix resolves, relative to the largest: √(100·l·eps),
+  above the rounding of its eigenvalues (l·eps of the largest)."""
   return float(np.sqrt(100 * y.shape[0] * jnp.finfo(y.dtype).eps))
+
+
+def _gram_orthonormal(y: jax.Array, floor) -> jax.Array:
+  """Returns (l, p) orthonormal rows spanning `y`'s directions of singular value above `floor` and above
+  `_gram_tolerance` of the largest (largest first), zero rows beyond them: Λ^(-1/2) Aᵀ y for y yᵀ = A Λ Aᵀ."""
+  w, a = jnp.linalg.eigh(_gram(y))
+  w, a = w[::-1], a[:, ::-1]
+  s = jnp.sqrt(jnp.maximum(w, 0.0))
+  keep = (s > _gram_tolerance(y) * s[0]) & (s > floor)
+  return (a * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)).T @ y
+
+
+def _leading_rows(rows: jax.Array, count: int) -> jax.Array:
+  """Returns `count` rows spanning the orthonormal (or zero) `rows`, zero rows after them."""
+  w, a = jnp.linalg.eigh(_gram(rows))
+  w, a = w[::-1][:count], a[:, ::-1][:, :count]
+  return (a * (w > 0.5)).T @ rows
 
 
 def _numerical_rank(singular_values: jax.Array) -> int:
   """Returns how many of the (descending) singular values exceed 1000·eps·the largest (0 if all are zero)."""
   s = singular_values
   return int(jnp.sum(s > 1000 * jnp.finfo(s.dtype).eps * s[0])) if s.size and float(s[0]) > 0 else 0
-
-
-def _gram_orthonormal(y: jax.Array) -> jax.Array:
-  """Returns (l, p) orthonormal rows spanning `y`'s numerically significant directions (largest singular
-  value first), zero rows beyond them: Λ^(-1/2) Aᵀ y for y yᵀ = A Λ Aᵀ."""
-  w, a = jnp.linalg.eigh(jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST))
-  w, a = w[::-1], a[:, ::-1]
-  s = jnp.sqrt(jnp.maximum(w, 0.0))
-  keep = s > _gram_tolerance(y) * s[0]
-  return (a * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)).T @ y
 
 
 # Per-example gradients formed at once while fitting a basis: a chunk of the sample of at most this many

@@ -101,3 +101,20 @@ def test_plain_tail_from_rows_with_a_residual_basis_equals_in_memory_tail(mlp):
   q = ij.query_side(es, queries.projections[:, :8], queries.sketch, query_residual=queries.projections[:, 8:])
   np.testing.assert_allclose(q @ rows.T, ij.influence(es, per_example, params, test, batches, tail=True),
                              rtol=1e-8, atol=1e-10)
+
+
+def test_orthonormal_rows_resolve_small_singular_values_in_float32():
+  # Singular values from 1 down to 3e-4: a single Gram matrix resolves only ~4 % of the largest in
+  # float32 (l = 48); the deflation rounds must find every direction above 1000·eps (1.2e-4).
+  rng = np.random.default_rng(0)
+  l, p = 48, 3000
+  s = np.geomspace(1.0, 3e-4, l)
+  left = np.linalg.qr(rng.standard_normal((l, l)))[0]
+  right = np.linalg.qr(rng.standard_normal((p, l)))[0].T
+  y = (left * s) @ right
+  against = np.zeros((1, p))
+  q = np.asarray(residual_basis.orthonormal_rows(jnp.asarray(y, jnp.float32), jnp.asarray(against, jnp.float32)),
+                 np.float64)
+  assert np.sum(np.linalg.norm(q, axis=1) > 0.5) == l
+  np.testing.assert_allclose(q @ q.T, np.eye(l), atol=1e-5)
+  np.testing.assert_allclose(q.T @ (q @ right.T), right.T, atol=1e-3)  # Spans all of y's row space.
