@@ -261,11 +261,13 @@ def project(
     params: Any,
     batches,
     *,
-    method: str = "vjp",
+    method: Optional[str] = None,
     microbatch_size: Optional[int] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> jax.Array:
   """Returns the (N, k) projections G(z) = U ∇ℓ(z) of every example in `batches`, in order.
+
+  `method`: as `projection.project_on` (None: layer-wise, for any per-example loss).
 
   The eigenvectors are used on their own mesh, or laid out on `mesh` when one
   is given; the batches are split over its 'data' axis and the result is

@@ -41,7 +41,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from influence_jax import curvature
+from influence_jax import curvature, traced
 from influence_jax.types import LossFn, OutputsFn, Params, PerExampleLossFn
 
 
@@ -56,7 +56,8 @@ class ModelFns(NamedTuple):
   loss_fn(params, batch) -> scalar: mean per-example loss + (l2/2)‖params‖²; a
     curvature.SplitLoss, so curvature="gauss_newton" works with it as well.
   per_example_loss_fn(params, batch) -> (B,): per-example losses, no L2 term
-    (Linen: a layerwise.LayerwiseLoss, which also projects layer by layer).
+    that also projects layer by layer: Linen, a layerwise.LayerwiseLoss (module
+    interception); NNX, a traced.TracedLayerwiseLoss (layers found from the jaxpr).
   outputs_fn(params, batch) -> model outputs (e.g. (B, C) logits), eval mode.
   merge(params) -> the model with these params: Linen, the full variables
     dict {"params": params, **other collections}; NNX, a new module
@@ -207,7 +208,8 @@ def nnx_loss_fns(
   is closed over. Outputs are nnx.merge(graphdef, params, rest)(*[batch[k]
   for k in input_key]); per_example_loss(outputs, batch[label_key]) -> (B,).
   `model` is not modified; write trained params back with nnx_update(model, params).
-  params_filter defaults to nnx.Param.
+  params_filter defaults to nnx.Param. per_example_loss_fn is a traced.TracedLayerwiseLoss, so
+  projections are layer-wise (its Linear layers' contractions found from the jaxpr).
   """
   from flax import nnx  # noqa: PLC0415
 
@@ -224,7 +226,8 @@ def nnx_loss_fns(
     return nnx.merge(graphdef, params, rest)(*inputs(batch))
 
   merge = lambda params: nnx.merge(graphdef, params, rest)
-  return _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
+  fns = _make_fns(params, outputs_fn, per_example_loss, labels, l2, merge)
+  return fns._replace(per_example_loss_fn=traced.TracedLayerwiseLoss(fns.per_example_loss_fn))
 
 
 def nnx_update(model: nnx.Module, params: Params) -> nnx.Module:

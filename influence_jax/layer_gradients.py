@@ -1,4 +1,4 @@
-"""Per-example quantities of one Linen layer from its inputs x and output gradients δ (`layerwise`).
+"""Per-example quantities of one layer from its inputs x and output gradients δ (`layerwise`, `traced`).
 
 - `factored_dense`: a Dense / DenseGeneral applied once per example, projected on k directions
   without its gradient (xᵀ U_j δ), the directions a few at a time (`dense_layout`);
@@ -7,7 +7,8 @@
   input slice each offset reads times δ, summed over output positions: batched matmuls), others by
   a vmapped VJP of the layer alone.
 
-`call` arguments are `layerwise.LayerCall`s (a layer, its input and output shapes for one example).
+`call` arguments are `layerwise.LayerCall`s (a layer, its input and output shapes for one example); only
+the functions that take one import flax, so `traced` (plain functions, NNX) uses the others without it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import itertools
 import math
 from typing import NamedTuple, Optional
 
-import flax.linen as nn
-from flax.linen import linear
 import jax
 import jax.numpy as jnp
 
 
 def dense_factors(call):
   """Returns (in_size, out_size) if `call` is a Dense/DenseGeneral applied once per example, else None."""
+  import flax.linen as nn  # noqa: PLC0415 (Linen calls only: the rest of this module is core)
+
   layer = call.layer
   if isinstance(layer, nn.Dense):
     n_in = 1
@@ -56,6 +57,9 @@ def conv_geometry(call) -> Optional[ConvGeometry]:
   """Returns the window of an nn.Conv call on one example (one batch dimension: images folded into
   it are summed over) with one feature group, no mask, no custom convolution, dtype or precision
   and 'SAME' / 'VALID' / explicit padding (as lax pads it); else None."""
+  import flax.linen as nn  # noqa: PLC0415
+  from flax.linen import linear  # noqa: PLC0415
+
   layer = call.layer
   if (type(layer) is not nn.Conv or layer.feature_group_count != 1 or layer.mask is not None or layer.dtype is not None
       or layer.precision is not None or layer.conv_general_dilated is not None

@@ -5,9 +5,12 @@ keeping p-sized gradients for more than one micro-batch:
 - "vjp": per-example gradients of one micro-batch (vmap of grad), then a matmul;
 - "jvp": k forward-mode directional derivatives ⟨∇ℓ(z), d_j⟩ for the whole
   micro-batch at once; no p-sized per-example gradient ever exists;
-- "layerwise": layer by layer from each layer's inputs and output gradients
-  (`layerwise.LayerwiseLoss`, which the Flax Linen adapters return); the
-  default whenever per_example_loss_fn provides it, "vjp" otherwise.
+- "layerwise" (the default): layer by layer from each layer's inputs and
+  output gradients. A per_example_loss_fn that is a `types.LayerwiseLossFn`
+  (`layerwise.LayerwiseLoss`, which the Flax Linen adapters return) does it
+  itself; any other (a plain function, NNX, equinox-style) is wrapped in a
+  `traced.TracedLayerwiseLoss`, which finds its layers from its jaxpr
+  (`as_layerwise`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import sharding as sharding_lib
+from influence_jax import traced
 from influence_jax import validation
 from influence_jax.types import LayerwiseLossFn, PerExampleLossFn
 
@@ -53,16 +57,28 @@ def balanced_microbatch(batch: int, most: int) -> int:
 
 
 def resolve_method(per_example_loss_fn: PerExampleLossFn, method: Optional[str]) -> str:
-  """Returns `method`, or when None "layerwise" if per_example_loss_fn provides it and "vjp" otherwise."""
-  has_layerwise = isinstance(per_example_loss_fn, LayerwiseLossFn)
+  """Returns `method`, or "layerwise" when None (every per-example loss has it: `as_layerwise`)."""
   if method is None:
-    return "layerwise" if has_layerwise else "vjp"
+    return "layerwise"
   if method not in METHODS:
     raise ValueError(f"Unknown projection method {method!r}; expected one of {METHODS}.")
-  if method == "layerwise" and not has_layerwise:
-    raise ValueError("method='layerwise' needs a per_example_loss_fn that is a types.LayerwiseLossFn (a "
-                     "layerwise.LayerwiseLoss, as flax_adapters.linen_loss_fns returns).")
   return method
+
+
+def as_layerwise(per_example_loss_fn: PerExampleLossFn) -> LayerwiseLossFn:
+  """Returns per_example_loss_fn if it is a `types.LayerwiseLossFn`, else its `traced.TracedLayerwiseLoss`
+  (one per function, kept: the same static jit argument, and its jaxpr traced once per shapes)."""
+  if isinstance(per_example_loss_fn, LayerwiseLossFn):
+    return per_example_loss_fn
+  try:
+    return _traced(per_example_loss_fn)
+  except TypeError:  # Unhashable: a wrapper of its own (compiled anew each call, as any unhashable function).
+    return traced.TracedLayerwiseLoss(per_example_loss_fn)
+
+
+@functools.lru_cache(maxsize=64)
+def _traced(per_example_loss_fn):
+  return traced.TracedLayerwiseLoss(per_example_loss_fn)
 
 
 def shape_of_one(batch):
@@ -193,10 +209,12 @@ def project_on(
   or slicing: mask their padding rows yourself). Params keep an existing
   sharding on the mesh. The (N, k) result is sharded by example,
   P('data', None), when N is a multiple of the 'data' size (otherwise laid
-  out as XLA chose). `method` None picks "layerwise" when per_example_loss_fn
-  provides it, else "vjp". `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp").
+  out as XLA chose). `method` None picks "layerwise" (`as_layerwise`).
+  `with_sq_norms` also returns ‖∇ℓ(z)‖² (not with "jvp").
   """
   method = resolve_method(per_example_loss_fn, method)
+  if method == "layerwise":
+    per_example_loss_fn = as_layerwise(per_example_loss_fn)
   if with_sq_norms and method == "jvp":
     raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
   flat, _ = ravel_pytree(params)

@@ -163,7 +163,7 @@ def store_method(per_example_loss_fn: PerExampleLossFn, method: str | None, sket
   position-wise layers; docs/throughput.md)."""
   resolved = projection.resolve_method(per_example_loss_fn, method)
   if method is None and resolved == "layerwise" and sketched:
-    if per_example_loss_fn.factored_fraction(params, example) < 0.5:
+    if projection.as_layerwise(per_example_loss_fn).factored_fraction(params, example) < 0.5:
       return "vjp"
   return resolved
 
@@ -190,6 +190,8 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
   size = data_lib.batch_size(batch)
   num_params = sum(x.size for x in jax.tree.leaves(params))  # Shapes only: nothing is concatenated per batch.
   gradient_bytes = num_params * jnp.dtype(directions.dtype).itemsize
+  if method == "layerwise":
+    per_example_loss_fn = projection.as_layerwise(per_example_loss_fn)
   if method == "vjp":
     micro = divisor_at_most(size, microbatch_size or max(1, _PROJECT_GRADIENT_BYTES // gradient_bytes))
     return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))

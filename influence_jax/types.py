@@ -1,8 +1,9 @@
 """The types every layer shares: parameters, batches, the loss functions, example sources, the jobs' Task.
 
 A batch is examples stacked on a leading axis (a pytree of arrays). Every signature of the
-package that takes a loss takes one of the Protocols below; `isinstance(fn, LayerwiseLossFn)` is
-how the projections find the layer-wise path.
+package that takes a loss takes one of the Protocols below. The projections take the layer-wise
+path of a loss that is a `LayerwiseLossFn` (`isinstance`), and wrap any other in one that finds
+its layers from its jaxpr (`projection.as_layerwise`, `traced.TracedLayerwiseLoss`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class OutputsFn(Protocol):
 @runtime_checkable
 class LayerwiseLossFn(Protocol):
   """A per-example loss that also projects its per-example gradients layer by layer
-  (`layerwise.LayerwiseLoss`): the fast path of `projection.project_on` and `sketch.project_and_sketch`."""
+  (`traced.TracedLayerwiseLoss` for any function, `layerwise.LayerwiseLoss` for Linen modules): the
+  fast path of `projection.project_on` and `sketch.project_and_sketch`."""
 
   def __call__(self, params: Params, batch: Batch) -> jax.Array: ...
 

@@ -1,8 +1,11 @@
 """Throughput of projecting per-example gradients, against its floor and a plain batched gradient.
 
 For each model and k, prints examples/s of `projection.project_on` for the
-default method (layer-wise for Linen models) and the old "vjp" and "jvp"
-methods, and two ratios measured in the same run:
+default method (layer-wise: Linen models by module interception, `layerwise`;
+the plain-function and NNX twins of the small MLP, `mlp_small_plain` and
+`mlp_small_nnx`, by the layers found from the jaxpr, `traced`; any model
+name + `_traced`: that Linen model's loss through `traced`) and the
+old "vjp" and "jvp" methods, and two ratios measured in the same run:
 - × floor: time per example ÷ (floor FLOPs ÷ the run's jitted float32 matmul
   rate), floor FLOPs = 3 × the forward pass's FLOPs (XLA's count; 6 × weights
   for an MLP) + 2·k·p;
@@ -14,7 +17,9 @@ With --store_rows, the same for `sketch.project_and_sketch` (default method:
 eigenvector directions plus --residual_rank residual directions and a Kronecker sketch of
 --sketch_dim rows; its floor adds the sketch's FLOPs (2·m₁·p₁p₂ + 2·m₁m₂p₂ + 2·(k + r)·m).
 
-Each figure is the best of --repeats timed passes after one warm-up.
+Each figure is the best of --repeats timed passes after one warm-up. With --interleave (default
+method only), the models are timed in turn in each of --repeats rounds, with the matmul rate and
+their batched gradients, so that on a shared machine all see the same spells of load.
 
   nice -n 10 python scripts/bench_throughput.py --out docs/throughput_results.txt
 """
@@ -29,14 +34,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, projection, ranking, sketch
+from influence_jax import flax_adapters, projection, ranking, sketch, traced
 from influence_jax.examples import models
 
-MODELS = ("mlp_small", "mlp_big", "cnn", "transformer")
+# Any name + "_traced": that Linen model's loss through `traced` instead of its module interception.
+MODELS = ("mlp_small", "mlp_small_plain", "mlp_small_nnx", "mlp_big", "cnn", "transformer")
+
+
+def _plain_mlp_outputs(params, batch):
+  """The 784-128-10 ReLU MLP written as a plain JAX function over a dict of arrays (x @ W + b)."""
+  h = jax.nn.relu(batch["x"] @ params["hidden_0"]["kernel"] + params["hidden_0"]["bias"])
+  return h @ params["output"]["kernel"] + params["output"]["bias"]
+
+
+def _plain_fns(params, outputs_fn, per_example_loss_fn=None):
+  """Returns ModelFns of a plain function (its per-example loss a plain function too unless given)."""
+  per_example = per_example_loss_fn or (lambda p, b: models.softmax_cross_entropy(outputs_fn(p, b), b["y"]))
+  return flax_adapters.ModelFns(params, lambda p, b: jnp.mean(per_example(p, b)), per_example, outputs_fn,
+                                lambda p: p)
 
 
 def make_problem(name: str, batch: int, key):
   """Returns (ModelFns, list of device batches) for one benchmark model on random data."""
+  if name.endswith("_traced"):  # A Linen model's loss as a plain function: its layers found from the jaxpr.
+    fns, data = make_problem(name.removesuffix("_traced"), batch, key)
+    return fns._replace(per_example_loss_fn=traced.TracedLayerwiseLoss(fns.per_example_loss_fn.fn)), data
   kx, ky, ki = jax.random.split(key, 3)
   if name == "transformer":
     length, vocab = 32, 64
@@ -46,12 +68,21 @@ def make_problem(name: str, batch: int, key):
     variables = module.init(ki, src[:1], tgt[:1])
     fns = flax_adapters.linen_loss_fns(module, variables, models.sequence_cross_entropy, input_key=("src", "tgt"))
     return fns, {"src": src, "tgt": tgt, "y": tgt}
+  # The small MLP three ways, the same weights: Linen (module interception, `layerwise`), a plain
+  # function and NNX (layers found from the jaxpr, `traced`).
+  base = name.removesuffix("_plain").removesuffix("_nnx")
   module = {"mlp_small": models.MLP(features=(128,)), "mlp_big": models.MLP(features=(512, 512)),
-            "cnn": models.CNN(features=(16, 32), use_batch_norm=True)}[name]
+            "cnn": models.CNN(features=(16, 32), use_batch_norm=True)}[base]
   x = jax.random.normal(kx, (batch, 784), jnp.float32)
   y = jax.random.randint(ky, (batch,), 0, 10)
   variables = module.init(ki, x[:1])
-  return flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy), {"x": x, "y": y}
+  fns = flax_adapters.linen_loss_fns(module, variables, models.softmax_cross_entropy)
+  if name.endswith("_plain"):
+    fns = _plain_fns(variables["params"], _plain_mlp_outputs)
+  elif name.endswith("_nnx"):
+    fns = flax_adapters.nnx_loss_fns(models.nnx_mlp_from_linen(module, variables["params"]),
+                                     models.softmax_cross_entropy)
+  return fns, {"x": x, "y": y}
 
 
 def best_time(fn, repeats: int) -> float:
@@ -107,6 +138,41 @@ def run(names, ks, methods, batch_size, repeats, write):
         write(f"| {name} | {p:,} | {k} | {label} | {1 / t:,.0f} | {t / floor_t:.2f} | {t / grad_t:.1f} |")
 
 
+def run_interleaved(names, ks, batch_size, repeats, write):
+  """As `run` for the default method, the models timed in turn within each of `repeats` rounds (and the
+  matmul rate and each model's batched gradient in the same rounds), each figure the best of its
+  rounds: on a shared machine, every model and the floor then see the same spells of load."""
+  key = jax.random.PRNGKey(0)
+  problems = []
+  for name in names:
+    fns, batch = make_problem(name, batch_size, key)
+    grad = jax.jit(jax.grad(fns.loss_fn))
+    problems.append((name, fns, batch, ravel_pytree(fns.params)[0].size, forward_flops(fns, batch),
+                     lambda fns=fns, batch=batch, grad=grad: jax.block_until_ready(grad(fns.params, batch))))
+  for k in ks:
+    calls = []
+    for name, fns, batch, p, fwd, grad_call in problems:
+      directions = jax.random.normal(jax.random.PRNGKey(k), (k, p), jnp.float32)
+      call = (lambda fns=fns, batch=batch, directions=directions: projection.project_on(
+          directions, fns.per_example_loss_fn, fns.params, [batch]).values.block_until_ready())
+      call(), grad_call()  # Compiled before the rounds.
+      calls.append(call)
+    times = [[] for _ in problems]
+    grad_times = [[] for _ in problems]
+    rates = []
+    for _ in range(repeats):
+      for i, ((_, _, _, _, _, grad_call), call) in enumerate(zip(problems, calls)):
+        times[i].append(best_time(call, 1))
+        grad_times[i].append(best_time(grad_call, 1))
+      rates.append(matmul_rate(1))
+    rate = max(rates)
+    for (name, fns, _, p, fwd, _), ts, gs in zip(problems, times, grad_times):
+      t, grad_t = min(ts) / batch_size, min(gs) / batch_size
+      default = projection.resolve_method(fns.per_example_loss_fn, None)
+      write(f"| {name} | {p:,} | {k} | default ({default}) | {1 / t:,.0f} | {t / ((3 * fwd + 2 * k * p) / rate):.2f} | "
+            f"{t / grad_t:.1f} |")
+
+
 def store_rows(names, ks, methods, residual_rank, sketch_dim, batch_size, repeats, write):
   """Prints examples/s of `sketch.project_and_sketch` (a projection store's rows) against its floor."""
   key = jax.random.PRNGKey(0)
@@ -160,6 +226,8 @@ def main():
   parser.add_argument("--scoring", default="1000,1000000,100",
                       help="T,N,k of the scoring measurement ('' to skip)")
   parser.add_argument("--block", type=int, default=65536, help="rows per scoring block")
+  parser.add_argument("--interleave", action="store_true",
+                      help="the default method only, the models timed in turn in each round (a shared machine)")
   parser.add_argument("--store_rows", action="store_true",
                       help="measure sketch.project_and_sketch (the project job's rows) instead of project_on")
   parser.add_argument("--residual_rank", type=int, default=128, help="residual directions (with --store_rows)")
@@ -182,7 +250,10 @@ def main():
   elif args.models:
     write("| model | p | k | method | examples/s | × floor | × grad |")
     write("|---|---|---|---|---|---|---|")
-    run(args.models.split(","), ks, methods, args.batch_size, args.repeats, write)
+    if args.interleave:
+      run_interleaved(args.models.split(","), ks, args.batch_size, args.repeats, write)
+    else:
+      run(args.models.split(","), ks, methods, args.batch_size, args.repeats, write)
   if args.scoring:
     scoring(*(int(v) for v in args.scoring.split(",")), args.block, args.repeats, write)
   if args.out:

@@ -2,8 +2,13 @@
 
 float64, on every layer type of the example models (Dense, Conv, Embed,
 DenseGeneral attention projections, LayerNorm, BatchNorm) and on layers the
-layer-wise projector must leave to vmap(grad) (a tied embedding's `attend`).
+layer-wise projector must leave to vmap(grad) (a tied embedding's `attend`); and, by the layers
+found from the jaxpr (`traced`), on models of every family: plain functions (an MLP with a weight
+used twice, a CNN with strides and padding, tied embeddings, a scanned layer, an RNN cell),
+equinox-style pytree modules, NNX, and the Linen models' losses (a Transformer among them).
 """
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -13,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, layer_gradients, layerwise, projection, sketch
+from influence_jax import flax_adapters, layer_gradients, layerwise, projection, sketch, traced
 from influence_jax.examples import models
 
 TOL = 1e-10
@@ -82,11 +87,17 @@ def _problem(name):
   return flax_adapters.linen_loss_fns(module, variables, loss, input_key=keys), batch
 
 
-def _exact(fns, batch, directions):
-  """Returns ((N, k) projections, (N,) squared norms) from full per-example gradients."""
+def _full_gradients(fns, batch):
+  """Returns the (N, p) per-example gradients by vmap of grad, jitted (as every projection is: a model
+  with float32 steps inside, e.g. NNX attention, rounds differently outside jit)."""
   flat, unravel = ravel_pytree(fns.params)
   one = lambda ex: jax.grad(lambda f: fns.per_example_loss_fn(unravel(f), jax.tree.map(lambda a: a[None], ex))[0])
-  grads = jax.vmap(lambda ex: one(ex)(flat))(batch)
+  return jax.jit(jax.vmap(lambda ex: one(ex)(flat)))(batch)
+
+
+def _exact(fns, batch, directions):
+  """Returns ((N, k) projections, (N,) squared norms) from full per-example gradients."""
+  grads = _full_gradients(fns, batch)
   return grads @ directions.T, jnp.sum(grads * grads, axis=1)
 
 
@@ -242,12 +253,17 @@ def test_default_method():
     assert sketch.store_method(fns_n.per_example_loss_fn, None, True, fns_n.params, one) == want, name
     assert sketch.store_method(fns_n.per_example_loss_fn, None, False, fns_n.params, one) == "layerwise"
     assert sketch.store_method(fns_n.per_example_loss_fn, "layerwise", True, fns_n.params, one) == "layerwise"
+  # NNX and plain functions: layer-wise too, their layers found from the jaxpr (`traced`).
   model = models.NNXMLP(64, (4,), rngs=nnx.Rngs(0))
   nnx_fns = flax_adapters.nnx_loss_fns(model, models.softmax_cross_entropy)
-  assert sketch.store_method(nnx_fns.per_example_loss_fn, None, True, None, None) == "vjp"
-  assert projection.resolve_method(nnx_fns.per_example_loss_fn, None) == "vjp"
-  with pytest.raises(ValueError, match="layerwise"):
-    projection.resolve_method(nnx_fns.per_example_loss_fn, "layerwise")
+  one = projection.shape_of_one({"x": jnp.zeros((2, 64)), "y": jnp.zeros((2,), jnp.int32)})
+  assert sketch.store_method(nnx_fns.per_example_loss_fn, None, True, nnx_fns.params, one) == "layerwise"
+  assert projection.resolve_method(nnx_fns.per_example_loss_fn, None) == "layerwise"
+  plain = lambda params, batch: jnp.sum(batch["x"] * params, axis=1)  # No contraction: nothing factored.
+  assert sketch.store_method(plain, None, True, jnp.zeros(64), one) == "vjp"
+  assert isinstance(projection.as_layerwise(plain), traced.TracedLayerwiseLoss)
+  assert projection.as_layerwise(plain) is projection.as_layerwise(plain)  # One per function: compiled once.
+  assert projection.as_layerwise(fns.per_example_loss_fn) is fns.per_example_loss_fn  # Linen: interception.
   with pytest.raises(ValueError, match="Unknown projection method"):
     projection.resolve_method(fns.per_example_loss_fn, "exact")
 
@@ -259,3 +275,207 @@ def test_balanced_microbatch(batch, most, want):
   assert micro == want
   steps = -(-batch // micro)
   assert micro <= max(1, most) and steps * micro - batch < steps
+
+
+# ----------------------------------------------------------------------------- layers found from the jaxpr
+
+
+class _Fns(NamedTuple):
+  params: object
+  per_example_loss_fn: object
+
+
+def _plain_mlp(params, batch):
+  """A plain JAX MLP over a dict of arrays, its hidden weight `cell` applied twice (x @ W)."""
+  h = jnp.tanh(batch["x"] @ params["w0"] + params["b0"])
+  h = jnp.tanh(h @ params["cell"] + params["bc"])
+  h = jnp.tanh(h @ params["cell"] + params["bc"])
+  return models.softmax_cross_entropy(h @ params["out"]["w"] + params["out"]["b"], batch["y"])
+
+
+def _plain_cnn(params, batch):
+  """lax convolutions with strides and padding (left to the exact per-leaf gradients), then a Dense."""
+  x = batch["x"].reshape(-1, 1, 8, 8)
+  x = jax.lax.conv_general_dilated(x, params["c0"], (1, 1), ((1, 1), (1, 1)))
+  x = jax.lax.conv_general_dilated(jnp.tanh(x), params["c1"], (2, 2), ((0, 1), (1, 0)))
+  return models.softmax_cross_entropy(jnp.tanh(x).reshape(x.shape[0], -1) @ params["w"], batch["y"])
+
+
+def _plain_tied(params, batch):
+  """Tied embeddings: the table gathered and contracted with (its leaf left to the exact gradient)."""
+  h = params["table"][batch["x"]].mean(axis=1)  # (B, d)
+  h = jnp.tanh(h @ params["w"])
+  return models.softmax_cross_entropy(h @ params["table"].T, batch["y"])
+
+
+def _plain_scan(params, batch):
+  """A scanned layer: stacked weights (L, d, d), one slice an iteration of lax.scan."""
+  def cell(h, w):
+    return jnp.tanh(h @ w), None
+
+  h, _ = jax.lax.scan(cell, jnp.tanh(batch["x"] @ params["w_in"]), params["stack"])
+  return models.softmax_cross_entropy(h @ params["w_out"], batch["y"])
+
+
+def _plain_rnn(params, batch):
+  """One weight read by every iteration of a scan over the sequence (an RNN cell), from the scan's constants."""
+  seq = jnp.moveaxis(batch["x"].reshape(-1, 4, 16), 1, 0)  # (T, B, 16)
+
+  def cell(h, x_t):
+    return jnp.tanh(h @ params["w_h"] + x_t @ params["w_x"]), None
+
+  h, _ = jax.lax.scan(cell, jnp.zeros((seq.shape[1], 5), seq.dtype), seq)
+  return models.softmax_cross_entropy(h @ params["w_out"], batch["y"])
+
+
+@jax.tree_util.register_pytree_node_class
+class EqxLinear:
+  """An equinox-style layer: a pytree of its arrays, called on one example (W @ x); vmapped over a batch."""
+
+  def __init__(self, weight, bias):
+    self.weight, self.bias = weight, bias
+
+  def __call__(self, x):
+    return self.weight @ x + self.bias
+
+  def tree_flatten(self):
+    return (self.weight, self.bias), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+
+def _eqx_mlp(params, batch):
+  first, second = params
+  logits = jax.vmap(lambda x: second(jnp.tanh(first(x))))(batch["x"])
+  return models.softmax_cross_entropy(logits, batch["y"])
+
+
+class NNXBlock(nnx.Module):
+  """An NNX Transformer block: embeddings, self-attention, LayerNorm, a position-wise Linear, a head."""
+
+  def __init__(self, rngs):
+    f = jnp.float64
+    self.embed = nnx.Embed(7, 8, rngs=rngs, param_dtype=f)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs,
+                                       param_dtype=f)
+    self.ln = nnx.LayerNorm(8, rngs=rngs, param_dtype=f)
+    self.ff = nnx.Linear(8, 16, rngs=rngs, param_dtype=f)
+    self.head = nnx.Linear(16 * 5, 10, rngs=rngs, param_dtype=f)
+
+  def __call__(self, tokens):
+    h = self.embed(tokens)
+    h = h + self.attn(self.ln(h))
+    h = jax.nn.gelu(self.ff(h))
+    return self.head(h.reshape(h.shape[0], -1))
+
+
+def _traced_problem(name):
+  """Returns (params and per-example loss, batch of 11 examples) for one float64 model of any family."""
+  key = jax.random.PRNGKey(7)
+  ks = jax.random.split(key, 12)
+  normal = lambda i, shape, s=0.5: s * jax.random.normal(ks[i], shape, jnp.float64)
+  n = 11
+  batch = {"x": jax.random.normal(ks[10], (n, 64), jnp.float64), "y": jax.random.randint(ks[11], (n,), 0, 10)}
+  if name == "plain_mlp":
+    params = {"w0": normal(0, (64, 6)), "b0": normal(1, (6,)), "cell": normal(2, (6, 6)), "bc": normal(3, (6,)),
+              "out": {"w": normal(4, (6, 10)), "b": normal(5, (10,))}}
+    return _Fns(params, _plain_mlp), batch
+  if name == "plain_cnn":
+    return _Fns({"c0": normal(0, (3, 1, 3, 3)), "c1": normal(1, (4, 3, 2, 3)), "w": normal(2, (64, 10))},
+                _plain_cnn), batch
+  if name == "plain_tied":
+    tokens = jax.random.randint(ks[9], (n, 5), 0, 10)
+    return _Fns({"table": normal(0, (10, 4)), "w": normal(1, (4, 4))}, _plain_tied), {"x": tokens, "y": batch["y"]}
+  if name == "plain_scan":
+    return _Fns({"w_in": normal(0, (64, 5)), "stack": normal(1, (3, 5, 5)), "w_out": normal(2, (5, 10))},
+                _plain_scan), batch
+  if name == "plain_rnn":
+    return _Fns({"w_h": normal(0, (5, 5)), "w_x": normal(1, (16, 5)), "w_out": normal(2, (5, 10))}, _plain_rnn), batch
+  if name == "eqx_mlp":
+    params = (EqxLinear(normal(0, (6, 64)), normal(1, (6,))), EqxLinear(normal(2, (10, 6)), normal(3, (10,))))
+    return _Fns(params, _eqx_mlp), batch
+  if name == "nnx_block":
+    fns = flax_adapters.nnx_loss_fns(NNXBlock(nnx.Rngs(0)), models.softmax_cross_entropy)
+    tokens = jax.random.randint(ks[9], (n, 5), 0, 7)
+    return _Fns(fns.params, fns.per_example_loss_fn), {"x": tokens, "y": batch["y"]}
+  if name == "nnx_mlp":
+    model = models.NNXMLP(64, (6, 5), activation="tanh", rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    fns = flax_adapters.nnx_loss_fns(model, models.softmax_cross_entropy)
+    return _Fns(fns.params, fns.per_example_loss_fn), batch
+  # The Linen models of `_problem`, their plain loss (module interception off) through the traced path.
+  fns, batch = _problem(name.removeprefix("linen_"))
+  return _Fns(fns.params, fns.per_example_loss_fn.fn), batch
+
+
+TRACED = ["plain_mlp", "plain_cnn", "plain_tied", "plain_scan", "plain_rnn", "eqx_mlp", "nnx_mlp", "nnx_block",
+          "linen_mlp", "linen_cnn_bn", "linen_convs", "linen_transformer", "linen_tied"]
+
+
+@pytest.mark.parametrize("name", TRACED)
+@pytest.mark.parametrize("norms", [False, True])
+def test_traced_projections_equal_per_example_gradients(name, norms):
+  """Any per-example loss, whatever built it, takes the layer-wise path by default (`projection.as_layerwise`)."""
+  fns, batch = _traced_problem(name)
+  p = ravel_pytree(fns.params)[0].size
+  directions = jax.random.normal(jax.random.PRNGKey(1), (K, p), jnp.float64)
+  want, want_sq = _exact(fns, batch, directions)
+  assert projection.resolve_method(fns.per_example_loss_fn, None) == "layerwise"
+  got = projection.project_on(directions, fns.per_example_loss_fn, fns.params, _split(batch, (7, 4)),
+                              microbatch_size=3, with_sq_norms=norms)
+  np.testing.assert_allclose(got.values, want, rtol=TOL, atol=TOL)
+  if norms:
+    np.testing.assert_allclose(got.sq_norms, want_sq, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("name", TRACED)
+@pytest.mark.parametrize("with_sketch", [False, True])
+def test_traced_store_rows_equal_per_example_gradients(name, with_sketch):
+  fns, batch = _traced_problem(name)
+  flat = ravel_pytree(fns.params)[0]
+  p = flat.size
+  u, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (p, K), jnp.float64))
+  directions = jnp.pad(u.T, ((0, 0), (0, 5)))
+  sk = sketch.make_sketch(p, 24, seed=4, dtype=jnp.float64) if with_sketch else None
+  got = sketch.project_and_sketch(directions, sk, fns.per_example_loss_fn, fns.params, batch, method="layerwise",
+                                  microbatch_size=1 if with_sketch else 0)
+  grads = _full_gradients(fns, batch)
+  np.testing.assert_allclose(got.projections, grads @ u, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(got.sq_norms, jnp.sum(grads * grads, axis=1), rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(got.losses, fns.per_example_loss_fn(fns.params, batch), rtol=TOL, atol=TOL)
+  if with_sketch:
+    np.testing.assert_allclose(got.sketch, sketch.apply_sketch(sk, grads - (grads @ u) @ u.T), rtol=TOL, atol=TOL)
+
+
+def _factored_paths(fns, batch, with_norms):
+  found = traced.discover(fns.per_example_loss_fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
+  paths = layerwise.leaf_paths(fns.params)
+  return {paths[i] for i in traced.factored_leaves(found, with_norms)}
+
+
+def test_traced_finds_the_contractions_of_parameter_leaves():
+  """Which leaves take the factored products (the rest: exact per-leaf per-example gradients)."""
+  fns, batch = _traced_problem("plain_mlp")
+  assert _factored_paths(fns, batch, False) == {("w0",), ("cell",), ("out", "w")}
+  assert _factored_paths(fns, batch, True) == {("w0",), ("out", "w")}  # `cell`, used twice: its own gradient.
+  fns, batch = _traced_problem("eqx_mlp")
+  assert _factored_paths(fns, batch, True) == {("0", "0"), ("1", "0")}  # W @ x under vmap: the weights.
+  fns, batch = _traced_problem("nnx_mlp")
+  assert _factored_paths(fns, batch, True) == {(n, "kernel", "value") for n in ("hidden_0", "hidden_1", "output")}
+  assert isinstance(fns.per_example_loss_fn, traced.TracedLayerwiseLoss)
+  # Scans: stacked weights sliced per iteration are factored (norms too); a weight every iteration reads
+  # sums its products, or takes its own gradient with norms.
+  fns, batch = _traced_problem("plain_scan")
+  assert _factored_paths(fns, batch, True) == {("w_in",), ("stack",), ("w_out",)}
+  fns, batch = _traced_problem("plain_rnn")
+  assert _factored_paths(fns, batch, False) == {("w_h",), ("w_x",), ("w_out",)}
+  assert _factored_paths(fns, batch, True) == {("w_out",)}
+  # Convolution kernels, a table both gathered and contracted: fall back.
+  for name, want in (("plain_cnn", {("w",)}), ("plain_tied", {("w",)}),
+                     ("linen_tied", {("mix", "kernel"), ("back", "kernel")}),
+                     ("linen_cnn_bn", {("output", "kernel")}),
+                     ("nnx_block", {("head", "kernel", "value")}),
+                     ("linen_transformer", set())):  # Position-wise Dense layers: their own gradients.
+    fns, batch = _traced_problem(name)
+    assert _factored_paths(fns, batch, False) == want, name
