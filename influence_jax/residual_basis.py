@@ -45,59 +45,38 @@ def orthonormal_rows(y: jax.Array, against: jax.Array) -> jax.Array:
   beyond it (a fixed shape whatever the data: no recompilation downstream).
 
   The projection is applied twice (re-orthogonalisation). The rows come from (l × l) Gram matrices, l²p
-  multiply-adds each where a QR or SVD of the wide (l, p) matrix is tens of times slower on CPU: a Gram
-  matrix resolves singular values only down to `_gram_tolerance` of its largest (its eigenvalues' rounding),
-  so the directions found are deflated from `y` and the rest searched again, `GRAM_ROUNDS` times.
+  multiply-adds each where a QR or SVD of the wide (l, p) matrix is tens of times slower on CPU:
+  Λ^(-1/2) Aᵀ y for y yᵀ = A Λ Aᵀ, applied `GRAM_PASSES` times (as CholeskyQR is repeated): the first
+  pass leaves rows of small singular value far from orthonormal (a Gram matrix squares the condition
+  number), the next ones, on better and better conditioned rows, make them orthonormal to rounding.
   """
   for _ in range(2):
     y = y - (y @ against.T) @ against
-  floor = 1000 * jnp.finfo(y.dtype).eps * jnp.sqrt(jnp.max(jnp.linalg.eigvalsh(_gram(y))))
-  found = jnp.zeros((0, y.shape[1]), y.dtype)
-  rest = y
-  for _ in range(GRAM_ROUNDS):
-    rows = _gram_orthonormal(_deflated(rest, found), floor)
-    found = jnp.concatenate([found, _gram_orthonormal(_deflated(rows, found), 0.5)])  # Nearly orthonormal.
-    rest = _deflated(rest, found)
-  return _leading_rows(found, y.shape[0])
+  eps = jnp.finfo(y.dtype).eps
+  floor = 1000 * eps * jnp.sqrt(jnp.max(jnp.linalg.eigvalsh(_gram(y))))
+  for i in range(GRAM_PASSES):
+    y = _gram_orthonormal(y, floor if i == 0 else 1000 * eps)
+  return y
 
 
-# Rounds of deflation in `orthonormal_rows`: each resolves singular values down to `_gram_tolerance` (≈ 4 %
-# in float32 at l = 144) of the largest left, so three reach the 1000·eps floor.
-GRAM_ROUNDS = 3
+# Passes of `_gram_orthonormal` in `orthonormal_rows`: with singular values down to 1000·eps of the largest
+# (a condition number of 1/(1000·eps)), one pass leaves errors of eps·κ² and each further pass squares
+# what is left, so three reach rounding.
+GRAM_PASSES = 3
 
 
 def _gram(y: jax.Array) -> jax.Array:
   return jnp.matmul(y, y.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _deflated(y: jax.Array, rows: jax.Array) -> jax.Array:
-  """Returns `y` minus its part in the span of the orthonormal (or zero) `rows`, projected twice."""
-  for _ in range(2):
-    y = y - (y @ rows.T) @ rows
-  return y
-
-
-def _gram_tolerance(y: jax.Array) -> float:
-  """Returns the smallest singular value a Gram matrix resolves, relative to the largest: √(100·l·eps),
-  above the rounding of its eigenvalues (l·eps of the largest)."""
-  return float(np.sqrt(100 * y.shape[0] * jnp.finfo(y.dtype).eps))
-
-
 def _gram_orthonormal(y: jax.Array, floor) -> jax.Array:
-  """Returns (l, p) orthonormal rows spanning `y`'s directions of singular value above `floor` and above
-  `_gram_tolerance` of the largest (largest first), zero rows beyond them: Λ^(-1/2) Aᵀ y for y yᵀ = A Λ Aᵀ."""
+  """Returns (l, p) rows Λ^(-1/2) Aᵀ y (y yᵀ = A Λ Aᵀ, largest first) for the singular values √λ above
+  `floor`, zero rows beyond them."""
   w, a = jnp.linalg.eigh(_gram(y))
   w, a = w[::-1], a[:, ::-1]
   s = jnp.sqrt(jnp.maximum(w, 0.0))
-  keep = (s > _gram_tolerance(y) * s[0]) & (s > floor)
+  keep = s > floor
   return (a * jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)).T @ y
-
-
-def _leading_rows(rows: jax.Array, count: int) -> jax.Array:
-  """Returns `count` rows spanning the orthonormal (or zero) `rows`, zero rows after them."""
-  w, a = jnp.linalg.eigh(_gram(rows))
-  w, a = w[::-1][:count], a[:, ::-1][:, :count]
-  return (a * (w > 0.5)).T @ rows
 
 
 def _numerical_rank(singular_values: jax.Array) -> int:
