@@ -18,8 +18,10 @@ from influence_jax.jobs import task as task_lib
 
 # Keys left out of the eigenspace's and the store's fingerprints: those that change how a stage runs,
 # not what it computes, and the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ).
+# arnoldi.residual_tol only flags pairs in the reports; arnoldi.curvature enters as resolved ("auto" is
+# the curvature it picks: `Context.curvature`).
 _NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
-                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping")
+                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping", "residual_tol")
 
 
 def _what(section) -> dict:
@@ -40,9 +42,19 @@ class Context:
     return io_lib.digest(self.task.params)
 
   @functools.cached_property
+  def curvature_choice(self) -> tuple:
+    """(curvature, why): arnoldi.curvature resolved against the task's loss (`config.resolve_curvature`)."""
+    return config_lib.resolve_curvature(self.config.arnoldi.curvature, self.task.loss_fn)
+
+  @property
+  def curvature(self) -> str:
+    """The curvature the fit uses: "gauss_newton" or "hessian" ("auto" resolved)."""
+    return self.curvature_choice[0]
+
+  @functools.cached_property
   def eigenspace_fingerprint(self) -> str:
     c = self.config
-    return io_lib.digest(c.task, self.params_fingerprint, c.seed, _what(c.arnoldi),
+    return io_lib.digest(c.task, self.params_fingerprint, c.seed, dict(_what(c.arnoldi), curvature=self.curvature),
                          sources.source_fingerprint(task_lib.curvature_source(self.task, c)))
 
   @functools.cached_property
@@ -69,4 +81,6 @@ def prepare(config, workdir: str, *, task: Optional[task_lib.Task] = None) -> Co
   if "workdir" in config and config.workdir != workdir:
     config.workdir = workdir
   task = task_lib.load_task(config) if task is None else task
-  return Context(config, workdir, task, job_mesh(config))
+  ctx = Context(config, workdir, task, job_mesh(config))
+  ctx.curvature_choice  # noqa: B018 (a 'gauss_newton' the loss cannot give is refused before any work)
+  return ctx

@@ -1,9 +1,11 @@
 """The score stage's tables and pictures, written atomically from the merged ranking.
 
 scores/top_k.csv          test_id, test_label, kind, rank, train_id, train_label, score
+scores/top_k_relative.csv, top_k_cosine.csv: the same for score.normalize "relative" / "cosine"
 scores/self_influence.csv rank, train_id, train_label, self_influence (highest first)
-scores/summary.json       what was scored, with what
-scores/influence_grid.png queries next to their top proponents / opponents (with Task.image_fn)
+scores/summary.json       what was scored, with what (and how the CG solves went)
+scores/influence_grid.png queries next to their top proponents / opponents (with Task.image_fn);
+                          influence_grid_relative.png, influence_grid_cosine.png likewise
 Ids are indices into Task.train / the query source.
 """
 
@@ -63,34 +65,47 @@ def top_k_rows(running: ranking.Extremes, train_label, query_label) -> list:
   return rows
 
 
-def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: Any,
-                       running: ranking.Extremes, largest: ranking.RunningLargest, summary: dict,
-                       *, grid_examples: int) -> dict:
-  """Writes the tables (and the picture when the task has image_fn); returns their paths.
+def table_name(stem: str, normalization: str, ext: str) -> str:
+  """Returns a table's file name: top_k.csv for "none", top_k_relative.csv for "relative", ..."""
+  return f"{stem}{'' if normalization == 'none' else '_' + normalization}.{ext}"
 
-  top_k.csv and summary.json go to `out` (the query set's directory); self_influence.csv, a
-  property of the training set alone, to `train_out`.
+
+def write_score_tables(out: str, train_out: str, task: task_lib.Task, queries: Any,
+                       running: dict, largest: ranking.RunningLargest, summary: dict,
+                       *, grid_examples: int) -> dict:
+  """Writes the tables (and the pictures when the task has image_fn); returns their paths.
+
+  `running`: {normalization ("none", "relative", "cosine"): Extremes}, one top-k table (and grid)
+  each. The top-k tables and summary.json go to `out` (the query set's directory); self_influence.csv,
+  a property of the training set alone, to `train_out`.
   """
-  paths = {"top_k": os.path.join(out, "top_k.csv"), "self_influence": os.path.join(train_out, "self_influence.csv"),
-           "summary": os.path.join(out, "summary.json")}
+  paths = {("top_k" if name == "none" else f"top_k_{name}"): os.path.join(out, table_name("top_k", name, "csv"))
+           for name in running}
+  paths.update(self_influence=os.path.join(train_out, "self_influence.csv"), summary=os.path.join(out, "summary.json"))
   keep = largest.indices >= 0
   record = {"store": summary["store_fingerprint"], "rows": int(keep.sum()), "tail": summary["tail"],
             "damping": summary["damping"]}
   write_self = _read_json(paths["self_influence"] + ".json") != record or not os.path.exists(paths["self_influence"])
-  train_label = _Labels(task, task.train).prefetch(np.concatenate(
-      [running.proponents.ravel(), running.opponents.ravel()] + ([largest.indices] if write_self else [])))
-  query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
-  io_lib.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
+  ids = [np.concatenate([e.proponents.ravel(), e.opponents.ravel()]) for e in running.values()]
+  train_label = _Labels(task, task.train).prefetch(np.concatenate(ids + ([largest.indices] if write_self else [])))
+  num_queries = next(iter(running.values())).proponents.shape[0]
+  query_label = _Labels(task, queries).prefetch(np.arange(num_queries))
+  for name, extremes in running.items():
+    io_lib.atomic_write_csv(paths["top_k" if name == "none" else f"top_k_{name}"],
+                            top_k_rows(extremes, train_label, query_label))
   if write_self:
     # A property of the store alone: written once, not again for every query set.
     io_lib.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
         [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
         for r, (j, v) in enumerate(zip(largest.indices[keep], largest.values[keep]))])
     io_lib.atomic_write_json(paths["self_influence"] + ".json", record)
-  shown = min(grid_examples, running.proponents.shape[0])
+  shown = min(grid_examples, num_queries)
   if task.image_fn is not None and shown:
-    paths["grid"] = _grid(os.path.join(out, "influence_grid.png"), task, queries, query_label, train_label,
-                          running, shown)
+    for name, extremes in running.items():
+      key = "grid" if name == "none" else f"grid_{name}"
+      title = None if name == "none" else f"{name} influence: test image | top proponents (green) | top opponents (red)"
+      paths[key] = _grid(os.path.join(out, table_name("influence_grid", name, "png")), task, queries, query_label,
+                         train_label, extremes, shown, title=title)
   summary = dict(summary, most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
   io_lib.atomic_write_json(paths["summary"], summary)
   return paths
@@ -104,7 +119,8 @@ def _read_json(path: str):
     return None
 
 
-def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4):
+def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4,
+          title=None):
   cols = min(num_shown, running.proponents.shape[1])
   pro, opp = running.proponents[:shown, :cols], running.opponents[:shown, :cols]
   needed = [int(j) for j in np.unique(np.concatenate([pro.ravel(), opp.ravel()])) if j >= 0]
@@ -115,4 +131,4 @@ def _grid(path, task, queries, query_label, train_label, running: ranking.Extrem
       path, np.stack([image(queries, t) for t in range(shown)]), [query_label(t) for t in range(shown)],
       np.stack([image(task.train, j) for j in needed]), [train_label(j) for j in needed],
       remap(pro), running.proponent_scores[:shown, :cols], remap(opp), running.opponent_scores[:shown, :cols],
-      num_shown=cols)
+      num_shown=cols, title=title or "")
