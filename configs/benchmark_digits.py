@@ -51,6 +51,13 @@ def get_config():
     methods[f"arnoldi_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=int(1.5 * k), tail=False)
     methods[f"arnoldi_tail_k{k}"] = dict(method="arnoldi", top_k=k, n_iters=int(1.5 * k), tail=True)
   methods["arnoldi_pcg_k100"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=10)
+  # The same with Gauss-Newton curvature G = JᵀH_out J instead of the Hessian (the jobs' default for a
+  # cross-entropy loss): exact (G + δI)⁻¹, and the Arnoldi family at k = 100.
+  methods["exact_gn"] = dict(method="exact", curvature="gauss_newton")
+  methods["arnoldi_gn_k100"] = dict(method="arnoldi", top_k=100, n_iters=150, tail=False, curvature="gauss_newton")
+  methods["arnoldi_tail_gn_k100"] = dict(method="arnoldi", top_k=100, n_iters=150, tail=True, curvature="gauss_newton")
+  methods["arnoldi_pcg_gn_k100"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=10,
+                                        curvature="gauss_newton")
   config.methods = ml_collections.ConfigDict(methods)
   config.method_order = tuple(methods)
   config.problem_order = ("digits_mlp", "digits_logreg")

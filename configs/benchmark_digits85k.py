@@ -65,9 +65,18 @@ def get_config(arg=None):
   for n, k in ((150, 100), (300, 200)):  # 3 iterations from a store, k = 100 and 200.
     methods[f"arnoldi_pcg_store16384_n{n}_k{k}_i3"] = dict(method="arnoldi_pcg", top_k=k, n_iters=n, cg_iters=3,
                                                            sketch_dim=16384)
+  # Gauss-Newton curvature (the jobs' default for a cross-entropy loss) in place of the Hessian.
+  gn = dict(curvature="gauss_newton")
+  methods["arnoldi_gn_n150_k100"] = dict(method="arnoldi", top_k=100, n_iters=150, tail=False, **gn)
+  methods["arnoldi_tail_gn_n150_k100"] = dict(method="arnoldi", top_k=100, n_iters=150, tail=True, **gn)
+  methods["arnoldi_pcg_gn_n150_k100_i3"] = dict(method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=3, **gn)
+  methods["arnoldi_pcg_store1024_r128_gn_n150_k100_i3"] = dict(
+      method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=3, sketch_dim=1024, residual_rank=128,
+      residual_examples=1024, **gn)
   if not small:
     methods["lissa"] = dict(method="lissa", scale=20.0, depth=300, batch_size=64, repeats=1, tol=1e-2)
   methods["cg"] = dict(method="cg", tol=1e-10, max_iters=100)
+  methods["cg_gn"] = dict(method="cg", tol=1e-10, max_iters=100, **gn)
   config.methods = ml_collections.ConfigDict(methods)
   config.method_order = tuple(methods)  # Cheapest first (ConfigDict sorts its keys).
   config.problem_order = ("digits85k_d1e-3", "digits85k_d1e-2")

@@ -1,5 +1,5 @@
-r"""The README demo: an MLP on scikit-learn's digits, its Hessian eigenspace, influence of every
-training image on every test image.
+r"""The README demo: an MLP on scikit-learn's digits, the eigenspace of its curvature (Gauss-Newton:
+arnoldi.curvature="auto" with the adapters' SplitLoss), influence of every training image on every test image.
 
   python scripts/run_all.py --config=configs/digits_mlp.py --workdir=runs/digits_mlp
 

@@ -262,6 +262,14 @@ def ritz(state: ArnoldiState) -> Ritz:
 SELECTIONS = ("largest", "magnitude")
 
 
+def selection_threshold(values: np.ndarray, *, rtol: Optional[float] = None) -> float:
+  """Returns the size below which `select` counts a Ritz value as negligible: rtol × max|λ|
+  (rtol = 100 float32 epsilons by default)."""
+  scale = float(np.max(np.abs(values))) if np.size(values) else 0.0
+  rtol = 100 * float(np.finfo(np.float32).eps) if rtol is None else rtol
+  return rtol * scale
+
+
 def select(values: np.ndarray, top_k: int, selection: str = "largest", *, rtol: Optional[float] = None) -> np.ndarray:
   """Returns indices (into `values`, descending by value) of the kept eigenpairs.
 
@@ -274,9 +282,7 @@ def select(values: np.ndarray, top_k: int, selection: str = "largest", *, rtol: 
     raise ValueError(f"Unknown selection {selection!r}; expected one of {SELECTIONS}.")
   if top_k < 1:
     raise ValueError(f"top_k must be at least 1, got {top_k}.")
-  scale = float(np.max(np.abs(values))) if values.size else 0.0
-  rtol = 100 * float(np.finfo(np.float32).eps) if rtol is None else rtol
-  threshold = rtol * scale
+  threshold = selection_threshold(values, rtol=rtol)
   if selection == "largest":
     idx = [i for i in np.argsort(values)[::-1] if values[i] > threshold]
   else:

@@ -75,7 +75,9 @@ class Task:
 
   params: the trained parameters (restore them from your checkpoint).
   loss_fn: the training objective whose curvature is used (mean loss plus any L2 term); a
-    `curvature.SplitLoss` makes `arnoldi.curvature="gauss_newton"` available.
+    `curvature.SplitLoss` (what the Flax adapters return) makes the jobs' default curvature
+    (`arnoldi.curvature="auto"`) Gauss-Newton, positive semi-definite for a convex output loss;
+    any other callable gets the Hessian.
   per_example_loss_fn: each example's loss, no regulariser.
   train: the training examples; row ids in every table are indices into it.
   queries: the examples to explain (ids in the tables index it).

@@ -12,10 +12,22 @@ from absl import logging
 from influence_jax.jobs import cli
 
 
+def _set_precision(config):
+  if any(p.get("dtype") == "float64" for p in config.problems.values()):
+    jax.config.update("jax_enable_x64", True)
+
+
+def benchmark_config_check(config):
+  """The config's keys checked before the job starts (an unknown key or method setting is an error)."""
+  _set_precision(config)
+  from influence_jax.eval import benchmark  # noqa: PLC0415 (after x64 is set)
+
+  benchmark.check_config(config)
+
+
 def job(run):
   config = run.config
-  if any(p.dtype == "float64" for p in config.problems.values()):
-    jax.config.update("jax_enable_x64", True)
+  _set_precision(config)
   from influence_jax.eval import benchmark  # noqa: PLC0415 (after x64 is set)
 
   def log(msg):
@@ -28,4 +40,4 @@ def job(run):
 
 
 if __name__ == "__main__":
-  cli.run(job)
+  cli.run(job, benchmark_config_check)

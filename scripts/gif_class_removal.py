@@ -9,4 +9,4 @@ from influence_jax.jobs import cli
 from influence_jax.jobs.papers import gif_job
 
 if __name__ == "__main__":
-  cli.run(gif_job.job("class_removal"))
+  cli.run(gif_job.job("class_removal"), gif_job.config_checker("class_removal"))

@@ -14,4 +14,4 @@ def job(run):
 
 
 if __name__ == "__main__":
-  cli.run(job)
+  cli.run(job, memorization_job.config_checker('selective_removal'))

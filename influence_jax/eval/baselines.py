@@ -26,6 +26,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import (curvature, data as data_lib, preconditioning, projection, residual_basis, scoring, sketch,
                            solvers)
+from influence_jax.curvature import curvature_operator
 from influence_jax.eigenspace import fit_eigenspace
 from influence_jax.scoring import influence
 from influence_jax.types import LossFn, PerExampleLossFn
@@ -35,6 +36,8 @@ class MethodInputs(NamedTuple):
   """What a method sees: the losses, the trained params, the data, and checkpoints for TracIn.
 
   checkpoints: a sequence of (params, learning_rate) saved during training.
+  split_loss: loss_fn as a `curvature.SplitLoss` (the same objective), for methods run with
+    curvature="gauss_newton"; None: only the Hessian.
   """
 
   loss_fn: LossFn
@@ -43,6 +46,7 @@ class MethodInputs(NamedTuple):
   train_batches: Sequence[Any]
   test_batches: Sequence[Any]
   checkpoints: Sequence[tuple[Any, float]] = ()
+  split_loss: Optional[curvature.SplitLoss] = None
 
 
 class MethodResult(NamedTuple):
@@ -77,6 +81,31 @@ def _dots_with_train(inputs: MethodInputs, directions: jax.Array, params=None) -
   return projection.project_on(directions, inputs.per_example_loss_fn, params, inputs.train_batches).values.T
 
 
+def curvature_loss(inputs: MethodInputs, kind: str) -> LossFn:
+  """Returns the loss whose curvature `kind` ("hessian" or "gauss_newton") a method inverts: loss_fn,
+  or for Gauss-Newton its SplitLoss (ValueError when the inputs have none)."""
+  if kind == "hessian":
+    return inputs.loss_fn
+  if kind != "gauss_newton":
+    raise ValueError(f"Unknown curvature {kind!r}; expected 'hessian' or 'gauss_newton'.")
+  if inputs.split_loss is None:
+    raise ValueError("curvature='gauss_newton' needs MethodInputs.split_loss (the objective as a SplitLoss).")
+  return inputs.split_loss
+
+
+def _dense_curvature(loss_fn, params, batches, kind: str, chunk: int = 256) -> jax.Array:
+  """Returns the (p, p) dense curvature `kind` of the example-weighted mean of loss_fn over `batches`."""
+  batches = data_lib.materialize(batches, "batches")
+  total = sum(data_lib.batch_size(b) for b in batches)
+  if kind == "hessian":
+    return sum(_dense_hessian(loss_fn, params, b) * (data_lib.batch_size(b) / total) for b in batches)
+  op = curvature_operator(loss_fn, params, batches, curvature=kind)
+  columns = jax.jit(jax.vmap(op.matvec, in_axes=(None, 0)))
+  eye = jnp.eye(op.dim, dtype=op.dtype)
+  dense = jnp.concatenate([columns(op.operands, eye[i:i + chunk]) for i in range(0, op.dim, chunk)])
+  return (dense + dense.T) / 2
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _dense_hessian(loss_fn, params, batch):
   """Returns the (p, p) Hessian of loss_fn on one batch (flat ravel_pytree order), jitted."""
@@ -84,16 +113,15 @@ def _dense_hessian(loss_fn, params, batch):
   return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
 
 
-def exact(inputs: MethodInputs, *, damping: float = 0.0) -> MethodResult:
-  """Exact influence ∇ℓ(x)ᵀ(H + δI)⁻¹∇ℓ(z) with a dense H (tiny models only).
+def exact(inputs: MethodInputs, *, damping: float = 0.0, curvature: str = "hessian") -> MethodResult:
+  """Exact influence ∇ℓ(x)ᵀ(H + δI)⁻¹∇ℓ(z) with a dense H (tiny models only); with
+  curvature="gauss_newton" the dense Gauss-Newton matrix G instead of H.
 
-  Fit: the dense Hessian and its eigendecomposition (info: its smallest
+  Fit: the dense curvature and its eigendecomposition (info: its smallest
   eigenvalue and the number of negative ones after damping).
   """
   clock = _Clock()
-  batches = data_lib.materialize(inputs.train_batches, "train_batches")
-  total = sum(data_lib.batch_size(b) for b in batches)
-  hess = sum(_dense_hessian(inputs.loss_fn, inputs.params, b) * (data_lib.batch_size(b) / total) for b in batches)
+  hess = _dense_curvature(curvature_loss(inputs, curvature), inputs.params, inputs.train_batches, curvature)
   hess = hess + damping * jnp.eye(hess.shape[0], dtype=hess.dtype)
   evals, evecs = jnp.linalg.eigh(hess)
   if bool(jnp.any(evals == 0)):
@@ -108,8 +136,10 @@ def exact(inputs: MethodInputs, *, damping: float = 0.0) -> MethodResult:
 
 
 def conjugate_gradients(inputs: MethodInputs, *, damping: float = 0.0, tol: float = 1e-6,
-                        max_iters: int = 500, microbatch_size: Optional[int] = None) -> MethodResult:
-  """Influence with (H + δI)⁻¹∇ℓ(x) solved by conjugate gradients, all test examples at once.
+                        max_iters: int = 500, microbatch_size: Optional[int] = None,
+                        curvature: str = "hessian") -> MethodResult:
+  """Influence with (H + δI)⁻¹∇ℓ(x) solved by conjugate gradients, all test examples at once (with
+  curvature="gauss_newton", (G + δI)⁻¹∇ℓ(x)).
 
   The T solves run as one batched CG (`solvers.conjugate_gradient`, each
   test example stopping on its own criteria); nothing is fitted.
@@ -117,8 +147,8 @@ def conjugate_gradients(inputs: MethodInputs, *, damping: float = 0.0, tol: floa
   how many solves converged and the iterations taken.
   """
   clock = _Clock()
-  op = curvature.curvature_operator(inputs.loss_fn, inputs.params, inputs.train_batches,
-                                    damping=damping, microbatch_size=microbatch_size)
+  op = curvature_operator(curvature_loss(inputs, curvature), inputs.params, inputs.train_batches,
+                          curvature=curvature, damping=damping, microbatch_size=microbatch_size)
   fit_s = clock.lap()
   g = query_gradients(inputs)
   res = solvers.conjugate_gradient(op, g, tol=tol, max_iters=max_iters)
@@ -226,13 +256,13 @@ def arnoldi(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int] = None, 
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
-                      damping=damping, seed=seed, curvature=curvature)
+  es = fit_eigenspace(curvature_loss(inputs, curvature), inputs.params, inputs.train_batches, n_iters=n_iters,
+                      top_k=top_k, damping=damping, seed=seed, curvature=curvature)
   fit_s = clock.lap(es.eigenvectors)
   scores = influence(es, inputs.per_example_loss_fn, inputs.params, inputs.test_batches, inputs.train_batches, tail=tail)
   score_s = clock.lap(scores)
   info = {"k": es.k, "n_iters": n_iters, "smallest_kept_eigenvalue": float(jnp.min(es.eigenvalues)),
-          "max_residual": float(jnp.max(es.residuals))}
+          "max_residual": float(jnp.max(es.residuals)), "min_ritz_value": es.info.min_ritz_value}
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 
@@ -244,13 +274,13 @@ def _stored_rows(inputs: MethodInputs, directions, sk: sketch.KroneckerSketch, b
 
 
 def arnoldi_sketched(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int] = None, damping: float = 0.0,
-                     sketch_dim: int = 1024, seed: int = 0) -> MethodResult:
+                     sketch_dim: int = 1024, seed: int = 0, curvature: str = "hessian") -> MethodResult:
   """Arnoldi influence with the spectral tail from stored sketches (what the projection store holds):
   score = G(x)(Λ+δ)⁻¹G(z) + S(x)·S(z)/c with S = R(I − UᵀU)∇ℓ, R a Kronecker sketch of `sketch_dim` rows."""
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
-                      damping=damping, seed=seed)
+  es = fit_eigenspace(curvature_loss(inputs, curvature), inputs.params, inputs.train_batches, n_iters=n_iters,
+                      top_k=top_k, damping=damping, seed=seed, curvature=curvature)
   fit_s = clock.lap(es.eigenvectors)
   sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
   test_proj, test_sketch = _stored_rows(inputs, es.eigenvectors, sk, inputs.test_batches)
@@ -261,7 +291,7 @@ def arnoldi_sketched(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int]
 
 
 def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
-                seed: int = 0, curvature_kind: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
+                seed: int = 0, curvature: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
                 residual_examples: int = 1024) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
 
@@ -276,8 +306,9 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
-  es = fit_eigenspace(inputs.loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
-                      damping=damping, seed=seed, curvature=curvature_kind)
+  loss_fn = curvature_loss(inputs, curvature)
+  es = fit_eigenspace(loss_fn, inputs.params, inputs.train_batches, n_iters=n_iters, top_k=top_k,
+                      damping=damping, seed=seed, curvature=curvature)
   basis = None
   if residual_rank:
     basis = residual_basis.fit_residual_basis(es.eigenvectors, inputs.per_example_loss_fn, inputs.params,
@@ -285,7 +316,7 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
                                               int(residual_rank), seed=seed)
   fit_s = clock.lap(es.eigenvectors if basis is None else basis)
   res = preconditioning.solve_queries(es, inputs.per_example_loss_fn, inputs.params, inputs.test_batches,
-                                      loss_fn=inputs.loss_fn, curvature_batches=inputs.train_batches, cg_iters=int(cg_iters))
+                                      loss_fn=loss_fn, curvature_batches=inputs.train_batches, cg_iters=int(cg_iters))
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
     directions = residual_basis.stored_directions(es.eigenvectors, basis)

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from influence_jax import config_keys
 from influence_jax.eval import baselines, metrics, problems, retraining
 
 COLUMNS = ("problem", "method", "settings", "fit_s", "score_s", "fit_s_warm", "score_s_warm",
@@ -26,6 +27,37 @@ COLUMNS = ("problem", "method", "settings", "fit_s", "score_s", "fit_s_warm", "s
 
 TRAINING_KEYS = ("kind", "hidden", "l2", "dtype", "num_train", "num_test", "data_seed", "init_seed",
                  "steps", "learning_rate", "lds_same_init")
+
+
+# Every key a benchmark config may set: the top level, each problem of config.problems, each method of
+# config.methods (its `method` and the keyword settings of that baselines function).
+TOP_KEYS = ("workdir", "warm_timings", "problems", "methods", "method_order", "problem_order")
+PROBLEM_KEYS = ("kind", "hidden", "l2", "dtype", "num_train", "num_test", "data_seed", "init_seed", "steps",
+                "learning_rate", "batch_size", "damping", "lds_subsets", "lds_fraction", "lds_seed", "lds_same_init",
+                "loo_points", "loo_seed", "chunk_size", "num_checkpoints", "overrides", "skip")
+
+
+def method_keys(kind: str) -> tuple:
+  """Returns the keys a method of `kind` (baselines.METHODS) may set: "method" and its keyword settings."""
+  params = inspect.signature(baselines.METHODS[kind]).parameters
+  return ("method",) + tuple(n for n, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming a key the benchmark does not know (top level, a problem's, a method's
+  setting or a problem's override of one), with the key it most resembles, or an unknown method kind."""
+  for name, method in config.get("methods", {}).items():
+    if method.get("method") not in baselines.METHODS:
+      raise ValueError(f"config.methods.{name}.method = {method.get('method')!r}: it must be one of "
+                       f"{sorted(baselines.METHODS)}.")
+  reference = {key: None for key in TOP_KEYS}
+  reference["problems"] = {
+      name: dict({k: None for k in PROBLEM_KEYS},
+                 overrides={kind: dict.fromkeys(method_keys(kind)) for kind in baselines.METHODS})
+      for name in config.get("problems", {}).keys()}
+  reference["methods"] = {name: dict.fromkeys(method_keys(m.method)) for name, m in config.get("methods", {}).items()}
+  config_keys.check_keys(config, reference, what="the benchmark", new_top_level=False,
+                        defaults="influence_jax.eval.benchmark (TOP_KEYS, PROBLEM_KEYS, method_keys)")
 
 
 def build_problem(cfg) -> problems.Problem:
@@ -105,7 +137,7 @@ def run_problem(name: str, cfg, methods_cfg, *, workdir: str, warm_timings: bool
       loss_fn=prob.loss_fn, per_example_loss_fn=prob.per_example_loss_fn, params=params,
       train_batches=[{k: v[i:i + batch] for k, v in prob.train.items()} for i in range(0, prob.num_train, batch)],
       test_batches=[prob.test],
-      checkpoints=[(c.params, c.learning_rate) for c in checkpoints])
+      checkpoints=[(c.params, c.learning_rate) for c in checkpoints], split_loss=prob.split_loss())
 
   rows, exact_scores = [], None
   unknown = sorted(set(order or ()) - set(methods_cfg.keys()))

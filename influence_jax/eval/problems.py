@@ -15,14 +15,14 @@ the data `examples.datasets.digits_arrays`.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from influence_jax import flax_adapters
+from influence_jax import curvature, flax_adapters
 from influence_jax.examples import datasets, models
 from influence_jax.methods import training
 from influence_jax.types import Batch, Params, PerExampleLossFn
@@ -35,7 +35,9 @@ class Problem(NamedTuple):
   """A supervised problem: data, model and objective.
 
   init_fn(key) -> params; per_example_loss_fn(params, batch) -> (B,);
-  l2: the strength λ of (λ/2)‖θ‖²; train, test: one batch each (dicts of arrays).
+  l2: the strength λ of (λ/2)‖θ‖²; train, test: one batch each (dicts of arrays);
+  outputs_fn(params, batch) -> logits, when the loss is softmax cross-entropy of them (then
+  `split_loss()` gives the objective as a SplitLoss, for Gauss-Newton curvature).
   """
 
   name: str
@@ -44,6 +46,7 @@ class Problem(NamedTuple):
   l2: float
   train: Batch
   test: Batch
+  outputs_fn: Optional[Callable] = None
 
   @property
   def num_train(self) -> int:
@@ -52,6 +55,16 @@ class Problem(NamedTuple):
   def loss_fn(self, params: Params, batch: Batch) -> jax.Array:
     """Returns mean ℓ over `batch` + (λ/2)‖θ‖²: the training objective, as a loss_fn."""
     return jnp.mean(self.per_example_loss_fn(params, batch)) + self.l2 * flax_adapters.l2_penalty(params)
+
+  def split_loss(self) -> Optional[curvature.SplitLoss]:
+    """Returns the objective `loss_fn` as a SplitLoss (logits → mean cross-entropy, + L2), or None
+    without outputs_fn: what curvature="gauss_newton" needs."""
+    if self.outputs_fn is None:
+      return None
+    return curvature.SplitLoss(
+        outputs_fn=self.outputs_fn,
+        output_loss_fn=lambda logits, batch: jnp.mean(models.softmax_cross_entropy(logits, batch["y"])),
+        regularizer=lambda params: self.l2 * flax_adapters.l2_penalty(params))
 
   def weighted_loss(self, params: Params, batch: Batch) -> jax.Array:
     """Returns (1/B) Σ w_i ℓ(z_i) + (λ/2)‖θ‖² over `batch`, w = batch[WEIGHT_KEY] (B,)."""
@@ -78,8 +91,9 @@ def digits(num_train: int, num_test: int, *, seed: int = 0, dtype=np.float64):
   return train, test
 
 
-def mlp_classifier(hidden, num_inputs: int, num_classes: int, dtype) -> tuple[Callable, Callable]:
-  """Returns (init_fn(key) -> params, per_example_loss_fn) of a tanh `models.MLP` with softmax cross-entropy.
+def mlp_classifier(hidden, num_inputs: int, num_classes: int, dtype) -> tuple[Callable, Callable, Callable]:
+  """Returns (init_fn(key) -> params, per_example_loss_fn, outputs_fn) of a tanh `models.MLP` with softmax
+  cross-entropy (outputs_fn(params, batch) -> logits).
 
   hidden=() is multinomial logistic regression. init_fn is pure (vmappable
   over keys) and casts the parameters to `dtype`.
@@ -91,13 +105,13 @@ def mlp_classifier(hidden, num_inputs: int, num_classes: int, dtype) -> tuple[Ca
     return jax.tree.map(lambda a: a.astype(dtype), module.init(key, example)["params"])
 
   fns = flax_adapters.linen_loss_fns(module, {"params": init_fn(jax.random.key(0))}, models.softmax_cross_entropy)
-  return init_fn, fns.per_example_loss_fn
+  return init_fn, fns.per_example_loss_fn, fns.outputs_fn
 
 
 def _digits_problem(name, hidden, l2, num_train, num_test, seed, dtype) -> Problem:
   train, test = digits(num_train, num_test, seed=seed, dtype=dtype)
-  init_fn, per_example = mlp_classifier(hidden, train["x"].shape[1], datasets.DIGITS_NUM_CLASSES, dtype)
-  return Problem(name, init_fn, per_example, float(l2), train, test)
+  init_fn, per_example, outputs_fn = mlp_classifier(hidden, train["x"].shape[1], datasets.DIGITS_NUM_CLASSES, dtype)
+  return Problem(name, init_fn, per_example, float(l2), train, test, outputs_fn)
 
 
 def digits_mlp(*, hidden=(20,), l2=1e-3, num_train=500, num_test=100, seed=0, dtype=np.float64) -> Problem:

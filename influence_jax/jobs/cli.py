@@ -1,6 +1,7 @@
-"""The one way every script in scripts/ runs: `cli.run(job)`, with the flags shared by all of them
-(--config, --workdir, --quiet, --fault_injection, and the multi-process flags --coordinator_address,
---num_processes, --process_id for jax.distributed)."""
+"""The one way every script in scripts/ runs: `cli.run(job, check_config)`, with the flags shared by all
+of them (--config, --workdir, --quiet, --fault_injection, and the multi-process flags
+--coordinator_address, --num_processes, --process_id for jax.distributed). `check_config` checks the
+config file's keys against the job's own defaults before the job starts."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from influence_jax.jobs import config as config_lib
+
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py); override keys with "
-    "--config.a.b=value. An unknown key is an error.", lock_config=True)
+    "--config.a.b=value. An unknown key, in the file or an override, is an error.", lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed); "
                               "required unless the config names its own workdir.")
 QUIET = flags.DEFINE_bool("quiet", False, "Log only warnings and the final result (no progress).")
@@ -112,12 +115,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(1)
 
 
-def run(job: Callable[[Invocation], Any]) -> None:
+def run(job: Callable[[Invocation], Any],
+        check_config: Callable[[Any], None] = config_lib.check_job_keys) -> None:
   """Runs `job(invocation)` as an absl program: every script's one entry point.
 
-  The workdir is locked for the job's lifetime (a second job on it is refused), a user error (bad
-  config, foreign or damaged files, a missing stage) ends as one line naming it with exit status 1
-  (INFLUENCE_JAX_DEBUG=1 shows the traceback), and the job's XLA compilations are counted and logged.
+  `check_config(config)` runs first and raises ValueError for a key the job does not know (set in
+  the config file: ml_collections checks only the overrides); the default checks against
+  `jobs.default_config()` (fit, project, score, train, run_all); a job with other keys passes its own
+  (`config.check_keys` against its defaults). The workdir is locked for the job's lifetime (a second
+  job on it is refused), a user error (bad config, foreign or damaged files, a missing stage) ends as
+  one line naming it with exit status 1 (INFLUENCE_JAX_DEBUG=1 shows the traceback), and the job's
+  XLA compilations are counted and logged.
   """
 
   def main(argv):
@@ -126,6 +134,7 @@ def run(job: Callable[[Invocation], Any]) -> None:
     from influence_jax.jobs import compilations, lock  # noqa: PLC0415 (jax after the flags)
 
     try:
+      check_config(CONFIG.value)
       invocation = _setup()
       with lock.workdir_lock(invocation.workdir), compilations.counting() as count:
         job(invocation)

@@ -1,15 +1,25 @@
 """Every job key with its default, and the checks run on a config before any work starts.
 
 A config file starts from `default_config()`, sets `config.task = "my_pkg.my_module:get_task"`
-and overrides what it needs; keys a task factory reads go under `config.user` (or any new key).
+and overrides what it needs; keys a task factory reads go under `config.user` (free-form) or a new
+top-level section of its own (e.g. `config.model`). A key the jobs do not know inside one of their
+sections (`config.arnoldi.topk`), or a new top-level key that is a near miss of one of theirs
+(`config.scores`), is an error naming it with the key meant (`check_keys`), whether it was set in
+the config file or by an override.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
+
+from influence_jax.config_keys import check_keys, unknown_keys  # noqa: F401 (the jobs' key check, re-exported)
+
+CURVATURES = ("auto", "gauss_newton", "hessian")
+NORMALIZATIONS = ("none", "relative", "cosine")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -25,13 +35,16 @@ def default_config() -> ml_collections.ConfigDict:
       n_iters=150,  # Krylov steps (curvature products).
       top_k=100,  # Eigenpairs kept.
       damping=1e-2,  # δ in (Λ + δ)⁻¹.
-      curvature="hessian",  # or "gauss_newton" (needs a SplitLoss loss_fn)
+      # "auto": Gauss-Newton when Task.loss_fn is a curvature.SplitLoss (the Flax adapters' losses are),
+      # else the Hessian; or "gauss_newton" (needs a SplitLoss), "hessian" (exact, possibly indefinite).
+      curvature="auto",
       selection="largest",  # or "magnitude"
       num_examples=8192,  # Size of the fixed curvature sample of the training set (-1: all of it).
       batch_size=2048,  # Examples per curvature batch.
       microbatch_size=0,  # 0: whole batches.
       block_size=32,  # Gram-Schmidt block.
       residuals=True,  # Measure ‖Hu − λu‖ for every kept pair (one more product each).
+      residual_tol=1e-2,  # Reports: a pair with ‖Hu − λu‖ > residual_tol·|λ| is flagged unconverged.
       checkpoint_every=0,  # Save progress every N steps (0: by time only).
       checkpoint_seconds=60.0,  # Save progress at most this often.
   )
@@ -65,6 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint_seconds=60.0,  # Save progress at most this often.
       checkpoint_every=0,  # ... and every N blocks (0: by time only).
       grid_examples=6,  # Queries shown in influence_grid.png (needs Task.image_fn).
+      # The tables written, from one pass over the store: "none" (top_k.csv, the scores),
+      # "relative" (top_k_relative.csv: score / √self-influence of z), "cosine" (top_k_cosine.csv:
+      # score / (‖∇ℓ(x)‖‖∇ℓ(z)‖)); several comma-separated, e.g. "none,relative".
+      normalize="none",
   )
   return c
 
@@ -74,7 +91,7 @@ _RULES = (
     ("arnoldi.n_iters", lambda v: v >= 1, "a positive integer"),
     ("arnoldi.top_k", lambda v: v >= 1, "a positive integer"),
     ("arnoldi.damping", lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
-    ("arnoldi.curvature", lambda v: v in ("hessian", "gauss_newton"), "'hessian' or 'gauss_newton'"),
+    ("arnoldi.curvature", lambda v: v in CURVATURES, "'auto', 'gauss_newton' or 'hessian'"),
     ("arnoldi.selection", lambda v: v in ("largest", "magnitude"), "'largest' or 'magnitude'"),
     ("arnoldi.num_examples", lambda v: v == -1 or v >= 1, "a positive integer or -1 (all)"),
     ("arnoldi.batch_size", lambda v: v >= 1, "a positive integer"),
@@ -100,7 +117,50 @@ _RULES = (
     ("score.checkpoint_seconds", lambda v: v > 0, "a positive number of seconds"),
     ("score.checkpoint_every", lambda v: v >= 0, "≥ 0 (0: by time only)"),
     ("score.grid_examples", lambda v: v >= 0, "≥ 0"),
+    ("arnoldi.residual_tol", lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    ("score.normalize", lambda v: bool(normalizations(v)), "'none', 'relative', 'cosine' or several of them "
+     "comma-separated (e.g. 'none,relative')"),
 )
+
+
+def normalizations(value: Any) -> tuple:
+  """Returns the tables score.normalize asks for, e.g. "none,relative" -> ("none", "relative");
+  () when the value is not a comma-separated list of NORMALIZATIONS without repeats."""
+  if not isinstance(value, str):
+    return ()
+  names = tuple(v.strip() for v in value.split(","))
+  if not names or any(n not in NORMALIZATIONS for n in names) or len(set(names)) != len(names):
+    return ()
+  return names
+
+
+def resolve_curvature(requested: str, loss_fn: Any) -> tuple:
+  """Returns (curvature, why): the curvature the fit uses for arnoldi.curvature = `requested`.
+
+  "auto" is "gauss_newton" when `loss_fn` is a `curvature.SplitLoss` (positive semi-definite for a
+  convex output loss such as cross-entropy: H + δI is then positive definite for any δ > 0), else
+  "hessian". Raises ValueError for "gauss_newton" with a loss that is not a SplitLoss.
+  """
+  from influence_jax.curvature import SplitLoss  # noqa: PLC0415 (jax after the flags)
+
+  split = isinstance(loss_fn, SplitLoss)
+  if requested == "auto":
+    if split:
+      return "gauss_newton", "arnoldi.curvature='auto': Task.loss_fn is a SplitLoss, so Gauss-Newton"
+    return "hessian", ("arnoldi.curvature='auto': Task.loss_fn is not a SplitLoss (no outputs to take a "
+                       "Gauss-Newton product through), so the Hessian")
+  if requested == "gauss_newton" and not split:
+    raise ValueError("config.arnoldi.curvature = 'gauss_newton' needs Task.loss_fn as an "
+                     "influence_jax.SplitLoss(outputs_fn, output_loss_fn, regularizer) (ij.linen_loss_fns and "
+                     f"ij.nnx_loss_fns return one); got {type(loss_fn).__name__}. Use 'hessian' or 'auto'.")
+  return requested, f"arnoldi.curvature={requested!r}"
+
+
+def check_job_keys(config) -> None:
+  """`check_keys` against `default_config()`: the check of the fit, project, score, train and run_all jobs
+  (config.user and new top-level sections are the task's own)."""
+  check_keys(config, default_config(), what="the jobs", defaults="influence_jax.jobs.default_config()",
+             free=("user",))
 
 
 def _get(config, dotted: str):
@@ -112,6 +172,7 @@ def _get(config, dotted: str):
 
 def validate(config) -> None:
   """Raises ValueError naming the first config key that is missing or out of range."""
+  check_job_keys(config)
   if not config.get("task"):
     raise ValueError("config.task is not set: it must name a task factory, 'package.module:get_task'.")
   top_k = None

@@ -31,6 +31,16 @@ class Context:
   def params_fingerprint(self) -> str:
     return io_lib.digest(self.task.params)
 
+  @functools.cached_property
+  def curvature_choice(self) -> tuple:
+    """(curvature, why): arnoldi.curvature resolved against the task's loss (`config.resolve_curvature`)."""
+    return config_lib.resolve_curvature(self.config.arnoldi.curvature, self.task.loss_fn)
+
+  @property
+  def curvature(self) -> str:
+    """The curvature the fit uses: "gauss_newton" or "hessian" ("auto" resolved)."""
+    return self.curvature_choice[0]
+
   def path(self, *parts: str) -> str:
     return os.path.join(self.workdir, *parts)
 
@@ -48,4 +58,6 @@ def prepare(config, workdir: str, *, task: Optional[task_lib.Task] = None) -> Co
   if "workdir" in config and config.workdir != workdir:
     config.workdir = workdir
   task = task_lib.load_task(config) if task is None else task
-  return Context(config, workdir, task, job_mesh(config))
+  ctx = Context(config, workdir, task, job_mesh(config))
+  ctx.curvature_choice  # noqa: B018 (a 'gauss_newton' the loss cannot give is refused before any work)
+  return ctx

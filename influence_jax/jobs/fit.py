@@ -67,8 +67,9 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
   state = arnoldi.ArnoldiState(**found[1]) if found is not None else template
   batches = workdir_lib.curvature_batches(ctx)
   if not quiet:
-    logging.info("Fitting the top-%d eigenspace: %d parameters, curvature over %d examples, %d steps",
-                 a.top_k, flat.size, sum(data_lib.batch_size(b) for b in batches), a.n_iters)
+    logging.info("Fitting the top-%d eigenspace of the %s curvature (%s): %d parameters, curvature over %d "
+                 "examples, %d steps", a.top_k, ctx.curvature, ctx.curvature_choice[1], flat.size,
+                 sum(data_lib.batch_size(b) for b in batches), a.n_iters)
   bar = progress_lib.Progress(a.n_iters, "arnoldi", "iterations", start=int(state.num_steps),
                               quiet=quiet or not common.is_writer())
   saver = workdir_lib.SaveTimer(a.checkpoint_every, a.checkpoint_seconds)
@@ -83,7 +84,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
   try:
     es = eigenspace_lib.fit_eigenspace(
         task.loss_fn, task.params, batches, n_iters=a.n_iters, top_k=a.top_k, damping=a.damping,
-        curvature=a.curvature, seed=ctx.config.seed, selection=a.selection,
+        curvature=ctx.curvature, seed=ctx.config.seed, selection=a.selection,
         microbatch_size=a.microbatch_size or None, block_size=a.block_size, callback=callback,
         initial_state=state, compute_residuals=a.residuals, mesh=mesh)
   except ValueError:
@@ -113,28 +114,51 @@ def check_curvature_rows(ctx: Context, batches: list) -> None:
     lo += n
 
 
-def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: bool = False) -> dict:
-  """Writes eigenvalues.json and spectrum.png from `es` (process 0; every process must call it).
+def diagnostics(ctx: Context, es: eigenspace_lib.Eigenspace) -> eigenspace_lib.FitDiagnostics:
+  """Returns the eigenspace's FitDiagnostics at the config's damping and arnoldi.residual_tol."""
+  return eigenspace_lib.diagnose(es, damping=float(ctx.config.arnoldi.damping),
+                                 residual_tol=float(ctx.config.arnoldi.residual_tol))
 
-  With `only_missing`, a report is rewritten only when absent or unreadable.
+
+def log_diagnostics(diag: eigenspace_lib.FitDiagnostics) -> None:
+  """Logs the fit's diagnostics: k kept and why, unconverged pairs, definiteness (warnings as warnings)."""
+  for level, message in diag.notes():
+    (logging.warning if level == "warning" else logging.info)("%s", message)
+
+
+def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: bool = False) -> dict:
+  """Writes eigenvalues.json and spectrum.png from `es` (process 0; every process must call it), and
+  logs the diagnostics (`eigenspace.diagnose`) when it writes them.
+
+  eigenvalues.json: the eigenvalues, residuals and Ritz estimates; the curvature used and how it was
+  chosen; "diagnostics": k asked vs kept and why, the unconverged pairs (residual above
+  residual_tol·|λ|), the most negative Ritz value and whether C + δI is positive definite on the
+  fitted subspace, with the warning and its remedy when it is not. spectrum.png draws unconverged
+  pairs distinctly. With `only_missing`, a report is rewritten only when absent or unreadable.
   """
   host = {name: sharding.to_host(getattr(es, name)) for name in ("eigenvalues", "residuals", "ritz_estimates")}
   paths = {"eigenvalues": ctx.path("eigenvalues.json"), "spectrum": ctx.path("spectrum.png")}
+  diag = diagnostics(ctx, es)  # On every process: reading the eigenvalues to the host may be a collective.
   if not common.is_writer():
     return paths
+  curvature = es.info.curvature if es.info is not None else ctx.curvature
   if not (only_missing and _readable_json(paths["eigenvalues"], es.k)):
+    log_diagnostics(diag)
     record = {
         "eigenvalues": host["eigenvalues"].astype(np.float64).tolist(),
         "residuals": host["residuals"].astype(np.float64).tolist(),
         "ritz_estimates": host["ritz_estimates"].astype(np.float64).tolist(),
+        "curvature": curvature, "curvature_choice": ctx.curvature_choice[1],
         "damping": es.damping, "arnoldi": ctx.config.arnoldi.to_dict(),
         "num_steps": es.info.num_steps, "breakdown": es.info.breakdown,
         "num_params": es.info.num_params, "num_examples": es.info.num_examples,
+        "diagnostics": dict(diag.to_json(), warning=diag.indefinite_warning() or None),
     }
     io_lib.atomic_write_json(paths["eigenvalues"], record)
   if not (only_missing and os.path.exists(paths["spectrum"])):
     plots.spectrum(paths["spectrum"], host["eigenvalues"], host["residuals"], es.damping,
-                   title=f"top-{es.k} {ctx.config.arnoldi.curvature} eigenvalues")
+                   title=f"top-{es.k} of {diag.top_k} {curvature} eigenvalues", unconverged=diag.unconverged,
+                   residual_tol=diag.residual_tol, min_ritz_value=diag.min_ritz_value)
   return paths
 
 

@@ -22,25 +22,51 @@ def _save(fig, path: str) -> str:
 
 
 def spectrum(path: str, eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = None,
-             damping: float = 0.0, title: str = "") -> str:
-  """Writes the eigenvalue spectrum (log scale) with residuals ‖Hu − λu‖; returns `path`."""
+             damping: float = 0.0, title: str = "", **marks) -> str:
+  """Writes the eigenvalue spectrum (log scale) with residuals ‖Hu − λu‖ (`spectrum_figure`); returns `path`."""
+  return _save(spectrum_figure(eigenvalues, residuals, damping, title, **marks), path)
+
+
+def spectrum_figure(eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = None,
+                    damping: float = 0.0, title: str = "", *, unconverged: Sequence[int] = (),
+                    residual_tol: Optional[float] = None, min_ritz_value: Optional[float] = None):
+  """Returns the figure of `spectrum`: eigenvalues (log scale), residuals ‖Hu − λu‖, the damping.
+
+  `unconverged` (0-based indices) pairs are drawn as red crosses, eigenvalue and residual, labelled
+  "unconverged pair (n)"; `residual_tol` draws the tolerance residual_tol·|λ| they exceed; a negative
+  `min_ritz_value` (the most negative Ritz value of the run) is drawn as −λ_min against the damping.
+  """
   ev = np.asarray(eigenvalues, np.float64)
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
   idx = np.arange(1, ev.size + 1)
+  bad = np.zeros(ev.size, bool)
+  bad[[int(j) for j in unconverged if 0 <= int(j) < ev.size]] = True
   pos = ev > 0
-  ax.semilogy(idx[pos], ev[pos], "o-", ms=3, label="eigenvalue λ")
+  ax.semilogy(idx[pos], ev[pos], "-", lw=0.8, color="tab:blue")
+  ax.semilogy(idx[pos & ~bad], ev[pos & ~bad], "o", ms=3, color="tab:blue", label="eigenvalue λ")
   if np.any(~pos):
-    ax.semilogy(idx[~pos], -ev[~pos], "x", ms=4, label="−λ (negative)")
+    ax.semilogy(idx[~pos], -ev[~pos], "x", ms=4, color="tab:purple", label="−λ (negative)")
+  if np.any(bad):
+    ax.semilogy(idx[bad], np.abs(ev[bad]), "X", ms=6, color="tab:red",
+                label=f"unconverged pair ({int(bad.sum())})")
   if residuals is not None and np.all(np.isfinite(residuals)):
-    ax.semilogy(idx, np.maximum(np.asarray(residuals, np.float64), 1e-16), ".", ms=3, label="residual ‖Hu−λu‖")
+    res = np.maximum(np.asarray(residuals, np.float64), 1e-16)
+    ax.semilogy(idx[~bad], res[~bad], ".", ms=3, color="tab:orange", label="residual ‖Hu−λu‖")
+    if np.any(bad):
+      ax.semilogy(idx[bad], res[bad], "x", ms=4, color="tab:red", label="residual, unconverged")
+    if residual_tol is not None and np.any(pos):
+      ax.semilogy(idx, residual_tol * np.abs(ev), ":", lw=1, color="tab:red", label=f"tolerance {residual_tol:g}·|λ|")
   if damping > 0:
     ax.axhline(damping, color="gray", ls="--", lw=1, label=f"damping δ = {damping:g}")
+  if min_ritz_value is not None and min_ritz_value < 0:
+    ax.axhline(-min_ritz_value, color="tab:purple", ls="-.", lw=1,
+               label=f"−(most negative Ritz value) = {-min_ritz_value:.2g}")
   ax.set_xlabel("index (descending)")
   ax.set_ylabel("value")
   ax.set_title(title or f"Top-{ev.size} curvature eigenvalues")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
-  return _save(fig, path)
+  return fig
 
 
 def influence_grid(path: str, test_images: np.ndarray, test_labels: Sequence[int],

@@ -2,8 +2,11 @@
 
 Everything of a query set lives in its own directory, scores/<score.name>/ ("queries" by default):
   top_k.csv            test_id, test_label, kind, rank, train_id, train_label, score
-  summary.json         every setting the tables depend on, and which self-influence ranking goes with them
-  influence_grid.png   queries next to their top proponents / opponents (with Task.image_fn)
+  top_k_relative.csv, top_k_cosine.csv: the same for score.normalize "relative" / "cosine"
+  summary.json         every setting the tables depend on, which self-influence ranking goes with them,
+                       and how the CG solves went
+  influence_grid.png   queries next to their top proponents / opponents (with Task.image_fn);
+                       influence_grid_relative.png, influence_grid_cosine.png likewise
   progress/            the running state of each process (resume)
 What belongs to the store, whatever the query set, is written once per way of computing it:
   scores/self_influence/<tail|no_tail>_damping_<δ>_rows_<n|all>.csv   rank, train_id, train_label,
@@ -87,43 +90,58 @@ def self_influence_record(summary: dict, rows: int) -> dict:
   return dict({k: summary[k] for k in _SELF_INFLUENCE_SETTINGS}, rows_written=rows, formula=formula)
 
 
-def write_score_tables(out: str, scores_dir: str, task: task_lib.Task, queries: Any,
-                       running: ranking.Extremes, largest: ranking.RunningLargest, summary: dict,
-                       *, grid_examples: int) -> dict:
-  """Writes the tables (and the picture when the task has image_fn); returns their paths.
+def table_name(stem: str, normalization: str, ext: str) -> str:
+  """Returns a table's file name: top_k.csv for "none", top_k_relative.csv for "relative", ..."""
+  return f"{stem}{'' if normalization == 'none' else '_' + normalization}.{ext}"
 
-  top_k.csv and summary.json go to `out` (the query set's directory); the self-influence ranking, a
-  property of the store, to scores_dir/self_influence/ under its settings' name, written only when
+
+def write_score_tables(out: str, scores_dir: str, task: task_lib.Task, queries: Any,
+                       running: dict, largest: ranking.RunningLargest, summary: dict,
+                       *, grid_examples: int) -> dict:
+  """Writes the tables (and the pictures when the task has image_fn); returns their paths.
+
+  `running`: {normalization ("none", "relative", "cosine"): Extremes}, one top-k table (and grid) each.
+  The top-k tables and summary.json go to `out` (the query set's directory); the self-influence ranking,
+  a property of the store, to scores_dir/self_influence/ under its settings' name, written only when
   missing or computed from other inputs (`self_influence_record`).
   """
   name = self_influence_name(summary)
-  paths = {"top_k": os.path.join(out, "top_k.csv"), "summary": os.path.join(out, "summary.json"),
-           "self_influence": os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".csv")}
+  paths = {("top_k" if n == "none" else f"top_k_{n}"): os.path.join(out, table_name("top_k", n, "csv"))
+           for n in running}
+  paths.update(summary=os.path.join(out, "summary.json"),
+               self_influence=os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".csv"))
   keep = largest.indices >= 0
   record = self_influence_record(summary, int(keep.sum()))
   record_path = os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".json")
   write_self = io_lib.read_json(record_path) != record or not os.path.exists(paths["self_influence"])
-  train_label = _Labels(task, task.train).prefetch(np.concatenate(
-      [running.proponents.ravel(), running.opponents.ravel()] + ([largest.indices] if write_self else [])))
-  query_label = _Labels(task, queries).prefetch(np.arange(running.proponents.shape[0]))
-  io_lib.atomic_write_csv(paths["top_k"], top_k_rows(running, train_label, query_label))
+  ids = [np.concatenate([e.proponents.ravel(), e.opponents.ravel()]) for e in running.values()]
+  train_label = _Labels(task, task.train).prefetch(np.concatenate(ids + ([largest.indices] if write_self else [])))
+  num_queries = next(iter(running.values())).proponents.shape[0]
+  query_label = _Labels(task, queries).prefetch(np.arange(num_queries))
+  for n, extremes in running.items():
+    io_lib.atomic_write_csv(paths["top_k" if n == "none" else f"top_k_{n}"],
+                            top_k_rows(extremes, train_label, query_label))
   if write_self:
     # A property of the store alone: written once, not again for every query set.
     io_lib.atomic_write_csv(paths["self_influence"], [SELF_INFLUENCE_HEADER] + [
         [r + 1, int(j), train_label(int(j)), f"{v:.6g}"]
         for r, (j, v) in enumerate(zip(largest.indices[keep], largest.values[keep]))])
     io_lib.atomic_write_json(record_path, record)
-  shown = min(grid_examples, running.proponents.shape[0])
+  shown = min(grid_examples, num_queries)
   if task.image_fn is not None and shown:
-    paths["grid"] = _grid(os.path.join(out, "influence_grid.png"), task, queries, query_label, train_label,
-                          running, shown)
+    for n, extremes in running.items():
+      key = "grid" if n == "none" else f"grid_{n}"
+      title = None if n == "none" else f"{n} influence: test image | top proponents (green) | top opponents (red)"
+      paths[key] = _grid(os.path.join(out, table_name("influence_grid", n, "png")), task, queries, query_label,
+                         train_label, extremes, shown, title=title)
   summary = dict(summary, self_influence=os.path.relpath(paths["self_influence"], scores_dir),
                  most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
   io_lib.atomic_write_json(paths["summary"], summary)
   return paths
 
 
-def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4):
+def _grid(path, task, queries, query_label, train_label, running: ranking.Extremes, shown: int, num_shown: int = 4,
+          title=None):
   cols = min(num_shown, running.proponents.shape[1])
   pro, opp = running.proponents[:shown, :cols], running.opponents[:shown, :cols]
   needed = [int(j) for j in np.unique(np.concatenate([pro.ravel(), opp.ravel()])) if j >= 0]
@@ -134,4 +152,4 @@ def _grid(path, task, queries, query_label, train_label, running: ranking.Extrem
       path, np.stack([image(queries, t) for t in range(shown)]), [query_label(t) for t in range(shown)],
       np.stack([image(task.train, j) for j in needed]), [train_label(j) for j in needed],
       remap(pro), running.proponent_scores[:shown, :cols], remap(opp), running.opponent_scores[:shown, :cols],
-      num_shown=cols)
+      num_shown=cols, title=title or "")

@@ -16,7 +16,7 @@ self-influence ranking to scores/self_influence/, one per way of computing it (`
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 
+from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import io as io_lib
 from influence_jax import preconditioning
+from influence_jax import projection
 from influence_jax import ranking
 from influence_jax import residual_basis as residual_basis_lib
 from influence_jax import scoring
@@ -37,6 +39,7 @@ from influence_jax import store as store_lib
 from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, default_tail_constant, inverse_eigenvalues
 from influence_jax.jobs import common
+from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import progress as progress_lib
 from influence_jax.jobs import reports
@@ -50,12 +53,23 @@ def output_dir(ctx: Context) -> str:
   return ctx.path("scores", ctx.config.score.name)
 
 
-def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, batch: Any) -> np.ndarray:
-  """Returns the (T, d) query vectors q(x), on the host, with score(z, x) = q(x) · [stored row of z].
+class QueryVectors(NamedTuple):
+  """What `project_queries` returns: vectors (T, d) on the host, with score(z, x) = vectors[x] · [stored
+  row of z]; grad_norms (T,) ‖∇ℓ(x)‖; cg: the report of the preconditioned solves (`cg_report`), or None
+  without them."""
+
+  vectors: np.ndarray
+  grad_norms: np.ndarray
+  cg: Optional[dict]
+
+
+def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, batch: Any) -> QueryVectors:
+  """Returns the QueryVectors q(x) of the query set, with score(z, x) = q(x) · [stored row of z].
 
   score.tail=False: G(x)(Λ+δ)⁻¹ against G(z). With the tail, against [G(z), V∇ℓ(z), S(z)]: each
   query solved by score.cg_iters preconditioned CG iterations over the curvature sample,
-  `preconditioning.solved_query_side`, or with cg_iters = 0 the plain tail [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c].
+  `preconditioning.preconditioned_solve` and `solved_query_side` (how the solves went: `cg_report`),
+  or with cg_iters = 0 the plain tail [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c].
   `batch`: every query, as read (`input.read_all`).
   """
   s = ctx.config.score
@@ -75,27 +89,33 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
     es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
     host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
     host_sketch = workdir_lib.make_sketch(ctx, p)
-    curvature = workdir_lib.curvature_batches(ctx)
+    kind = es.info.curvature if es.info is not None else ctx.curvature
+    op = curvature_lib.curvature_operator(ctx.task.loss_fn, host_params, workdir_lib.curvature_batches(ctx),
+                                          curvature=kind)
+    solves = []
   elif s.tail:  # The queries projected like the store's rows, on the mesh.
     sk = workdir_lib.make_sketch(ctx, p)
     sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
     directions = residual_basis_lib.stored_directions(es.eigenvectors, basis)
-  parts = []
+  parts, norms = [], []
   for lo in range(0, data_lib.batch_size(batch), s.batch_size):
     chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
     n = data_lib.batch_size(chunk)
     if solve:
       losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, host_params, chunk)
       validation.check_finite_rows(losses, "Query set (loss)", row_ids=np.arange(lo, lo + n))
-      solved = preconditioning.solve_queries(
-          es_host, ctx.task.per_example_loss_fn, host_params, [chunk], loss_fn=ctx.task.loss_fn,
-          curvature_batches=curvature, cg_iters=int(s.cg_iters), tail_constant=tail_constant)
+      grads = projection.gradients(ctx.task.per_example_loss_fn, host_params, [chunk]).astype(es_host.eigenvectors.dtype)
+      solved = preconditioning.preconditioned_solve(op, es_host, grads, cg_iters=int(s.cg_iters),
+                                                    tail_constant=tail_constant)
       parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, basis)))
+      norms.append(np.asarray(jnp.linalg.norm(grads, axis=1), np.float64))
+      solves.append(jax.tree.map(np.asarray, solved._replace(x=jnp.zeros(()))))
       continue
     chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
     out = sketch_lib.project_and_sketch(directions, sketch, ctx.task.per_example_loss_fn, params, chunk,
                                         microbatch_size=ctx.config.project.microbatch_size)
     validation.check_finite_rows(sharding.to_host(out.losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
+    norms.append(np.sqrt(np.maximum(np.asarray(sharding.to_host(out.sq_norms), np.float64)[:n], 0)))
     proj = sharding.to_host(out.projections)
     if not s.tail:
       parts.append(np.asarray(scoring.query_side(es_host, jnp.asarray(proj))))
@@ -105,18 +125,73 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
         query_residual=jnp.asarray(proj[:, es.k:]) if basis is not None else None, tail_constant=tail_constant)))
   vectors = np.concatenate(parts)
   validation.check_finite_rows(vectors, "Query set (query vectors)")
-  return vectors
+  grad_norms = np.concatenate(norms) if norms else np.zeros((0,))
+  report = cg_report(solves, grad_norms, int(s.cg_iters)) if solve else None
+  return QueryVectors(vectors, grad_norms, report)
+
+
+def cg_report(solves: list, grad_norms: np.ndarray, cg_iters: int) -> dict:
+  """Returns how the queries' preconditioned CG solves went (summary.json's "cg").
+
+  non_positive_curvature: the queries whose solve met dᵀ(C + δI)d ≤ 0 (C + δI not positive definite
+  on their Krylov space): how many, at which iteration (the count per iteration, and the first ids);
+  such a solve stops there and returns its iterate of smallest residual, which at iteration 1 is the
+  plain tail (what score.cg_iters = 0 gives). relative_residual: ‖∇ℓ(x) − (C + δI)x̂‖ / ‖∇ℓ(x)‖.
+  """
+  if not solves:
+    return {"iterations": cg_iters, "queries": 0}
+  positive = np.concatenate([np.atleast_1d(r.positive_curvature) for r in solves]).astype(bool)
+  iters = np.concatenate([np.atleast_1d(r.num_iters) for r in solves]).astype(np.int64)
+  residual = np.concatenate([np.atleast_1d(r.residual_norm) for r in solves]).astype(np.float64)
+  relative = residual / np.maximum(grad_norms, np.finfo(np.float64).tiny)
+  bad = np.flatnonzero(~positive)
+  at = {str(int(i)): int(c) for i, c in zip(*np.unique(iters[bad], return_counts=True))}
+  return {
+      "iterations": cg_iters, "queries": int(positive.size),
+      "non_positive_curvature": {"queries": int(bad.size), "at_iteration": at,
+                                 "returned_plain_tail": int(np.sum(iters[bad] == 1)),
+                                 "query_ids": [int(i) for i in bad[:50]]},
+      "relative_residual": {"max": float(np.max(relative)), "median": float(np.median(relative))},
+  }
+
+
+def log_cg_report(report: Optional[dict], curvature: str) -> None:
+  """Logs the solves' report: a warning naming how many queries met non-positive curvature, where, and
+  the remedy; else one info line."""
+  if not report or not report.get("queries"):
+    return
+  npc = report["non_positive_curvature"]
+  if npc["queries"]:
+    where = ", ".join(f"iteration {i}: {c}" for i, c in npc["at_iteration"].items())
+    remedy = ("arnoldi.curvature='gauss_newton' (refit) or a larger arnoldi.damping (no refit; the fit's "
+              "eigenvalues.json gives the most negative Ritz value to exceed)" if curvature == "hessian"
+              else "a larger arnoldi.damping (no refit)")
+    logging.warning(
+        "CG met non-positive curvature dᵀ(C + δI)d ≤ 0 on %d of %d queries (%s): C + δI is not positive definite, "
+        "so their solves stopped there and return their best iterate; %d of them returned the plain tail "
+        "(what score.cg_iters=0 gives). Remedy: %s. Query ids: %s%s", npc["queries"], report["queries"], where,
+        npc["returned_plain_tail"], remedy, npc["query_ids"][:10], " ..." if npc["queries"] > 10 else "")
+  else:
+    logging.info("CG: %d queries solved, %d iterations each, positive curvature throughout; relative residual "
+                 "median %.2g, max %.2g", report["queries"], report["iterations"],
+                 report["relative_residual"]["median"], report["relative_residual"]["max"])
 
 
 def _progress_path(out: str) -> str:
   return os.path.join(out, "progress", f"process_{jax.process_index():04d}.npz")
 
 
-def _save_progress(path: str, fingerprint: str, running: ranking.Extremes, largest: ranking.RunningLargest,
+def _key(name: str, field: str) -> str:
+  """The progress file's key of a table's Extremes field ("none": the field's own name)."""
+  return field if name == "none" else f"{name}__{field}"
+
+
+def _save_progress(path: str, fingerprint: str, running: dict, largest: ranking.RunningLargest,
                    next_row: int) -> None:
+  arrays = {_key(name, field): value for name, ext in running.items()
+            for field, value in ranking.to_host(ext)._asdict().items()}
   io_lib.save_checked_npz(path, fingerprint, dict(
-      ranking.to_host(running)._asdict(), largest_indices=largest.indices, largest_values=largest.values,
-      next_row=np.int64(next_row)))
+      arrays, largest_indices=largest.indices, largest_values=largest.values, next_row=np.int64(next_row)))
 
 
 def stored_self_influence(rows: dict, inverse: np.ndarray, tail_constant: Optional[float]) -> np.ndarray:
@@ -129,26 +204,76 @@ def stored_self_influence(rows: dict, inverse: np.ndarray, tail_constant: Option
   return top + (rows["sq_norms"] - np.sum(g * g, axis=1)) / tail_constant
 
 
-def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarray, es: Eigenspace,
+# Normalised tables: the floor under each training example's normaliser is FLOOR_FRACTION × the median of
+# that normaliser over a sample of the store (at most FLOOR_SAMPLE_CHUNKS chunks, evenly spaced: the same
+# on every process), as methods.relative.relative_floor does over all rows: no training example is
+# amplified more than 1/√FLOOR_FRACTION = 10× beyond a median one.
+FLOOR_FRACTION = 0.01
+FLOOR_SAMPLE_CHUNKS = 16
+
+
+def normalization_floors(store: store_lib.ProjectionStore, inverse: np.ndarray,
+                         tail_constant: Optional[float]) -> dict:
+  """Returns {"relative": floor under score(z, z), "cosine": floor under ‖∇ℓ(z)‖²} from the sample of the store."""
+  chunks = np.unique(np.linspace(0, store.meta.num_chunks - 1, min(FLOOR_SAMPLE_CHUNKS, store.meta.num_chunks))
+                     .round().astype(int))
+  selfs, sq = [], []
+  for chunk in chunks:
+    part = store.read(*store.meta.chunk_bounds(int(chunk)), ("projections", "sq_norms"))
+    selfs.append(stored_self_influence(part, inverse, tail_constant))
+    sq.append(part["sq_norms"].astype(np.float64))
+  tiny = float(np.finfo(np.float32).tiny)
+  floor = lambda x: max(FLOOR_FRACTION * float(np.median(np.maximum(np.concatenate(x), 0))), tiny)
+  return {"relative": floor(selfs), "cosine": floor(sq)}
+
+
+def row_scale(name: str, rows: dict, self_influence: np.ndarray, floors: dict) -> Optional[np.ndarray]:
+  """Returns the (n,) factor of the stored rows in table `name`: None ("none"), 1/√max(score(z, z), floor)
+  ("relative", `methods.relative.relative_influence`), 1/√max(‖∇ℓ(z)‖², floor) ("cosine")."""
+  if name == "none":
+    return None
+  value = self_influence if name == "relative" else rows["sq_norms"].astype(np.float64)
+  return 1.0 / np.sqrt(np.maximum(value, floors[name]))
+
+
+def query_sides(names: tuple, vectors: QueryVectors) -> dict:
+  """Returns {table: (T, d) query side}: the query vectors, for "cosine" divided by ‖∇ℓ(x)‖ (which orders
+  nothing within a query; it puts every query's scores on one scale)."""
+  tiny = np.finfo(np.float32).tiny
+  out = {}
+  for name in names:
+    v = vectors.vectors
+    if name == "cosine":
+      v = (v / np.maximum(vectors.grad_norms, tiny)[:, None]).astype(v.dtype)
+    out[name] = jnp.asarray(v)
+  return out
+
+
+def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: QueryVectors, es: Eigenspace,
                rows: range, fingerprint: str, out: str, *, quiet: bool, fault: Optional[str]) -> tuple:
-  """Returns (Extremes, RunningLargest self-influence) over store rows `rows` (this process's), resuming."""
+  """Returns ({table: Extremes}, RunningLargest self-influence) over store rows `rows` (this process's),
+  resuming. One table per score.normalize choice, all from the same pass over the store."""
   s = ctx.config.score
+  names = config_lib.normalizations(s.normalize)
   k = s.top_k
+  num_queries = vectors.vectors.shape[0]
   num_largest = store.meta.num_rows if s.self_influence_rows < 0 else s.self_influence_rows
   path = _progress_path(out)
   saved = io_lib.load_checked_npz(path, fingerprint)
   if saved is not None:
-    running = ranking.Extremes(*(saved[n] for n in ranking.Extremes._fields))
+    running = {name: ranking.Extremes(*(saved[_key(name, f)] for f in ranking.Extremes._fields)) for name in names}
     largest = ranking.RunningLargest(saved["largest_indices"], saved["largest_values"])
     start = int(saved["next_row"])
   else:
-    running, largest, start = ranking.empty_extremes(vectors.shape[0], k, np.float32), ranking.empty_largest(num_largest), rows.start
+    running = {name: ranking.empty_extremes(num_queries, k, np.float32) for name in names}
+    largest, start = ranking.empty_largest(num_largest), rows.start
   inverse = np.asarray(sharding.to_host(inverse_eigenvalues(es)), np.float64)
   tail_constant = default_tail_constant(es) if s.tail else None
+  floors = normalization_floors(store, inverse, tail_constant) if set(names) - {"none"} else {}
   side_names = ("projections",)
   if s.tail:
     side_names += ("residual", "sketch") if store.meta.residual_rank else ("sketch",)
-  queries = jnp.asarray(vectors)
+  queries = query_sides(names, vectors)
   block = s.rows_per_block
   bar = progress_lib.Progress(len(rows), "scoring", "examples", start=start - rows.start,
                               quiet=quiet or not common.is_writer())
@@ -157,10 +282,15 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
     hi = min(lo + block, rows.stop)
     part = store.read(lo, hi, side_names + ("sq_norms",))
     side = np.concatenate([part[n] for n in side_names], axis=1)
-    padded = ranking.device_block(side.astype(np.float32, copy=False), block)
-    previous, running = running, ranking.merge_rows(running, queries, padded, lo, hi - lo)
+    self_influence = stored_self_influence(part, inverse, tail_constant)
+    previous, running = running, dict(running)
+    for name in names:
+      scale = row_scale(name, part, self_influence, floors)
+      rows_side = side if scale is None else side * scale[:, None].astype(side.dtype)
+      padded = ranking.device_block(rows_side.astype(np.float32, copy=False), block)
+      running[name] = ranking.merge_rows(running[name], queries[name], padded, lo, hi - lo)
     jax.block_until_ready(previous)  # At most two merges queued: the host never runs ahead by more.
-    largest = ranking.merge_largest(largest, stored_self_influence(part, inverse, tail_constant), lo)
+    largest = ranking.merge_largest(largest, self_influence, lo)
     bar.update(hi - lo)
     if saver.due(count) and hi < rows.stop:
       running = jax.block_until_ready(running)  # The queued merges are scoring, not saving: not timed.
@@ -170,7 +300,7 @@ def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: np.ndarr
   saver.save(lambda: _save_progress(path, fingerprint, running, largest, rows.stop))
   if not quiet:
     logging.info("Scoring: %s", saver.describe())
-  return ranking.to_host(running), largest
+  return {name: ranking.to_host(ext) for name, ext in running.items()}, largest, floors
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -180,8 +310,8 @@ def _gather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
 
-def combine(running: ranking.Extremes, largest: ranking.RunningLargest) -> tuple:
-  """Returns the Extremes and self-influence ranking over all processes' states (ties to the lower index)."""
+def combine_extremes(running: ranking.Extremes) -> ranking.Extremes:
+  """Returns the Extremes over all processes' states (ties to the lower index)."""
   tops = [_gather(x) for x in running]
   out = []
   k = running.proponents.shape[1]
@@ -191,11 +321,21 @@ def combine(running: ranking.Extremes, largest: ranking.RunningLargest) -> tuple
     key_idx = np.where(idx < 0, np.iinfo(np.int64).max, idx)
     order = np.lexsort((key_idx, -sign * sc), axis=1)[:, :k]
     out += [np.take_along_axis(idx, order, 1), np.take_along_axis(np.concatenate(list(sc_all), 1), order, 1)]
+  return ranking.Extremes(*out)
+
+
+def combine_largest(largest: ranking.RunningLargest) -> ranking.RunningLargest:
+  """Returns the self-influence ranking over all processes' states."""
   merged = ranking.empty_largest(largest.indices.shape[0])
   for idx, vals in zip(_gather(largest.indices), _gather(largest.values)):
     keep = idx >= 0
     merged = ranking.merge_indexed(merged, idx[keep], vals[keep])
-  return ranking.Extremes(*out), merged
+  return merged
+
+
+def combine(running: ranking.Extremes, largest: ranking.RunningLargest) -> tuple:
+  """Returns the Extremes and self-influence ranking over all processes' states (ties to the lower index)."""
+  return combine_extremes(running), combine_largest(largest)
 
 
 def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optional[str] = None) -> dict:
@@ -214,33 +354,47 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
   queries = task_lib.query_source(ctx.task, ctx.config)
   batch = input_lib.read_all(queries, "query source", s.batch_size)
   vectors = project_queries(ctx, es, store, batch)
+  curvature = es.info.curvature if es.info is not None else ctx.curvature
+  if common.is_writer():
+    log_cg_report(vectors.cg, curvature)
   out = output_dir(ctx)
-  settings = scoring_settings(ctx, es, store, io_lib.rows_digest(batch))
+  names = config_lib.normalizations(s.normalize)
+  settings = scoring_settings(ctx, es, store, io_lib.rows_digest(batch), curvature)
   fingerprint = io_lib.digest(settings, jax.process_count())
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
   hi = store.meta.chunk_bounds(owned.stop - 1)[1] if len(owned) else store.meta.num_rows
+  num_queries = int(vectors.vectors.shape[0])
   if not quiet:
-    logging.info("Scoring %d queries against %d stored training examples (rows %d–%d here)",
-                 vectors.shape[0], store.meta.num_rows, lo, hi)
-  running, largest = score_rows(ctx, store, vectors, es, range(lo, hi), fingerprint, out, quiet=quiet, fault=fault)
-  running, largest = combine(running, largest)
+    logging.info("Scoring %d queries against %d stored training examples (rows %d–%d here; tables: %s)",
+                 num_queries, store.meta.num_rows, lo, hi, ", ".join(names))
+  running, largest, floors = score_rows(ctx, store, vectors, es, range(lo, hi), fingerprint, out, quiet=quiet,
+                                        fault=fault)
+  largest = combine_largest(largest)
+  running = {name: combine_extremes(ext) for name, ext in running.items()}
   if not common.is_writer():
     return {}
-  summary = dict(settings, num_train=store.meta.num_rows, num_queries=int(vectors.shape[0]),
+  summary = dict(settings, num_train=store.meta.num_rows, num_queries=num_queries,
                  store=store_lib.describe(store), fingerprint=fingerprint)
+  if floors:
+    summary["normalization_floors"] = floors
+  if vectors.cg is not None:
+    summary["cg"] = vectors.cg
   return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest, summary,
                                     grid_examples=s.grid_examples)
 
 
-def scoring_settings(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries_digest: str) -> dict:
+def scoring_settings(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, queries_digest: str,
+                     curvature: str) -> dict:
   """Returns every setting the query set's tables depend on (JSON-able; its digest keys the progress):
-  what was scored (the queries' content digest, the store, the training set's identity) and how (top_k,
-  damping, tail, its constant c and CG iterations, the self-influence rows)."""
+  what was scored (the queries' content digest, the store, the training set's identity) and how (the
+  curvature, top_k, damping, tail, its constant c and CG iterations, the normalised tables, the
+  self-influence rows)."""
   s = ctx.config.score
   return {"name": s.name, "queries": s.queries or "Task.queries", "queries_digest": queries_digest,
           "store_fingerprint": store.meta.fingerprint, "training_identity": workdir_lib.training_identity(ctx),
           "eigenspace_fingerprint": workdir_lib.eigenspace_fingerprint(ctx), "k": store.meta.k,
           "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim, "top_k": int(s.top_k),
           "damping": es.damping, "tail": bool(s.tail), "tail_constant": default_tail_constant(es) if s.tail else None,
-          "cg_iters": int(s.cg_iters) if s.tail else 0, "self_influence_rows": int(s.self_influence_rows)}
+          "cg_iters": int(s.cg_iters) if s.tail else 0, "self_influence_rows": int(s.self_influence_rows),
+          "curvature": curvature, "normalize": list(config_lib.normalizations(s.normalize))}

@@ -41,9 +41,12 @@ from influence_jax.jobs.context import Context
 
 
 # Keys left out of the eigenspace's and the store's fingerprints: those that change how a stage runs,
-# not what it computes, and the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ).
+# not what it computes, the damping δ, which only the scoring applies ((Λ + δ)⁻¹, c = λ_k + δ), and
+# arnoldi.residual_tol, which only flags pairs in the reports; arnoldi.curvature enters resolved ("auto"
+# as the curvature it picks: `Context.curvature`).
 _NOT_FINGERPRINTED = ("checkpoint_every", "checkpoint_seconds", "num_threads", "microbatch_size", "grid_examples",
-                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping", "verify")
+                      "self_influence_rows", "batch_size", "rows_per_block", "name", "damping", "verify",
+                      "residual_tol")
 CURVATURE_DIGEST_FILE = "curvature_digest.json"
 
 
@@ -90,7 +93,7 @@ def eigenspace_fingerprint(ctx: Context) -> str:
   curvature sample's content (`curvature_digest`)."""
   c = ctx.config
   return _cached(ctx, "eigenspace_fingerprint", lambda: io_lib.digest(
-      c.task, ctx.params_fingerprint, c.seed, _what(c.arnoldi), curvature_digest(ctx)))
+      c.task, ctx.params_fingerprint, c.seed, dict(_what(c.arnoldi), curvature=ctx.curvature), curvature_digest(ctx)))
 
 
 def store_fingerprint(ctx: Context) -> str:

@@ -59,6 +59,7 @@ from absl import logging
 from influence_jax import flax_adapters
 from influence_jax.examples import datasets
 from influence_jax.examples import tasks
+from influence_jax.jobs import config as config_lib
 from influence_jax.jobs.papers import gif_report
 from influence_jax.methods import gif_selection
 from influence_jax.methods import gif_steps
@@ -325,7 +326,8 @@ def default_config(gif_task: str = "class_removal") -> ml_collections.ConfigDict
   c.seeds = 5
   c.data = dict(name="digits", test_fraction=0.2, num_train=-1, num_test=-1)
   c.model = dict(name="mlp", features=(32,), num_classes=10, activation="tanh")
-  c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=60, batch_size=128, l2=1e-3)  # Retraining too.
+  # Retraining too; momentum: sgd only.
+  c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=60, batch_size=128, l2=1e-3, momentum=0.9)
   c.edit = dict(
       ratios=(0.1, 0.3, 0.5),  # Fraction of each Dense/Conv layer's parameters in the target set (exact budget).
       selections=("gradient",),  # Unit ranking: "output", "gradient" or "random".
@@ -356,6 +358,19 @@ def default_config(gif_task: str = "class_removal") -> ml_collections.ConfigDict
         trigger_size=3,
     )
   return c
+
+
+def config_checker(gif_task: str) -> Callable:
+  """Returns the `cli.run` check of a GIF job's config: every key must be one of
+  `default_config(config.gif_task)`'s (a config for the other task is refused by the job itself)."""
+
+  def check(config) -> None:
+    kind = config.get("gif_task", gif_task)
+    kind = kind if kind in TASKS else gif_task
+    config_lib.check_keys(config, default_config(kind), what=f"the GIF {kind} job", new_top_level=False,
+                          defaults=f"influence_jax.jobs.papers.gif_job.default_config({kind!r})")
+
+  return check
 
 
 def job(gif_task: str) -> Callable:

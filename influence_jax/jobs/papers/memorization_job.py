@@ -32,10 +32,63 @@ from influence_jax import flax_adapters
 from influence_jax import io as io_lib
 from influence_jax.examples import datasets
 from influence_jax.examples import models
+from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import plots
 from influence_jax.methods import memorization as mz
 from influence_jax.methods import selective_removal
 from influence_jax.methods import training
+
+
+JOBS = ("memorization", "selective_removal")
+
+
+def default_config(job: str = "memorization") -> ml_collections.ConfigDict:
+  """Returns every key of the memorization job (scripts/memorization.py) or, with job="selective_removal",
+  of the selective-removal job (scripts/selective_removal.py), at the values of configs/*_digits.py."""
+  if job not in JOBS:
+    raise ValueError(f"Unknown job {job!r}; expected one of {JOBS}.")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(
+      test_fraction=0.2,  # Clean test set, for accuracy.
+      reference_fraction=0.15,  # Of the rest: the held-out reference set R (clean labels) of A(z).
+      label_noise=0.2,  # Fraction of the training labels flipped to another class at random.
+      num_train=-1,  # -1: all remaining points.
+      num_test=-1,
+  )
+  c.model = dict(features=(256,), activation="tanh")
+  # Long enough to fit the flipped labels (training accuracy on the noisy labels ≈ 1); momentum: sgd only.
+  c.train = dict(optimizer="adam", learning_rate=3e-3, num_epochs=800, batch_size=128, l2=1e-4, momentum=0.9)
+  c.memorization = dict(
+      method="last_layer",  # or "eigenspace" (Arnoldi over all parameters).
+      damping=1e-2,  # Last layer: H + δI is inverted (l2 alone leaves H nearly singular).
+      self_influence_quantile=0.5,  # > 0: "memorized" also needs s(z) ≥ this quantile of s (0: off).
+      arnoldi=dict(n_iters=200, top_k=150, curvature="hessian", damping=0.1, batch_size=2048, tail=True),
+  )
+  if job == "selective_removal":
+    c.train.num_epochs = 600
+    # How points are labelled at each removal event. Quantile 0: every fitted point with A ≤ 0 is a
+    # candidate; the ranking by A and the budget choose.
+    c.memorization.self_influence_quantile = 0.0
+    c.removal = dict(
+        num_seeds=5,  # Seeds config.seed, config.seed + 1, ...
+        epochs=(200, 400),  # Removal events: before these epochs.
+        budgets=(150, 100),  # At most this many points dropped at each event.
+        # Arms dropping as many points as removal by A did: random ones, the lowest A among all kept
+        # points (fitted or not), the highest self-influence.
+        baselines=("random", "lowest_A", "self_influence"),
+    )
+  return c
+
+
+def config_checker(job: str):
+  """Returns the `cli.run` check of `job`'s config: every key must be one of `default_config(job)`'s."""
+
+  def check(config) -> None:
+    config_lib.check_keys(config, default_config(job), what=f"the {job} job", new_top_level=False,
+                          defaults=f"influence_jax.jobs.papers.memorization_job.default_config({job!r})")
+
+  return check
 
 
 class NoisyDigits(NamedTuple):
