@@ -13,7 +13,8 @@ import importlib
 
 from influence_jax.checkpoint import load_eigenspace, save_eigenspace
 from influence_jax.curvature import LinearOperator, SplitLoss, curvature_operator, gnvp, hvp
-from influence_jax.eigenspace import (Eigenspace, EigenspaceInfo, FitDiagnostics, default_tail_constant, diagnose,
+from influence_jax.diagnostics import FitDiagnostics, diagnose
+from influence_jax.eigenspace import (Eigenspace, EigenspaceInfo, default_tail_constant,
                                      fit_eigenspace, project)
 from influence_jax.flax_adapters import ModelFns, linen_loss_fns, nnx_loss_fns, nnx_update
 from influence_jax.ranking import Extremes, extremes, merge_rows, stream_extremes

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +164,18 @@ def gathered_embed(tokens, d, u_table, with_norms):
     return proj, 0.0
   same = (t[:, :, None] == t[:, None, :]).astype(d2.dtype)
   return proj, jnp.einsum("blm,bld,bmd->b", same, d2, d2)
+
+
+def over_flat_gradient_chunks(chunk_leaves: Callable, pieces: Any, chunk: int, dtype, gradient_fn: Callable) -> tuple:
+  """Returns ((micro,) ‖g‖², gradient_fn(g) stacked to (micro, ...)) for a micro-batch's flat per-example
+  gradients g, assembled `chunk` examples at a time: `chunk_leaves(piece)` gives a chunk's per-example
+  gradient leaves (chunk, ...) in `ravel_pytree` order from its slice of `pieces` (leading axis micro)."""
+
+  def one_chunk(piece):
+    flat = jnp.concatenate([x.reshape(x.shape[0], -1).astype(dtype) for x in chunk_leaves(piece)], axis=1)
+    return jnp.sum(flat * flat, axis=1), gradient_fn(flat)
+
+  micro = jax.tree.leaves(pieces)[0].shape[0]
+  by_chunk = jax.tree.map(lambda x: x.reshape((micro // chunk, chunk) + x.shape[1:]), pieces)
+  sq, out = jax.lax.map(one_chunk, by_chunk)
+  return sq.reshape(micro), jax.tree.map(lambda x: x.reshape((micro,) + x.shape[2:]), out)

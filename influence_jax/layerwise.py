@@ -356,7 +356,7 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
   gradients, inputs, the "layer_vjp" layers' gradients)."""
   paths = leaf_paths(params)
 
-  def one_chunk(piece):
+  def chunk_leaves(piece):
     g_rest, deltas, inputs, layer_grads = piece
     by_layer = dict(layer_grads)
     for i, c in enumerate(calls):
@@ -374,10 +374,6 @@ def _over_flat_gradients(calls, plans, params, is_rest, pieces, gradient_fn, chu
       for name in path[len(layer):]:
         node = node[name]
       leaves.append(node)
-    flat = jnp.concatenate([x.reshape(x.shape[0], -1).astype(dtype) for x in leaves], axis=1)
-    return jnp.sum(flat * flat, axis=1), gradient_fn(flat)
+    return leaves
 
-  micro = jax.tree.leaves(pieces)[0].shape[0]
-  by_chunk = jax.tree.map(lambda x: x.reshape((micro // chunk, chunk) + x.shape[1:]), pieces)
-  sq, out = jax.lax.map(one_chunk, by_chunk)
-  return sq.reshape(micro), jax.tree.map(lambda x: x.reshape((micro,) + x.shape[2:]), out)
+  return layer_gradients.over_flat_gradient_chunks(chunk_leaves, pieces, chunk, dtype, gradient_fn)

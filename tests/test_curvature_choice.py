@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import influence_jax as ij
+from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import store as store_lib
 from influence_jax.jobs import config as config_lib
@@ -163,21 +164,21 @@ def test_diagnose_names_why_fewer_pairs_were_kept():
   h = jnp.asarray(q @ np.diag(values) @ q.T)
   loss = lambda p, batch: 0.5 * p @ h @ p
   es = ij.fit_eigenspace(loss, jnp.zeros(10), [{"x": np.zeros((1,))}], n_iters=10, top_k=8, damping=0.2)
-  diag = eigenspace_lib.diagnose(es)
+  diag = diagnostics_lib.diagnose(es)
   assert diag.k == 6 and diag.top_k == 8
   assert "only 6 of the 10 Ritz values are positive" in diag.why_fewer and "4 are negative" in diag.why_fewer
   assert diag.min_ritz_value == pytest.approx(-0.4, abs=1e-4) and diag.positive_definite is False
   assert "damping above 0.4" in diag.indefinite_warning()
-  assert eigenspace_lib.diagnose(es, damping=0.5).positive_definite is True
+  assert diagnostics_lib.diagnose(es, damping=0.5).positive_definite is True
   assert [level for level, _ in diag.notes()] == ["warning", "warning"]
 
 
 def test_diagnose_flags_unconverged_pairs():
   values = jnp.array([3.0, 2.0, 1.0])
   es = eigenspace_lib.Eigenspace(values, jnp.eye(3), jnp.array([1e-6, 1e-3, 0.5]), jnp.zeros(3), num_params=3)
-  diag = eigenspace_lib.diagnose(es, residual_tol=1e-2)
+  diag = diagnostics_lib.diagnose(es, residual_tol=1e-2)
   assert diag.unconverged == (2,) and diag.max_relative_residual == pytest.approx(0.5)
-  assert eigenspace_lib.diagnose(es, residual_tol=1e-4).unconverged == (1, 2)
+  assert diagnostics_lib.diagnose(es, residual_tol=1e-4).unconverged == (1, 2)
 
 
 def test_spectrum_marks_unconverged_pairs():

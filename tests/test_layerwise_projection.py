@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from influence_jax import flax_adapters, layer_gradients, layerwise, projection, sketch, traced
+from influence_jax import flax_adapters, jaxpr_contractions, layer_gradients, layerwise, projection, sketch, traced
 from influence_jax.examples import models
 
 TOL = 1e-10
@@ -449,9 +449,9 @@ def test_traced_store_rows_equal_per_example_gradients(name, with_sketch):
 
 
 def _factored_paths(fns, batch, with_norms):
-  found = traced.discover(fns.per_example_loss_fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
+  found = jaxpr_contractions.discover(fns.per_example_loss_fn, fns.params, jax.tree.map(lambda a: a[:1], batch))
   paths = layerwise.leaf_paths(fns.params)
-  return {paths[i] for i in traced.factored_leaves(found, with_norms)}
+  return {paths[i] for i in jaxpr_contractions.factored_leaves(found, with_norms)}
 
 
 def test_traced_finds_the_contractions_of_parameter_leaves():

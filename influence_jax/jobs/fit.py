@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 from influence_jax import arnoldi
 from influence_jax import checkpoint
 from influence_jax import data as data_lib
+from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import io as io_lib
 from influence_jax import sharding
@@ -114,13 +115,13 @@ def check_curvature_rows(ctx: Context, batches: list) -> None:
     lo += n
 
 
-def diagnostics(ctx: Context, es: eigenspace_lib.Eigenspace) -> eigenspace_lib.FitDiagnostics:
+def diagnostics(ctx: Context, es: eigenspace_lib.Eigenspace) -> diagnostics_lib.FitDiagnostics:
   """Returns the eigenspace's FitDiagnostics at the config's damping and arnoldi.residual_tol."""
-  return eigenspace_lib.diagnose(es, damping=float(ctx.config.arnoldi.damping),
+  return diagnostics_lib.diagnose(es, damping=float(ctx.config.arnoldi.damping),
                                  residual_tol=float(ctx.config.arnoldi.residual_tol))
 
 
-def log_diagnostics(diag: eigenspace_lib.FitDiagnostics) -> None:
+def log_diagnostics(diag: diagnostics_lib.FitDiagnostics) -> None:
   """Logs the fit's diagnostics: k kept and why, unconverged pairs, definiteness (warnings as warnings)."""
   for level, message in diag.notes():
     (logging.warning if level == "warning" else logging.info)("%s", message)
@@ -128,7 +129,7 @@ def log_diagnostics(diag: eigenspace_lib.FitDiagnostics) -> None:
 
 def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: bool = False) -> dict:
   """Writes eigenvalues.json and spectrum.png from `es` (process 0; every process must call it), and
-  logs the diagnostics (`eigenspace.diagnose`) when it writes them.
+  logs the diagnostics (`diagnostics.diagnose`) when it writes them.
 
   eigenvalues.json: the eigenvalues, residuals and Ritz estimates; the curvature used and how it was
   chosen; "diagnostics": k asked vs kept and why, the unconverged pairs (residual above
