@@ -91,7 +91,7 @@ def test_relative_table_is_the_library_relative_influence(gauss_newton_run):
   with open(paths["summary"]) as f:
     summary = json.load(f)
   es = workdir_lib.load_eigenspace(ctx)
-  store = store_lib.open_store(ctx.path("store"), ctx.store_fingerprint)
+  store = store_lib.open_store(ctx.path("store"), workdir_lib.store_fingerprint(ctx))
   vectors = score.project_queries(ctx, es, store, task_lib.query_source(ctx.task, ctx.config))
   rows = store.read(0, store.meta.num_rows, ("projections", "sketch", "sq_norms"))
   scores = vectors.vectors.astype(np.float64) @ np.concatenate([rows["projections"], rows["sketch"]], 1).T.astype(np.float64)
