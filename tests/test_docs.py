@@ -82,7 +82,9 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   name = path.relative_to(ROOT).as_posix()
   namespace = {"__name__": f"docs_{path.stem}"}
-  for line, source in python_blocks(path):
+  blocks = python_blocks(path)
+  ran = 0
+  for line, source in blocks:
     # Pad so that a traceback's line numbers are the document's.
     code = compile("\n" * line + source, name, "exec")
     try:
@@ -90,6 +92,10 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     except Exception:  # noqa: BLE001
       pytest.fail(f"{name}:{line}: the Python block starting here fails:\n{traceback.format_exc(limit=-3)}",
                   pytrace=False)
+    ran += 1
+  assert ran == len(blocks)
+  if path == ROOT / "README.md":
+    assert ran >= 5, "README.md's Python blocks are not found (the fence syntax changed?)"
 
 
 # ----------------------------------------------------------------------------- section references
