@@ -30,6 +30,6 @@ setup(
     extras_require={
         "jobs": JOBS,
         "examples": EXAMPLES,
-        "test": sorted(set(JOBS + EXAMPLES)) + ["pytest>=8", "pytest-xdist>=3"],
+        "test": sorted(set(JOBS + EXAMPLES)) + ["pytest>=8", "pytest-xdist>=3", "filelock>=3"],
     },
 )
