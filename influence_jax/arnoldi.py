@@ -212,19 +212,20 @@ def run(
   breakdown = bool(state.breakdown)
   while done < stop and not breakdown:
     state = _step(op.matvec, block_size, op.dim, mesh, op.operands, state, tol)
-    if not bool(_all_finite(state.hessenberg)):
+    finite, breakdown = (bool(flag) for flag in jax.device_get(_step_flags(state.hessenberg, state.breakdown)))
+    if not finite:
       raise NonFiniteStep(f"Arnoldi step {done + 1}: the curvature product is not finite (NaN or inf in the "
                           "Hessenberg matrix); the step is not kept.")
     done += 1
-    breakdown = bool(state.breakdown)
     if callback is not None:
       callback(state)
   return state
 
 
 @jax.jit
-def _all_finite(x: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(x))
+def _step_flags(hessenberg: jax.Array, breakdown: jax.Array) -> jax.Array:
+  """Returns [all of `hessenberg` finite, breakdown] as one array: one host transfer a step."""
+  return jnp.stack([jnp.all(jnp.isfinite(hessenberg)), breakdown])
 
 
 class Ritz(NamedTuple):
