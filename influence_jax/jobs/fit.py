@@ -9,8 +9,6 @@ are (re)written from it whenever they are missing, so a finished stage always ha
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import jax
@@ -25,6 +23,7 @@ from influence_jax import data as data_lib
 from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import io as io_lib
+from influence_jax import paths as paths_lib
 from influence_jax import sharding
 from influence_jax import validation
 from influence_jax.jobs import common
@@ -39,7 +38,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
   """Fits (or loads, or resumes) the eigenspace; returns it, laid out on the stage's mesh."""
   final_dir = ctx.path("eigenspace")
   fp = workdir_lib.eigenspace_fingerprint(ctx)
-  if os.path.isdir(final_dir):
+  if paths_lib.isdir(final_dir):
     try:
       es = checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=ctx.mesh)
       write_reports(ctx, es, only_missing=True)
@@ -156,7 +155,7 @@ def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: 
         "diagnostics": dict(diag.to_json(), warning=diag.indefinite_warning() or None),
     }
     io_lib.atomic_write_json(paths["eigenvalues"], record)
-  if not (only_missing and os.path.exists(paths["spectrum"])):
+  if not (only_missing and paths_lib.exists(paths["spectrum"])):
     plots.spectrum(paths["spectrum"], host["eigenvalues"], host["residuals"], es.damping,
                    title=f"top-{es.k} of {diag.top_k} {curvature} eigenvalues", unconverged=diag.unconverged,
                    residual_tol=diag.residual_tol, min_ritz_value=diag.min_ritz_value)
@@ -165,7 +164,6 @@ def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: 
 
 def _readable_json(path: str, k: int) -> bool:
   try:
-    with open(path) as f:
-      return len(json.load(f)["eigenvalues"]) == k
-  except (OSError, ValueError, KeyError, TypeError):
+    return len(io_lib.read_json(path)["eigenvalues"]) == k
+  except (KeyError, TypeError):
     return False
