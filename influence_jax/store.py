@@ -120,7 +120,8 @@ def _read_meta(directory: str) -> Optional[StoreMeta]:
 def _stored(rows: Any, dtype: np.dtype, what: str) -> np.ndarray:
   """Returns `rows` cast to the store's `dtype`; raises StoreError when a finite value overflows it."""
   value = np.asarray(rows)
-  cast = value.astype(dtype)
+  with np.errstate(over="ignore"):
+    cast = value.astype(dtype)
   if not np.all(np.isfinite(cast.astype(np.float32))) and np.all(np.isfinite(value)):
     raise StoreError(f"{what}: values up to {np.abs(value).max():.3g} overflow {dtype} (store_dtype); store "
                      "them as float32 or bfloat16.")

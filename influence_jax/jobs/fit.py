@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import arnoldi
 from influence_jax import checkpoint
+from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
@@ -47,7 +48,8 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
       pass  # A directory with no finished step: fit again.
   task, a, mesh = ctx.task, ctx.config.arnoldi, ctx.mesh
   flat = ravel_pytree(task.params)[0]
-  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, flat.dtype, ctx.config.seed, mesh=mesh),
+  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, curvature_lib.vector_dtype(flat.dtype), ctx.config.seed,
+                                                       mesh=mesh),
                           a.n_iters, block_size=a.block_size)
   columns = sharding.padded_dim(flat.size, mesh)
   # A basis padded for another 'model' size has other columns: not this job's progress.
