@@ -128,6 +128,17 @@ def _stored(rows: Any, dtype: np.dtype, what: str) -> np.ndarray:
   return cast
 
 
+def as_stored(rows: Any, store_dtype: str) -> np.ndarray:
+  """Returns `rows` as a store of `store_dtype` gives them back: rounded to it, read as float32."""
+  return _stored(np.asarray(rows, np.float32), np.dtype(_numpy_dtype(store_dtype)), "rows").astype(np.float32)
+
+
+def _numpy_dtype(store_dtype: str):
+  import ml_dtypes  # noqa: PLC0415 (bfloat16's numpy dtype)
+
+  return ml_dtypes.bfloat16 if store_dtype == "bfloat16" else np.dtype(store_dtype)
+
+
 class ProjectionStore:
   """An open store: `write_chunk`, `read`, `chunks`; see the module docstring for the layout."""
 
