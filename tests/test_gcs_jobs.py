@@ -92,3 +92,15 @@ def test_two_processes_on_gs_match_one_local_process(bucket, local, tmp_path):
   _compare_outputs(download(w, str(tmp_path / "got")), local)
   got, want = ij.open_store(paths.join(w, "store")), ij.open_store(os.path.join(local, "store"))
   assert got.done_chunks() == want.done_chunks() == list(range(5))  # Both processes' chunks.
+
+
+def test_a_paper_job_on_gs_writes_what_it_writes_locally(bucket, tmp_path):
+  from tests.test_memorization import _run  # noqa: PLC0415
+
+  w, here = f"{bucket}/memorization", str(tmp_path / "m")
+  _run("memorization.py", "memorization_digits.py", w)
+  _run("memorization.py", "memorization_digits.py", here)
+  assert paths.read_bytes(paths.join(w, "memorization.csv")) == read(os.path.join(here, "memorization.csv"))
+  got, want = io_lib.read_json(paths.join(w, "metrics.json")), io_lib.read_json(os.path.join(here, "metrics.json"))
+  assert got.pop("seconds") > 0 and want.pop("seconds") > 0 and got == want
+  assert paths.read_bytes(paths.join(w, "histogram.png"))[:8] == b"\x89PNG\r\n\x1a\n"
