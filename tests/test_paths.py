@@ -117,3 +117,10 @@ def test_workdir_lock_on_gs_refuses_a_second_job(gcs):  # noqa: F811
         pass
   with lock.workdir_lock(gcs + "/w"):  # Released.
     pass
+
+
+def test_a_job_whose_lease_is_taken_over_is_stopped(gcs):  # noqa: F811
+  with pytest.raises(lock.WorkdirBusy, match="taken over by another job"):
+    with lock.workdir_lock(gcs + "/w", lease_seconds=1.5):
+      lock._blob(gcs + "/w/.lock").upload_from_string("{}")  # noqa: SLF001 (another job overwrites the lease)
+      time.sleep(10)  # The next renewal finds another generation and interrupts this thread.

@@ -49,7 +49,7 @@ def test_a_bfloat16_model_with_a_bfloat16_store_end_to_end(reference, data_dir, 
   np.testing.assert_allclose(load(w), load(reference), rtol=3e-2)
   store = store_lib.open_store(os.path.join(w, "store"))
   assert store.meta.store_dtype == "bfloat16"
-  assert {n: str(a.dtype) for n, a in store._arrays.items()} == {  # noqa: SLF001
+  assert {n: a.dtype.name for n, a in store._arrays.items()} == {  # noqa: SLF001
       "projections": "bfloat16", "residual": "bfloat16", "sketch": "bfloat16", "sq_norms": "float32"}
   # Scores: as the float32 model's with a float32 store (measured correlation 0.99999).
   got, want = rows(table(w, "top_k.csv")), rows(table(reference, "top_k.csv"))

@@ -292,7 +292,7 @@ def arnoldi_sketched(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int]
 
 def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
                 seed: int = 0, curvature: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
-                residual_examples: int = 1024, store_dtype: str = "float32") -> MethodResult:
+                residual_examples: int = 1024, store_dtype: Optional[str] = None) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
 
   Fit: `fit_eigenspace` (n_iters defaults to 1.5 · top_k); score: the test
@@ -303,7 +303,8 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
   `preconditioning.solved_query_side` (the rows are counted in the score time).
   W = U, or [U; V] with a residual basis V of `residual_rank` rows fitted on
   the first `residual_examples` training examples (counted in the fit time). `store_dtype`: the stored
-  rows rounded as a store of that dtype keeps them (`store.as_stored`; project.store_dtype).
+  rows rounded as a store of that dtype returns them (`store.as_stored`; project.store_dtype); None:
+  as computed (float64 in an x64 run).
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
@@ -321,8 +322,9 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
     directions = residual_basis.stored_directions(es.eigenvectors, basis)
-    stored = scoring.row_side(*(jnp.asarray(store.as_stored(x, store_dtype))
-                                for x in _stored_rows(inputs, directions, sk, inputs.train_batches)))
+    rows = _stored_rows(inputs, directions, sk, inputs.train_batches)
+    stored = scoring.row_side(*(rows if store_dtype is None else [jnp.asarray(store.as_stored(x, store_dtype))
+                                                                  for x in rows]))
     scores = preconditioning.solved_query_side(es, sk, res.x, basis) @ stored.T
   else:
     scores = _dots_with_train(inputs, res.x)
@@ -335,7 +337,7 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
     info["sketch_dim"] = sk.dim
   if residual_rank:
     info["residual_rank"] = int(residual_rank)
-  if store_dtype != "float32":
+  if store_dtype is not None:
     info["store_dtype"] = store_dtype
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
