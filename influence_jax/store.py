@@ -105,10 +105,11 @@ def _spec(directory: str, name: str, shape: Optional[tuple] = None, chunk_rows: 
 def _read_meta(directory: str) -> Optional[StoreMeta]:
   path = paths.join(directory, "meta.json")
   try:
-    record = json.loads(paths.read_text(path))
+    text = paths.read_text(path)
   except FileNotFoundError:
     return None
   try:
+    record = json.loads(text)
     if record.pop("format", None) != FORMAT:
       raise ValueError("unknown format")
     return StoreMeta(**record)
