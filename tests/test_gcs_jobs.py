@@ -3,6 +3,7 @@ one process killed and resumed there, a second job refused naming the holder of 
 writing one store; the tables equal a local one-process run's."""
 
 import os
+import time
 
 import pytest
 
@@ -72,7 +73,9 @@ def test_a_job_killed_on_gs_resumes_and_a_second_job_is_refused(bucket, local, t
   assert proc.returncode == -9, proc.stderr[-3000:]
   done = paths.listdir(paths.join(w, "store", "done"))
   assert done and len(done) < 5 and not paths.exists(paths.join(w, "scores")), done
-  # The killed job's lease expired after 2 s; this process takes the workdir, a job started now is refused.
+  # The killed job's lease expires 2 s after its last renewal (before the kill); then this process takes
+  # the workdir, and a job started now is refused naming it.
+  time.sleep(2.5)
   with lock.workdir_lock(w, lease_seconds=60):
     proc = run_job("score.py", w, FEATURES, check=False)
     assert proc.returncode == 1 and "in use by another job" in proc.stderr and f"pid {os.getpid()}" in proc.stderr, \
