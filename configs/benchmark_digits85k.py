@@ -61,6 +61,10 @@ def get_config(arg=None):
     methods[f"arnoldi_pcg_store{m}_r{r}_n150_k100_i{i}"] = dict(
         method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=i, sketch_dim=m, residual_rank=r,
         residual_examples=1024)
+  for dtype in ("bfloat16", "float16"):  # The jobs' default store kept in 16 bits (project.store_dtype).
+    methods[f"arnoldi_pcg_store1024_r128_n150_k100_i3_{dtype}"] = dict(
+        method="arnoldi_pcg", top_k=100, n_iters=150, cg_iters=3, sketch_dim=1024, residual_rank=128,
+        residual_examples=1024, store_dtype=dtype)
   methods["arnoldi_pcg_n300_k200_i3"] = dict(method="arnoldi_pcg", top_k=200, n_iters=300, cg_iters=3)
   for n, k in ((150, 100), (300, 200)):  # 3 iterations from a store, k = 100 and 200.
     methods[f"arnoldi_pcg_store16384_n{n}_k{k}_i3"] = dict(method="arnoldi_pcg", top_k=k, n_iters=n, cg_iters=3,

@@ -4,12 +4,12 @@ refused when made from a different model, config or data set.
 Every save is one orbax `CheckpointManager` step holding two items, "state"
 (arrays) and "meta" (JSON with a `fingerprint`). Orbax writes a step into a
 temporary directory and renames it when complete, so a job killed at any
-moment leaves either the previous step or the new one, never a mix.
+moment leaves either the previous step or the new one, never a mix. A directory
+may be local or on cloud storage (gs://, `paths`): orbax writes it there itself.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from influence_jax import paths
 from influence_jax import sharding as sharding_lib
 from influence_jax.eigenspace import Eigenspace, EigenspaceInfo
 
@@ -81,7 +82,7 @@ def _manager(directory: str, *, max_to_keep: Optional[int] = 2, read_only: bool 
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only,
       enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+  return ocp.CheckpointManager(paths.absolute(directory), options=options, item_names=("state", "meta"))
 
 
 class CheckpointDir:
@@ -124,7 +125,7 @@ class CheckpointDir:
     Arrays come back with the shapes, dtypes and shardings of `target`'s
     leaves (so state saved on one mesh restores onto another).
     """
-    what = f"The checkpoint {os.path.join(self.directory, str(step))}"
+    what = f"The checkpoint {paths.join(self.directory, str(step))}"
     meta = _restore_meta(self.manager, step, what)
     if meta.get("fingerprint") != self.fingerprint:
       raise FingerprintMismatch(
@@ -207,7 +208,7 @@ def save_eigenspace(directory: str, es: Eigenspace, fingerprint: str = "", extra
 
 def _saved_shapes(directory: str, step: int) -> dict:
   """Returns {name: ShapeDtypeStruct-like (shape, dtype)} of the arrays saved in `step` (no data read)."""
-  path = epath.Path(os.path.abspath(directory)) / str(step) / "state"
+  path = epath.Path(paths.absolute(directory)) / str(step) / "state"
   tree = ocp.StandardCheckpointHandler().metadata(path)
   return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
 

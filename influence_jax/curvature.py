@@ -124,6 +124,8 @@ def curvature_operator(
 ) -> LinearOperator:
   """Returns v ↦ (C + damping·I) v, C the curvature of the example-weighted mean loss over `batches`.
 
+  Vectors are of `vector_dtype` (float32 for a bfloat16 model).
+
   `curvature` is "hessian" (exact, possibly indefinite) or "gauss_newton"
   (needs a `SplitLoss`). `batches` are fixed once: every product sums over
   the same examples, in micro-batches of at most `microbatch_size` examples (default:
@@ -156,7 +158,14 @@ def curvature_operator(
   flat, _ = ravel_pytree(params)
   operands = (sharding_lib.place_params(params, mesh), _place_examples(stacked, 1, mesh),
               None if remainder is None else _place_examples(remainder, 0, mesh))
-  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=flat.dtype, mesh=mesh)
+  return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=vector_dtype(flat.dtype), mesh=mesh)
+
+
+def vector_dtype(param_dtype) -> jnp.dtype:
+  """Returns the dtype of the operator's vectors (the Arnoldi basis, the eigenvectors) for parameters of
+  `param_dtype`: at least float32. A bfloat16/float16 model's products are evaluated in its own dtype and
+  summed over micro-batches in float32; the recurrence's orthogonalisation needs float32's precision."""
+  return jnp.promote_types(param_dtype, jnp.float32)
 
 
 def dividing_microbatch(total: int, micro: int, multiple: int = 1) -> int:

@@ -1,7 +1,7 @@
 """Files the jobs and the evaluation write: atomic writes, checked .npz records, content digests.
 
-Atomic writes go to a temporary name in the same directory, are flushed, then renamed over the
-target, so a reader (or a job killed half-way) never sees a half-written file. `digest` is the one
+Atomic writes (`paths.write_bytes`: a local path or gs://) leave the old file or the new one, never a
+part, so a reader (or a job killed half-way) never sees a half-written file. `digest` is the one
 hash that ties an output to what it was computed from (configs, arrays, data).
 """
 
@@ -11,11 +11,12 @@ import csv
 import hashlib
 import io
 import json
-import os
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+
+from influence_jax import paths
 
 
 def digest(*parts: Any) -> str:
@@ -72,35 +73,25 @@ def rows_digest(batches: Any) -> str:
 
 
 def atomic_write(path: str, write: Callable[[Any], None], *, binary: bool = False) -> str:
-  """Calls write(file) on a temporary file beside `path`, then renames it to `path`; returns `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  """Calls write(file) on an in-memory file, then writes its content to `path` atomically
+  (`paths.write_bytes`: a local path or gs://); returns `path`."""
+  buffer = io.BytesIO() if binary else io.StringIO(newline="")
+  write(buffer)
+  data = buffer.getvalue()
+  return paths.write_bytes(path, data if binary else data.encode())
 
 
 def save_checked_npz(path: str, fingerprint: str, arrays: dict) -> str:
   """Writes `arrays` atomically as .npz with their checksum and `fingerprint` (what they belong to)."""
   record = dict(arrays, checksum=np.asarray(digest(arrays)), fingerprint=np.asarray(fingerprint))
-  buffer = io.BytesIO()
-  np.savez(buffer, **record)
-  return atomic_write(path, lambda f: f.write(buffer.getvalue()), binary=True)
+  return atomic_write(path, lambda f: np.savez(f, **record), binary=True)
 
 
 def load_checked_npz(path: str, fingerprint: str) -> Optional[dict]:
   """Returns the arrays of `save_checked_npz` when the file exists, is intact and belongs to
   `fingerprint`; else None (missing, damaged, or from other inputs)."""
   try:
-    with np.load(path) as f:
+    with np.load(io.BytesIO(paths.read_bytes(path))) as f:
       record = {k: f[k] for k in f.files}
   except (OSError, ValueError, EOFError):
     return None
@@ -128,8 +119,7 @@ def atomic_write_csv(path: str, rows: list) -> str:
 def read_json(path: str) -> Any:
   """Returns the JSON at `path`, or None when it is missing or unreadable."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return None
 

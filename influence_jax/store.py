@@ -1,9 +1,10 @@
 """The projection store: every training example projected once, kept on disk, read in chunks.
 
-A store is a directory of row-aligned on-disk arrays (tensorstore's zarr v3 driver, one file per
+A store is a directory (local or gs://: `paths`) of row-aligned on-disk arrays (tensorstore's zarr v3 driver, one file per
 chunk of rows, each with a crc32c checksum that tensorstore verifies on every read):
 
-  meta.json        what the rows are: num_rows, k, sketch_dim, chunk_rows, fingerprint, attrs, residual_rank
+  meta.json        what the rows are: num_rows, k, sketch_dim, chunk_rows, fingerprint, attrs, residual_rank,
+                   store_dtype (of projections, residual and sketch: float32, bfloat16 or float16; read as float32)
   projections/     (N, k)  G(z) = U ∇ℓ(z)
   residual/        (N, r)  V ∇ℓ(z) on a residual basis V (`residual_basis`; only when residual_rank > 0)
   sq_norms/        (N,)    ‖∇ℓ(z)‖²
@@ -24,16 +25,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import tensorstore as ts
 
+from influence_jax import paths
+
 FORMAT = 2  # 2: no self_influence array (the damping is applied when scoring).
 ARRAYS = ("projections", "sq_norms", "residual", "sketch")
 BASIS_FILE = "residual_basis.npz"
 SOURCE_FILE = "source.json"
+STORE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class StoreError(ValueError):
@@ -51,6 +54,16 @@ class StoreMeta:
   fingerprint: str
   attrs: dict = dataclasses.field(default_factory=dict)
   residual_rank: int = 0  # Stores written before the residual basis have none.
+  store_dtype: str = "float32"  # Of projections, residual and sketch (`STORE_DTYPES`); sq_norms stay float32.
+
+  def __post_init__(self):
+    if self.store_dtype not in STORE_DTYPES:
+      raise StoreError(f"store_dtype {self.store_dtype!r} is not one of {', '.join(STORE_DTYPES)}.")
+
+  def array_dtype(self, name: str) -> str:
+    """Returns the dtype array `name` is stored in: `store_dtype`, except sq_norms (float32: the tail term
+    ‖∇ℓ(z)‖² − ‖G(z)‖² is a difference that a 16-bit ‖∇ℓ(z)‖² would swamp)."""
+    return "float32" if name == "sq_norms" else self.store_dtype
 
   @property
   def num_chunks(self) -> int:
@@ -76,12 +89,13 @@ def chunk_owner(meta: StoreMeta, process_index: int, process_count: int) -> rang
   return range(int(bounds[process_index]), int(bounds[process_index + 1]))
 
 
-def _spec(directory: str, name: str, shape: Optional[tuple] = None, chunk_rows: int = 0) -> dict:
-  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
+def _spec(directory: str, name: str, shape: Optional[tuple] = None, chunk_rows: int = 0,
+          dtype: str = "float32") -> dict:
+  spec = {"driver": "zarr3", "kvstore": paths.kvstore_spec(paths.join(directory, name)),
           "fill_missing_data_reads": False}
   if shape is not None:
     spec["metadata"] = {
-        "shape": list(shape), "data_type": "float32",
+        "shape": list(shape), "data_type": dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, *shape[1:]]}},
         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
     }
@@ -89,18 +103,41 @@ def _spec(directory: str, name: str, shape: Optional[tuple] = None, chunk_rows: 
 
 
 def _read_meta(directory: str) -> Optional[StoreMeta]:
-  path = os.path.join(directory, "meta.json")
-  if not os.path.exists(path):
+  path = paths.join(directory, "meta.json")
+  try:
+    text = paths.read_text(path)
+  except FileNotFoundError:
     return None
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(text)
     if record.pop("format", None) != FORMAT:
       raise ValueError("unknown format")
     return StoreMeta(**record)
   except (ValueError, TypeError) as e:
     raise StoreError(f"{path} is not a projection store's metadata ({e}); delete {directory} and run the "
                      "projection job again to recompute it.") from e
+
+
+def _stored(rows: Any, dtype: np.dtype, what: str) -> np.ndarray:
+  """Returns `rows` cast to the store's `dtype`; raises StoreError when a finite value overflows it."""
+  value = np.asarray(rows)
+  with np.errstate(over="ignore"):
+    cast = value.astype(dtype)
+  if not np.all(np.isfinite(cast.astype(np.float32))) and np.all(np.isfinite(value)):
+    raise StoreError(f"{what}: values up to {np.abs(value).max():.3g} overflow {dtype} (store_dtype); store "
+                     "them as float32 or bfloat16.")
+  return cast
+
+
+def as_stored(rows: Any, store_dtype: str) -> np.ndarray:
+  """Returns `rows` as a store of `store_dtype` gives them back: rounded to it, read as float32."""
+  return _stored(np.asarray(rows, np.float32), np.dtype(_numpy_dtype(store_dtype)), "rows").astype(np.float32)
+
+
+def _numpy_dtype(store_dtype: str):
+  import ml_dtypes  # noqa: PLC0415 (bfloat16's numpy dtype)
+
+  return ml_dtypes.bfloat16 if store_dtype == "bfloat16" else np.dtype(store_dtype)
 
 
 class ProjectionStore:
@@ -114,43 +151,38 @@ class ProjectionStore:
   # ------------------------------------------------------------------ progress
 
   def _marker(self, chunk: int) -> str:
-    return os.path.join(self.directory, "done", f"chunk_{chunk:08d}")
+    return paths.join(self.directory, "done", f"chunk_{chunk:08d}")
 
   def is_done(self, chunk: int) -> bool:
-    return os.path.exists(self._marker(chunk))
+    return paths.exists(self._marker(chunk))
 
   def done_chunks(self) -> list[int]:
     """Returns the finished chunks, ascending."""
-    names = os.listdir(os.path.join(self.directory, "done"))
+    names = paths.listdir(paths.join(self.directory, "done"))
     return sorted(int(n[len("chunk_"):]) for n in names if n.startswith("chunk_") and n[len("chunk_"):].isdigit())
 
   def chunk_digest(self, chunk: int) -> str:
     """Returns the digest of the examples chunk `chunk` was projected from ("" when unknown or not done)."""
     try:
-      with open(self._marker(chunk)) as f:
-        return f.read().strip()
+      return paths.read_text(self._marker(chunk)).strip()
     except OSError:
       return ""
 
   def unmark(self, chunk: int) -> None:
     """Marks `chunk` unfinished (it is projected again by the next projection job)."""
     with contextlib.suppress(OSError):
-      os.remove(self._marker(chunk))
+      paths.remove(self._marker(chunk))
 
   def recorded_source(self) -> Optional[str]:
     """Returns the training set's identity recorded with the rows (`record_source`), or None."""
     try:
-      with open(os.path.join(self.directory, SOURCE_FILE)) as f:
-        return json.load(f)["identity"]
+      return json.loads(paths.read_text(paths.join(self.directory, SOURCE_FILE)))["identity"]
     except (OSError, ValueError, KeyError, TypeError):
       return None
 
   def record_source(self, identity: str) -> None:
     """Records `identity` (`sources.source_fingerprint` of the training set) as the one the rows are from."""
-    tmp = os.path.join(self.directory, f".{SOURCE_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-      json.dump({"identity": identity}, f)
-    os.replace(tmp, os.path.join(self.directory, SOURCE_FILE))
+    paths.write_bytes(paths.join(self.directory, SOURCE_FILE), json.dumps({"identity": identity}).encode())
 
   def missing_chunks(self) -> list[int]:
     done = set(self.done_chunks())
@@ -164,16 +196,13 @@ class ProjectionStore:
     lo, hi = self.meta.chunk_bounds(chunk)
     futures = []
     for name, array in self._arrays.items():
-      value = np.asarray(rows[name], np.float32)
+      value = _stored(rows[name], array.dtype.numpy_dtype, f"chunk {chunk} of {name}")
       if value.shape != (hi - lo,) + array.shape[1:]:
         raise ValueError(f"Chunk {chunk} of {name}: got shape {value.shape}, expected {(hi - lo,) + array.shape[1:]}.")
       futures.append(array[lo:hi].write(value))
     for f in futures:
       f.result()
-    tmp = self._marker(chunk) + f".{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      f.write(digest)
-    os.replace(tmp, self._marker(chunk))
+    paths.write_bytes(self._marker(chunk), digest.encode())
 
   # ------------------------------------------------------------------ reading
 
@@ -192,7 +221,7 @@ class ProjectionStore:
 
   def _read(self, lo: int, hi: int, names: tuple) -> dict:
     futures = {n: self._arrays[n][lo:hi].read() for n in names}
-    return {n: np.asarray(f.result()) for n, f in futures.items()}
+    return {n: np.asarray(f.result(), np.float32) for n, f in futures.items()}
 
   def _unmark_damaged(self, lo: int, hi: int, names: tuple) -> list[int]:
     """Returns the chunks in rows [lo, hi) that cannot be read, their done markers removed."""
@@ -227,14 +256,13 @@ def create(directory: str, meta: StoreMeta, *, writer: bool = True) -> Projectio
         f"{found.num_rows}×{found.k}; this job's: {meta.fingerprint}, {meta.num_rows}×{meta.k}). Use another "
         "--workdir, or delete that directory to recompute it.")
   if found is None and writer:
-    os.makedirs(os.path.join(directory, "done"), exist_ok=True)
+    paths.makedirs(paths.join(directory, "done"))
     for name, shape in meta.shapes().items():
-      ts.open(_spec(directory, name, shape, meta.chunk_rows), create=True, delete_existing=True).result()
+      ts.open(_spec(directory, name, shape, meta.chunk_rows, meta.array_dtype(name)), create=True,
+              delete_existing=True).result()
     record = dict(dataclasses.asdict(meta), format=FORMAT)
-    tmp = os.path.join(directory, f".meta.json.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "meta.json"))  # The store exists once meta.json does.
+    paths.write_bytes(paths.join(directory, "meta.json"),  # The store exists once meta.json does.
+                      json.dumps(record, indent=1).encode())
   return open_store(directory, meta.fingerprint, require_complete=False)
 
 
@@ -260,7 +288,7 @@ def open_store(directory: str, fingerprint: Optional[str] = None, *,
     raise StoreError(f"The projection store {directory} is damaged ({e}). Delete {directory} and run the "
                      "projection job again to recompute it.") from e
   store = ProjectionStore(directory, meta, arrays)
-  os.makedirs(os.path.join(directory, "done"), exist_ok=True)
+  paths.makedirs(paths.join(directory, "done"))
   if require_complete:
     missing = store.missing_chunks()
     if missing:
@@ -273,5 +301,5 @@ def describe(store: ProjectionStore) -> dict[str, Any]:
   """Returns a JSON-able summary of `store` (rows, k, sketch size, chunks done)."""
   m = store.meta
   return {"directory": store.directory, "num_rows": m.num_rows, "k": m.k, "residual_rank": m.residual_rank,
-          "sketch_dim": m.sketch_dim,
+          "sketch_dim": m.sketch_dim, "store_dtype": m.store_dtype,
           "chunk_rows": m.chunk_rows, "chunks_done": len(store.done_chunks()), "num_chunks": m.num_chunks}

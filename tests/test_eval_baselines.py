@@ -113,3 +113,16 @@ def test_arnoldi_pcg_is_the_tail_without_iterations_and_exact_with_enough():
                                 residual_examples=60)
   np.testing.assert_allclose(based.scores, want, rtol=1e-7, atol=1e-10)
   assert based.info["residual_rank"] == 4
+
+
+def test_arnoldi_pcg_from_a_16_bit_store_is_exact_to_its_rounding():
+  task = tiny_task()
+  hess, g_test, g_train = dense_reference(task, 0.01)
+  want = g_test @ np.linalg.solve(hess, g_train.T)
+  for dtype, rel in (("float32", 1e-6), ("bfloat16", 2.0 ** -7), ("float16", 2.0 ** -10)):
+    got = baselines.arnoldi_pcg(task, top_k=2, n_iters=6, cg_iters=6, damping=0.01, sketch_dim=10_000,
+                                store_dtype=dtype)
+    assert got.info["store_dtype"] == dtype
+    # Each stored number rounded to `dtype` (relative error ≤ its unit roundoff), the query side exact.
+    np.testing.assert_allclose(got.scores, want, atol=rel * np.abs(want).max())
+    assert dtype == "float32" or not np.allclose(got.scores, want, rtol=1e-7, atol=0)

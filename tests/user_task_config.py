@@ -96,3 +96,12 @@ def bad_curvature_task(config):
   task = user_task.get_task(config)
   curvature = ArraySource({"x": np.asarray(task.train.x[:100]), "y": np.asarray(task.train.y[:100])})
   return task.replace(curvature=_WithBadRow(curvature, config.user.bad_row, config.user.bad))
+
+
+def bfloat16_task(config):
+  """tests/user_task.py's task with its trained parameters in bfloat16 (the model then runs in bfloat16)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import user_task  # noqa: PLC0415 (tests/ is the jobs' working directory)
+  task = user_task.get_task(config)
+  return task.replace(params=jax.tree.map(lambda p: p.astype(jnp.bfloat16), task.params))

@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influence_jax import (curvature, data as data_lib, preconditioning, projection, residual_basis, scoring, sketch,
-                           solvers)
+                           solvers, store)
 from influence_jax.curvature import curvature_operator
 from influence_jax.eigenspace import fit_eigenspace
 from influence_jax.scoring import influence
@@ -292,7 +292,7 @@ def arnoldi_sketched(inputs: MethodInputs, *, top_k: int, n_iters: Optional[int]
 
 def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Optional[int] = None, damping: float = 0.0,
                 seed: int = 0, curvature: str = "hessian", sketch_dim: int = 0, residual_rank: int = 0,
-                residual_examples: int = 1024) -> MethodResult:
+                residual_examples: int = 1024, store_dtype: Optional[str] = None) -> MethodResult:
   """Influence with the query side solved by CG preconditioned with the eigenspace's tail (see preconditioning).
 
   Fit: `fit_eigenspace` (n_iters defaults to 1.5 · top_k); score: the test
@@ -302,7 +302,9 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
   [W∇ℓ(z), R(I − WᵀW)∇ℓ(z)] with a sketch of `sketch_dim` rows against
   `preconditioning.solved_query_side` (the rows are counted in the score time).
   W = U, or [U; V] with a residual basis V of `residual_rank` rows fitted on
-  the first `residual_examples` training examples (counted in the fit time).
+  the first `residual_examples` training examples (counted in the fit time). `store_dtype`: the stored
+  rows rounded as a store of that dtype returns them (`store.as_stored`; project.store_dtype); None:
+  as computed (float64 in an x64 run).
   """
   n_iters = int(n_iters or round(1.5 * top_k))
   clock = _Clock()
@@ -320,7 +322,9 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
   if sketch_dim:
     sk = sketch.make_sketch(es.num_params, sketch_dim, seed, es.eigenvectors.dtype)
     directions = residual_basis.stored_directions(es.eigenvectors, basis)
-    stored = scoring.row_side(*_stored_rows(inputs, directions, sk, inputs.train_batches))
+    rows = _stored_rows(inputs, directions, sk, inputs.train_batches)
+    stored = scoring.row_side(*(rows if store_dtype is None else [jnp.asarray(store.as_stored(x, store_dtype))
+                                                                  for x in rows]))
     scores = preconditioning.solved_query_side(es, sk, res.x, basis) @ stored.T
   else:
     scores = _dots_with_train(inputs, res.x)
@@ -333,6 +337,8 @@ def arnoldi_pcg(inputs: MethodInputs, *, top_k: int, cg_iters: int, n_iters: Opt
     info["sketch_dim"] = sk.dim
   if residual_rank:
     info["residual_rank"] = int(residual_rank)
+  if store_dtype is not None:
+    info["store_dtype"] = store_dtype
   return MethodResult(np.asarray(scores), fit_s, score_s, info)
 
 

@@ -7,7 +7,6 @@ once by `train_example` (scripts/train.py) into `config.model_dir` (default: WOR
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -19,6 +18,7 @@ from influence_jax import checkpoint
 from influence_jax import data as data_lib
 from influence_jax import flax_adapters
 from influence_jax import io as io_lib
+from influence_jax import paths
 from influence_jax import sources
 from influence_jax.examples import datasets, models
 from influence_jax.methods import training
@@ -111,7 +111,7 @@ def model_dir(config, workdir: Optional[str] = None) -> str:
   workdir = workdir or config.get("workdir")
   if not workdir:
     raise ValueError("Neither config.model_dir nor config.workdir is set: the jobs set config.workdir.")
-  return os.path.join(workdir, "model")
+  return paths.join(workdir, "model")
 
 
 def evaluate(example: Example, fns: flax_adapters.ModelFns, params) -> dict:

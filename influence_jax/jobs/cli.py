@@ -1,5 +1,5 @@
 """The one way every script in scripts/ runs: `cli.run(job, check_config)`, with the flags shared by all
-of them (--config, --workdir, --quiet, --fault_injection, and the multi-process flags
+of them (--config, --workdir (local or gs://), --lease_seconds, --quiet, --fault_injection, and the multi-process flags
 --coordinator_address, --num_processes, --process_id for jax.distributed). `check_config` checks the
 config file's keys against the job's own defaults before the job starts."""
 
@@ -14,13 +14,17 @@ from typing import Any, Callable, Optional
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from influence_jax import paths
 from influence_jax.jobs import config as config_lib
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (configs/*.py); override keys with "
     "--config.a.b=value. An unknown key, in the file or an override, is an error.", lock_config=True)
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed); "
-                              "required unless the config names its own workdir.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs (created if needed), local "
+                              "or gs://BUCKET/PATH; required unless the config names its own workdir.")
+LEASE_SECONDS = flags.DEFINE_float(
+    "lease_seconds", 60.0, "With a gs:// workdir: how long the job's lease on it lasts unless renewed (it is "
+    "renewed every third of that while the job runs): how long a killed job blocks the next one.")
 QUIET = flags.DEFINE_bool("quiet", False, "Log only warnings and the final result (no progress).")
 FAULT = flags.DEFINE_string(
     "fault_injection", None, "For resume tests: 'arnoldi:N', 'project:N' or 'score:N' SIGKILLs the job "
@@ -87,8 +91,9 @@ def _setup() -> Invocation:
   workdir = WORKDIR.value or (config.get("workdir", None) if hasattr(config, "get") else None)
   if not workdir:
     raise ValueError("--workdir is required (this config has no workdir of its own).")
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)
+  paths.check_endpoints(workdir)
+  paths.makedirs(workdir)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.WARNING if QUIET.value else logging.INFO)
   if "workdir" in config:
@@ -136,7 +141,7 @@ def run(job: Callable[[Invocation], Any],
     try:
       check_config(CONFIG.value)
       invocation = _setup()
-      with lock.workdir_lock(invocation.workdir), compilations.counting() as count:
+      with lock.workdir_lock(invocation.workdir, LEASE_SECONDS.value), compilations.counting() as count:
         job(invocation)
         logging.warning("%s: %s", os.path.basename(sys.argv[0]), count.describe())
     except USER_ERRORS + (lock.WorkdirBusy,) as e:

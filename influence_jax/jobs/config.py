@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
       # eigenspace (influence_jax.residual_basis; at most p − k and residual_examples), W = [U; V].
       residual_rank=128,
       residual_examples=1024,  # Examples of the curvature sample the residual basis is fitted on.
+      # dtype of the stored projections, residual coordinates and sketch: "float32", "bfloat16" (half the
+      # bytes; its LDS cost in docs/eval_results.md) or "float16". Scores are accumulated in float32.
+      store_dtype="float32",
       num_threads=8,  # grain reader threads.
       # Re-read every training example of a written store, compare each chunk's digest with the one
       # recorded when it was projected, and re-project the chunks that changed: a full read of the
@@ -105,6 +108,7 @@ _RULES = (
     ("project.sketch_dim", lambda v: v >= 0, "≥ 0"),
     ("project.residual_rank", lambda v: v >= 0, "≥ 0 (0: no residual basis)"),
     ("project.residual_examples", lambda v: v >= 1, "a positive integer"),
+    ("project.store_dtype", lambda v: v in ("float32", "bfloat16", "float16"), "'float32', 'bfloat16' or 'float16'"),
     ("project.num_threads", lambda v: v >= 1, "a positive integer"),
     ("project.verify", lambda v: isinstance(v, bool), "True or False"),
     ("score.top_k", lambda v: v >= 1, "a positive integer"),

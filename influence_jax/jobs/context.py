@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Optional
 
 import jax
 
 from influence_jax import io as io_lib
+from influence_jax import paths
 from influence_jax import sharding
 from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import task as task_lib
@@ -42,7 +42,7 @@ class Context:
     return self.curvature_choice[0]
 
   def path(self, *parts: str) -> str:
-    return os.path.join(self.workdir, *parts)
+    return paths.join(self.workdir, *parts)
 
 
 def job_mesh(config) -> jax.sharding.Mesh:
@@ -54,7 +54,7 @@ def job_mesh(config) -> jax.sharding.Mesh:
 def prepare(config, workdir: str, *, task: Optional[task_lib.Task] = None) -> Context:
   """Returns the Context of a stage: checks the config, sets config.workdir, loads the task."""
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.absolute(workdir)
   if "workdir" in config and config.workdir != workdir:
     config.workdir = workdir
   task = task_lib.load_task(config) if task is None else task

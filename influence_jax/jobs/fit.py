@@ -9,8 +9,6 @@ are (re)written from it whenever they are missing, so a finished stage always ha
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import jax
@@ -21,10 +19,12 @@ from jax.flatten_util import ravel_pytree
 
 from influence_jax import arnoldi
 from influence_jax import checkpoint
+from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import io as io_lib
+from influence_jax import paths as paths_lib
 from influence_jax import sharding
 from influence_jax import validation
 from influence_jax.jobs import common
@@ -39,7 +39,7 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
   """Fits (or loads, or resumes) the eigenspace; returns it, laid out on the stage's mesh."""
   final_dir = ctx.path("eigenspace")
   fp = workdir_lib.eigenspace_fingerprint(ctx)
-  if os.path.isdir(final_dir):
+  if paths_lib.isdir(final_dir):
     try:
       es = checkpoint.load_eigenspace(final_dir, fingerprint=fp, mesh=ctx.mesh)
       write_reports(ctx, es, only_missing=True)
@@ -48,7 +48,8 @@ def run_fit(ctx: Context, *, quiet: bool = False, fault: Optional[str] = None) -
       pass  # A directory with no finished step: fit again.
   task, a, mesh = ctx.task, ctx.config.arnoldi, ctx.mesh
   flat = ravel_pytree(task.params)[0]
-  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, flat.dtype, ctx.config.seed, mesh=mesh),
+  template = arnoldi.init(eigenspace_lib.start_vector(flat.size, curvature_lib.vector_dtype(flat.dtype), ctx.config.seed,
+                                                       mesh=mesh),
                           a.n_iters, block_size=a.block_size)
   columns = sharding.padded_dim(flat.size, mesh)
   # A basis padded for another 'model' size has other columns: not this job's progress.
@@ -156,7 +157,7 @@ def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: 
         "diagnostics": dict(diag.to_json(), warning=diag.indefinite_warning() or None),
     }
     io_lib.atomic_write_json(paths["eigenvalues"], record)
-  if not (only_missing and os.path.exists(paths["spectrum"])):
+  if not (only_missing and paths_lib.exists(paths["spectrum"])):
     plots.spectrum(paths["spectrum"], host["eigenvalues"], host["residuals"], es.damping,
                    title=f"top-{es.k} of {diag.top_k} {curvature} eigenvalues", unconverged=diag.unconverged,
                    residual_tol=diag.residual_tol, min_ritz_value=diag.min_ritz_value)
@@ -165,7 +166,6 @@ def write_reports(ctx: Context, es: eigenspace_lib.Eigenspace, *, only_missing: 
 
 def _readable_json(path: str, k: int) -> bool:
   try:
-    with open(path) as f:
-      return len(json.load(f)["eigenvalues"]) == k
-  except (OSError, ValueError, KeyError, TypeError):
+    return len(io_lib.read_json(path)["eigenvalues"]) == k
+  except (KeyError, TypeError):
     return False

@@ -48,7 +48,7 @@ def store_meta(ctx: Context, es: Eigenspace, residual_rank: int) -> store_lib.St
       num_rows=len(ctx.task.train), k=es.k, sketch_dim=sketch_dim, chunk_rows=c.chunk_rows,
       fingerprint=workdir_lib.store_fingerprint(ctx),
       attrs={"eigenspace_fingerprint": workdir_lib.eigenspace_fingerprint(ctx)},
-      residual_rank=residual_rank)
+      residual_rank=residual_rank, store_dtype=c.store_dtype)
 
 
 def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Optional[np.ndarray]:

@@ -17,13 +17,13 @@ so no run overwrites another's outputs made with other settings. Ids index Task.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
 from influence_jax import io as io_lib
+from influence_jax import paths as paths_lib
 from influence_jax import ranking
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import plots
@@ -106,14 +106,14 @@ def write_score_tables(out: str, scores_dir: str, task: task_lib.Task, queries: 
   missing or computed from other inputs (`self_influence_record`).
   """
   name = self_influence_name(summary)
-  paths = {("top_k" if n == "none" else f"top_k_{n}"): os.path.join(out, table_name("top_k", n, "csv"))
+  paths = {("top_k" if n == "none" else f"top_k_{n}"): paths_lib.join(out, table_name("top_k", n, "csv"))
            for n in running}
-  paths.update(summary=os.path.join(out, "summary.json"),
-               self_influence=os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".csv"))
+  paths.update(summary=paths_lib.join(out, "summary.json"),
+               self_influence=paths_lib.join(scores_dir, SELF_INFLUENCE_DIR, name + ".csv"))
   keep = largest.indices >= 0
   record = self_influence_record(summary, int(keep.sum()))
-  record_path = os.path.join(scores_dir, SELF_INFLUENCE_DIR, name + ".json")
-  write_self = io_lib.read_json(record_path) != record or not os.path.exists(paths["self_influence"])
+  record_path = paths_lib.join(scores_dir, SELF_INFLUENCE_DIR, name + ".json")
+  write_self = io_lib.read_json(record_path) != record or not paths_lib.exists(paths["self_influence"])
   ids = [np.concatenate([e.proponents.ravel(), e.opponents.ravel()]) for e in running.values()]
   train_label = _Labels(task, task.train).prefetch(np.concatenate(ids + ([largest.indices] if write_self else [])))
   num_queries = next(iter(running.values())).proponents.shape[0]
@@ -132,9 +132,9 @@ def write_score_tables(out: str, scores_dir: str, task: task_lib.Task, queries: 
     for n, extremes in running.items():
       key = "grid" if n == "none" else f"grid_{n}"
       title = None if n == "none" else f"{n} influence: test image | top proponents (green) | top opponents (red)"
-      paths[key] = _grid(os.path.join(out, table_name("influence_grid", n, "png")), task, queries, query_label,
+      paths[key] = _grid(paths_lib.join(out, table_name("influence_grid", n, "png")), task, queries, query_label,
                          train_label, extremes, shown, title=title)
-  summary = dict(summary, self_influence=os.path.relpath(paths["self_influence"], scores_dir),
+  summary = dict(summary, self_influence=paths_lib.relative(paths["self_influence"], scores_dir),
                  most_self_influential_train_ids=[int(j) for j in largest.indices[keep][:10]])
   io_lib.atomic_write_json(paths["summary"], summary)
   return paths

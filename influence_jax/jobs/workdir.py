@@ -102,6 +102,7 @@ def store_fingerprint(ctx: Context) -> str:
   apart (`check_training_set`), so that a changed example re-projects only its chunk."""
   c = ctx.config
   basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
+  basis += () if c.project.store_dtype == "float32" else (c.project.store_dtype,)  # float32 stores kept theirs.
   train = f"{type(ctx.task.train).__module__}.{type(ctx.task.train).__qualname__}:{len(ctx.task.train)}"
   return _cached(ctx, "store_fingerprint", lambda: io_lib.digest(
       eigenspace_fingerprint(ctx), train, c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis))

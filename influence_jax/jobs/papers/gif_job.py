@@ -47,7 +47,6 @@ Mean ± std are over seeds, std with ddof=0. The job writes to the work director
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -57,6 +56,7 @@ import numpy as np
 from absl import logging
 
 from influence_jax import flax_adapters
+from influence_jax import paths as paths_lib
 from influence_jax.examples import datasets
 from influence_jax.examples import tasks
 from influence_jax.jobs import config as config_lib
@@ -291,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
     raise ValueError(f"Unknown config.edit.methods {sorted(bad)}; expected some of {gif_tasks.METHODS}.")
   for solver in config.edit.solvers:
     _solver_kwargs(config.edit, solver, "gif")
-  os.makedirs(workdir, exist_ok=True)
+  paths_lib.makedirs(workdir)
   models = Models(config)
   optimizer = training.optimizer_from_config(config.train)
   run_seed = _class_removal_seed if config.gif_task == "class_removal" else _label_change_seed
@@ -383,8 +383,7 @@ def job(gif_task: str) -> Callable:
       raise ValueError(f"config.gif_task is {config.gif_task!r}; this job runs {gif_task!r} "
                        f"(use configs/gif_{gif_task}_*.py).")
     paths = run(config, invocation.workdir, quiet=invocation.quiet)
-    with open(paths["md"]) as f:
-      print(f.read())
+    print(paths_lib.read_text(paths["md"]))
     print("\n".join(f"  {k}: {v}" for k, v in paths.items()))
 
   return run_job

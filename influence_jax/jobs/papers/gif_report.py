@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from influence_jax import io as io_lib
+from influence_jax import paths as paths_lib
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -44,7 +44,7 @@ def write(workdir: str, config, per_seed: list[dict], columns, step_rules, notes
           seconds: float) -> dict:
   """Writes results.{md,csv,json} in workdir; returns their paths."""
   summary = summarise(per_seed)
-  paths = {k: os.path.join(workdir, f"results.{k}") for k in ("md", "csv", "json")}
+  paths = {k: paths_lib.join(workdir, f"results.{k}") for k in ("md", "csv", "json")}
   keys = sorted({k for r in per_seed for row in r.values() for k in row})
   rows = [["seed", "model"] + keys]
   for seed, r in enumerate(per_seed):

@@ -15,7 +15,6 @@ run_selective_removal writes removal.md (the table), removal.json (every run).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ from influence_jax import data as data_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import flax_adapters
 from influence_jax import io as io_lib
+from influence_jax import paths
 from influence_jax.examples import datasets
 from influence_jax.examples import models
 from influence_jax.jobs import config as config_lib
@@ -193,14 +193,14 @@ def run_memorization(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows.append([int(tr["id"][i]), int(tr["y"][i]), int(tr["y_true"][i]), int(data.flipped[i]),
                  f"{mem.influence[i]:.6g}", mz.LABEL_NAMES[mem.label[i]], f"{mem.strength[i]:.6g}",
                  f"{mem.own_margin[i]:.6g}", f"{mem.self_influence[i]:.6g}"])
-  os.makedirs(workdir, exist_ok=True)
-  io_lib.atomic_write_csv(os.path.join(workdir, "memorization.csv"), rows)
-  plots.histogram(os.path.join(workdir, "histogram.png"),
+  paths.makedirs(workdir)
+  io_lib.atomic_write_csv(paths.join(workdir, "memorization.csv"), rows)
+  plots.histogram(paths.join(workdir, "histogram.png"),
                   {"clean": mem.influence[~data.flipped], "flipped": mem.influence[data.flipped]},
                   "A(z) = mean held-out classification influence",
                   title=f"{config.memorization.method}: AUC(−A) = {out['auc_minus_A']:.3f}, "
                         f"AUC(self-influence) = {out['auc_self_influence']:.3f}")
-  io_lib.atomic_write_json(os.path.join(workdir, "metrics.json"), out)
+  io_lib.atomic_write_json(paths.join(workdir, "metrics.json"), out)
   return out
 
 
@@ -278,9 +278,9 @@ def run_selective_removal(config: ml_collections.ConfigDict, workdir: str) -> di
       logging.info("seed %d %s: %s", seed, arm, row[arm])
     runs.append(row)
   table = removal_table(runs)
-  os.makedirs(workdir, exist_ok=True)
-  io_lib.atomic_write_json(os.path.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
-  io_lib.atomic_write_text(os.path.join(workdir, "removal.md"), table)
+  paths.makedirs(workdir)
+  io_lib.atomic_write_json(paths.join(workdir, "removal.json"), {"config": config.to_dict(), "runs": runs})
+  io_lib.atomic_write_text(paths.join(workdir, "removal.md"), table)
   return {"runs": runs, "table": table}
 
 
