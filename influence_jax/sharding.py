@@ -132,6 +132,13 @@ def flat_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL))
 
 
+def per_example_flat_sharding(mesh: Mesh, num_rows: int) -> NamedSharding:
+  """Returns the layout of (num_rows, P) per-example flat vectors: the flat layout's columns over 'model', the
+  rows over 'data' when they divide evenly (else repeated on every 'data' device)."""
+  rows = DATA if num_rows % axis_size(mesh, DATA) == 0 else None
+  return NamedSharding(mesh, P(rows, MODEL))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of a batch leaf (B, ...): examples over 'data'."""
   return NamedSharding(mesh, BATCH_SPEC)
