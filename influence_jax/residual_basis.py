@@ -163,7 +163,7 @@ def fit_residual_basis(
   and p − k): 2 + 2·power_iters passes over the sample, each one per-example gradient an example and
   2·l·p multiply-adds an example. When l reaches the rank of the sample's remainders the result is exact.
   """
-  p = sum(np.size(x) for x in jax.tree.leaves(params))  # Shapes only: no concatenated copy of the params.
+  p = sharding.num_params(params)
   if np.ndim(directions) != 2 or np.shape(directions)[1] < p:
     raise ValueError(f"directions have shape {np.shape(directions)}; expected (k, p) or (k, P ≥ p) for params of "
                      f"{p} numbers.")

@@ -148,6 +148,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, REPLICATED)
 
 
+def num_params(params: Any) -> int:
+  """Returns p, the number of numbers in `params` (from the leaves' shapes: nothing is gathered or concatenated)."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
 def padded_dim(dim: int, mesh: Optional[Mesh]) -> int:
   """Returns `dim` rounded up to a multiple of the 'model' size: the column count of the flat layout."""
   m = axis_size(mesh, MODEL)
