@@ -12,11 +12,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from influence_jax import sharding, sources
+from influence_jax import store as store_lib
 from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import context, stages
 from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.types import Task
-from tests import toy_problems
+from tests import toy_problems, user_task_jobs
 
 SIZES = [6, 8, 3]  # p = 6·8 + 8 + 8·3 + 3 = 83
 NUM_TRAIN, NUM_QUERIES = 48, 5
@@ -91,8 +92,8 @@ def _run(workdir, mesh_shape=None, split_kernels=False):
   return ctx, seen
 
 
-def _table(workdir, name):
-  with open(os.path.join(workdir, "scores", "queries", name)) as f:
+def _table(workdir, name, query_set="queries"):
+  with open(user_task_jobs.table(str(workdir), name, query_set)) as f:
     return list(csv.DictReader(f))
 
 
@@ -129,13 +130,23 @@ def test_defaults_on_a_mesh_equal_one_device(one_device, tmp_path, shape):
   ctx, seen = _run(tmp_path, shape, split_kernels=shape[1] > 1)
   p = sharding.num_params(ctx.task.params)
   assert p == 83 and want_basis.shape[0] > 6
-  for name, score in (("top_k.csv", "score"),):
+  for name, score in (("top_k.csv", "score"), ("self_influence.csv", "self_influence")):
     _assert_same_table(_table(tmp_path, name), _table(want_dir, name), score)
+  got, want = (store_lib.open_store(os.path.join(w, "store")) for w in (tmp_path, want_dir))
+  for name, rows in want.read(0, NUM_TRAIN).items():  # U's rows may flip sign; V's are signed (largest entry > 0).
+    same = np.abs if name == "projections" else (lambda x: x)
+    np.testing.assert_allclose(same(got.read(0, NUM_TRAIN)[name]), same(rows), **TOL)
   es = workdir_lib.load_eigenspace(ctx)
   basis = workdir_lib.load_residual_basis(ctx, es)
   for x in (es.eigenvectors, basis):
     _check_split_over_model(x, p, shape[1])
   np.testing.assert_allclose(np.asarray(basis)[:, :p], np.asarray(want_basis), **TOL)
+  if shape == (2, 4):  # The plain tail (no solves): the queries projected on W = [U; V] and sketched on the mesh.
+    for workdir, mesh_shape in ((want_dir, None), (tmp_path, shape)):
+      config = _config(mesh_shape, split_kernels=mesh_shape is not None)
+      config.score.cg_iters, config.score.name = 0, "plain"
+      stages.score_stage(context.prepare(config, str(workdir), task=get_task(config)), quiet=True)
+    _assert_same_table(_table(tmp_path, "top_k.csv", "plain"), _table(want_dir, "top_k.csv", "plain"), "score")
   if shape[1] > 1:
     # Inside every program of the fit and the projection (the residual basis, the rows, the queries' plain
     # side) that evaluated the loss, as XLA partitioned it, the kernel was split as the task laid it out.

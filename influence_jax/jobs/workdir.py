@@ -101,7 +101,9 @@ def store_fingerprint(ctx: Context) -> str:
   type and length, the sketch, the chunking, the residual basis. The training set's content is checked
   apart (`check_training_set`), so that a changed example re-projects only its chunk."""
   c = ctx.config
-  basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
+  # "orbax V": rows made with a basis saved by orbax; a store begun with the older residual_basis.npz is refused,
+  # not finished with a basis fitted again.
+  basis = (c.project.residual_rank, c.project.residual_examples, "orbax V") if c.project.residual_rank else ()
   train = f"{type(ctx.task.train).__module__}.{type(ctx.task.train).__qualname__}:{len(ctx.task.train)}"
   return _cached(ctx, "store_fingerprint", lambda: io_lib.digest(
       eigenspace_fingerprint(ctx), train, c.project.sketch_dim, c.project.chunk_rows, c.seed, *basis))
