@@ -213,12 +213,12 @@ def _saved_shapes(directory: str, step: int) -> dict:
   return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in tree.items()}
 
 
-def _eigenspace_target(shapes: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Returns restore targets on `mesh`: eigenvectors split over 'model' when their saved column count
-  allows it (else replicated, relaid out after), the rest replicated."""
-  columns = shapes["eigenvectors"][0][1]
+def _restore_target(shapes: dict, mesh: jax.sharding.Mesh, flat: str) -> dict:
+  """Returns restore targets on `mesh`: the array named `flat` (flat parameter vectors) split over 'model' when
+  its saved column count allows it (else replicated, relaid out after), the rest replicated."""
+  columns = shapes[flat][0][1]
   split = columns % sharding_lib.axis_size(mesh, sharding_lib.MODEL) == 0
-  where = lambda name: (sharding_lib.flat_sharding(mesh, 2) if name == "eigenvectors" and split
+  where = lambda name: (sharding_lib.flat_sharding(mesh, 2) if name == flat and split
                         else sharding_lib.replicated(mesh))
   return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=where(name)) for name, (shape, dtype) in shapes.items()}
 
@@ -244,7 +244,7 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
         f"The eigenspace in {directory} was fitted on a different model, config or data set "
         f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint}). Delete {directory} to fit it again.")
   shapes = _saved_shapes(directory, step)
-  target = _eigenspace_target(shapes, mesh)
+  target = _restore_target(shapes, mesh, "eigenvectors")
   state = _restore_state(mngr, step, target, what)
   mngr.close()
   verify_checksums(state, meta.get("checksums"), what)
@@ -254,3 +254,35 @@ def load_eigenspace(directory: str, fingerprint: Optional[str] = None, *,
       eigenvectors=sharding_lib.to_flat_layout(state["eigenvectors"], num_params, mesh),
       residuals=state["residuals"], ritz_estimates=state["ritz_estimates"], num_params=num_params,
       damping=float(meta["damping"]), info=_info_from_json(meta.get("info")))
+
+
+def save_residual_basis(directory: str, basis: jax.Array, num_params: int, fingerprint: str) -> None:
+  """Saves a residual basis V (r, P) as laid out (a mesh's flat layout: each process writes its own columns)
+  and p, atomically as step 0 (a step saved before, from other inputs, is replaced). Every process calls it."""
+  store = CheckpointDir(directory, fingerprint, max_to_keep=1)
+  store.discard()
+  store.save(0, {"basis": basis}, {"num_params": int(num_params)})
+  store.close()
+
+
+def load_residual_basis(directory: str, fingerprint: str, *,
+                        mesh: Optional[jax.sharding.Mesh] = None) -> Optional[jax.Array]:
+  """Returns the residual basis saved in `directory` in the flat layout of `mesh` (default: this process's first
+  device), whatever mesh it was saved from; None when nothing was saved. Raises FingerprintMismatch (other
+  inputs) or CorruptCheckpoint (damaged). Every process calls it (a collective restore)."""
+  mesh = sharding_lib.mesh_or_default(mesh)
+  mngr = _manager(directory, read_only=True)
+  step = mngr.latest_step()
+  if step is None:
+    mngr.close()
+    return None
+  what = f"The residual basis in {directory}"
+  meta = _restore_meta(mngr, step, what)
+  if meta.get("fingerprint") != fingerprint:
+    mngr.close()
+    raise FingerprintMismatch(f"{what} was fitted from other inputs (fingerprint {meta.get('fingerprint')}, "
+                              f"expected {fingerprint}).")
+  state = _restore_state(mngr, step, _restore_target(_saved_shapes(directory, step), mesh, "basis"), what)
+  mngr.close()
+  verify_checksums(state, meta.get("checksums"), what)
+  return sharding_lib.to_flat_layout(state["basis"], int(meta["num_params"]), mesh)

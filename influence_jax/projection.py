@@ -95,21 +95,34 @@ def _default_micro(per_example_loss_fn, method, params, k, batch, size):
   return balanced_microbatch(size, LAYERWISE_BYTES // per_example)
 
 
-def example_value_and_grad(per_example_loss_fn, unravel, flat, example):
-  """Returns (ℓ(z), ∇ℓ(z)) of one example (no batch axis) at the flat parameters `flat`."""
-  one = jax.tree.map(lambda x: x[None], example)
-  return jax.value_and_grad(lambda f: per_example_loss_fn(unravel(f), one)[0])(flat)
+def flat_value_and_grads(per_example_loss_fn, params, batch, columns: Optional[int] = None,
+                         mesh: Optional[jax.sharding.Mesh] = None):
+  """Returns ((B,) losses ℓ(z), (B, columns) flat per-example gradients ∇ℓ(z)) of `batch` (traceable).
+
+  Gradients are taken with respect to `params` as they are laid out (a model split over 'model' keeps
+  its layout inside the loss), then flattened in `ravel_pytree` order and zero-padded to `columns`
+  (default p). With `mesh` they are constrained to its flat layout (columns split over 'model', examples
+  over 'data' when they divide evenly: `sharding.per_example_flat_sharding`), so no device holds more
+  than B·columns / |model| of them once formed.
+  """
+  def one(example):
+    single = jax.tree.map(lambda x: x[None], example)
+    loss, grad = jax.value_and_grad(lambda p: per_example_loss_fn(p, single)[0])(params)
+    return loss, ravel_pytree(grad)[0]
+
+  losses, grads = jax.vmap(one)(batch)
+  grads = sharding_lib.pad_last(grads, columns or grads.shape[1])
+  if mesh is not None:
+    grads = jax.lax.with_sharding_constraint(grads, sharding_lib.per_example_flat_sharding(mesh, grads.shape[0]))
+  return losses, grads
 
 
-def _single_example_grad(per_example_loss_fn, unravel, flat, example):
-  return example_value_and_grad(per_example_loss_fn, unravel, flat, example)[1]
-
-
-def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared=None):
+def _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared=None, mesh=None):
   """Returns mb ↦ ((micro, k) projections, (micro,) squared norms or zeros); `example`: a batch of one.
 
   `directions` are (k, P) in a flat layout (P ≥ p, columns beyond p zero); `prepared`: the
-  layer-wise method's direction layouts (`_prepare_directions`) or None.
+  layer-wise method's direction layouts (`_prepare_directions`) or None; `mesh`: where "vjp" lays out
+  its per-example gradients (`flat_value_and_grads`).
   """
   if method == "layerwise":
     if prepared is None:
@@ -120,13 +133,12 @@ def _micro_projector(per_example_loss_fn, method, with_norms, params, directions
 
   def one_micro(mb):
     if method == "vjp":
-      grads = jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(mb)
-      grads = grads.astype(directions.dtype)
-      proj = sharding_lib.pad_last(grads, columns) @ directions.T
+      grads = flat_value_and_grads(per_example_loss_fn, params, mb, columns, mesh)[1].astype(directions.dtype)
+      proj = grads @ directions.T
       sq = jnp.sum(grads * grads, axis=1) if with_norms else jnp.zeros(grads.shape[:1], grads.dtype)
       return proj, sq
-    f = lambda x: per_example_loss_fn(unravel(x), mb)
-    jvp_one = lambda d: jax.jvp(f, (flat,), (d[:p].astype(flat.dtype),))[1]
+    f = lambda prm: per_example_loss_fn(prm, mb)  # The params as laid out; only the tangent is unravelled.
+    jvp_one = lambda d: jax.jvp(f, (params,), (unravel(d[:p].astype(flat.dtype)),))[1]
     proj = jax.lax.map(jvp_one, directions, batch_size=min(16, directions.shape[0])).T.astype(directions.dtype)
     return proj, jnp.zeros(proj.shape[:1], proj.dtype)
 
@@ -162,7 +174,7 @@ def _project_batch(per_example_loss_fn, method, with_norms, mesh, micro, params,
     return jax.lax.with_sharding_constraint(y, spec(sharding_lib.DATA))
 
   example = jax.tree.map(lambda x: x[:1], batch)
-  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared)
+  one_micro = _micro_projector(per_example_loss_fn, method, with_norms, params, directions, example, prepared, mesh)
   proj, sq = jax.lax.map(one_micro, jax.tree.map(to_micro, batch))
   return from_micro(proj), from_micro(sq)
 
@@ -301,9 +313,7 @@ def _per_example_gradients(per_example_loss_fn, columns: int, mesh):
   """Returns a jitted (params, batch) ↦ (B, columns) per-example gradients in `mesh`'s flat layout."""
 
   def grads(params, batch):
-    flat, unravel = ravel_pytree(params)
-    g = jax.vmap(lambda ex: _single_example_grad(per_example_loss_fn, unravel, flat, ex))(batch)
-    return sharding_lib.pad_last(g, columns)
+    return flat_value_and_grads(per_example_loss_fn, params, batch, columns, mesh)[1]
 
   return jax.jit(grads, out_shardings=sharding_lib.flat_sharding(mesh, 2))
 

@@ -30,7 +30,6 @@ from typing import Any, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import projection
@@ -91,51 +90,52 @@ CHUNK_BYTES = 64 << 20
 MAX_CHUNK_ROWS = 128
 
 
-def _flat_gradients(per_example_loss_fn, params, chunk) -> jax.Array:
-  """Returns the (c, p) flat per-example gradients of `chunk`."""
-  flat, unravel = ravel_pytree(params)
-  return jax.vmap(lambda ex: projection.example_value_and_grad(per_example_loss_fn, unravel, flat, ex)[1])(chunk)
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
+def _add_weighted_gradients(per_example_loss_fn, mesh, params, chunk, weights: jax.Array, total: jax.Array) -> jax.Array:
+  """Returns `total` (l, P) + Σ_i weights[i] ∇ℓ(z_i) over the examples of `chunk`, `weights` (c, l), in `mesh`'s
+  flat layout."""
+  g = projection.flat_value_and_grads(per_example_loss_fn, params, chunk, total.shape[1], mesh)[1]
+  out = total + weights.T.astype(total.dtype) @ g.astype(total.dtype)
+  return jax.lax.with_sharding_constraint(out, sharding.flat_sharding(mesh, 2))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _add_weighted_gradients(per_example_loss_fn, params, chunk, weights: jax.Array, total: jax.Array) -> jax.Array:
-  """Returns `total` (l, p) + Σ_i weights[i] ∇ℓ(z_i) over the examples of `chunk`, `weights` (c, l)."""
-  g = _flat_gradients(per_example_loss_fn, params, chunk).astype(total.dtype)
-  return total + weights.T.astype(total.dtype) @ g
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _projected_gradients(per_example_loss_fn, params, chunk, rows: jax.Array) -> jax.Array:
-  """Returns the (c, l) products ∇ℓ(z_i) · rows[j] over the examples of `chunk`."""
-  return _flat_gradients(per_example_loss_fn, params, chunk).astype(rows.dtype) @ rows.T
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _projected_gradients(per_example_loss_fn, mesh, params, chunk, rows: jax.Array) -> jax.Array:
+  """Returns the (c, l) products ∇ℓ(z_i) · rows[j] over the examples of `chunk`, `rows` (l, P) in `mesh`'s flat
+  layout."""
+  g = projection.flat_value_and_grads(per_example_loss_fn, params, chunk, rows.shape[1], mesh)[1]
+  return g.astype(rows.dtype) @ rows.T
 
 
 class _Sample:
-  """The basis's sample as equal chunks of rows (the last padded by repeating an example): every pass over it
-  forms each chunk's per-example gradients once and multiplies them, one compiled program a product."""
+  """The basis's sample as equal chunks of rows (the last padded by repeating an example), on `mesh`: every
+  pass over it forms each chunk's per-example gradients once, in the flat layout, and multiplies them, one
+  compiled program a product."""
 
-  def __init__(self, batches, num_params: int, itemsize: int):
+  def __init__(self, batches, num_params: int, itemsize: int, mesh):
     self.examples = data_lib.concatenate(batches)
     self.size = data_lib.batch_size(self.examples)
     self.rows = max(1, min(MAX_CHUNK_ROWS, self.size, CHUNK_BYTES // (num_params * itemsize)))
+    self.mesh = mesh
 
   def chunks(self):
-    """Yields (lo, hi, chunk of self.rows examples) covering rows lo..hi−1 of the sample."""
+    """Yields (lo, hi, chunk of self.rows examples, replicated on the mesh) covering rows lo..hi−1."""
     for lo in range(0, self.size, self.rows):
       hi = min(lo + self.rows, self.size)
-      yield lo, hi, data_lib.pad(data_lib.take(self.examples, lo, hi), self.rows)
+      chunk = data_lib.pad(data_lib.take(self.examples, lo, hi), self.rows)
+      yield lo, hi, sharding.put_tree(chunk, sharding.replicated(self.mesh))
 
-  def transpose_products(self, per_example_loss_fn, params, weights: jax.Array, num_params: int) -> jax.Array:
-    """Returns (l, p) GᵀW = Σ_i W[i] ∇ℓ(z_i), W (n, l) (`orthonormal_rows` then takes the part outside D)."""
+  def transpose_products(self, per_example_loss_fn, params, weights: jax.Array, columns: int) -> jax.Array:
+    """Returns (l, P) GᵀW = Σ_i W[i] ∇ℓ(z_i), W (n, l) (`orthonormal_rows` then takes the part outside D)."""
     padded = jnp.pad(weights, ((0, self.rows), (0, 0)))  # Padding rows weigh 0.
-    total = jnp.zeros((weights.shape[1], num_params), weights.dtype)
+    total = sharding.put(np.zeros((weights.shape[1], columns), weights.dtype), sharding.flat_sharding(self.mesh, 2))
     for lo, _, chunk in self.chunks():
-      total = _add_weighted_gradients(per_example_loss_fn, params, chunk, padded[lo:lo + self.rows], total)
+      total = _add_weighted_gradients(per_example_loss_fn, self.mesh, params, chunk, padded[lo:lo + self.rows], total)
     return total
 
   def projections(self, per_example_loss_fn, params, rows: jax.Array) -> jax.Array:
-    """Returns (n, l) G rowsᵀ: every sample example's gradient on each of the (l, p) `rows`."""
-    return jnp.concatenate([_projected_gradients(per_example_loss_fn, params, chunk, rows)[:hi - lo]
+    """Returns (n, l) G rowsᵀ: every sample example's gradient on each of the (l, P) `rows`."""
+    return jnp.concatenate([_projected_gradients(per_example_loss_fn, self.mesh, params, chunk, rows)[:hi - lo]
                             for lo, hi, chunk in self.chunks()])
 
 
@@ -149,23 +149,26 @@ def fit_residual_basis(
     oversample: int = 16,
     power_iters: int = 1,
     seed: int = 0,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> jax.Array:
-  """Returns V (r, p), r ≤ rank: orthonormal rows, orthogonal to `directions`, the top right singular vectors
-  of the sample's remainders (I − DᵀD)∇ℓ(z), largest first, each with its largest entry positive; r < rank when the remainders numerically span
-  fewer than `rank` dimensions (e.g. softmax gradients, whose logit parts sum to zero). V is on one
-  device, in ravel_pytree order (`sharding.to_flat_layout` puts it on a mesh beside an eigenspace).
+  """Returns V (r, P), r ≤ rank: orthonormal rows, orthogonal to `directions`, the top right singular vectors
+  of the sample's remainders (I − DᵀD)∇ℓ(z), largest first, each with its largest entry positive; r < rank
+  when the remainders numerically span fewer than `rank` dimensions (e.g. softmax gradients, whose logit
+  parts sum to zero). V is in the flat layout of `mesh` (default: the directions' mesh, one device for host
+  directions; `sharding`): ravel_pytree order, P = padded_dim(p) columns split over 'model', zero beyond p,
+  so no device holds more than (r + rank + oversample)·P / |model| numbers of it; params keep their layout.
 
   `directions` D: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p);
   `batches`: the sample (held in memory); cost, with l = rank + oversample (at most the sample size
   and p − k): 2 + 2·power_iters passes over the sample, each one per-example gradient an example and
   2·l·p multiply-adds an example. When l reaches the rank of the sample's remainders the result is exact.
   """
-  flat, _ = ravel_pytree(params)
-  p = flat.size
+  p = sharding.num_params(params)
   if np.ndim(directions) != 2 or np.shape(directions)[1] < p:
     raise ValueError(f"directions have shape {np.shape(directions)}; expected (k, p) or (k, P ≥ p) for params of "
                      f"{p} numbers.")
-  d = jnp.asarray(directions)[:, :p]
+  mesh = sharding.mesh_of(directions) if mesh is None else mesh
+  d = sharding.to_flat_layout(directions, p, mesh)
   batches = data_lib.materialize(batches, "batches")
   n = sum(data_lib.batch_size(b) for b in batches)
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
@@ -178,28 +181,53 @@ def fit_residual_basis(
                      f"p − k = {p - d.shape[0]} parameters outside the eigenspace.")
   width = min(rank + oversample, most)
   validation.check_finite(params, "params")
-  weights = jnp.asarray(np.random.default_rng(seed).standard_normal((n, width)), d.dtype)
-  sample = _Sample(batches, p, jnp.dtype(d.dtype).itemsize)
-  q = orthonormal_rows(sample.transpose_products(per_example_loss_fn, params, weights, p), d)
+  params = sharding.place_params(params, mesh)
+  weights = sharding.put(np.random.default_rng(seed).standard_normal((n, width)).astype(d.dtype),
+                         sharding.replicated(mesh))
+  sample = _Sample(batches, p, jnp.dtype(d.dtype).itemsize, mesh)
+  q = _orthonormal_rows(mesh, sample.transpose_products(per_example_loss_fn, params, weights, d.shape[1]), d)
   for _ in range(power_iters):
     b = sample.projections(per_example_loss_fn, params, q)  # G⊥Qᵀ = GQᵀ (Q ⊥ D).
     b = jnp.linalg.qr(b)[0]  # Orthonormal columns: G⊥ᵀb keeps κ, not κ², in float32.
-    q = orthonormal_rows(sample.transpose_products(per_example_loss_fn, params, b, p), d)
+    q = _orthonormal_rows(mesh, sample.transpose_products(per_example_loss_fn, params, b, d.shape[1]), d)
   b = sample.projections(per_example_loss_fn, params, q)
   _, s, vt = jnp.linalg.svd(b.astype(q.dtype), full_matrices=False)
-  v = vt[:min(int(rank), _numerical_rank(s))] @ q
-  return v * jnp.sign(v[jnp.arange(v.shape[0]), jnp.argmax(jnp.abs(v), axis=1)])[:, None]  # Largest entry > 0.
+  return _leading_rows(mesh, vt[:min(int(rank), _numerical_rank(s))], q)
+
+
+def _orthonormal_rows(mesh, y: jax.Array, against: jax.Array) -> jax.Array:
+  """`orthonormal_rows` in one program, the result in `mesh`'s flat layout (no gather of the (l, P) rows)."""
+  return _on_flat_layout(orthonormal_rows, mesh)(y, against)
+
+
+def _signed_rows(coefficients: jax.Array, q: jax.Array) -> jax.Array:
+  """Returns the rows coefficients @ q, each signed so that its largest entry is positive."""
+  v = coefficients.astype(q.dtype) @ q
+  return v * jnp.sign(v[jnp.arange(v.shape[0]), jnp.argmax(jnp.abs(v), axis=1)])[:, None]
+
+
+def _leading_rows(mesh, coefficients: jax.Array, q: jax.Array) -> jax.Array:
+  """Returns `_signed_rows` (r, P) in `mesh`'s flat layout."""
+  return _on_flat_layout(_signed_rows, mesh)(coefficients, q)
+
+
+@functools.lru_cache(maxsize=16)
+def _on_flat_layout(fn, mesh):
+  return jax.jit(fn, out_shardings=sharding.flat_sharding(mesh, 2))
 
 
 def stored_directions(directions: jax.Array, basis: Optional[jax.Array]) -> jax.Array:
   """Returns W = [D; V] (k + r, ·): the directions a stored row is exact on, in the layout of `directions`
   ((k, p), or a mesh's flat layout (k, P)); `directions` itself when `basis` is None.
 
-  V (r, p) is a residual basis of `fit_residual_basis` (host or device values).
+  V: a residual basis of `fit_residual_basis`, (r, p) or a flat layout (r, P ≥ p) of any mesh (zero beyond p),
+  host or device values; read in place when it is already in the directions' layout.
   """
   if basis is None:
     return directions
-  v = sharding.to_flat_layout(jnp.asarray(basis, directions.dtype), np.shape(basis)[1], sharding.mesh_of(directions))
+  columns = min(np.shape(basis)[1], directions.shape[1])  # Both zero beyond p: the narrower one's columns.
+  v = sharding.to_flat_layout(basis if isinstance(basis, jax.Array) else np.asarray(basis, directions.dtype), columns,
+                              sharding.mesh_of(directions)).astype(directions.dtype)
   return _concatenate_rows(directions.sharding)(directions, v)
 
 

@@ -132,6 +132,13 @@ def flat_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * (ndim - 1)), MODEL))
 
 
+def per_example_flat_sharding(mesh: Mesh, num_rows: int) -> NamedSharding:
+  """Returns the layout of (num_rows, P) per-example flat vectors: the flat layout's columns over 'model', the
+  rows over 'data' when they divide evenly (else repeated on every 'data' device)."""
+  rows = DATA if num_rows % axis_size(mesh, DATA) == 0 else None
+  return NamedSharding(mesh, P(rows, MODEL))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Returns the sharding of a batch leaf (B, ...): examples over 'data'."""
   return NamedSharding(mesh, BATCH_SPEC)
@@ -139,6 +146,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, REPLICATED)
+
+
+def num_params(params: Any) -> int:
+  """Returns p, the number of numbers in `params` (from the leaves' shapes: nothing is gathered or concatenated)."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
 def padded_dim(dim: int, mesh: Optional[Mesh]) -> int:

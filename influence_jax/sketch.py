@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec as P
 
 from influence_jax import data as data_lib
 from influence_jax import projection
@@ -67,12 +67,49 @@ def make_sketch(num_params: int, dim: int, seed: int, dtype=jnp.float32) -> Kron
   return KroneckerSketch(jnp.asarray(left, dtype), jnp.asarray(right, dtype), int(num_params))
 
 
-def apply_sketch(sketch: KroneckerSketch, vectors: jax.Array) -> jax.Array:
-  """Returns (B, m) R v for (B, p) flat vectors v."""
-  p1, p2 = sketch.left.shape[1], sketch.right.shape[1]
-  padded = jnp.pad(vectors, ((0, 0), (0, p1 * p2 - vectors.shape[1]))).reshape(-1, p1, p2)
-  half = jnp.einsum("ai,bij->baj", sketch.left, padded.astype(sketch.left.dtype))
-  return jnp.einsum("baj,cj->bac", half, sketch.right).reshape(vectors.shape[0], -1)
+def apply_sketch(sketch: KroneckerSketch, vectors: jax.Array, mesh: Optional[Mesh] = None) -> jax.Array:
+  """Returns (B, m) R v for (B, c) flat vectors v, c ≥ p (columns beyond p are ignored).
+
+  Without `mesh` on one device. With `mesh`, the vectors in its flat layout (`sharding.to_flat_layout`;
+  traceable) and each 'model' device sketches its own columns (`_sketch_piece`): it holds B·P/|model|
+  numbers of the vectors and the factors A (m₁ × p₁) and B (m₂ × p₂), of about √(m·p) numbers each,
+  never a p-sized product; the (B, m) partial results are summed over 'model'.
+  """
+  p = sketch.num_params
+  if mesh is None:
+    return _sketch_piece(sketch.left, sketch.right, vectors[:, :p], 0, p, p)
+  columns = sharding_lib.padded_dim(p, mesh)
+  x = sharding_lib.pad_last(vectors[:, :min(vectors.shape[1], columns)], columns)
+  rows = sharding_lib.DATA if x.shape[0] % sharding_lib.axis_size(mesh, sharding_lib.DATA) == 0 else None
+  piece = columns // sharding_lib.axis_size(mesh, sharding_lib.MODEL)
+
+  def local(left, right, x):
+    start = jax.lax.axis_index(sharding_lib.MODEL) * piece
+    return jax.lax.psum(_sketch_piece(left, right, x, start, p, columns), sharding_lib.MODEL)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(rows, sharding_lib.MODEL)), out_specs=P(rows, None))(
+      sketch.left, sketch.right, x)
+
+
+def _sketch_piece(left: jax.Array, right: jax.Array, x: jax.Array, start, num_params: int, columns: int) -> jax.Array:
+  """Returns (B, m₁m₂) Σ_i A[:, i // p₂] ⊗ B[:, i % p₂] v_i over the columns i = start … start + c − 1 of
+  (B, columns) flat vectors (only i < num_params) held in `x` (B, c): R v restricted to them (R v when
+  start = 0 and c ≥ p).
+
+  The piece is laid on the rows of the (p₁, p₂) grid it meets (at most ⌈(c + p₂ − 1) / p₂⌉, zeros around
+  it), multiplied by Bᵀ, then by those rows' columns of A (zero columns beyond p₁).
+  """
+  p2 = right.shape[1]
+  size, c = x.shape
+  rows = -(-(c + p2 - 1) // p2)
+  start = jnp.asarray(start, jnp.int32)
+  x = jnp.where(start + jnp.arange(c, dtype=jnp.int32) < num_params, x.astype(left.dtype), 0)
+  grid = jax.lax.dynamic_update_slice(jnp.zeros((size, rows * p2), left.dtype), x, (jnp.int32(0), start % p2))
+  half = jnp.einsum("brj,cj->brc", grid.reshape(size, rows, p2), right)
+  # Grid rows past p₁ hold only zeros: A is extended by zero columns so that no slice is clamped.
+  left = jnp.pad(left, ((0, 0), (0, max(0, -(-columns // p2) - left.shape[1]) + rows)))
+  a = jax.lax.dynamic_slice_in_dim(left, start // p2, rows, axis=1)
+  return jnp.einsum("ar,brc->bac", a, half).reshape(size, -1)
 
 
 class SketchedProjections(NamedTuple):
@@ -101,50 +138,56 @@ def _by_micro(batch, micro: int):
   return jax.tree.map(lambda x: x.reshape((size // micro, micro) + x.shape[1:]), batch)
 
 
-def _sketched_remainder(sketch, directions, p, proj, sketched_grads):
-  """Returns R(I − UᵀU)g = Rg − (RUᵀ)(Ug) from Rg (B, m) and Ug (B, k)."""
-  return sketched_grads - proj @ apply_sketch(sketch, directions[:, :p])
+def _sketched_remainder(sketch, directions, proj, sketched_grads, mesh):
+  """Returns R(I − UᵀU)g = Rg − (RUᵀ)(Ug) from Rg (B, m) and Ug (B, k); U in `mesh`'s flat layout."""
+  return sketched_grads - proj @ apply_sketch(sketch, directions, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _project_and_sketch(per_example_loss_fn: PerExampleLossFn, microbatch_size: int, params, directions, sketch, batch):
-  """The "vjp" path: per-example gradients of a micro-batch, then U g and R g from them."""
-  flat, unravel = ravel_pytree(params)
-  p, columns = flat.size, directions.shape[1]  # columns ≥ p: a mesh's flat layout, zero beyond p.
+def _static_sketch(sketch: KroneckerSketch | None) -> tuple:
+  """Returns (factors (A, B) or None, p): a sketch as the jitted paths take it (p static, not traced)."""
+  return (None, 0) if sketch is None else ((sketch.left, sketch.right), int(sketch.num_params))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _project_and_sketch(per_example_loss_fn: PerExampleLossFn, microbatch_size: int, mesh, p: int, params, directions,
+                        factors, batch):
+  """The "vjp" path: per-example gradients of a micro-batch in `mesh`'s flat layout, then U g and R g from them."""
+  sketch = None if factors is None else KroneckerSketch(*factors, p)
+  columns = directions.shape[1]  # ≥ p: a mesh's flat layout, zero beyond p.
 
   def one_micro(mb):
-    losses, grads = jax.vmap(lambda ex: projection.example_value_and_grad(per_example_loss_fn, unravel, flat, ex))(mb)
+    losses, grads = projection.flat_value_and_grads(per_example_loss_fn, params, mb, columns, mesh)
     grads = grads.astype(directions.dtype)
-    proj = sharding_lib.pad_last(grads, columns) @ directions.T
+    proj = grads @ directions.T
     sq = jnp.sum(grads * grads, axis=1)
-    sk = jnp.zeros((grads.shape[0], 0), grads.dtype) if sketch is None else apply_sketch(sketch, grads)
+    sk = jnp.zeros((grads.shape[0], 0), grads.dtype) if sketch is None else apply_sketch(sketch, grads, mesh)
     return proj, sq, sk, losses
 
   size = data_lib.batch_size(batch)
   proj, sq, sk, losses = jax.lax.map(one_micro, _by_micro(batch, microbatch_size))
   proj, sq, sk = proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1)
   if sketch is not None:
-    sk = _sketched_remainder(sketch, directions, p, proj, sk)
+    sk = _sketched_remainder(sketch, directions, proj, sk, mesh)
   return proj, sq, sk, losses.reshape(size)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _layerwise_project_and_sketch(per_example_loss_fn: PerExampleLossFn, micro: int, chunk: int, params, directions, sketch,
-                                  batch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _layerwise_project_and_sketch(per_example_loss_fn: PerExampleLossFn, micro: int, chunk: int, mesh, p: int, params,
+                                  directions, factors, batch):
   """The "layerwise" path: U g layer by layer (no p-sized buffer for the matmul with U); the flat gradients
   for R g and ‖g‖² assembled from the same pass's layer pieces, `chunk` examples at a time (kept in cache)."""
-  p = ravel_pytree(params)[0].size
+  sketch = None if factors is None else KroneckerSketch(*factors, p)
   size = data_lib.batch_size(batch)
   example = jax.tree.map(lambda x: x[:1], batch)
   if sketch is None:
     gradient_fn = lambda g: jnp.zeros((g.shape[0], 0), g.dtype)
   else:
-    gradient_fn = lambda g: apply_sketch(sketch, g)
+    gradient_fn = lambda g: apply_sketch(sketch, g, mesh)
   projector = per_example_loss_fn.micro_projector_with_gradients(params, directions, example, gradient_fn, chunk)
   proj, sq, sk, losses = jax.lax.map(projector, _by_micro(batch, micro))
   proj, sk = proj.reshape(size, -1), sk.reshape(size, -1)
   if sketch is not None:
-    sk = _sketched_remainder(sketch, directions, p, proj, sk)
+    sk = _sketched_remainder(sketch, directions, proj, sk, mesh)
   return proj, sq.reshape(size), sk, losses.reshape(size)
 
 
@@ -173,7 +216,9 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
                        method: str | None = None) -> SketchedProjections:
   """Returns U∇ℓ, ‖∇ℓ‖², R(I − UᵀU)∇ℓ and ℓ for every example of `batch`.
 
-  Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p).
+  Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p). It runs on
+  the directions' mesh (`sharding.mesh_of`): per-example gradients and the sketch in its flat layout
+  (`apply_sketch`), params as laid out (a model split over 'model' keeps its layout).
 
   `method` ("vjp" or "layerwise"; None: `store_method`'s choice from the model's layers) is how
   U∇ℓ is computed. "vjp" forms per-example gradients, a micro-batch at a time, and
@@ -189,14 +234,18 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
                      "gradient that the sketch and the squared norm need).")
   size = data_lib.batch_size(batch)
   num_params = sum(x.size for x in jax.tree.leaves(params))  # Shapes only: nothing is concatenated per batch.
+  mesh = sharding_lib.mesh_of(directions)
+  directions = sharding_lib.to_flat_layout(directions, num_params, mesh)
+  factors, p = _static_sketch(sketch)
   gradient_bytes = num_params * jnp.dtype(directions.dtype).itemsize
   if method == "layerwise":
     per_example_loss_fn = projection.as_layerwise(per_example_loss_fn)
   if method == "vjp":
     micro = divisor_at_most(size, microbatch_size or max(1, _PROJECT_GRADIENT_BYTES // gradient_bytes))
-    return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, params, directions, sketch, batch))
+    return SketchedProjections(*_project_and_sketch(per_example_loss_fn, micro, mesh, p, params, directions, factors,
+                                                    batch))
   per_example = per_example_loss_fn.bytes_per_example(params, directions.shape[0], example)
   micro = divisor_at_most(size, max(1, projection.LAYERWISE_BYTES // per_example))
   chunk = divisor_at_most(micro, microbatch_size or max(1, _SKETCH_GRADIENT_BYTES // gradient_bytes))
-  return SketchedProjections(*_layerwise_project_and_sketch(per_example_loss_fn, micro, chunk, params, directions,
-                                                            sketch, batch))
+  return SketchedProjections(*_layerwise_project_and_sketch(per_example_loss_fn, micro, chunk, mesh, p, params,
+                                                            directions, factors, batch))

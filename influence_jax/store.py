@@ -12,7 +12,7 @@ chunk of rows, each with a crc32c checksum that tensorstore verifies on every re
   done/            one file per finished chunk of rows, holding the digest of the examples it was projected
                    from (`io.RowDigest`; "" in stores written before digests)
   source.json      the training set's identity when the rows were written (`record_source`)
-  residual_basis.npz  V (r, p) with its fingerprint and checksum (written by the project job)
+  residual_basis/     orbax: V (r, P) in the flat layout, its fingerprint and checksum (the project job)
 
 Rows are written chunk by chunk; a chunk counts only once its `done/` marker exists, so a writer
 killed at any moment loses at most the chunks it had not finished, and a reader never sees a
@@ -34,7 +34,7 @@ from influence_jax import paths
 
 FORMAT = 2  # 2: no self_influence array (the damping is applied when scoring).
 ARRAYS = ("projections", "sq_norms", "residual", "sketch")
-BASIS_FILE = "residual_basis.npz"
+BASIS_FILE = "residual_basis"
 SOURCE_FILE = "source.json"
 STORE_DTYPES = ("float32", "bfloat16", "float16")
 

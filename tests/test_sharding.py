@@ -261,3 +261,33 @@ def test_two_processes_match_single_process(single, tmp_path):
   signs = _signs(r["eigenvectors"], single["es"].eigenvectors)
   np.testing.assert_allclose(r["projections"] * signs, single["proj"], **TOL)
   np.testing.assert_allclose(r["scores"], single["scores"], **TOL)
+
+
+@pytest.mark.parametrize("p, dim", [(125, 30), (51, 1000), (1210, 1024)])
+def test_sketch_of_flat_vectors_split_over_model_equals_the_dense_map(p, dim):
+  """R = A ⊗ B applied where the columns are (each device its own piece, summed over 'model') equals the
+  dense Kronecker product on the zero-padded vectors, on every mesh, inside jit and out."""
+  sk = ij.sketch.make_sketch(p, dim, seed=0, dtype=np.float64)
+  dense = np.kron(np.asarray(sk.left), np.asarray(sk.right))  # (m, p₁p₂)
+  v = np.random.default_rng(p).standard_normal((8, p))
+  want = np.pad(v, ((0, 0), (0, dense.shape[1] - p))) @ dense.T
+  np.testing.assert_allclose(ij.sketch.apply_sketch(sk, v), want, atol=1e-10)
+  for shape in MESHES:
+    mesh = sharding.make_mesh(shape)
+    x = sharding.to_flat_layout(v, p, mesh)
+    np.testing.assert_allclose(jax.jit(lambda x, mesh=mesh: ij.sketch.apply_sketch(sk, x, mesh))(x), want, atol=1e-10)
+    np.testing.assert_allclose(ij.sketch.apply_sketch(sk, x[:5], mesh), want[:5], atol=1e-10)  # rows not over 'data'
+
+
+def test_residual_basis_of_split_params_is_split_over_model(single_uneven):
+  """p = 125 on a (2, 4) mesh, the (11, 4) kernel split over 'model': V equals one device's, shard by shard."""
+  params, _, per_example, batches, _, _ = single_uneven["problem"]
+  es = single_uneven["es"]
+  want = np.asarray(ij.residual_basis.fit_residual_basis(es.eigenvectors, per_example, params, batches, 8))
+  mesh = sharding.make_mesh((2, 4))
+  split = jax.sharding.NamedSharding(mesh, sharding.BASIS_SPEC)
+  laid_out = [params[0], dict(params[1], w=jax.device_put(params[1]["w"], split))]
+  v = ij.residual_basis.fit_residual_basis(eigenspace.on_mesh(es, mesh).eigenvectors, per_example, laid_out, batches, 8)
+  _check_split_over_model(v, 125, 4)
+  np.testing.assert_allclose(np.asarray(v)[:, :125], want, **TOL)
+  assert laid_out[1]["w"].sharding == split

@@ -2,8 +2,11 @@
 
 Before any row is written the store's residual basis V (`influence_jax.residual_basis`, r =
 project.residual_rank rows) is fitted on the first project.residual_examples examples of the
-curvature sample and saved (store/residual_basis.npz, fingerprinted); a resumed run loads it, so
-every row of a store is made with the same V.
+curvature sample, on the mesh in its flat layout (split over 'model', beside the eigenvectors), and
+saved with orbax (store/residual_basis/, fingerprinted, each process writing its own columns); a
+resumed run loads it, so every row of a store is made with the same V. The rows are projected on
+W = [U; V] as laid out, with the params as the task gives them (a model split over 'model' keeps
+its layout).
 
 Each process projects the chunks of rows it owns (`store.chunk_owner`), fed into global batches on
 the mesh, and writes them itself; a chunk is written whole and then marked done, so a run killed
@@ -17,11 +20,9 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.flatten_util import ravel_pytree
 
 from influence_jax import data as data_lib
 from influence_jax import io as io_lib
@@ -42,8 +43,7 @@ def store_meta(ctx: Context, es: Eigenspace, residual_rank: int) -> store_lib.St
   """Returns the meta of the stage's store: shapes, chunking, fingerprint; `residual_rank`: the rows of
   its residual basis. Nothing in a store depends on the damping δ (the score job applies it)."""
   c = ctx.config.project
-  num_params = ravel_pytree(ctx.task.params)[0].size
-  sketch_dim = workdir_lib.make_sketch(ctx, num_params).dim if c.sketch_dim else 0
+  sketch_dim = workdir_lib.make_sketch(ctx, sharding.num_params(ctx.task.params)).dim if c.sketch_dim else 0
   return store_lib.StoreMeta(
       num_rows=len(ctx.task.train), k=es.k, sketch_dim=sketch_dim, chunk_rows=c.chunk_rows,
       fingerprint=workdir_lib.store_fingerprint(ctx),
@@ -51,10 +51,11 @@ def store_meta(ctx: Context, es: Eigenspace, residual_rank: int) -> store_lib.St
       residual_rank=residual_rank, store_dtype=c.store_dtype)
 
 
-def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Optional[np.ndarray]:
-  """Returns the store's (r, p) residual basis V on the host (None when project.residual_rank = 0): loaded
-  when saved, else fitted on the first project.residual_examples examples of the curvature sample and saved
-  by process 0. r ≤ the requested rank (fewer when the sample's remainders span fewer dimensions)."""
+def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Optional[jax.Array]:
+  """Returns the store's residual basis V (r, P) in the flat layout of the stage's mesh (None when
+  project.residual_rank = 0): loaded when saved, else fitted on the first project.residual_examples examples
+  of the curvature sample and saved by every process (its own columns). r ≤ the requested rank (fewer when
+  the sample's remainders span fewer dimensions)."""
   rank = workdir_lib.requested_residual_rank(ctx, es)
   if not rank:
     return None
@@ -62,16 +63,12 @@ def residual_basis(ctx: Context, es: Eigenspace, *, quiet: bool = False) -> Opti
   if basis is not None:
     return basis
   start = time.perf_counter()
-  p = ravel_pytree(ctx.task.params)[0].size
-  u = jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p])
-  params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
+  params = sharding.place_params(ctx.task.params, ctx.mesh)
   sample = data_lib.concatenate(workdir_lib.curvature_batches(ctx))
   sample = data_lib.take(sample, 0, min(ctx.config.project.residual_examples, data_lib.batch_size(sample)))
-  basis = np.asarray(residual_basis_lib.fit_residual_basis(
-      u, ctx.task.per_example_loss_fn, params, [sample], rank,
-      seed=ctx.config.seed))
-  if common.is_writer():
-    io_lib.save_checked_npz(workdir_lib.basis_path(ctx), workdir_lib.basis_fingerprint(ctx, rank), {"basis": basis})
+  basis = residual_basis_lib.fit_residual_basis(es.eigenvectors, ctx.task.per_example_loss_fn, params, [sample], rank,
+                                                seed=ctx.config.seed, mesh=ctx.mesh)
+  workdir_lib.save_residual_basis(ctx, basis, rank)
   _sync("influence_jax residual basis saved")
   basis = workdir_lib.load_residual_basis(ctx, es)
   if basis is None:
@@ -160,7 +157,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
   params = sharding.place_params(ctx.task.params, mesh)
   sketch = None
   if meta.sketch_dim:
-    sk = workdir_lib.make_sketch(ctx, ravel_pytree(ctx.task.params)[0].size)
+    sk = workdir_lib.make_sketch(ctx, sharding.num_params(ctx.task.params))
     sketch = jax.tree.map(lambda x: sharding.put(x, sharding.replicated(mesh)), sk._asdict())
     sketch = sketch_lib.KroneckerSketch(**sketch)
   directions = residual_basis_lib.stored_directions(es.eigenvectors, basis if meta.residual_rank else None)

@@ -89,6 +89,7 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
     es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
     host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
     host_sketch = workdir_lib.make_sketch(ctx, p)
+    host_basis = None if basis is None else jnp.asarray(sharding.to_host(basis)[:, :p])  # V is on the mesh.
     kind = es.info.curvature if es.info is not None else ctx.curvature
     op = curvature_lib.curvature_operator(ctx.task.loss_fn, host_params, workdir_lib.curvature_batches(ctx),
                                           curvature=kind)
@@ -107,7 +108,7 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
       grads = projection.gradients(ctx.task.per_example_loss_fn, host_params, [chunk]).astype(es_host.eigenvectors.dtype)
       solved = preconditioning.preconditioned_solve(op, es_host, grads, cg_iters=int(s.cg_iters),
                                                     tail_constant=tail_constant)
-      parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, basis)))
+      parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, host_basis)))
       norms.append(np.asarray(jnp.linalg.norm(grads, axis=1), np.float64))
       solves.append(jax.tree.map(np.asarray, solved._replace(x=jnp.zeros(()))))
       continue
@@ -245,7 +246,7 @@ def query_sides(names: tuple, vectors: QueryVectors) -> dict:
     v = vectors.vectors
     if name == "cosine":
       v = (v / np.maximum(vectors.grad_norms, tiny)[:, None]).astype(v.dtype)
-    out[name] = jnp.asarray(v)
+    out[name] = jnp.asarray(v, np.float32)  # As the rows are merged (float32), also under jax_enable_x64.
   return out
 
 

@@ -26,10 +26,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from influence_jax import checkpoint
 from influence_jax import io as io_lib
+from influence_jax import sharding
 from influence_jax import sketch as sketch_lib
 from influence_jax import sources
 from influence_jax import store as store_lib
@@ -101,7 +101,9 @@ def store_fingerprint(ctx: Context) -> str:
   type and length, the sketch, the chunking, the residual basis. The training set's content is checked
   apart (`check_training_set`), so that a changed example re-projects only its chunk."""
   c = ctx.config
-  basis = (c.project.residual_rank, c.project.residual_examples) if c.project.residual_rank else ()
+  # "orbax V": rows made with a basis saved by orbax; a store begun with the older residual_basis.npz is refused,
+  # not finished with a basis fitted again.
+  basis = (c.project.residual_rank, c.project.residual_examples, "orbax V") if c.project.residual_rank else ()
   basis += () if c.project.store_dtype == "float32" else (c.project.store_dtype,)  # float32 stores kept theirs.
   train = f"{type(ctx.task.train).__module__}.{type(ctx.task.train).__qualname__}:{len(ctx.task.train)}"
   return _cached(ctx, "store_fingerprint", lambda: io_lib.digest(
@@ -154,7 +156,7 @@ def requested_residual_rank(ctx: Context, es: Eigenspace) -> int:
   c = ctx.config.project
   if not c.residual_rank:
     return 0
-  p = ravel_pytree(ctx.task.params)[0].size
+  p = sharding.num_params(ctx.task.params)
   sample = min(c.residual_examples, len(task_lib.curvature_source(ctx.task, ctx.config)))
   return max(0, min(c.residual_rank, p - es.k, sample))
 
@@ -165,7 +167,7 @@ def make_sketch(ctx: Context, num_params: int) -> sketch_lib.KroneckerSketch:
 
 
 def basis_path(ctx: Context) -> str:
-  """Returns where the store's residual basis is saved: beside its rows, in the store's directory."""
+  """Returns where the store's residual basis is saved (orbax): beside its rows, in the store's directory."""
   return ctx.path("store", store_lib.BASIS_FILE)
 
 
@@ -174,10 +176,21 @@ def basis_fingerprint(ctx: Context, rank: int) -> str:
   return io_lib.digest(eigenspace_fingerprint(ctx), rank, ctx.config.project.residual_examples, ctx.config.seed)
 
 
-def load_residual_basis(ctx: Context, es: Eigenspace) -> Optional[np.ndarray]:
-  """Returns the saved (r, p) residual basis of this eigenspace and config, or None if there is none intact."""
-  saved = io_lib.load_checked_npz(basis_path(ctx), basis_fingerprint(ctx, requested_residual_rank(ctx, es)))
-  return None if saved is None else saved["basis"]
+def save_residual_basis(ctx: Context, basis: jax.Array, rank: int) -> None:
+  """Saves the store's residual basis V (r, P), fitted for `rank` rows, as laid out on the stage's mesh (each
+  process writes its own columns; every process calls it)."""
+  checkpoint.save_residual_basis(basis_path(ctx), basis, sharding.num_params(ctx.task.params),
+                                 basis_fingerprint(ctx, rank))
+
+
+def load_residual_basis(ctx: Context, es: Eigenspace) -> Optional[jax.Array]:
+  """Returns the saved residual basis V (r, P) of this eigenspace and config in the flat layout of the stage's
+  mesh (split over 'model', zero beyond p), or None if there is none intact (every process calls it)."""
+  try:
+    return checkpoint.load_residual_basis(basis_path(ctx), basis_fingerprint(ctx, requested_residual_rank(ctx, es)),
+                                          mesh=ctx.mesh)
+  except (checkpoint.FingerprintMismatch, checkpoint.CorruptCheckpoint):
+    return None
 
 
 class SaveTimer:
