@@ -113,3 +113,14 @@ def test_galerkin_inverse_raises_non_positive_eigenvalues_to_the_tail_constant()
     galerkin.galerkin_inverse(h, 0.1, 0.0)
   with pytest.raises(ValueError, match="non-finite"):
     galerkin.galerkin_inverse(np.full((2, 2), np.nan), 0.1, 1.0)
+
+
+def test_the_score_job_warns_when_galerkin_eigenvalues_were_raised(caplog):
+  from influence_jax.jobs import queries  # noqa: PLC0415
+
+  report = queries.galerkin_report(galerkin.galerkin_inverse(np.diag([3.0, -0.5]), 0.1, 2.0))
+  assert report == {"directions": 2, "min_eigenvalue": pytest.approx(-0.4), "raised_to_tail_constant": 1}
+  with caplog.at_level("WARNING"):
+    queries.log_galerkin_report(report, "hessian")
+  assert "not positive definite" in caplog.text and "1 of its 2 eigenvalues" in caplog.text
+  assert "gauss_newton" in caplog.text

@@ -282,6 +282,22 @@ def cg_report(solves: solvers.CGResult, grad_norms: np.ndarray, cg_iters: int) -
   }
 
 
+def _remedy(curvature: str) -> str:
+  return ("arnoldi.curvature='gauss_newton' (refit) or a larger arnoldi.damping (no refit; the fit's "
+          "eigenvalues.json gives the most negative Ritz value to exceed)" if curvature == "hessian"
+          else "a larger arnoldi.damping (no refit)")
+
+
+def log_galerkin_report(report: Optional[dict], curvature: str) -> None:
+  """Logs a warning when W(C + δI)Wᵀ had eigenvalues ≤ 0 (raised to c: those directions get the tail's 1/c)."""
+  if report and report["raised_to_tail_constant"]:
+    logging.warning(
+        "W(C + δI)Wᵀ is not positive definite on the stored directions W = [U; V] (smallest eigenvalue %.3g): "
+        "%d of its %d eigenvalues were raised to the tail constant c, so the query solves treat those "
+        "directions as the tail. Remedy: %s.", report["min_eigenvalue"], report["raised_to_tail_constant"],
+        report["directions"], _remedy(curvature))
+
+
 def log_cg_report(report: Optional[dict], curvature: str) -> None:
   """Logs the solves' report: a warning naming how many queries met non-positive curvature, where, and
   the remedy; else one info line."""
@@ -290,9 +306,7 @@ def log_cg_report(report: Optional[dict], curvature: str) -> None:
   npc = report["non_positive_curvature"]
   if npc["queries"]:
     where = ", ".join(f"iteration {i}: {c}" for i, c in npc["at_iteration"].items())
-    remedy = ("arnoldi.curvature='gauss_newton' (refit) or a larger arnoldi.damping (no refit; the fit's "
-              "eigenvalues.json gives the most negative Ritz value to exceed)" if curvature == "hessian"
-              else "a larger arnoldi.damping (no refit)")
+    remedy = _remedy(curvature)
     logging.warning(
         "CG met non-positive curvature dᵀ(C + δI)d ≤ 0 on %d of %d queries (%s): C + δI is not positive definite, "
         "so their solves stopped there and return their best iterate; %d of them returned the preconditioner's "

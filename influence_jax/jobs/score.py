@@ -230,6 +230,7 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
   vectors = queries_lib.project_queries(ctx, es, store, batch, fingerprint=fingerprint, out=out, quiet=quiet,
                                         fault=fault)
   if common.is_writer():
+    queries_lib.log_galerkin_report(vectors.galerkin, curvature)
     queries_lib.log_cg_report(vectors.cg, curvature)
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
