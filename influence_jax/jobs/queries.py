@@ -99,7 +99,7 @@ def restricted_curvature(ctx: Context, es: Eigenspace, directions: jax.Array, d:
   kind = es.info.curvature if es.info is not None else ctx.curvature
   fingerprint = io_lib.digest(workdir_lib.store_fingerprint(ctx), kind, solve_examples(ctx), d)
   saved = io_lib.load_checked_npz(path, fingerprint)
-  if saved is not None:
+  if _everywhere(saved is not None):  # Forming H_W is collective: every process forms it, or none.
     return saved["restricted"]
   logging.info("Forming H_W = W C Wᵀ: %d curvature products over %d examples (once per store)", d,
                solve_examples(ctx))
@@ -185,6 +185,13 @@ def _progress_path(out: str) -> str:
 
 
 _FIELDS = ("vectors", "grad_norms", "num_iters", "residual_norm", "positive_curvature")
+
+
+def _everywhere(flag: bool) -> bool:
+  """Returns whether `flag` holds on every process (a collective with several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
 def _resume(path: str, fingerprint: str) -> dict:
