@@ -18,7 +18,7 @@ and start of CG iterations that refine it (`galerkin_tail_inverse` into `precond
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,11 @@ from influence_jax.curvature import LinearOperator
 from influence_jax.preconditioning import TailInverse
 
 
-def restricted_curvature(op: LinearOperator, directions: jax.Array, *, block_size: int = 32) -> np.ndarray:
+def restricted_curvature(op: LinearOperator, directions: jax.Array, *, block_size: int = 32,
+                         callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
   """Returns H_W = W C Wᵀ (d, d) in float64, symmetrised, for the rows W of `directions` (d, p), or
-  (d, P) in the flat layout of the operator's mesh; `block_size` rows a pass over C's batches."""
+  (d, P) in the flat layout of the operator's mesh; `block_size` rows a pass over C's batches;
+  `callback(rows)` after each pass (for progress)."""
   d, columns = directions.shape
   if columns not in (op.dim, sharding_lib.padded_dim(op.dim, op.mesh)):
     raise ValueError(f"directions must be (d, {op.dim}) or in the operator's flat layout; got {directions.shape}.")
@@ -45,6 +47,8 @@ def restricted_curvature(op: LinearOperator, directions: jax.Array, *, block_siz
       block = jnp.concatenate([block, jnp.zeros((block_size - block.shape[0], columns), block.dtype)])
     rows.append(np.asarray(sharding_lib.to_host(
         _restricted_rows(op.matvec, op.dim, op.mesh, op.operands, block, directions)), np.float64))
+    if callback is not None:
+      callback(min(block_size, d - lo))
   h = np.concatenate(rows)[:d]
   return (h + h.T) / 2
 

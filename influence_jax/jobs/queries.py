@@ -92,7 +92,8 @@ def solve_operator(ctx: Context, es: Eigenspace) -> curvature_lib.LinearOperator
                                           microbatch_size=ctx.config.arnoldi.microbatch_size or None)
 
 
-def restricted_curvature(ctx: Context, es: Eigenspace, directions: jax.Array, d: int) -> np.ndarray:
+def restricted_curvature(ctx: Context, es: Eigenspace, directions: jax.Array, d: int, *,
+                         quiet: bool = True) -> np.ndarray:
   """Returns H_W = W C Wᵀ (d, d) over the query-side sample: saved in the store's directory under the
   fingerprint of the store, the curvature and the sample, or formed (d products) and saved."""
   path = ctx.path("store", GALERKIN_FILE)
@@ -101,15 +102,16 @@ def restricted_curvature(ctx: Context, es: Eigenspace, directions: jax.Array, d:
   saved = io_lib.load_checked_npz(path, fingerprint)
   if _everywhere(saved is not None):  # Forming H_W is collective: every process forms it, or none.
     return saved["restricted"]
-  logging.info("Forming H_W = W C Wᵀ: %d curvature products over %d examples (once per store)", d,
-               solve_examples(ctx))
-  h = galerkin.restricted_curvature(solve_operator(ctx, es), directions, block_size=ctx.config.score.solve_block)
+  bar = progress_lib.Progress(d, f"forming H_W = W C Wᵀ over {solve_examples(ctx)} examples (once per store)",
+                              "products", quiet=quiet or not common.is_writer())
+  h = galerkin.restricted_curvature(solve_operator(ctx, es), directions, block_size=ctx.config.score.solve_block,
+                                    callback=bar.update)
   if common.is_writer():
     io_lib.save_checked_npz(path, fingerprint, {"restricted": h})
   return h
 
 
-def make_solver(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore) -> Solver:
+def make_solver(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, *, quiet: bool = True) -> Solver:
   """Returns the Solver of this store and config (loads the residual basis, forms or loads H_W)."""
   s = ctx.config.score
   p = ravel_pytree(ctx.task.params)[0].size
@@ -125,7 +127,7 @@ def make_solver(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore) 
   c = default_tail_constant(es)
   inverse = None
   if s.preconditioner == "galerkin":
-    h = restricted_curvature(ctx, es, directions, directions.shape[0])
+    h = restricted_curvature(ctx, es, directions, directions.shape[0], quiet=quiet)
     inverse = galerkin.galerkin_inverse(h, es.damping, c)
   return Solver(directions, basis, sk, c, inverse)
 
@@ -146,9 +148,9 @@ def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSto
   With `out`, the solves' progress is saved in out/progress/ under `fingerprint` and resumed."""
   s = ctx.config.score
   if s.tail and s.cg_iters > 0:
-    solver = make_solver(ctx, es, store)
+    solver = make_solver(ctx, es, store, quiet=quiet)
     return solve_in_blocks(ctx, es, batch, solver, fingerprint=fingerprint, out=out, quiet=quiet, fault=fault)
-  solver = make_solver(ctx, es, store) if s.tail else None
+  solver = make_solver(ctx, es, store, quiet=quiet) if s.tail else None
   directions = es.eigenvectors if solver is None else solver.directions
   params = sharding.place_params(ctx.task.params, ctx.mesh)
   inverse = np.asarray(sharding.to_host(inverse_eigenvalues(es)), np.float64)
