@@ -26,14 +26,17 @@ Cost model (T queries, N training examples, k eigenvectors, p parameters):
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
 from influence_jax import projection
+from influence_jax import sharding as sharding_lib
 from influence_jax import solvers
 from influence_jax import validation
 from influence_jax.eigenspace import (Eigenspace, check_params, default_tail_constant, inverse_eigenvalues,
@@ -43,17 +46,32 @@ from influence_jax.sketch import KroneckerSketch, apply_sketch
 from influence_jax.types import LossFn, PerExampleLossFn
 
 
-def apply_tail_inverse(eigenvectors: jax.Array, inv_shifted: jax.Array, tail_constant, rows: jax.Array) -> jax.Array:
-  """Returns P r for each row r of `rows` (T, p): Uᵀ diag(inv_shifted) U r + (r − UᵀU r)/c.
+class TailInverse(NamedTuple):
+  """P = Wᵀ M W + (I − WᵀW)/c: an inverse exact on the span of W's orthonormal rows, 1/c beyond.
 
-  eigenvectors: (k, p) orthonormal rows U; inv_shifted: (k,) 1/(λ_j + δ); c = tail_constant > 0.
+  directions: (d, P) orthonormal rows W (flat layout, zero beyond p); inverse: M, (d,) a diagonal
+  ((Λ + δ)⁻¹ for the eigenvectors: `eigenspace_tail_inverse`) or (d, d) symmetric positive definite
+  ((W C Wᵀ + δI)⁻¹: `galerkin.galerkin_tail_inverse`); tail_constant: c > 0.
+  """
+
+  directions: jax.Array
+  inverse: jax.Array
+  tail_constant: jax.Array
+
+
+def apply_tail_inverse(eigenvectors: jax.Array, inverse: jax.Array, tail_constant, rows: jax.Array) -> jax.Array:
+  """Returns P r for each row r of `rows` (T, p), or one (p,) row: Wᵀ M W r + (r − WᵀW r)/c.
+
+  eigenvectors: (d, p) orthonormal rows W; inverse: M, (d,) (a diagonal, e.g. 1/(λ_j + δ)) or (d, d);
+  c = tail_constant > 0.
   """
   coeffs = rows @ eigenvectors.T
-  return rows / tail_constant + (coeffs * (inv_shifted - 1.0 / tail_constant)) @ eigenvectors
+  inner = coeffs * inverse if inverse.ndim == 1 else coeffs @ inverse
+  return rows / tail_constant + (inner - coeffs / tail_constant) @ eigenvectors
 
 
 def _tail_inverse(operands, r):
-  """The matvec of P: operands (U, (λ + δ)⁻¹, c) (a module function: hashable, compiled once by CG)."""
+  """The matvec of P: operands a TailInverse (a module function: hashable, compiled once by CG)."""
   return apply_tail_inverse(*operands, r)
 
 
@@ -73,6 +91,21 @@ class _Shifted:
     return hash((_Shifted, self.inner))
 
 
+def eigenspace_tail_inverse(eigenspace: Eigenspace, damping: Optional[float] = None,
+                            tail_constant: Optional[float] = None) -> TailInverse:
+  """Returns the spectral tail's P = Uᵀ(Λ + δ)⁻¹U + c⁻¹(I − UᵀU) (δ: the eigenspace's by default, c: λ_k + δ);
+  raises ValueError unless every λ_j + δ and c are positive (P positive definite)."""
+  delta = scoring_damping(eigenspace, damping)
+  c = default_tail_constant(eigenspace, delta) if tail_constant is None else float(tail_constant)
+  if not c > 0:
+    raise ValueError(f"The tail constant must be positive, got {c}.")
+  inv = inverse_eigenvalues(eigenspace, delta)
+  if bool(jnp.any(inv <= 0)):
+    raise ValueError("Some kept eigenvalue + damping is negative: the preconditioner would not be positive definite.")
+  u = eigenspace.eigenvectors
+  return TailInverse(u, inv.astype(u.dtype), jnp.asarray(c, u.dtype))
+
+
 def preconditioned_solve(
     op: curvature_lib.LinearOperator,
     eigenspace: Eigenspace,
@@ -83,40 +116,48 @@ def preconditioned_solve(
     tail_constant: Optional[float] = None,
     tol: float = 0.0,
     keep_best: bool = True,
+    preconditioner: Optional[TailInverse] = None,
 ) -> solvers.CGResult:
   """Returns the solutions of (C + δI) x = b for each row of b (T, p), by CG preconditioned with P.
 
   `op` is the undamped curvature C the eigenspace was fitted on; δ defaults
-  to the eigenspace's damping, c to λ_k + δ. Starts from P b and runs at most
-  `cg_iters` iterations per row (one product with C each), stopping a row
-  when ‖b − (C + δI)x‖ ≤ tol·‖b‖ or on non-positive curvature. cg_iters = 0
-  returns P b, the spectral-tail approximation. With `keep_best` (default) each
-  row's iterate of smallest residual is returned, so where C + δI is indefinite
-  the result never solves worse than the tail approximation it starts from.
+  to the eigenspace's damping, c to λ_k + δ. P is `preconditioner`, by default
+  the eigenspace's spectral tail (`eigenspace_tail_inverse`). Starts from P b and
+  runs at most `cg_iters` iterations per row (one product with C each, the block's
+  rows advanced together: `solvers.conjugate_gradient`), stopping a row when
+  ‖b − (C + δI)x‖ ≤ tol·‖b‖ or on non-positive curvature. cg_iters = 0 returns
+  P b, the spectral-tail approximation. With `keep_best` (default) each row's
+  iterate of smallest residual is returned, so where C + δI is indefinite the
+  result never solves worse than P b. b may be in the flat layout of the
+  operator's mesh (T, sharding.padded_dim(p, mesh)) with P's directions laid
+  out alike: the solves then run on the mesh, rows over 'data', columns over
+  'model', and return in that layout.
   """
-  b = jnp.asarray(b)
-  if b.ndim != 2 or b.shape[1] != op.dim:
+  if not isinstance(b, jax.Array):
+    b = jnp.asarray(b)
+  padded = sharding_lib.padded_dim(op.dim, op.mesh)
+  if b.ndim != 2 or b.shape[1] not in (op.dim, padded):
     raise ValueError(f"b must be (num_queries, {op.dim}); got shape {b.shape}.")
   if op.dim not in (eigenspace.num_params, eigenspace.eigenvectors.shape[1]):
     raise ValueError(f"The eigenspace has {eigenspace.num_params} parameters; the operator acts on {op.dim}.")
-  u = eigenspace.eigenvectors[:, :op.dim]  # A mesh's flat layout is zero beyond p.
   if not isinstance(cg_iters, int) or cg_iters < 0:
     raise ValueError(f"cg_iters must be a non-negative integer, got {cg_iters!r}.")
   if not tol >= 0:
     raise ValueError(f"tol must be non-negative, got {tol}.")
   validation.check_finite(b, "b")
   delta = scoring_damping(eigenspace, damping)
-  c = default_tail_constant(eigenspace, delta) if tail_constant is None else float(tail_constant)
-  if not c > 0:
-    raise ValueError(f"The tail constant must be positive, got {c}.")
-  inv = inverse_eigenvalues(eigenspace, delta)
-  if bool(jnp.any(inv <= 0)):
-    raise ValueError("Some kept eigenvalue + damping is negative: the preconditioner would not be positive definite.")
-  dtype = u.dtype
+  pre = eigenspace_tail_inverse(eigenspace, delta, tail_constant) if preconditioner is None else preconditioner
+  w = pre.directions
+  if w.shape[1] < b.shape[1]:
+    raise ValueError(f"The preconditioner's directions have {w.shape[1]} columns; b has {b.shape[1]}.")
+  if w.shape[1] > b.shape[1]:  # A mesh's flat layout is zero beyond p.
+    w = w[:, :b.shape[1]]
+  dtype = w.dtype
   b = b.astype(dtype)
   shifted = op.replace(matvec=_Shifted(op.matvec), operands=(op.operands, jnp.asarray(delta, dtype)))
-  tail = curvature_lib.LinearOperator(_tail_inverse, (u, inv.astype(dtype), jnp.asarray(c, dtype)), op.dim, dtype,
-                                      op.mesh)
+  tail = curvature_lib.LinearOperator(_tail_inverse, TailInverse(w, pre.inverse.astype(dtype),
+                                                                 jnp.asarray(pre.tail_constant, dtype)),
+                                      b.shape[1], dtype, op.mesh)
   return solvers.conjugate_gradient(shifted, b, x0=tail(b), tol=tol, max_iters=cg_iters, preconditioner=tail,
                                    keep_best=keep_best)
 
@@ -129,16 +170,30 @@ def solved_query_side(eigenspace: Eigenspace, sketch: KroneckerSketch, solved: j
   Against a projection store's rows `scoring.row_side` [W∇ℓ(z), R(I − WᵀW)∇ℓ(z)] (made with the
   same W and `sketch`), q · row = x̂ᵀWᵀW∇ℓ(z) + x̂ᵀ(I − WᵀW)RᵀR(I − WᵀW)∇ℓ(z) ≈ x̂ᵀ∇ℓ(z), the score of
   `influence_preconditioned` (positive: z is a proponent of x), exact when the sketch is (m ≥ p₁p₂):
-  preconditioned scores for a new query set without touching the training set.
+  preconditioned scores for a new query set without touching the training set. x̂ may be in a mesh's
+  flat layout (T, P ≥ p columns, zero beyond p), with U and V laid out alike or on the host.
   """
   p = sketch.num_params
-  if solved.ndim != 2 or solved.shape[1] != p:
+  if solved.ndim != 2 or solved.shape[1] < p:
     raise ValueError(f"solved must be (num_queries, {p}) for this sketch; got shape {solved.shape}.")
-  if basis is not None and (basis.ndim != 2 or basis.shape[1] != p):
-    raise ValueError(f"basis must be (rank, {p}); got shape {basis.shape}.")
-  w = stored_directions(eigenspace.eigenvectors, basis)[:, :p]
-  coeffs = solved.astype(w.dtype) @ w.T
-  return jnp.concatenate([coeffs, apply_sketch(sketch, solved - coeffs @ w).astype(w.dtype)], axis=1)
+  if basis is not None and (np.ndim(basis) != 2 or np.shape(basis)[1] < p):
+    raise ValueError(f"basis must be (rank, {p}); got shape {np.shape(basis)}.")
+  return directions_query_side(stored_directions(eigenspace.eigenvectors, basis), sketch, solved)
+
+
+def directions_query_side(directions: jax.Array, sketch: KroneckerSketch, solved: jax.Array) -> jax.Array:
+  """Returns (T, d + m) [W x̂, R(I − WᵀW) x̂] for the stored directions W (d, p or a flat layout's P) and
+  solved vectors x̂ (T, ·) laid out alike: `solved_query_side` with W given."""
+  return _solved_side(sketch.num_params, solved, directions, sketch.left, sketch.right)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _solved_side(p, solved, w, left, right):
+  columns = min(solved.shape[1], w.shape[1])
+  solved, w = solved[:, :columns].astype(w.dtype), w[:, :columns]
+  coeffs = solved @ w.T
+  remainder = (solved - coeffs @ w)[:, :p]
+  return jnp.concatenate([coeffs, apply_sketch(KroneckerSketch(left, right, p), remainder).astype(w.dtype)], axis=1)
 
 
 def solve_queries(

@@ -21,7 +21,7 @@ from influence_jax import diagnostics as diagnostics_lib
 from influence_jax import eigenspace as eigenspace_lib
 from influence_jax import store as store_lib
 from influence_jax.jobs import config as config_lib
-from influence_jax.jobs import context, plots, score, stages
+from influence_jax.jobs import context, plots, queries, score, stages
 from influence_jax.jobs import task as task_lib
 from influence_jax.jobs import workdir as workdir_lib
 from tests import relu_task
@@ -68,7 +68,8 @@ def test_default_is_gauss_newton_and_nothing_warns(gauss_newton_run):
   with open(paths["summary"]) as f:
     summary = json.load(f)
   assert summary["curvature"] == "gauss_newton"
-  assert summary["cg"]["queries"] == 40 and summary["cg"]["non_positive_curvature"]["queries"] == 0
+  # The default query side, the Galerkin solve on W = [U; V]: W(C + δI)Wᵀ positive definite, nothing raised.
+  assert summary["galerkin"]["min_eigenvalue"] > 0 and summary["galerkin"]["raised_to_tail_constant"] == 0
 
 
 def test_normalised_tables_rank_same_label_proponents_first(gauss_newton_run):
@@ -92,7 +93,7 @@ def test_relative_table_is_the_library_relative_influence(gauss_newton_run):
     summary = json.load(f)
   es = workdir_lib.load_eigenspace(ctx)
   store = store_lib.open_store(ctx.path("store"), workdir_lib.store_fingerprint(ctx))
-  vectors = score.project_queries(ctx, es, store, task_lib.query_source(ctx.task, ctx.config))
+  vectors = queries.project_queries(ctx, es, store, task_lib.query_source(ctx.task, ctx.config))
   rows = store.read(0, store.meta.num_rows, ("projections", "sketch", "sq_norms"))
   scores = vectors.vectors.astype(np.float64) @ np.concatenate([rows["projections"], rows["sketch"]], 1).T.astype(np.float64)
   inverse = np.asarray(eigenspace_lib.inverse_eigenvalues(es), np.float64)

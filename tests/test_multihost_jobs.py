@@ -131,6 +131,17 @@ def test_two_processes_match_one_process(single, tmp_path):
   assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
   run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)")
   _compare_outputs(workdir, single)
+  # CG iterations on the mesh (12 queries in blocks of 4: vectors over 'model', queries over 'data'),
+  # both processes killed after their second block, resumed: the one process's tables.
+  solve = ["--config.score.cg_iters=2", "--config.score.solve_block=4", "--config.score.name=solved",
+           "--config.score.checkpoint_every=1"]
+  run_job("score.py", single, FEATURES, *solve)
+  procs = run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)", *solve,
+                        "--fault_injection=solve:2", check=False)
+  assert all(p.returncode != 0 for p in procs), [p.log[-2000:] for p in procs]
+  run_processes("score.py", workdir, FEATURES, "--config.mesh_shape=(2,4)", *solve)
+  _assert_same_ranking(_rows(table(workdir, "top_k.csv", "solved")), _rows(table(single, "top_k.csv", "solved")),
+                       "train_id", "score")
   got, want = ij.open_store(os.path.join(workdir, "store")), ij.open_store(os.path.join(single, "store"))
   for name, rows in want.read(0, 160).items():
     # The residual basis's trailing directions move with rounding (a float32 randomized SVD of a

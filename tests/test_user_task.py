@@ -1,14 +1,17 @@
 """A user's own model and on-disk data through the task interface: fit → project → score as jobs,
 tables against in-memory influence, a second query set from the same store, kills, bad inputs."""
 
+import json
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import influence_jax as ij
-from influence_jax import checkpoint, sources
+from influence_jax import checkpoint, galerkin, sources
+from influence_jax import store as store_lib
 from tests import user_task, user_task_config
 from tests.user_task_jobs import REFERENCE_COMPILATIONS, compilations, rows, run
 from tests.user_task_jobs import table as table_path
@@ -21,12 +24,20 @@ def in_memory_scores(workdir, data_dir, queries_prefix):
   batch = lambda s: {"x": np.asarray(s.x, np.float32), "y": np.asarray(s.y, np.int32)}
   params = user_task.trained_params(train)
   es = checkpoint.load_eigenspace(os.path.join(workdir, "eigenspace"))
-  # The score job's default: each query solved by 3 preconditioned CG iterations over the curvature
-  # sample, scored against stored rows exact on this model (an exact sketch).
+  # The score job's default: each query solved by the Galerkin solve on the stored directions W = [U; V]
+  # over the curvature sample (jobs/queries.py), x̂ = Wᵀ(W C Wᵀ + δI)⁻¹W∇ℓ(x) + (I − WᵀW)∇ℓ(x)/c, here dotted
+  # with the training gradients themselves (no store, no sketch).
   sample = curvature_sample(len(train))
   curvature = {"x": np.asarray(train.x, np.float32)[sample], "y": np.asarray(train.y, np.int32)[sample]}
-  scores = ij.influence(es, user_task.per_example_loss, params, [batch(queries)], [batch(train)], tail=True,
-                        loss_fn=user_task.loss, curvature_batches=[curvature])
+  basis = np.load(os.path.join(workdir, "store", store_lib.BASIS_FILE))["basis"]
+  w = ij.residual_basis.stored_directions(es.eigenvectors, basis)
+  es = es.replace(damping=user_task_config.get_config().arnoldi.damping)
+  c = ij.eigenspace.default_tail_constant(es)
+  h_w = galerkin.restricted_curvature(ij.curvature.curvature_operator(user_task.loss, params, [curvature]), w)
+  inverse = galerkin.galerkin_inverse(h_w, es.damping, c).inverse
+  solved = ij.preconditioning.apply_tail_inverse(w, jnp.asarray(inverse, w.dtype), c, ij.projection.gradients(
+      user_task.per_example_loss, params, [batch(queries)]))
+  scores = solved @ ij.projection.gradients(user_task.per_example_loss, params, [batch(train)]).T
   proj = ij.project(es, user_task.per_example_loss, params, [batch(train)])
   grads = ij.projection.gradients(user_task.per_example_loss, params, [batch(train)])
   self_infl = ij.self_influence(es, proj, sq_norms=np.sum(np.asarray(grads) ** 2, axis=1))
@@ -110,6 +121,28 @@ def test_sigkill_then_rerun_gives_identical_outputs(reference, data_dir, tmp_pat
   for table in ("top_k.csv", "self_influence.csv"):
     with open(table_path(workdir, table)) as f, open(table_path(reference, table)) as g:
       assert f.read() == g.read()
+
+
+def test_solves_killed_between_blocks_resume_with_identical_tables(reference, data_dir, tmp_path):
+  """CG iterations over the curvature sample in blocks of 2 of the 7 queries: killed after the second
+  block (its progress saved), the rerun resumes there and writes the uninterrupted run's tables."""
+  workdir = str(tmp_path / "w")
+  for part in ("eigenspace", "store"):
+    shutil.copytree(os.path.join(reference, part), os.path.join(workdir, part))
+  solve = ["--config.score.cg_iters=2", "--config.score.solve_block=2"]
+  run("score.py", workdir, data_dir, *solve, "--config.score.name=whole")
+  proc = run("score.py", workdir, data_dir, *solve, "--fault_injection=solve:2", check=False)
+  assert proc.returncode == -9 and not os.path.exists(table_path(workdir, "top_k.csv"))
+  assert os.path.exists(os.path.join(workdir, "scores", "queries", "progress", "solves_process_0000.npz"))
+  proc = run("score.py", workdir, data_dir, *solve, "--verbosity=0", "--noquiet")
+  assert "solving queries: resuming at 4/7" in proc.stderr
+  for name in ("top_k.csv", "self_influence.csv"):
+    with open(table_path(workdir, name)) as f, open(table_path(workdir, name, "whole")) as g:
+      assert f.read() == g.read()
+  with open(table_path(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["cg"]["queries"] == 7 and summary["cg"]["iterations"] == 2
+  assert summary["galerkin"]["directions"] == summary["k"] + summary["residual_rank"]
 
 
 def test_store_from_other_settings_is_refused(reference, data_dir, tmp_path):

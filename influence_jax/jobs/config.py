@@ -69,9 +69,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.score = dict(
       top_k=10,  # Proponents and opponents kept per query.
       tail=True,  # Add the spectral tail through the store's sketch.
-      # With tail: each query solved by this many CG iterations preconditioned with the tail, over the
-      # curvature sample (per query 1 + cg_iters curvature passes); 0: the plain tail.
-      cg_iters=3,
+      # With tail: the inverse curvature of the query side (jobs/queries.py). "galerkin": exact on the
+      # stored directions W = [U; V] ((W C Wᵀ + δI)⁻¹, formed once per store from k + r curvature products),
+      # 1/c beyond; "tail": (Λ + δ)⁻¹ on U, 1/c beyond (the plain spectral tail).
+      preconditioner="galerkin",
+      # CG iterations refining it (started from and preconditioned with it) over the query-side sample,
+      # solve_block queries at a time (per block 1 + cg_iters curvature passes); 0: no pass per query.
+      cg_iters=0,
+      solve_examples=0,  # Query-side sample: the first N examples of the curvature sample (0: all of it).
+      solve_block=32,  # Queries solved together (p-vectors held: a few × solve_block).
       queries="",  # "module:fn" returning another query source (fn(config)); "": Task.queries.
       name="queries",  # Query set name: its tables, summary and progress in scores/<name>/.
       batch_size=256,  # Queries projected per step.
@@ -114,7 +120,10 @@ _RULES = (
     ("score.top_k", lambda v: v >= 1, "a positive integer"),
     ("score.name", lambda v: isinstance(v, str) and v not in ("", ".", "..", "self_influence") and "/" not in v
      and "\\" not in v, "a directory name (not empty, no '/', not 'self_influence')"),
-    ("score.cg_iters", lambda v: v >= 0, "≥ 0 (0: the plain tail)"),
+    ("score.cg_iters", lambda v: v >= 0, "≥ 0 (0: the preconditioner alone)"),
+    ("score.preconditioner", lambda v: v in ("galerkin", "tail"), "'galerkin' or 'tail'"),
+    ("score.solve_examples", lambda v: v >= 0, "≥ 0 (0: the whole curvature sample)"),
+    ("score.solve_block", lambda v: v >= 1, "a positive integer"),
     ("score.batch_size", lambda v: v >= 1, "a positive integer"),
     ("score.rows_per_block", lambda v: v >= 1, "a positive integer"),
     ("score.self_influence_rows", lambda v: v == -1 or v >= 0, "≥ 0, or -1 (all)"),

@@ -1,6 +1,7 @@
 """The score stage: a query set scored against the projection store, many times, without the training set.
 
-Only the queries are projected; the store is streamed in blocks of `score.rows_per_block` rows,
+Only the queries are projected or solved (`queries`: the query side, its solves' progress saved and
+resumed likewise); the store is streamed in blocks of `score.rows_per_block` rows,
 each one jitted matmul + top-k merge on the device, so memory is bounded by the block and the
 top-k state, never by N. Each process scores its own chunks of the store; the per-process states
 are merged at the end and process 0 writes the tables. Progress (the running state and the next
@@ -16,32 +17,24 @@ self-influence ranking to scores/self_influence/, one per way of computing it (`
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.flatten_util import ravel_pytree
 
-from influence_jax import curvature as curvature_lib
-from influence_jax import data as data_lib
 from influence_jax import io as io_lib
-from influence_jax import preconditioning
-from influence_jax import projection
 from influence_jax import ranking
-from influence_jax import residual_basis as residual_basis_lib
-from influence_jax import scoring
 from influence_jax import sharding
-from influence_jax import sketch as sketch_lib
 from influence_jax import store as store_lib
-from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, default_tail_constant, inverse_eigenvalues
 from influence_jax.jobs import common
 from influence_jax.jobs import config as config_lib
 from influence_jax.jobs import input as input_lib
 from influence_jax.jobs import progress as progress_lib
+from influence_jax.jobs import queries as queries_lib
 from influence_jax.jobs import reports
 from influence_jax.jobs import task as task_lib
 from influence_jax.jobs import workdir as workdir_lib
@@ -51,131 +44,6 @@ from influence_jax.jobs.context import Context
 def output_dir(ctx: Context) -> str:
   """Returns where every output of the query set goes (tables, summary, progress): scores/<score.name>/."""
   return ctx.path("scores", ctx.config.score.name)
-
-
-class QueryVectors(NamedTuple):
-  """What `project_queries` returns: vectors (T, d) on the host, with score(z, x) = vectors[x] · [stored
-  row of z]; grad_norms (T,) ‖∇ℓ(x)‖; cg: the report of the preconditioned solves (`cg_report`), or None
-  without them."""
-
-  vectors: np.ndarray
-  grad_norms: np.ndarray
-  cg: Optional[dict]
-
-
-def project_queries(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, batch: Any) -> QueryVectors:
-  """Returns the QueryVectors q(x) of the query set, with score(z, x) = q(x) · [stored row of z].
-
-  score.tail=False: G(x)(Λ+δ)⁻¹ against G(z). With the tail, against [G(z), V∇ℓ(z), S(z)]: each
-  query solved by score.cg_iters preconditioned CG iterations over the curvature sample,
-  `preconditioning.preconditioned_solve` and `solved_query_side` (how the solves went: `cg_report`),
-  or with cg_iters = 0 the plain tail [G(x)(Λ+δ)⁻¹, V∇ℓ(x)/c, S(x)/c].
-  `batch`: every query, as read (`input.read_all`).
-  """
-  s = ctx.config.score
-  mesh = ctx.mesh
-  params = sharding.place_params(ctx.task.params, mesh)
-  p = ravel_pytree(ctx.task.params)[0].size
-  basis = workdir_lib.load_residual_basis(ctx, es) if store.meta.residual_rank else None
-  if store.meta.residual_rank and (basis is None or basis.shape[0] != store.meta.residual_rank):
-    raise store_lib.StoreError(f"The store has {store.meta.residual_rank} residual columns but "
-                               f"{workdir_lib.basis_path(ctx)} is missing or from other inputs: delete {ctx.path('store')} "
-                               "and run scripts/project.py again.")
-  es_host = es.replace(eigenvalues=jnp.asarray(sharding.to_host(es.eigenvalues)))
-  tail_constant = default_tail_constant(es) if s.tail else None
-  solve = s.tail and s.cg_iters > 0
-  sketch, directions = None, es.eigenvectors
-  if solve:  # On one device per process: host copies of the eigenspace and params.
-    es_host = es_host.replace(eigenvectors=jnp.asarray(sharding.to_host(es.eigenvectors)[:, :p]))
-    host_params = jax.tree.map(lambda x: jnp.asarray(sharding.to_host(x)), ctx.task.params)
-    host_sketch = workdir_lib.make_sketch(ctx, p)
-    host_basis = None if basis is None else jnp.asarray(sharding.to_host(basis)[:, :p])  # V is on the mesh.
-    kind = es.info.curvature if es.info is not None else ctx.curvature
-    op = curvature_lib.curvature_operator(ctx.task.loss_fn, host_params, workdir_lib.curvature_batches(ctx),
-                                          curvature=kind)
-    solves = []
-  elif s.tail:  # The queries projected like the store's rows, on the mesh.
-    sk = workdir_lib.make_sketch(ctx, p)
-    sketch = sketch_lib.KroneckerSketch(*(sharding.put(x, sharding.replicated(mesh)) for x in sk[:2]), sk.num_params)
-    directions = residual_basis_lib.stored_directions(es.eigenvectors, basis)
-  parts, norms = [], []
-  for lo in range(0, data_lib.batch_size(batch), s.batch_size):
-    chunk = jax.tree.map(lambda x: x[lo: lo + s.batch_size], batch)
-    n = data_lib.batch_size(chunk)
-    if solve:
-      losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, host_params, chunk)
-      validation.check_finite_rows(losses, "Query set (loss)", row_ids=np.arange(lo, lo + n))
-      grads = projection.gradients(ctx.task.per_example_loss_fn, host_params, [chunk]).astype(es_host.eigenvectors.dtype)
-      solved = preconditioning.preconditioned_solve(op, es_host, grads, cg_iters=int(s.cg_iters),
-                                                    tail_constant=tail_constant)
-      parts.append(np.asarray(preconditioning.solved_query_side(es_host, host_sketch, solved.x, host_basis)))
-      norms.append(np.asarray(jnp.linalg.norm(grads, axis=1), np.float64))
-      solves.append(jax.tree.map(np.asarray, solved._replace(x=jnp.zeros(()))))
-      continue
-    chunk = sharding.put_tree(chunk, sharding.replicated(mesh))
-    out = sketch_lib.project_and_sketch(directions, sketch, ctx.task.per_example_loss_fn, params, chunk,
-                                        microbatch_size=ctx.config.project.microbatch_size)
-    validation.check_finite_rows(sharding.to_host(out.losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
-    norms.append(np.sqrt(np.maximum(np.asarray(sharding.to_host(out.sq_norms), np.float64)[:n], 0)))
-    proj = sharding.to_host(out.projections)
-    if not s.tail:
-      parts.append(np.asarray(scoring.query_side(es_host, jnp.asarray(proj))))
-      continue
-    parts.append(np.asarray(scoring.query_side(
-        es_host, jnp.asarray(proj[:, :es.k]), jnp.asarray(sharding.to_host(out.sketch)),
-        query_residual=jnp.asarray(proj[:, es.k:]) if basis is not None else None, tail_constant=tail_constant)))
-  vectors = np.concatenate(parts)
-  validation.check_finite_rows(vectors, "Query set (query vectors)")
-  grad_norms = np.concatenate(norms) if norms else np.zeros((0,))
-  report = cg_report(solves, grad_norms, int(s.cg_iters)) if solve else None
-  return QueryVectors(vectors, grad_norms, report)
-
-
-def cg_report(solves: list, grad_norms: np.ndarray, cg_iters: int) -> dict:
-  """Returns how the queries' preconditioned CG solves went (summary.json's "cg").
-
-  non_positive_curvature: the queries whose solve met dᵀ(C + δI)d ≤ 0 (C + δI not positive definite
-  on their Krylov space): how many, at which iteration (the count per iteration, and the first ids);
-  such a solve stops there and returns its iterate of smallest residual, which at iteration 1 is the
-  plain tail (what score.cg_iters = 0 gives). relative_residual: ‖∇ℓ(x) − (C + δI)x̂‖ / ‖∇ℓ(x)‖.
-  """
-  if not solves:
-    return {"iterations": cg_iters, "queries": 0}
-  positive = np.concatenate([np.atleast_1d(r.positive_curvature) for r in solves]).astype(bool)
-  iters = np.concatenate([np.atleast_1d(r.num_iters) for r in solves]).astype(np.int64)
-  residual = np.concatenate([np.atleast_1d(r.residual_norm) for r in solves]).astype(np.float64)
-  relative = residual / np.maximum(grad_norms, np.finfo(np.float64).tiny)
-  bad = np.flatnonzero(~positive)
-  at = {str(int(i)): int(c) for i, c in zip(*np.unique(iters[bad], return_counts=True))}
-  return {
-      "iterations": cg_iters, "queries": int(positive.size),
-      "non_positive_curvature": {"queries": int(bad.size), "at_iteration": at,
-                                 "returned_plain_tail": int(np.sum(iters[bad] == 1)),
-                                 "query_ids": [int(i) for i in bad[:50]]},
-      "relative_residual": {"max": float(np.max(relative)), "median": float(np.median(relative))},
-  }
-
-
-def log_cg_report(report: Optional[dict], curvature: str) -> None:
-  """Logs the solves' report: a warning naming how many queries met non-positive curvature, where, and
-  the remedy; else one info line."""
-  if not report or not report.get("queries"):
-    return
-  npc = report["non_positive_curvature"]
-  if npc["queries"]:
-    where = ", ".join(f"iteration {i}: {c}" for i, c in npc["at_iteration"].items())
-    remedy = ("arnoldi.curvature='gauss_newton' (refit) or a larger arnoldi.damping (no refit; the fit's "
-              "eigenvalues.json gives the most negative Ritz value to exceed)" if curvature == "hessian"
-              else "a larger arnoldi.damping (no refit)")
-    logging.warning(
-        "CG met non-positive curvature dᵀ(C + δI)d ≤ 0 on %d of %d queries (%s): C + δI is not positive definite, "
-        "so their solves stopped there and return their best iterate; %d of them returned the plain tail "
-        "(what score.cg_iters=0 gives). Remedy: %s. Query ids: %s%s", npc["queries"], report["queries"], where,
-        npc["returned_plain_tail"], remedy, npc["query_ids"][:10], " ..." if npc["queries"] > 10 else "")
-  else:
-    logging.info("CG: %d queries solved, %d iterations each, positive curvature throughout; relative residual "
-                 "median %.2g, max %.2g", report["queries"], report["iterations"],
-                 report["relative_residual"]["median"], report["relative_residual"]["max"])
 
 
 def _progress_path(out: str) -> str:
@@ -237,7 +105,7 @@ def row_scale(name: str, rows: dict, self_influence: np.ndarray, floors: dict) -
   return 1.0 / np.sqrt(np.maximum(value, floors[name]))
 
 
-def query_sides(names: tuple, vectors: QueryVectors) -> dict:
+def query_sides(names: tuple, vectors: queries_lib.QueryVectors) -> dict:
   """Returns {table: (T, d) query side}: the query vectors, for "cosine" divided by ‖∇ℓ(x)‖ (which orders
   nothing within a query; it puts every query's scores on one scale)."""
   tiny = np.finfo(np.float32).tiny
@@ -250,7 +118,7 @@ def query_sides(names: tuple, vectors: QueryVectors) -> dict:
   return out
 
 
-def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: QueryVectors, es: Eigenspace,
+def score_rows(ctx: Context, store: store_lib.ProjectionStore, vectors: queries_lib.QueryVectors, es: Eigenspace,
                rows: range, fingerprint: str, out: str, *, quiet: bool, fault: Optional[str]) -> tuple:
   """Returns ({table: Extremes}, RunningLargest self-influence) over store rows `rows` (this process's),
   resuming. One table per score.normalize choice, all from the same pass over the store."""
@@ -354,14 +222,16 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
                      "workdir, or score with --config.score.tail=False.")
   queries = task_lib.query_source(ctx.task, ctx.config)
   batch = input_lib.read_all(queries, "query source", s.batch_size)
-  vectors = project_queries(ctx, es, store, batch)
   curvature = es.info.curvature if es.info is not None else ctx.curvature
-  if common.is_writer():
-    log_cg_report(vectors.cg, curvature)
   out = output_dir(ctx)
   names = config_lib.normalizations(s.normalize)
   settings = scoring_settings(ctx, es, store, io_lib.rows_digest(batch), curvature)
   fingerprint = io_lib.digest(settings, jax.process_count())
+  vectors = queries_lib.project_queries(ctx, es, store, batch, fingerprint=fingerprint, out=out, quiet=quiet,
+                                        fault=fault)
+  if common.is_writer():
+    queries_lib.log_galerkin_report(vectors.galerkin, curvature)
+    queries_lib.log_cg_report(vectors.cg, curvature)
   owned = store_lib.chunk_owner(store.meta, jax.process_index(), jax.process_count())
   lo = store.meta.chunk_bounds(owned.start)[0] if len(owned) else store.meta.num_rows
   hi = store.meta.chunk_bounds(owned.stop - 1)[1] if len(owned) else store.meta.num_rows
@@ -381,6 +251,8 @@ def run_score(ctx: Context, es: Eigenspace, *, quiet: bool = False, fault: Optio
     summary["normalization_floors"] = floors
   if vectors.cg is not None:
     summary["cg"] = vectors.cg
+  if vectors.galerkin is not None:
+    summary["galerkin"] = vectors.galerkin
   return reports.write_score_tables(out, ctx.path("scores"), ctx.task, queries, running, largest, summary,
                                     grid_examples=s.grid_examples)
 
@@ -389,8 +261,8 @@ def scoring_settings(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSt
                      curvature: str) -> dict:
   """Returns every setting the query set's tables depend on (JSON-able; its digest keys the progress):
   what was scored (the queries' content digest, the store, the training set's identity) and how (the
-  curvature, top_k, damping, tail, its constant c and CG iterations, the normalised tables, the
-  self-influence rows)."""
+  curvature, top_k, damping, tail, its constant c, the query side's preconditioner, CG iterations,
+  sample and block, the normalised tables, the self-influence rows)."""
   s = ctx.config.score
   return {"name": s.name, "queries": s.queries or "Task.queries", "queries_digest": queries_digest,
           "store_fingerprint": store.meta.fingerprint, "training_identity": workdir_lib.training_identity(ctx),
@@ -398,4 +270,7 @@ def scoring_settings(ctx: Context, es: Eigenspace, store: store_lib.ProjectionSt
           "residual_rank": store.meta.residual_rank, "sketch_dim": store.meta.sketch_dim, "top_k": int(s.top_k),
           "damping": es.damping, "tail": bool(s.tail), "tail_constant": default_tail_constant(es) if s.tail else None,
           "cg_iters": int(s.cg_iters) if s.tail else 0, "self_influence_rows": int(s.self_influence_rows),
+          "preconditioner": s.preconditioner if s.tail else None,
+          "solve_examples": queries_lib.solve_examples(ctx) if s.tail and (s.cg_iters or s.preconditioner == "galerkin")
+          else None, "solve_block": int(s.solve_block) if s.tail and s.cg_iters else None,
           "curvature": curvature, "normalize": list(config_lib.normalizations(s.normalize))}
