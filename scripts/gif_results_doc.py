@@ -21,8 +21,8 @@ RUNS = [  # (work directory, command, what it is)
     ("runs/gif_label_change_tinynet", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_tinynet.py "
      "--workdir=runs/gif_label_change_tinynet --config.seeds=3", "label change, TinyNet-like CNN, the authors' protocol"),
     ("runs/gif_label_change_tinynet_edited", f"{PY} scripts/gif_label_change.py "
-     "--config=configs/gif_label_change_tinynet.py --workdir=runs/gif_label_change_tinynet_edited --config.seeds=3 "
-     "--config.edit.curvature_data=edited", "label change, TinyNet-like CNN, curvature of the edited set"),
+     "--config=configs/gif_label_change_tinynet.py --workdir=runs/gif_label_change_tinynet_edited --config.seeds=2 "
+     "--config.edit.curvature_data=edited \"--config.edit.methods=('gif','if')\"", "label change, TinyNet-like CNN, curvature of the edited set"),
     ("runs/gif_label_change_mlp", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py "
      "--workdir=runs/gif_label_change_mlp", "label change, MLP, the authors' protocol"),
     ("runs/gif_label_change_mlp_edited", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py "
