@@ -130,3 +130,13 @@ def test_redraw_subset_is_seeded_and_inside_the_changed_rows():
   assert a.sum() == round(0.68 * 10) and not np.any(a & ~changed)
   np.testing.assert_array_equal(a, gif_job.redraw_subset(changed, 0.68, 3))
   assert not np.array_equal(a, gif_job.redraw_subset(changed, 0.68, 4))
+
+
+def test_spectrum_is_the_hessians_eigenvalues():
+  from influence_jax.jobs.papers import gif_spectrum
+  a = np.array([[2.0, 1.0, 0.0], [1.0, -3.0, 0.5], [0.0, 0.5, 1.0]])
+  per_example = lambda p, b: 0.5 * p["w"] @ (a @ p["w"]) + 0.0 * b["x"][:, 0]
+  s = gif_spectrum.spectrum(per_example, {"w": np.zeros(3)}, {"x": np.zeros((4, 1))})
+  w = np.linalg.eigvalsh(a)
+  assert s["min"] == pytest.approx(w[0]) and s["max"] == pytest.approx(w[-1])
+  assert s["negative_sum"] == pytest.approx(w[w < 0].sum())

@@ -157,10 +157,13 @@ def _row(problem, update, metrics_fn, paper_score, practical_score, target, e) -
   """Returns the metrics of θ + sΔ under every step rule, with each rule's s and the solve's diagnostics."""
   theta, delta = problem.params, update.delta
   walk = dict(step=e.walk_step, max_steps=e.walk_max_steps, patience=e.walk_patience)
+  paper = gif_steps.walk(paper_score, theta, delta, **walk).scale
   scales = {
-      "paper_": gif_steps.walk(paper_score, theta, delta, **walk).scale,
+      "paper_": paper,
       "nearest_": gif_steps.nearest_scale(metrics_fn, target, theta, delta, tuple(e.scales))[0],
-      "practical_": gif_steps.walk(practical_score, theta, delta, **walk).scale,
+      # Label change scores both walks by the same training-data f1: the same walk, run once.
+      "practical_": paper if practical_score is paper_score else gif_steps.walk(practical_score, theta, delta,
+                                                                                 **walk).scale,
       "loss_": gif_steps.line_search(problem.train_loss, theta, delta, tuple(e.scales))[0],
       "first_order_": 1.0,
   }
@@ -258,7 +261,8 @@ class LabelChangeModels(NamedTuple):
   retrained: object
 
 
-def _label_change_models(config, seed: int, models: Models, optimizer) -> LabelChangeModels:
+def label_change_models(config, seed: int, models: Models, optimizer) -> LabelChangeModels:
+  """Returns seed `seed`'s split, corruption (config.corruption) and the models trained on the wrong and the true labels."""
   train_b, test_b = models.splits(config, seed)
   init = models.init(config, seed)
   x, wrong_y, changed, attack_b = _corrupt(config, train_b, test_b, seed)
@@ -301,7 +305,7 @@ def _label_change_edits(config, m: LabelChangeModels, edited, draw_seed: int, mo
 
 
 def _label_change_seed(config, seed: int, models: Models, optimizer, notes) -> dict:
-  m = _label_change_models(config, seed, models, optimizer)
+  m = label_change_models(config, seed, models, optimizer)
   return _label_change_edits(config, m, m.changed, seed, models, notes)
 
 
@@ -360,7 +364,7 @@ def _check(config) -> None:
 def _runs(config, models: Models, optimizer, notes):
   """Yields one {row: metrics} per seed, or per re-draw of the edited subset on the model of config.seed."""
   if config.gif_task == "label_change" and config.edit.spread == "redraws":
-    m = _label_change_models(config, config.seed, models, optimizer)
+    m = label_change_models(config, config.seed, models, optimizer)
     for draw in range(config.edit.redraws):
       edited = redraw_subset(m.changed, config.edit.redraw_fraction, draw)
       yield _label_change_edits(config, m, edited, draw, models, notes)
