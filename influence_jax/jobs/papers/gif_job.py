@@ -57,23 +57,19 @@ import os
 import time
 from typing import Callable, NamedTuple, Optional
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from influence_jax import flax_adapters
 from influence_jax.examples import datasets
-from influence_jax.examples import tasks
 from influence_jax.jobs.papers import gif_config
+from influence_jax.jobs.papers import gif_edits
 from influence_jax.jobs.papers import gif_report
-from influence_jax.methods import gif_selection
-from influence_jax.methods import gif_steps
 from influence_jax.methods import gif_tasks
-from influence_jax.methods import gif_updates
 from influence_jax.methods import training
 
 TASKS = gif_config.TASKS
+Models = gif_edits.Models
 default_config = gif_config.default_config  # Every key and its meaning (the scripts and configs use these names).
 config_checker = gif_config.config_checker
 STEP_RULES = (
@@ -92,108 +88,6 @@ NEAREST_KEYS = {
     "class_removal": ("removed", "rest"),
     "label_change": ("clean", "relabelled", "attack", "test_clean", "test_attack"),
 }
-
-
-class Models:
-  """The task of seed 0, its ModelFns, the per-example loss with the L2 term inside and jitted outputs(params, batch).
-
-  The functions do not depend on the seed, so the jitted training, curvature
-  and solver loops are compiled once for all seeds. This is the job's only
-  use of the built-in examples (influence_jax.examples.tasks) (with `splits` and `init`).
-  """
-
-  def __init__(self, config):
-    self.task = tasks.build_example(config)
-    self.fns = tasks.model_fns(self.task, tasks.init_variables(self.task, config), config)
-    l2 = config.train.l2
-    self.per_example = lambda p, b: self.fns.per_example_loss_fn(p, b) + l2 * flax_adapters.l2_penalty(p)
-    self.outputs = jax.jit(self.fns.outputs_fn)
-
-  def splits(self, config, seed: int) -> tuple[dict, dict]:
-    """Returns the (train, test) batches {"x", "y"} of `seed`."""
-    task = tasks.build_example(_with_seed(config, seed))
-    strip = lambda b: {"x": b["x"], "y": b["y"]}
-    return strip(task.splits["train"]), strip(task.splits["test"])
-
-  def init(self, config, seed: int):
-    """Returns the initial params of `seed`."""
-    return tasks.init_variables(self.task, _with_seed(config, seed))["params"]
-
-  def train(self, config, init_params, batch: dict, seed: int, optimizer):
-    t = config.train
-    params, _ = training.train(self.fns.loss_fn, init_params, {"x": batch["x"], "y": batch["y"]},
-                               optimizer=optimizer, num_epochs=t.num_epochs, batch_size=t.batch_size, seed=seed)
-    return params
-
-
-def _solver_kwargs(e, solver: str, method: str) -> dict:
-  if solver == "neumann":
-    return dict(solver="neumann", max_iters=e.neumann_iters, tol=1e-9,
-                neumann=dict(normaliser=e.neumann_normaliser, growth=e.neumann_growth, rule=e.neumann_rule,
-                             max_restarts=e.neumann_max_restarts))
-  if solver == "cg":
-    return dict(solver="cg" if method == "gif" else "normal", tol=e.cg_tol, max_iters=e.cg_max_iters)
-  raise ValueError(f"Unknown config.edit.solvers entry {solver!r}; expected 'neumann' or 'cg'.")
-
-
-def _targets(config, models: Models, params, selection_batch, seed: int, notes: list) -> list:
-  """Returns [(label, mask)] for every ratio and selection; logs the per-layer counts (and notes them once)."""
-  e = config.edit
-  out = []
-  for ratio in e.ratios:
-    for sel in e.selections:
-      t = gif_selection.select_parameters(params, ratio=ratio, method=sel, loss_fn=models.fns.loss_fn,
-                                          target_batch=selection_batch, seed=seed, fill=e.partial_fill)
-      label = f"{sel} {100 * ratio:g}%"
-      line = f"selected parameters, {label}: {t.counts()}"
-      if line not in notes:
-        notes.append(line)
-        logging.info("Target set %s:\n%s", label, t.summary())
-      out.append((label, t.mask))
-  return out
-
-
-def _row(problem, update, metrics_fn, paper_score, practical_score, target, e) -> dict:
-  """Returns the metrics of θ + sΔ under every step rule, with each rule's s and the solve's diagnostics."""
-  theta, delta = problem.params, update.delta
-  walk = dict(step=e.walk_step, max_steps=e.walk_max_steps, patience=e.walk_patience)
-  paper = gif_steps.walk(paper_score, theta, delta, **walk).scale
-  scales = {
-      "paper_": paper,
-      "nearest_": gif_steps.nearest_scale(metrics_fn, target, theta, delta, tuple(e.scales))[0],
-      # Label change scores both walks by the same training-data f1: the same walk, run once.
-      "practical_": paper if practical_score is paper_score else gif_steps.walk(practical_score, theta, delta,
-                                                                                 **walk).scale,
-      "loss_": gif_steps.line_search(problem.train_loss, theta, delta, tuple(e.scales))[0],
-      "first_order_": 1.0,
-  }
-  row = dict(rel_residual=float(update.relative_residual), iters=int(update.num_iters),
-             normaliser=float(update.normaliser))
-  for prefix, s in scales.items():
-    m = metrics_fn(gif_updates.apply_update(theta, delta, s))
-    row.update({prefix + k: v for k, v in m.items()}, **{prefix + "scale": s})
-  return row
-
-
-def _edits(config, make_problem, models, selection_batch, seed, metrics_fn, scores, target, notes) -> dict:
-  """Returns {row name: metrics under every step rule} for every solver, method and target set."""
-  e = config.edit
-  rows = {}
-  problems = {}
-  targets = None
-  for solver in e.solvers:
-    damping = 0.0 if solver == "neumann" else e.damping
-    if damping not in problems:
-      problems[damping] = make_problem(damping)
-    problem = problems[damping]
-    if targets is None:
-      targets = _targets(config, models, problem.params, selection_batch, seed, notes)
-    jobs = [("IF (all)", "if", None)] if "if" in e.methods else []
-    jobs += [(f"{m.upper()} ({label})", m, mask) for label, mask in targets for m in e.methods if m != "if"]
-    for name, method, mask in jobs:
-      update = gif_tasks.influence_update(method, problem.hessian, problem.g, mask, **_solver_kwargs(e, solver, method))
-      rows[f"{name} {solver}"] = _row(problem, update, metrics_fn, *scores, target, e)
-  return rows
 
 
 def _class_removal_seed(config, seed: int, models: Models, optimizer, notes) -> dict:
@@ -220,9 +114,9 @@ def _class_removal_seed(config, seed: int, models: Models, optimizer, notes) -> 
 
   target = metrics(retrained)
   make = lambda damping: gif_tasks.class_removal_problem(models.per_example, params, train_b, c,
-                                                         **_curvature_kwargs(config, models, seed, damping))
+                                                         **gif_edits.curvature_kwargs(config, models, seed, damping))
   rows = {"original": metrics(params), "retrained": target}
-  rows.update(_edits(config, make, models, gif_tasks.select_examples(train_b, ~keep), seed, metrics,
+  rows.update(gif_edits.edits(config, make, models, gif_tasks.select_examples(train_b, ~keep), seed, metrics,
                      (test_f1, train_f1), {k: target[k] for k in NEAREST_KEYS["class_removal"]}, notes))
   return rows
 
@@ -293,13 +187,13 @@ def _label_change_edits(config, m: LabelChangeModels, edited, draw_seed: int, mo
 
   f1 = lambda p: train_metrics(p)["f1"]
   target = metrics(m.retrained)
-  kwargs = lambda damping: dict(_curvature_kwargs(config, models, m.seed, damping),
+  kwargs = lambda damping: dict(gif_edits.curvature_kwargs(config, models, m.seed, damping),
                                 curvature_data=config.edit.curvature_data, corrupted=changed)
   make = lambda damping: gif_tasks.label_change_problem(models.per_example, m.params, m.wrong_b, edited, y[edited],
                                                         **kwargs(damping))
   rows = {"original": metrics(m.params), "retrained": target}
   nearest = {k: target[k] for k in NEAREST_KEYS["label_change"] if np.isfinite(target[k])}
-  rows.update(_edits(config, make, models, gif_tasks.select_examples(m.wrong_b, edited), draw_seed, metrics,
+  rows.update(gif_edits.edits(config, make, models, gif_tasks.select_examples(m.wrong_b, edited), draw_seed, metrics,
                      (f1, f1), nearest, notes))
   return rows
 
@@ -317,19 +211,6 @@ def redraw_subset(changed, fraction: float, draw: int) -> np.ndarray:
   out = np.zeros(np.size(changed), bool)
   out[np.random.default_rng(draw).choice(rows, k, replace=False)] = True
   return out
-
-
-def _curvature_kwargs(config, models: Models, seed: int, damping: float) -> dict:
-  e = config.edit
-  return dict(damping=damping, curvature=e.curvature, seed=seed,
-              curvature_loss_fn=None if e.curvature_l2 else models.fns.per_example_loss_fn,
-              hessian_examples=e.hessian_examples if e.hessian_examples > 0 else None)
-
-
-def _with_seed(config, seed: int):
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.seed = seed
-  return c
 
 
 def _notes(config) -> list:
@@ -357,7 +238,7 @@ def _check(config) -> None:
   if bad:
     raise ValueError(f"Unknown config.edit.methods {sorted(bad)}; expected some of {gif_tasks.METHODS}.")
   for solver in config.edit.solvers:
-    _solver_kwargs(config.edit, solver, "gif")
+    gif_edits.solver_kwargs(config.edit, solver, "gif")
   gif_config.check(config)
 
 
@@ -379,7 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False)
   workdir (after every seed or draw, so a stopped run leaves those it finished) and returns their paths."""
   _check(config)
   os.makedirs(workdir, exist_ok=True)
-  models = Models(config)
+  models = gif_edits.Models(config)
   optimizer = training.optimizer_from_config(config.train)
   notes = _notes(config)
   redraws = config.gif_task == "label_change" and config.edit.spread == "redraws"
