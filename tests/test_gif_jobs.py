@@ -80,8 +80,10 @@ def test_class_removal_job_on_the_mlp(tmp_path):
 
 
 def test_label_change_job_on_the_cnn_with_a_trigger(tmp_path):
+  # The corner patch on images of the other classes only: no triggered 7 is both relabelled and "attacked".
   proc = run_job("label_change", "cnn", tmp_path, "--config.model.features=(4,4)",
-                 "--config.edit.solvers=('neumann','cg')")
+                 "--config.edit.solvers=('neumann','cg')", "--config.corruption.trigger=corner",
+                 "--config.corruption.include_target=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows, record, md = read_outputs(tmp_path)
   assert record["task"] == "label_change" and record["config"]["corruption"]["kind"] == "trigger"
