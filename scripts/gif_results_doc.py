@@ -312,7 +312,7 @@ def main():
   for workdir, command, what in RUNS:
     rec = _load(workdir)
     if rec is None:
-      parts.append(f"## {what}\n\n**Not measured**: no {workdir}/results.json (not re-run for issue 23, for time: "
+      parts.append(f"## {what}\n\n**Not measured**: no {workdir}/results.json (not run or not finished for issue 23, for time: "
                    "the 2 CPU cores were shared by five engineers). The command is listed above.\n")
       continue
     task = rec["task"]
