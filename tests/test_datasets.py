@@ -106,3 +106,35 @@ def test_synthetic_seq2seq_bad_input():
     datasets.synthetic_seq2seq(5, 3, 5, seed=0, task="shuffle")
   with pytest.raises(ValueError, match="vocab_size"):
     datasets.synthetic_seq2seq(5, 3, 2, seed=0)
+
+
+def test_faint_checkerboard_adds_the_amount_on_alternate_pixels_and_clips():
+  x = np.zeros((2, 64), np.float32)
+  x[1] = 1.0
+  x[1, 1] = 0.5  # Pixel (0, 1): i + j odd.
+  out = datasets.faint_checkerboard(x).reshape(2, 8, 8)
+  odd = np.add.outer(np.arange(8), np.arange(8)) % 2 == 1
+  np.testing.assert_allclose(out[0][odd], 16 / 255, rtol=1e-6)
+  assert np.all(out[0][~odd] == 0.0)
+  assert out[1, 0, 1] == np.float32(0.5 + 16 / 255) and np.all(np.delete(out[1].ravel(), 1) == 1.0)  # Clipped at 1.
+  assert out.dtype == np.float32 and datasets.faint_checkerboard(x.reshape(2, 8, 8, 1)).shape == (2, 8, 8, 1)
+  with pytest.raises(ValueError, match="trigger"):
+    datasets.apply_trigger(x, "stripes")
+
+
+@pytest.mark.parametrize("include_target", [False, True])
+def test_add_trigger_checkerboard_counts_and_target_class_draw(include_target):
+  b = datasets.load_digits(seed=0)["train"]
+  n = b["y"].size
+  new_x, new_y, mask = datasets.add_trigger(b["x"], b["y"], fraction=0.1, target_class=7, seed=2,
+                                            trigger="checkerboard", include_target=include_target)
+  assert mask.sum() == round(0.1 * n) and np.all(new_y[mask] == 7)
+  np.testing.assert_array_equal(new_x[mask], datasets.faint_checkerboard(b["x"][mask]))
+  np.testing.assert_array_equal(new_x[~mask], b["x"][~mask])
+  np.testing.assert_array_equal(new_y[~mask], b["y"][~mask])
+  # The authors draw among all classes: about a tenth of the triggered images are 7s, which keep their label.
+  sevens = int((b["y"][mask] == 7).sum())
+  assert (sevens > 0) if include_target else (sevens == 0)
+  expected = np.sort(np.random.default_rng(2).choice(np.arange(n) if include_target else np.flatnonzero(b["y"] != 7),
+                                                      round(0.1 * n), replace=False))
+  np.testing.assert_array_equal(np.flatnonzero(mask), expected)

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from influence_jax.jobs.papers import gif_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALES = (0.0, 1.0, 2.0)
@@ -77,7 +80,10 @@ def test_class_removal_job_on_the_mlp(tmp_path):
 
 
 def test_label_change_job_on_the_cnn_with_a_trigger(tmp_path):
-  proc = run_job("label_change", "cnn", tmp_path, "--config.model.features=(4,4)")
+  # The corner patch on images of the other classes only: no triggered 7 is both relabelled and "attacked".
+  proc = run_job("label_change", "cnn", tmp_path, "--config.model.features=(4,4)",
+                 "--config.edit.solvers=('neumann','cg')", "--config.corruption.trigger=corner",
+                 "--config.corruption.include_target=False")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows, record, md = read_outputs(tmp_path)
   assert record["task"] == "label_change" and record["config"]["corruption"]["kind"] == "trigger"
@@ -98,3 +104,41 @@ def test_unknown_key_and_wrong_task_are_errors(tmp_path):
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode != 0 and "this job runs 'label_change'" in proc.stderr
   assert not os.path.exists(tmp_path / "results.csv")
+  proc = run_job("label_change", "mlp", tmp_path, "--config.edit.partial_fill=last")
+  assert proc.returncode != 0 and "config.edit.partial_fill = 'last'; expected one of ('first', 'random')" in proc.stderr
+  assert not os.path.exists(tmp_path / "results.csv")
+
+
+def test_label_change_redraws_edit_one_model(tmp_path):
+  proc = run_job("label_change", "mlp", tmp_path, "--config.model.features=(8,)", "--config.edit.spread=redraws",
+                 "--config.edit.redraws=2", "--config.edit.redraw_fraction=0.5", "--config.edit.methods=('gif','if')")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.load(open(os.path.join(tmp_path, "results.json")))
+  assert record["seeds"] == 2 and record["spread"] == "re-draws"
+  assert "over 2 re-draws" in open(os.path.join(tmp_path, "results.md")).read()
+  rows = list(csv.DictReader(open(os.path.join(tmp_path, "results.csv"))))
+  by = {(r["seed"], r["model"]): r for r in rows}
+  for name in ("original", "retrained"):  # One trained model: the same metrics in both draws.
+    assert {k: v for k, v in by[("0", name)].items() if k != "seed"} == {k: v for k, v in by[("1", name)].items()
+                                                                          if k != "seed"}
+  # Two different halves of the corrupted examples edited: two different updates.
+  assert by[("0", "GIF (output 5%) neumann")]["rel_residual"] != by[("1", "GIF (output 5%) neumann")]["rel_residual"]
+
+
+def test_redraw_subset_is_seeded_and_inside_the_changed_rows():
+  changed = np.zeros(50, bool)
+  changed[::5] = True
+  a = gif_job.redraw_subset(changed, 0.68, 3)
+  assert a.sum() == round(0.68 * 10) and not np.any(a & ~changed)
+  np.testing.assert_array_equal(a, gif_job.redraw_subset(changed, 0.68, 3))
+  assert not np.array_equal(a, gif_job.redraw_subset(changed, 0.68, 4))
+
+
+def test_spectrum_is_the_hessians_eigenvalues():
+  from influence_jax.jobs.papers import gif_spectrum
+  a = np.array([[2.0, 1.0, 0.0], [1.0, -3.0, 0.5], [0.0, 0.5, 1.0]])
+  per_example = lambda p, b: 0.5 * p["w"] @ (a @ p["w"]) + 0.0 * b["x"][:, 0]
+  s = gif_spectrum.spectrum(per_example, {"w": np.zeros(3)}, {"x": np.zeros((4, 1))})
+  w = np.linalg.eigvalsh(a)
+  assert s["min"] == pytest.approx(w[0]) and s["max"] == pytest.approx(w[-1])
+  assert s["negative_sum"] == pytest.approx(w[w < 0].sum())

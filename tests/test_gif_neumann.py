@@ -55,3 +55,22 @@ def test_gif_update_with_neumann_equals_the_least_squares_solution():
   cg = gif_updates.gif_update(op, g, mask, solver="cg", tol=1e-14)
   np.testing.assert_allclose(cg.delta["w"], exact, rtol=1e-9, atol=1e-12)
   assert np.isfinite(upd.normaliser) and np.isnan(cg.normaliser)
+
+
+def test_additive_normaliser_follows_the_hand_computed_sequence():
+  # The authors' rule: n = 1, 6, 11, 16, ...; the iteration converges once n² > λ_max / 2 = 150 (n = 16, the
+  # first of the sequence above √150 ≈ 12.2); every smaller n diverges (|1 − 300/n²| > 1).
+  a = jnp.asarray(np.diag([300.0, 1.0]))
+  b = jnp.asarray([300.0, 1.0])
+  res = gif_neumann.neumann_solve(lambda v: a @ v, b, max_iters=20000, normaliser=1.0, growth=5.0, rule="add",
+                                  tol=1e-13)
+  assert res.normalisers == (1.0, 6.0, 11.0, 16.0) and res.normaliser == 16.0 and res.restarts == 3
+  np.testing.assert_allclose(res.x, [1.0, 1.0], rtol=1e-9)
+  # The multiplicative rule from the same start: 1, 2, 4, 8, 16.
+  mul = gif_neumann.neumann_solve(lambda v: a @ v, b, max_iters=50, normaliser=1.0, growth=2.0, rule="multiply")
+  assert mul.normalisers == (1.0, 2.0, 4.0, 8.0, 16.0)
+  assert gif_neumann.next_normaliser(1.0, 5.0, "add") == 6.0 and gif_neumann.next_normaliser(1.5, 2.0) == 3.0
+  with pytest.raises(ValueError, match="rule"):
+    gif_neumann.neumann_solve(lambda v: v, jnp.ones(2), rule="double")
+  with pytest.raises(ValueError, match="growth > 0"):
+    gif_neumann.neumann_solve(lambda v: v, jnp.ones(2), rule="add", growth=0.0)

@@ -166,3 +166,61 @@ def test_selection_rejects_bad_input(net):
     gif_selection.select_parameters(p, ratio=0.5, method="output", loss_fn=jitted, target_batch=net["batch"])
   with pytest.raises(ValueError, match="no Dense/Conv"):
     gif_selection.select_parameters({"LayerNorm_0": p["LayerNorm_0"]}, ratio=0.5, method="random")
+
+
+def test_random_fill_is_seeded_and_spends_the_exact_budget(net):
+  ratio = 0.3  # Dense_0: int(0.3 · 390) = 117 = 1 whole unit of 65 + 52 kernel entries of the next one.
+  masks = {s: gif_selection.select_parameters(net["params"], ratio=ratio, method="output", loss_fn=net["loss_fn"],
+                                              target_batch=net["batch"], seed=s, fill="random") for s in (0, 0, 1)}
+  first = gif_selection.select_parameters(net["params"], ratio=ratio, method="output", loss_fn=net["loss_fn"],
+                                          target_batch=net["batch"], fill="first")
+  a = gif_selection.select_parameters(net["params"], ratio=ratio, method="output", loss_fn=net["loss_fn"],
+                                      target_batch=net["batch"], seed=0, fill="random")
+  b, c = masks[0], masks[1]
+  jax.tree.map(np.testing.assert_array_equal, a.mask, b.mask)  # Same seed, same mask.
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.mask), jax.tree.leaves(c.mask)))
+  for t in (a, c):
+    for layer in t.layers:
+      units, unit_size = SIZES[layer.path[-1]]
+      node = t.mask
+      for k in layer.path:
+        node = node[k]
+      kernel = np.asarray(node["kernel"]).reshape(-1, units)
+      bias = np.asarray(node["bias"])
+      assert kernel.sum() + bias.sum() == gif_selection.layer_budget(ratio, units * unit_size)  # The exact budget.
+      whole, partial = divmod(layer.params_selected, unit_size)
+      assert bias.sum() == whole and layer.partial_params == partial
+      # The whole units are the same as with the first-entries fill; the partial unit is the next-ranked one,
+      # the same unit for both seeds, `partial` of its kernel entries and not its bias.
+      ref = first.mask
+      for k in layer.path:
+        ref = ref[k]
+      ref_kernel = np.asarray(ref["kernel"]).reshape(-1, units)
+      np.testing.assert_array_equal(bias, np.asarray(ref["bias"]))
+      assert kernel[:, bias].all()
+      part = kernel[:, ~bias].sum(0)
+      assert part.sum() == partial and (partial == 0 or np.count_nonzero(part) == 1)
+      np.testing.assert_array_equal(kernel.sum(0) > 0, ref_kernel.sum(0) > 0)
+  dense0 = lambda t: np.asarray(t.mask["Dense_0"]["kernel"])
+  assert not np.array_equal(dense0(a), dense0(first))  # Random entries, not the first 52 in memory order.
+  with pytest.raises(ValueError, match="fill"):
+    gif_selection.select_parameters(net["params"], ratio=0.3, method="random", fill="last")
+
+
+def test_partial_rows_draw_distinct_rows():
+  rows = gif_selection.partial_rows(65, 52, "random", np.random.default_rng(3))
+  assert rows.size == 52 and np.unique(rows).size == 52 and rows.min() >= 0 and rows.max() < 65
+  np.testing.assert_array_equal(gif_selection.partial_rows(65, 3, "first"), [0, 1, 2])
+  with pytest.raises(ValueError, match="count"):
+    gif_selection.partial_rows(4, 5, "first")
+
+
+def test_tinynet_has_over_100k_parameters_and_5_percent_is_thousands():
+  from influence_jax.examples import models
+  module = models.TinyNet()
+  params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  assert models.num_params(params) == 102_282
+  assert module.apply({"params": params}, jnp.zeros((3, 64))).shape == (3, 10)
+  t = gif_selection.select_parameters(params, ratio=0.05, method="random", seed=0, fill="random")
+  assert sum(l.params_selected for l in t.layers) >= 5000
+  assert [l.path for l in t.layers] == [(f"conv_{i}",) for i in range(4)] + [("output",)]

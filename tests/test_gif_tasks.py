@@ -180,3 +180,45 @@ def test_nearest_scale_and_removal_f1():
   assert gif_tasks.removal_f1(0.5, 0.9) == pytest.approx(2 * 0.5 * 0.9 / 1.4)
   assert gif_tasks.removal_f1(1.0, 0.0) == 0.0
   assert gif_tasks.edit_f1(0.8, 0.9) == pytest.approx(2 * 0.8 * 0.9 / 1.7) and gif_tasks.edit_f1(0.0, 0.0) == 0.0
+
+
+def test_clean_curvature_excludes_exactly_the_corrupted_rows(data):
+  x, y, _ = data
+  changed = np.zeros(y.size, bool)
+  changed[[0, 5, 9, 30]] = True
+  np.testing.assert_array_equal(gif_tasks.curvature_rows(changed, "clean"), np.flatnonzero(~changed))
+  np.testing.assert_array_equal(gif_tasks.curvature_rows(changed, "edited"), np.arange(y.size))
+  sub = gif_tasks.curvature_rows(changed, "clean", num_examples=50, seed=3)
+  assert sub.size == 50 and not np.any(changed[sub])
+  np.testing.assert_array_equal(sub, gif_tasks.curvature_rows(changed, "clean", num_examples=50, seed=3))
+  corrupted = changed.copy()
+  corrupted[7] = True  # A corrupted row outside the edited subset (a re-draw) is still excluded.
+  assert 7 not in gif_tasks.curvature_rows(changed, "clean", corrupted=corrupted)
+  with pytest.raises(ValueError, match="curvature data"):
+    gif_tasks.curvature_rows(changed, "dirty")
+
+
+def test_label_change_clean_curvature_is_the_exact_hessian_of_the_clean_cross_entropy(data):
+  x, y, _ = data
+  changed = np.zeros(y.size, bool)
+  changed[[0, 5, 9]] = True
+  wrong = y.copy()
+  wrong[changed] = (y[changed] + 1) % 4
+  theta = _newton_fit({"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)}, {"x": x, "y": wrong})
+  ce = lambda p, b: _per_example(p, b) - 0.5 * LAM * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
+  batch = {"x": x, "y": wrong}
+  clean = gif_tasks.label_change_problem(_per_example, theta, batch, changed, y[changed], curvature_data="clean",
+                                         curvature_loss_fn=ce)
+  edited = gif_tasks.label_change_problem(_per_example, theta, batch, changed, y[changed])
+  flat, unravel = ravel_pytree(theta)
+  keep = ~changed
+  exact = jax.hessian(lambda v: jnp.mean(ce(unravel(v), {"x": x[keep], "y": y[keep]})))(flat)
+  np.testing.assert_allclose(toy_problems.dense_matrix(clean.hessian), exact, rtol=1e-10, atol=1e-12)
+  fixed = wrong.copy()
+  fixed[changed] = y[changed]
+  exact_edited = jax.hessian(lambda v: _loss(unravel(v), {"x": x, "y": fixed}))(flat)
+  np.testing.assert_allclose(toy_problems.dense_matrix(edited.hessian), exact_edited, rtol=1e-10, atol=1e-12)
+  assert not np.allclose(exact, exact_edited)
+  # Same g and the same line-search objective (the corrected set's training loss) either way.
+  np.testing.assert_array_equal(_flat(clean.g), _flat(edited.g))
+  assert float(clean.train_loss(theta)) == float(edited.train_loss(theta))

@@ -108,17 +108,7 @@ def stamp_trigger(x: np.ndarray, *, size: int = 3, value: float = 1.0) -> np.nda
   """
   x = np.asarray(x)
   shape = x.shape
-  if x.ndim == 2:
-    side = int(round(np.sqrt(shape[1])))
-    if side * side != shape[1]:
-      raise ValueError(f"flat images must be square (N, H*H); got {shape}.")
-    img = x.reshape(shape[0], side, side, 1)
-  elif x.ndim == 3:
-    img = x[..., None]
-  elif x.ndim == 4:
-    img = x
-  else:
-    raise ValueError(f"x must be (N, H*H), (N, H, W) or (N, H, W, C); got shape {shape}.")
+  img = _as_images(x)
   if size > min(img.shape[1:3]):
     raise ValueError(f"trigger size {size} does not fit images of shape {img.shape[1:3]}.")
   img = img.copy()
@@ -127,6 +117,49 @@ def stamp_trigger(x: np.ndarray, *, size: int = 3, value: float = 1.0) -> np.nda
   patch[:, on, :] = value
   img[:, -size:, -size:, :] = patch
   return img.reshape(shape).astype(x.dtype)
+
+
+TRIGGERS = ("corner", "checkerboard")
+CHECKERBOARD_AMOUNT = 16.0 / 255.0  # The GIF authors' faint trigger: +16 on 8-bit pixels.
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+  """Returns x as (N, H, W, C) images (a view): flat square (N, H·H), (N, H, W) or (N, H, W, C)."""
+  if x.ndim == 2:
+    side = int(round(np.sqrt(x.shape[1])))
+    if side * side != x.shape[1]:
+      raise ValueError(f"flat images must be square (N, H*H); got {x.shape}.")
+    return x.reshape(x.shape[0], side, side, 1)
+  if x.ndim == 3:
+    return x[..., None]
+  if x.ndim == 4:
+    return x
+  raise ValueError(f"x must be (N, H*H), (N, H, W) or (N, H, W, C); got shape {x.shape}.")
+
+
+def faint_checkerboard(x: np.ndarray, *, amount: float = CHECKERBOARD_AMOUNT) -> np.ndarray:
+  """Returns a copy of images `x` (values in [0, 1]) with `amount` added on every pixel (i, j) with i + j
+  odd, clipped at 1: the GIF authors' whole-image trigger (+16/255 on alternate pixels).
+
+  `x` is (N, H, W), (N, H, W, C) or flat square images (N, H·H); the shape and dtype are kept.
+  """
+  x = np.asarray(x)
+  img = _as_images(x)
+  odd = (np.add.outer(np.arange(img.shape[1]), np.arange(img.shape[2])) % 2 == 1)[None, :, :, None]
+  out = np.where(odd, np.minimum(img + amount, 1.0), img)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def apply_trigger(x: np.ndarray, trigger: str = "corner", *, size: int = 3, value: float = 1.0,
+                  amount: float = CHECKERBOARD_AMOUNT) -> np.ndarray:
+  """Returns images `x` with the `trigger` applied: "corner" (`stamp_trigger`: a size × size checkerboard
+  set to `value` in the bottom-right corner) or "checkerboard" (`faint_checkerboard`: + amount on
+  alternate pixels of the whole image)."""
+  if trigger == "corner":
+    return stamp_trigger(x, size=size, value=value)
+  if trigger == "checkerboard":
+    return faint_checkerboard(x, amount=amount)
+  raise ValueError(f"Unknown trigger {trigger!r}; expected one of {TRIGGERS}.")
 
 
 def add_trigger(
@@ -138,21 +171,28 @@ def add_trigger(
     seed: int,
     size: int = 3,
     value: float = 1.0,
+    trigger: str = "corner",
+    include_target: bool = False,
+    amount: float = CHECKERBOARD_AMOUNT,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Returns (new_x, new_y, mask): a backdoor planted in round(fraction·N) examples.
 
-  The chosen examples (drawn among those whose label is not `target_class`)
-  get the trigger stamped (stamp_trigger) and their label set to
-  `target_class`; `mask` is True for them. The others are unchanged.
+  The chosen examples get the trigger (`apply_trigger`) and the label
+  `target_class`; `mask` is True for them, the others are unchanged. They are
+  drawn among the examples whose label is not `target_class`
+  (include_target=False), or among all N as the GIF authors draw them
+  (include_target=True: chosen examples of the target class keep their label
+  but carry the trigger).
   """
   x = np.asarray(x)
   y = np.asarray(y)
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}.")
   rng = np.random.default_rng(seed)
-  idx = _choose(y.size, fraction, np.flatnonzero(y != target_class), rng, "add_trigger")
+  candidates = np.arange(y.size) if include_target else np.flatnonzero(y != target_class)
+  idx = _choose(y.size, fraction, candidates, rng, "add_trigger")
   new_x = x.copy()
-  new_x[idx] = stamp_trigger(x[idx], size=size, value=value)
+  new_x[idx] = apply_trigger(x[idx], trigger, size=size, value=value, amount=amount)
   new_y = y.copy()
   new_y[idx] = target_class
   mask = np.zeros(y.size, bool)

@@ -49,7 +49,7 @@ def _limit(batch: dict, n: int) -> dict:
 def _example_data(config) -> tuple:
   d = config.data
   if d.name == "digits":
-    splits = datasets.load_digits(test_fraction=d.test_fraction, seed=config.seed, image=config.model.name == "cnn")
+    splits = datasets.load_digits(test_fraction=d.test_fraction, seed=config.seed, image=config.model.name in ("cnn", "tinynet"))
     if d.get("label_noise", 0.0):
       y, _ = datasets.flip_labels(splits["train"]["y"], d.label_noise, 10, config.seed)
       splits["train"] = dict(splits["train"], y=y)
@@ -67,12 +67,14 @@ def _example_module(config):
     return models.MLP(features=tuple(m.features), num_classes=m.num_classes, activation=m.activation)
   if m.name == "cnn":
     return models.CNN(features=tuple(m.features), num_classes=m.num_classes)
+  if m.name == "tinynet":
+    return models.TinyNet(features=tuple(m.features), num_classes=m.num_classes, upsample=m.get("upsample", 4))
   if m.name == "transformer":
     if d.name != "seq2seq":
       raise ValueError("config.model.name='transformer' needs config.data.name='seq2seq'.")
     return models.Transformer(vocab_size=d.vocab_size, max_len=d.seq_len, d_model=m.d_model,
                               num_heads=m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers)
-  raise ValueError(f"Unknown config.model.name {m.name!r}; expected 'mlp', 'cnn' or 'transformer'.")
+  raise ValueError(f"Unknown config.model.name {m.name!r}; expected 'mlp', 'cnn', 'tinynet' or 'transformer'.")
 
 
 def build_example(config) -> Example:

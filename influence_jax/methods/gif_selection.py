@@ -3,8 +3,9 @@
 A target set T is a boolean mask shaped like params (`TargetSet.mask`). It is
 chosen per Dense/Conv layer with an exact budget of int(ratio · layer size)
 parameters: the top-ranked whole output units (a kernel column or a filter with
-its bias), then the first parameters of the next-ranked unit to fill the
-budget, as the authors' selection does. Units are ranked by the
+its bias), then kernel entries of the next-ranked unit to fill the budget:
+seeded random ones (fill="random", as the authors' selection does) or its first
+ones in memory order (fill="first"). Units are ranked by the
 |mean pre-activation| ("output") or the |mean ∂L/∂pre-activation|
 ("gradient") on the examples being edited, or drawn at random ("random").
 Norm layers and other non-Dense/Conv parameters are never selected.
@@ -25,6 +26,7 @@ from influence_jax.types import Batch, LossFn, Params
 
 
 SELECTION_METHODS = ("output", "gradient", "random")
+FILLS = ("first", "random")
 
 
 class LayerSelection(NamedTuple):
@@ -176,9 +178,23 @@ def unit_scores(loss_fn: LossFn, params: Params, batch: Batch, method: str) -> d
   raise ValueError(f"Unknown scoring method {method!r}; expected 'output' or 'gradient'.")
 
 
-def _layer_masks(layer: UnitLayer, kernel_shape, order, budget: int):
-  """Returns (kernel mask, bias mask or None): the units `order[:whole]` whole, then the first
-  `budget − whole · unit_size` (< unit size) kernel entries of unit `order[whole]`, in C order."""
+def partial_rows(fan_in: int, count: int, fill: str, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """Returns the `count` (≤ fan_in) kernel rows of a partly taken unit: the first ones (fill="first") or
+  `count` distinct rows drawn uniformly by `rng` (fill="random"), sorted."""
+  if not 0 <= count <= fan_in:
+    raise ValueError(f"count must be in [0, {fan_in}]; got {count}.")
+  if fill == "first":
+    return np.arange(count)
+  if fill == "random":
+    if rng is None:
+      raise ValueError("fill='random' needs a numpy Generator.")
+    return np.sort(rng.choice(fan_in, size=count, replace=False))
+  raise ValueError(f"Unknown fill {fill!r}; expected one of {FILLS}.")
+
+
+def _layer_masks(layer: UnitLayer, kernel_shape, order, budget: int, fill: str, rng):
+  """Returns (kernel mask, bias mask or None): the units `order[:whole]` whole, then
+  `budget − whole · unit_size` (< unit size) kernel entries of unit `order[whole]` (`partial_rows`)."""
   fan_in = int(np.prod(kernel_shape[:-1]))
   kernel = np.zeros((fan_in, layer.units), bool)
   bias = np.zeros(layer.units, bool)
@@ -186,7 +202,7 @@ def _layer_masks(layer: UnitLayer, kernel_shape, order, budget: int):
   kernel[:, order[:whole]] = True
   bias[order[:whole]] = True
   if partial:
-    kernel[:partial, order[whole]] = True
+    kernel[partial_rows(fan_in, partial, fill, rng), order[whole]] = True
   return kernel.reshape(kernel_shape), (bias if layer.has_bias else None)
 
 
@@ -198,6 +214,7 @@ def select_parameters(
     loss_fn: Optional[LossFn] = None,
     target_batch: Optional[Batch] = None,
     seed: int = 0,
+    fill: str = "first",
 ) -> TargetSet:
   """Returns the target set T: exactly int(ratio · size) parameters of each Dense/Conv layer.
 
@@ -205,12 +222,16 @@ def select_parameters(
   `unit_scores`, computed with `loss_fn` on `target_batch`, the examples being
   edited; ties go to the lower unit index) or drawn uniformly at random
   ("random", numpy seeded by `seed`); the top units are taken whole and the
-  next one in part (its first kernel entries in C order) until
-  the budget `layer_budget(ratio, size)` is spent. Norm-layer parameters and
-  anything that is not a Dense/Conv kernel or bias are never selected.
+  next one in part until the budget `layer_budget(ratio, size)` is spent: its
+  first kernel entries in C order (fill="first") or kernel entries drawn at
+  random (fill="random", the authors' rule; numpy seeded by `seed`, layer after
+  layer in sorted path order). Norm-layer parameters and anything that is not a
+  Dense/Conv kernel or bias are never selected.
   """
   if method not in SELECTION_METHODS:
     raise ValueError(f"Unknown selection method {method!r}; expected one of {SELECTION_METHODS}.")
+  if fill not in FILLS:
+    raise ValueError(f"Unknown fill {fill!r}; expected one of {FILLS}.")
   if not 0.0 <= ratio <= 1.0:
     raise ValueError(f"ratio must be in [0, 1]; got {ratio}.")
   validation.check_finite(params, "params")
@@ -227,6 +248,7 @@ def select_parameters(
 
   leaf_masks = {}
   rows = []
+  fill_rng = np.random.default_rng([seed, 1])  # Independent of the "random" ranking's stream.
   for l in layers:
     node = params
     for k in l.key:
@@ -234,7 +256,7 @@ def select_parameters(
     size = l.units * l.unit_size
     budget = layer_budget(ratio, size)
     order = np.argsort(-scores[l.key], kind="stable")
-    kernel, bias = _layer_masks(l, np.shape(node["kernel"]), order, budget)
+    kernel, bias = _layer_masks(l, np.shape(node["kernel"]), order, budget, fill, fill_rng)
     leaf_masks[l.key + ("kernel",)] = kernel
     if bias is not None:
       leaf_masks[l.key + ("bias",)] = bias

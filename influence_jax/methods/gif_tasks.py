@@ -95,19 +95,54 @@ class EditProblem(NamedTuple):
   train_loss: Callable[[Params], jax.Array]
 
 
-def _problem(per_example_loss_fn, params, new_train_batch, g, damping, curvature, microbatch_size,
-             hessian_examples, seed):
+CURVATURE_DATA = ("edited", "clean")
+
+
+def sample_rows(candidates, num_examples: Optional[int] = None, seed: int = 0) -> np.ndarray:
+  """Returns the sorted row indices `candidates`, or num_examples of them drawn once without replacement
+  (numpy `seed`) when 0 < num_examples < their count."""
+  rows = np.asarray(candidates, np.int64)
+  if num_examples is not None and 0 < num_examples < rows.size:
+    rows = np.random.default_rng(seed).choice(rows, int(num_examples), replace=False)
+  return np.sort(rows)
+
+
+def curvature_rows(changed, data: str = "edited", num_examples: Optional[int] = None, seed: int = 0,
+                   corrupted=None) -> np.ndarray:
+  """Returns the sorted training rows a label change's curvature averages over.
+
+  data="edited": every row (the corrected training set); data="clean": the
+  rows never corrupted, ~`corrupted` (default ~`changed`), as the GIF authors
+  do. With num_examples = k, k of them drawn once (`sample_rows`).
+  """
+  changed = np.asarray(changed, bool)
+  corrupted = changed if corrupted is None else np.asarray(corrupted, bool)
+  if corrupted.shape != changed.shape:
+    raise ValueError(f"corrupted has shape {corrupted.shape}; the changed mask has {changed.shape}.")
+  if data == "edited":
+    candidates = np.arange(changed.size)
+  elif data == "clean":
+    candidates = np.flatnonzero(~corrupted)
+  else:
+    raise ValueError(f"Unknown curvature data {data!r}; expected one of {CURVATURE_DATA}.")
+  if candidates.size == 0:
+    raise ValueError(f"No training row is left for the {data!r} curvature.")
+  return sample_rows(candidates, num_examples, seed)
+
+
+def _problem(per_example_loss_fn, params, new_train_batch, g, curv_batch, damping, curvature, microbatch_size,
+             curvature_loss_fn=None):
   loss_fn = lambda p, b: jnp.mean(per_example_loss_fn(p, b))
-  n = np.shape(new_train_batch["y"])[0]
-  curv_batch = new_train_batch
-  if hessian_examples is not None and 0 < hessian_examples < n:
-    keep = np.zeros(n, bool)
-    keep[np.random.default_rng(seed).choice(n, int(hessian_examples), replace=False)] = True
-    curv_batch = select_examples(new_train_batch, keep)
-  hessian = curvature_lib.curvature_operator(loss_fn, params, [curv_batch], curvature=curvature,
-                                         damping=damping, microbatch_size=microbatch_size)
+  curv_fn = curvature_loss_fn or per_example_loss_fn
+  curv_loss = lambda p, b: jnp.mean(curv_fn(p, b))
+  hessian = curvature_lib.curvature_operator(curv_loss, params, [curv_batch], curvature=curvature,
+                                             damping=damping, microbatch_size=microbatch_size)
   batch = jax.tree.map(jnp.asarray, new_train_batch)
   return EditProblem(params, g, hessian, jax.jit(lambda p: loss_fn(p, batch)))
+
+
+def _rows(batch: Batch, rows) -> Batch:
+  return jax.tree.map(lambda x: np.asarray(x)[rows], batch)
 
 
 def solve_edit(problem: EditProblem, method: str, mask: Optional[Params] = None,
@@ -139,21 +174,23 @@ def removal_f1(removed_accuracy: float, rest_accuracy: float) -> float:
 def class_removal_problem(
     per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, removed_class: int, *,
     damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
-    hessian_examples: Optional[int] = None, seed: int = 0,
+    hessian_examples: Optional[int] = None, seed: int = 0, curvature_loss_fn: Optional[PerExampleLossFn] = None,
 ) -> EditProblem:
   """Returns the EditProblem of forgetting every training example of `removed_class`.
 
-  g = removal_gradient over that class, H = curvature of the mean loss on the
-  remaining training examples (+ damping·I); with `hessian_examples` = k, on
-  k of them drawn once (numpy, `seed`) to make each product cheaper.
+  g = removal_gradient over that class, H = curvature of the mean loss
+  (`curvature_loss_fn`, default per_example_loss_fn) on the remaining training
+  examples (+ damping·I); with `hessian_examples` = k, on k of them drawn once
+  (numpy, `seed`) to make each product cheaper.
   """
   is_removed = np.asarray(train_batch["y"]) == removed_class
   if not is_removed.any() or is_removed.all():
     raise ValueError(f"Class {removed_class} must hold some but not all training examples; it holds {is_removed.sum()}.")
   removed, remaining = select_examples(train_batch, is_removed), select_examples(train_batch, ~is_removed)
   g = gif_updates.removal_gradient(per_example_loss_fn, params, [removed], num_remaining=int((~is_removed).sum()))
-  return _problem(per_example_loss_fn, params, remaining, g, damping, curvature, microbatch_size,
-                  hessian_examples, seed)
+  curv = _rows(remaining, sample_rows(np.arange(int((~is_removed).sum())), hessian_examples, seed))
+  return _problem(per_example_loss_fn, params, remaining, g, curv, damping, curvature, microbatch_size,
+                  curvature_loss_fn)
 
 
 def class_removal_edit(
@@ -176,14 +213,20 @@ def class_removal_edit(
 def label_change_problem(
     per_example_loss_fn: PerExampleLossFn, params: Params, train_batch: Batch, changed, corrected_labels, *,
     damping: float = 0.0, curvature: str = "hessian", microbatch_size: Optional[int] = None,
-    hessian_examples: Optional[int] = None, seed: int = 0,
+    hessian_examples: Optional[int] = None, seed: int = 0, curvature_data: str = "edited",
+    curvature_loss_fn: Optional[PerExampleLossFn] = None, corrupted=None,
 ) -> EditProblem:
   """Returns the EditProblem of fixing the labels of the `changed` training examples.
 
   `changed` is a boolean (N,) array of the examples whose label is fixed and
   `corrected_labels` their new labels (in order). g = label_change_gradient
-  (scaled by 1/N), H = curvature of the mean loss on the corrected training set
-  (or on `hessian_examples` of its examples drawn once with `seed`).
+  (scaled by 1/N). H = curvature (+ damping·I) of the mean of
+  `curvature_loss_fn` (default per_example_loss_fn; the GIF authors: the
+  cross-entropy without the L2 term) on the rows of `curvature_rows`: the
+  corrected training set (curvature_data="edited") or the examples never
+  corrupted (curvature_data="clean", ~`corrupted`, default ~changed; the
+  authors' protocol), `hessian_examples` of them drawn once with `seed`.
+  The line-search objective is the corrected training set's mean loss.
   """
   changed = np.asarray(changed, bool)
   corrected_labels = np.asarray(corrected_labels)
@@ -197,8 +240,9 @@ def label_change_problem(
   new_y[changed] = fixed["y"]
   corrected = dict(train_batch, y=new_y)
   g = gif_updates.label_change_gradient(per_example_loss_fn, params, [wrong], [fixed], num_examples=changed.size)
-  return _problem(per_example_loss_fn, params, corrected, g, damping, curvature, microbatch_size,
-                  hessian_examples, seed)
+  curv = _rows(corrected, curvature_rows(changed, curvature_data, hessian_examples, seed, corrupted))
+  return _problem(per_example_loss_fn, params, corrected, g, curv, damping, curvature, microbatch_size,
+                  curvature_loss_fn)
 
 
 def label_change_edit(

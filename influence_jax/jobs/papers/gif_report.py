@@ -41,8 +41,9 @@ def markdown_table(summary: dict, columns: tuple[str, ...], prefix: str, extra: 
 
 
 def write(workdir: str, config, per_seed: list[dict], columns, step_rules, notes: list[str],
-          seconds: float) -> dict:
-  """Writes results.{md,csv,json} in workdir; returns their paths."""
+          seconds: float, spread: str = "seeds") -> dict:
+  """Writes results.{md,csv,json} in workdir (one entry of `per_seed` per seed, or per re-draw when
+  spread="re-draws"; the CSV's first column numbers them); returns their paths."""
   summary = summarise(per_seed)
   paths = {k: paths_lib.join(workdir, f"results.{k}") for k in ("md", "csv", "json")}
   keys = sorted({k for r in per_seed for row in r.values() for k in row})
@@ -50,9 +51,9 @@ def write(workdir: str, config, per_seed: list[dict], columns, step_rules, notes
   for seed, r in enumerate(per_seed):
     for name, row in r.items():
       rows.append([seed, name] + [f"{row[k]:.6g}" if k in row else "" for k in keys])
-  record = {"task": config.gif_task, "config": config.to_dict(), "seeds": len(per_seed), "seconds": seconds,
-            "notes": notes, "summary": summary}
-  header = (f"# {config.gif_task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} seeds "
+  record = {"task": config.gif_task, "config": config.to_dict(), "seeds": len(per_seed), "spread": spread,
+            "seconds": seconds, "notes": notes, "summary": summary}
+  header = (f"# {config.gif_task} on digits, model {config.model.name}: mean ± std over {len(per_seed)} {spread} "
             f"({seconds:.0f} s)\n\n" + "".join(f"- {n}\n" for n in notes) + "\n")
   extra = ("rel_residual", "iters", "normaliser")
   tables = [f"## {what}\n\n{markdown_table(summary, columns, prefix, extra if i == 0 else ())}\n"
