@@ -84,8 +84,8 @@ def test_second_query_set_reuses_the_store(reference, data_dir, tmp_path):
   assert os.stat(chunk).st_mtime_ns == before  # The store was not rewritten ...
   with open(log) as f:
     read = {int(line) for line in f}
-  # ... nor the training set projected again: the reads are the curvature sample (the queries' solves)
-  # and a few rows for labels and a fingerprint.
+  # ... nor the training set projected again: the reads are at most the curvature sample (its digest;
+  # H_W was saved with the store by the first query set) and a few rows for labels and a fingerprint.
   assert len(read - set(curvature_sample(300).tolist())) < 60
   scores, self_infl = in_memory_scores(reference, data_dir, "other")
   assert_tables_match(reference, "other", scores, self_infl)
