@@ -143,6 +143,13 @@ def test_solves_killed_between_blocks_resume_with_identical_tables(reference, da
     summary = json.load(f)
   assert summary["cg"]["queries"] == 7 and summary["cg"]["iterations"] == 2
   assert summary["galerkin"]["directions"] == summary["k"] + summary["residual_rank"]
+  assert summary["solve_examples"] == 100 and summary["preconditioner"] == "galerkin"
+  # A smaller query-side sample (score.solve_examples) is another H_W and other scores, never the saved ones.
+  run("score.py", workdir, data_dir, *solve, "--config.score.solve_examples=40", "--config.score.name=small")
+  with open(table_path(workdir, "summary.json", "small")) as f:
+    assert json.load(f)["solve_examples"] == 40
+  with open(table_path(workdir, "top_k.csv", "small")) as f, open(table_path(workdir, "top_k.csv", "whole")) as g:
+    assert f.read() != g.read()
 
 
 def test_store_from_other_settings_is_refused(reference, data_dir, tmp_path):
