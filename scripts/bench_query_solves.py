@@ -118,24 +118,27 @@ def main():
     _, s1000 = _clock(lambda: solve(queries[1000], cand, args.block))
     lds = metrics.lds(q100 @ stored.T, lds_gt.masks, lds_gt.targets)
     print(f"| {cand} | {lds:.3f} | {s100:.2f} | {s1000:.2f} |", flush=True)
-  # The cost of a solved query in products with C over the curvature sample: blocked against one at a time.
-  op = ops[""]
-  v = jnp.asarray(np.random.default_rng(0).normal(size=es.num_params), es.eigenvectors.dtype)
+  _hvp_equivalents(ops[""], es.num_params, es.eigenvectors.dtype, solve, data.take(queries[100], 0, args.block),
+                   args.block, prob.num_train)
+
+
+def _hvp_equivalents(op, num_params, dtype, solve, batch, block, num_examples):
+  """Prints the cost of a solved query in curvature products of one vector over the sample, in blocks of
+  `block` queries against one at a time (10 queries)."""
+  v = jnp.asarray(np.random.default_rng(0).normal(size=num_params), dtype)
   op(v).block_until_ready()
   _, hvp_s = _clock(lambda: [op(v) for _ in range(5)])
   hvp_s /= 5
-  batch = data.take(queries[100], 0, args.block)
   for cand in ("pcg_tail_i3", "galerkin_i1"):
     per = {}
-    for block in (1, args.block):
-      solve(data.take(batch, 0, block), cand, block)
-      n = args.block if block > 1 else 10
-      _, secs = _clock(lambda: solve(data.take(batch, 0, n), cand, block))
-      per[block] = secs / n / hvp_s
-    print(f"{cand}: a solved query costs {per[1]:.2f} HVP-equivalents one at a time, {per[args.block]:.3f} in "
-          f"blocks of {args.block} ({per[1] / per[args.block]:.1f}× less); one HVP over the "
-          f"{prob.num_train}-example sample: {hvp_s * 1e3:.1f} ms")
-
+    for size in (1, block):
+      solve(data.take(batch, 0, size), cand, size)  # Compile.
+      n = block if size > 1 else 10
+      _, secs = _clock(lambda: solve(data.take(batch, 0, n), cand, size))
+      per[size] = secs / n / hvp_s
+    print(f"{cand}: a solved query costs {per[1]:.2f} HVP-equivalents one at a time, {per[block]:.3f} in "
+          f"blocks of {block} ({per[1] / per[block]:.1f}× less); one HVP over the "
+          f"{num_examples}-example sample: {hvp_s * 1e3:.1f} ms")
 
 if __name__ == "__main__":
   main()

@@ -125,6 +125,8 @@ def test_a_bad_training_example_is_named_not_projected(data_dir, tmp_path, bad):
     (["--config.score.batch_size=0"], "score.batch_size"),
     (["--config.arnoldi.block_size=0"], "arnoldi.block_size"),
     (["--config.score.top_k=-2"], "score.top_k"),
+    (["--config.score.preconditioner=exact"], "score.preconditioner"),
+    (["--config.score.solve_block=0"], "score.solve_block"),
 ])
 def test_bad_config_values_are_refused_naming_the_key(reference, data_dir, tmp_path, extra, key):
   proc = run("score.py", str(tmp_path / "w"), data_dir, *extra, check=False)

@@ -84,8 +84,8 @@ def test_second_query_set_reuses_the_store(reference, data_dir, tmp_path):
   assert os.stat(chunk).st_mtime_ns == before  # The store was not rewritten ...
   with open(log) as f:
     read = {int(line) for line in f}
-  # ... nor the training set projected again: the reads are the curvature sample (the queries' solves)
-  # and a few rows for labels and a fingerprint.
+  # ... nor the training set projected again: the reads are at most the curvature sample (its digest;
+  # H_W was saved with the store by the first query set) and a few rows for labels and a fingerprint.
   assert len(read - set(curvature_sample(300).tolist())) < 60
   scores, self_infl = in_memory_scores(reference, data_dir, "other")
   assert_tables_match(reference, "other", scores, self_infl)
@@ -143,6 +143,13 @@ def test_solves_killed_between_blocks_resume_with_identical_tables(reference, da
     summary = json.load(f)
   assert summary["cg"]["queries"] == 7 and summary["cg"]["iterations"] == 2
   assert summary["galerkin"]["directions"] == summary["k"] + summary["residual_rank"]
+  assert summary["solve_examples"] == 100 and summary["preconditioner"] == "galerkin"
+  # A smaller query-side sample (score.solve_examples) is another H_W and other scores, never the saved ones.
+  run("score.py", workdir, data_dir, *solve, "--config.score.solve_examples=40", "--config.score.name=small")
+  with open(table_path(workdir, "summary.json", "small")) as f:
+    assert json.load(f)["solve_examples"] == 40
+  with open(table_path(workdir, "top_k.csv", "small")) as f, open(table_path(workdir, "top_k.csv", "whole")) as g:
+    assert f.read() != g.read()
 
 
 def test_store_from_other_settings_is_refused(reference, data_dir, tmp_path):

@@ -44,6 +44,7 @@ from influence_jax import validation
 from influence_jax.eigenspace import Eigenspace, default_tail_constant, inverse_eigenvalues
 from influence_jax.jobs import common
 from influence_jax.jobs import progress as progress_lib
+from influence_jax.jobs import task as task_lib
 from influence_jax.jobs import workdir as workdir_lib
 from influence_jax.jobs.context import Context
 
@@ -75,7 +76,7 @@ class Solver(NamedTuple):
 
 def solve_examples(ctx: Context) -> int:
   """Returns how many examples of the curvature sample the query side's curvature averages over."""
-  total = sum(data_lib.batch_size(b) for b in workdir_lib.curvature_batches(ctx))
+  total = len(task_lib.curvature_source(ctx.task, ctx.config))  # Its length: nothing is read.
   n = int(ctx.config.score.solve_examples)
   return total if n <= 0 else min(n, total)
 
