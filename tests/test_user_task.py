@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import influence_jax as ij
-from influence_jax import checkpoint, galerkin, sources
-from influence_jax import store as store_lib
+from influence_jax import checkpoint, galerkin, sharding, sources
+from influence_jax.jobs import context
+from influence_jax.jobs import workdir as workdir_lib
 from tests import user_task, user_task_config
 from tests.user_task_jobs import REFERENCE_COMPILATIONS, compilations, rows, run
 from tests.user_task_jobs import table as table_path
@@ -29,7 +30,7 @@ def in_memory_scores(workdir, data_dir, queries_prefix):
   # with the training gradients themselves (no store, no sketch).
   sample = curvature_sample(len(train))
   curvature = {"x": np.asarray(train.x, np.float32)[sample], "y": np.asarray(train.y, np.int32)[sample]}
-  basis = np.load(os.path.join(workdir, "store", store_lib.BASIS_FILE))["basis"]
+  basis = saved_residual_basis(workdir, data_dir, es)[:, :es.num_params]
   w = ij.residual_basis.stored_directions(es.eigenvectors, basis)
   es = es.replace(damping=user_task_config.get_config().arnoldi.damping)
   c = ij.eigenspace.default_tail_constant(es)
@@ -42,6 +43,14 @@ def in_memory_scores(workdir, data_dir, queries_prefix):
   grads = ij.projection.gradients(user_task.per_example_loss, params, [batch(train)])
   self_infl = ij.self_influence(es, proj, sq_norms=np.sum(np.asarray(grads) ** 2, axis=1))
   return np.asarray(scores), np.asarray(self_infl)
+
+
+def saved_residual_basis(workdir, data_dir, es):
+  """Returns the store's residual basis V as the jobs saved it (orbax), on the host (r, P)."""
+  config = user_task_config.get_config()
+  config.user.data_dir = data_dir
+  ctx = context.prepare(config, str(workdir), task=user_task.get_task(config))
+  return np.asarray(sharding.to_host(workdir_lib.load_residual_basis(ctx, es)))
 
 
 def curvature_sample(num_train):
