@@ -18,8 +18,10 @@ over the sample forms the per-example gradients of a chunk of rows at a time
 (`CHUNK_BYTES`) and multiplies them into GᵀW or GQᵀ, so a pass costs one
 per-example backward pass an example plus a (c × p) · (p × l) matmul a chunk,
 whatever l (a weighted-VJP product would cost l backward passes an example,
-every token's included); rows are made orthonormal by an SVD after
-projecting out U twice.
+every token's included); rows are made orthonormal from l × l Gram matrices
+after projecting out U twice. Everything p-sized — the chunk's gradients, the
+(l, P) products and V — is in the mesh's flat layout (`sharding`), split over
+'model', and the params keep their own layout.
 """
 
 from __future__ import annotations

@@ -138,21 +138,32 @@ def _by_micro(batch, micro: int):
   return jax.tree.map(lambda x: x.reshape((size // micro, micro) + x.shape[1:]), batch)
 
 
-def _sketched_remainder(sketch, directions, proj, sketched_grads, mesh):
-  """Returns R(I − UᵀU)g = Rg − (RUᵀ)(Ug) from Rg (B, m) and Ug (B, k); U in `mesh`'s flat layout."""
-  return sketched_grads - proj @ apply_sketch(sketch, directions, mesh)
+def sketch_directions(sketch: KroneckerSketch, directions: jax.Array) -> jax.Array:
+  """Returns the (k, m) rows R u_j of directions U ((k, p), or a mesh's flat layout (k, P), zero beyond p), on
+  the directions' mesh: what `project_and_sketch` subtracts, R(I − UᵀU)g = Rg − (RUᵀ)(Ug). Compute it once for
+  a stream of batches (it costs a pass over U)."""
+  mesh = sharding_lib.mesh_of(directions)
+  return _sketch_rows(int(sketch.num_params), mesh)((sketch.left, sketch.right), directions)
 
 
-def _static_sketch(sketch: KroneckerSketch | None) -> tuple:
-  """Returns (factors (A, B) or None, p): a sketch as the jitted paths take it (p static, not traced)."""
-  return (None, 0) if sketch is None else ((sketch.left, sketch.right), int(sketch.num_params))
+@functools.lru_cache(maxsize=16)
+def _sketch_rows(p: int, mesh):
+  return jax.jit(lambda factors, directions: apply_sketch(KroneckerSketch(*factors, p), directions, mesh))
+
+
+def _static_sketch(sketch: KroneckerSketch | None, directions: jax.Array, sketched: jax.Array | None) -> tuple:
+  """Returns (factors (A, B, R Uᵀ rows) or None, p): a sketch as the jitted paths take it (p static)."""
+  if sketch is None:
+    return None, 0
+  sketched = sketch_directions(sketch, directions) if sketched is None else sketched
+  return (sketch.left, sketch.right, sketched), int(sketch.num_params)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _project_and_sketch(per_example_loss_fn: PerExampleLossFn, microbatch_size: int, mesh, p: int, params, directions,
                         factors, batch):
   """The "vjp" path: per-example gradients of a micro-batch in `mesh`'s flat layout, then U g and R g from them."""
-  sketch = None if factors is None else KroneckerSketch(*factors, p)
+  sketch = None if factors is None else KroneckerSketch(*factors[:2], p)
   columns = directions.shape[1]  # ≥ p: a mesh's flat layout, zero beyond p.
 
   def one_micro(mb):
@@ -167,7 +178,7 @@ def _project_and_sketch(per_example_loss_fn: PerExampleLossFn, microbatch_size: 
   proj, sq, sk, losses = jax.lax.map(one_micro, _by_micro(batch, microbatch_size))
   proj, sq, sk = proj.reshape(size, -1), sq.reshape(size), sk.reshape(size, -1)
   if sketch is not None:
-    sk = _sketched_remainder(sketch, directions, proj, sk, mesh)
+    sk = sk - proj @ factors[2]  # R(I − UᵀU)g = Rg − (RUᵀ)(Ug)
   return proj, sq, sk, losses.reshape(size)
 
 
@@ -176,7 +187,7 @@ def _layerwise_project_and_sketch(per_example_loss_fn: PerExampleLossFn, micro: 
                                   directions, factors, batch):
   """The "layerwise" path: U g layer by layer (no p-sized buffer for the matmul with U); the flat gradients
   for R g and ‖g‖² assembled from the same pass's layer pieces, `chunk` examples at a time (kept in cache)."""
-  sketch = None if factors is None else KroneckerSketch(*factors, p)
+  sketch = None if factors is None else KroneckerSketch(*factors[:2], p)
   size = data_lib.batch_size(batch)
   example = jax.tree.map(lambda x: x[:1], batch)
   if sketch is None:
@@ -187,7 +198,7 @@ def _layerwise_project_and_sketch(per_example_loss_fn: PerExampleLossFn, micro: 
   proj, sq, sk, losses = jax.lax.map(projector, _by_micro(batch, micro))
   proj, sk = proj.reshape(size, -1), sk.reshape(size, -1)
   if sketch is not None:
-    sk = _sketched_remainder(sketch, directions, proj, sk, mesh)
+    sk = sk - proj @ factors[2]  # R(I − UᵀU)g = Rg − (RUᵀ)(Ug)
   return proj, sq.reshape(size), sk, losses.reshape(size)
 
 
@@ -212,8 +223,8 @@ def store_method(per_example_loss_fn: PerExampleLossFn, method: str | None, sket
 
 
 def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, per_example_loss_fn: PerExampleLossFn,
-                       params: Any, batch: Any, *, microbatch_size: int = 0,
-                       method: str | None = None) -> SketchedProjections:
+                       params: Any, batch: Any, *, microbatch_size: int = 0, method: str | None = None,
+                       sketched_directions: jax.Array | None = None) -> SketchedProjections:
   """Returns U∇ℓ, ‖∇ℓ‖², R(I − UᵀU)∇ℓ and ℓ for every example of `batch`.
 
   Directions U: (k, p) orthonormal rows, or an eigenspace's (k, P) flat layout (zero beyond p). It runs on
@@ -225,7 +236,8 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
   multiplies them by U. "layerwise" projects layer by layer in the same forward and backward pass
   that assembles the flat per-example gradients, a few examples at a time, for R∇ℓ and ‖∇ℓ‖².
   Micro-batches divide the batch; `microbatch_size` (0: from a memory budget) is how many flat
-  per-example gradients exist at once.
+  per-example gradients exist at once. `sketched_directions`: `sketch_directions(sketch, directions)`,
+  computed here when not given (pass it when projecting many batches on the same directions).
   """
   example = projection.shape_of_one(batch)
   method = store_method(per_example_loss_fn, method, sketch is not None, params, example)
@@ -236,7 +248,7 @@ def project_and_sketch(directions: jax.Array, sketch: KroneckerSketch | None, pe
   num_params = sum(x.size for x in jax.tree.leaves(params))  # Shapes only: nothing is concatenated per batch.
   mesh = sharding_lib.mesh_of(directions)
   directions = sharding_lib.to_flat_layout(directions, num_params, mesh)
-  factors, p = _static_sketch(sketch)
+  factors, p = _static_sketch(sketch, directions, sketched_directions)
   gradient_bytes = num_params * jnp.dtype(directions.dtype).itemsize
   if method == "layerwise":
     per_example_loss_fn = projection.as_layerwise(per_example_loss_fn)

@@ -2,7 +2,7 @@ r"""Benchmark: per-device memory of the residual basis and the store's rows on a
 
 For each mesh (data, model), compiles (does not run) the programs of one step of the residual basis fit (a
 chunk's per-example gradients weighted into the (l, P) rows) and of one batch of store rows (projections on
-W = [U; V] and the sketch, "vjp" path), for an MLP whose kernels are split over 'model' where their width
+W = [U; V] and the sketch, "vjp" path, R Wᵀ given), for an MLP whose kernels are split over 'model' where their width
 allows, and prints XLA's per-device argument, temporary and output bytes beside (l or k + r)·P/|model|:
 what a device holds of the flat-layout rows, the bound the stages keep to (plus the model's own).
 
@@ -58,7 +58,8 @@ def main(_):
         per_example_loss, mesh, params, batch, shaped((c, _ROWS.value), jnp.float32, sharding.replicated(mesh)),
         flat(_ROWS.value)).compile().memory_analysis()
     sk = sketch.make_sketch(p, _SKETCH.value, 0)
-    factors = tuple(shaped(x.shape, x.dtype, sharding.replicated(mesh)) for x in (sk.left, sk.right))
+    factors = tuple(shaped(x.shape, x.dtype, sharding.replicated(mesh)) for x in (sk.left, sk.right)) + (
+        shaped((_K.value, sk.dim), jnp.float32, sharding.replicated(mesh)),)  # R Wᵀ, made once per job
     store = sketch._project_and_sketch.lower(per_example_loss, c, mesh, p, params, flat(_K.value), factors,
                                              batch).compile().memory_analysis()
     mib = lambda b: b / 2**20

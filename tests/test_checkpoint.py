@@ -58,3 +58,23 @@ def test_arnoldi_resumes_bit_identically(tmp_path):
     checkpoint.CheckpointDir(str(tmp_path / "progress"), "fp2").restore_latest()
   # No temporary directories are left behind.
   assert not [d for d in os.listdir(tmp_path / "progress") if "tmp" in d]
+
+
+def test_residual_basis_saved_on_one_mesh_loads_on_another(tmp_path):
+  """V (r, P) saved split over 'model' on (1, 8) (p = 125: 128 columns) loads split on (2, 4), on one device
+  (125 columns), and again on (1, 8) after being saved there from one device; other inputs are refused."""
+  from influence_jax import sharding  # noqa: PLC0415
+  v = np.random.default_rng(0).standard_normal((6, 125))
+  on8 = sharding.to_flat_layout(v, 125, sharding.make_mesh((1, 8)))
+  path = str(tmp_path / "basis")
+  assert checkpoint.load_residual_basis(path, "fp") is None  # nothing saved yet
+  checkpoint.save_residual_basis(path, on8, 125, "fp")
+  for mesh, columns in ((sharding.make_mesh((2, 4)), 128), (None, 125)):
+    back = checkpoint.load_residual_basis(path, "fp", mesh=mesh)
+    assert back.shape == (6, columns) and back.sharding == sharding.flat_sharding(sharding.mesh_or_default(mesh), 2)
+    np.testing.assert_array_equal(np.asarray(back)[:, :125], v)
+  checkpoint.save_residual_basis(path, back, 125, "other")  # replaces the step saved from other inputs
+  with pytest.raises(checkpoint.FingerprintMismatch, match="other inputs"):
+    checkpoint.load_residual_basis(path, "fp")
+  again = checkpoint.load_residual_basis(path, "other", mesh=sharding.make_mesh((1, 8)))
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(on8))

@@ -161,6 +161,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
     sketch = jax.tree.map(lambda x: sharding.put(x, sharding.replicated(mesh)), sk._asdict())
     sketch = sketch_lib.KroneckerSketch(**sketch)
   directions = residual_basis_lib.stored_directions(es.eigenvectors, basis if meta.residual_rank else None)
+  sketched = None if sketch is None else sketch_lib.sketch_directions(sketch, directions)  # R Wᵀ, once.
   if not quiet:
     logging.info("Projecting %d training examples (%d left on this process) on k=%d eigenvectors, r=%d residual "
                  "directions, sketch %d", meta.num_rows, rows.size, meta.k, meta.residual_rank, meta.sketch_dim)
@@ -171,7 +172,7 @@ def run_project(ctx: Context, es: Eigenspace, *, quiet: bool = False,
       ctx.task.train, rows, c.batch_size, mesh, "Task.train", num_threads=c.num_threads, with_host=True), 1):
     digests.update(ids, host)
     out = sketch_lib.project_and_sketch(directions, sketch, ctx.task.per_example_loss_fn, params, batch,
-                                        microbatch_size=c.microbatch_size)
+                                        microbatch_size=c.microbatch_size, sketched_directions=sketched)
     local = {name: input_lib.local_rows(x, mesh)[: ids.size] for name, x in out._asdict().items()}
     local["residual"] = local["projections"][:, meta.k:]
     local["projections"] = local["projections"][:, :meta.k]
