@@ -19,10 +19,13 @@ RUNS = [  # (work directory, command, what it is)
     ("runs/gif_class_removal_cnn", f"{PY} scripts/gif_class_removal.py --config=configs/gif_class_removal_cnn.py "
      "--workdir=runs/gif_class_removal_cnn --config.edit.solvers=\"('neumann',)\"", "class removal, CNN"),
     ("runs/gif_label_change_tinynet", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_tinynet.py "
-     "--workdir=runs/gif_label_change_tinynet --config.seeds=2", "label change, TinyNet-like CNN, the authors' protocol"),
+     "--workdir=runs/gif_label_change_tinynet --config.seeds=1 --config.train.num_epochs=8 --config.edit.walk_max_steps=48 "
+     "--config.edit.walk_patience=12 \"--config.edit.scales=(0.0,0.5,1.0,2.0,4.0,8.0)\"",
+     "label change, TinyNet-like CNN, the authors' protocol"),
     ("runs/gif_label_change_tinynet_edited", f"{PY} scripts/gif_label_change.py "
-     "--config=configs/gif_label_change_tinynet.py --workdir=runs/gif_label_change_tinynet_edited --config.seeds=2 "
-     "--config.edit.curvature_data=edited", "label change, TinyNet-like CNN, curvature of the edited set"),
+     "--config=configs/gif_label_change_tinynet.py --workdir=runs/gif_label_change_tinynet_edited --config.seeds=1 "
+     "--config.train.num_epochs=8 --config.edit.walk_max_steps=48 --config.edit.walk_patience=12 "
+     "\"--config.edit.scales=(0.0,0.5,1.0,2.0,4.0,8.0)\" --config.edit.curvature_data=edited", "label change, TinyNet-like CNN, curvature of the edited set"),
     ("runs/gif_label_change_mlp", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py "
      "--workdir=runs/gif_label_change_mlp", "label change, MLP, the authors' protocol"),
     ("runs/gif_label_change_mlp_edited", f"{PY} scripts/gif_label_change.py --config=configs/gif_label_change_mlp.py "
@@ -64,7 +67,7 @@ section; a seed draws the split, the initialisation, the minibatch order and the
   never-corrupted examples only** (up to 2,048 of them: all of digits' ~1,290 for the MLP; 64 for
   the TinyNet, for time), no damping; the authors' Neumann iteration with their normaliser rule
   (start 1, + 5 on divergence), 1,000 iterations on the MLP (100 on the TinyNet, GIF and IF only,
-  for time: see its config); 5 % of
+  one seed, 8 training epochs and a short walk, for time: see its config and command); 5 % of
   every layer by output ranking with the partly taken unit's leftover budget on **random** kernel
   entries (seeded). Every row below names its curvature data, solver, normaliser rule and fill.
   The switch `--config.edit.curvature_data=edited` (the corrected training set, corrupted
