@@ -10,7 +10,10 @@ os.environ.setdefault("XLA_FLAGS", "")
 # its programs instead of compiling them, which halves a small job's time. JAX writes an entry with
 # a plain non-atomic write and, without a size limit, reads it without a lock, so a process reading
 # an entry another one is still writing deserialises a truncated executable and crashes (seen as a
-# test worker's segfault); a size limit makes JAX take a file lock around every read and write. The
+# test worker's segfault); a size limit makes JAX take a file lock around every read and write. With
+# it every write also lists the whole cache (to evict), so only programs that took a second or more
+# to compile are kept: the few hundred that make a job's rerun fast, not the thousands of small ones
+# that made each write slower than the compile it saved. The
 # directory is the run's own (named by the first process, inherited by the xdist workers it starts),
 # so an entry left half-written by a killed run is never read by a later one; the process that named
 # it removes it when the run ends.
@@ -19,7 +22,7 @@ _RUN = os.environ.setdefault("INFLUENCE_JAX_TEST_RUN", uuid.uuid4().hex)
 XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), "influence_jax_test_xla_cache", _RUN)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
