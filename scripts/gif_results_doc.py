@@ -319,6 +319,14 @@ def _spectrum_line():
           "authors' clean-only curvature leaves it out.")
 
 
+# Runs this file once showed, whose code and defaults have not changed since: where their tables are.
+EARLIER_RUNS = {
+    "runs/gif_class_removal_cnn": "Class removal's code and defaults are unchanged since issue 14, whose run of this "
+                                  "command (5 seeds) is reported in `git show be22052:docs/gif_results.md`, "
+                                  "section \"class removal, CNN\".",
+}
+
+
 def main():
   parts = [INTRO]
   parts.append("## Commands (2 shared CPU cores)\n\n```\n" + "\n".join(c for _, c, _ in RUNS) + "\n" + SPECTRUM[1] + "\n" + LR_01[1] +
@@ -327,8 +335,10 @@ def main():
   for workdir, command, what in RUNS:
     rec = _load(workdir)
     if rec is None:
+      earlier = EARLIER_RUNS.get(workdir)
       parts.append(f"## {what}\n\n**Not measured**: no {workdir}/results.json (not run or not finished for issue 23, for time: "
-                   "the 2 CPU cores were shared by five engineers). The command is listed above.\n")
+                   "the 2 CPU cores were shared by five engineers). The command is listed above."
+                   + (f" {earlier}" if earlier else "") + "\n")
       continue
     task = rec["task"]
     redraws = rec.get("spread") == "re-draws"
