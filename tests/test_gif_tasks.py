@@ -82,13 +82,18 @@ def test_class_removal_edit_if_matches_retraining_and_line_search_is_argmin(data
   assert np.linalg.norm(_flat(res2.params) - _flat(retrained)) < np.linalg.norm(shift - true_shift)
 
 
-def test_label_change_edit_if_matches_retraining(data):
+def _relabelled_fit(data):
+  """Returns (x, y, changed, wrong labels, θ fitted to them): rows 0, 5, 9 relabelled to the next class."""
   x, y, _ = data
   changed = np.zeros(y.size, bool)
   changed[[0, 5, 9]] = True
   wrong = y.copy()
   wrong[changed] = (y[changed] + 1) % 4
-  theta = _newton_fit({"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)}, {"x": x, "y": wrong})
+  return x, y, changed, wrong, _newton_fit({"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)}, {"x": x, "y": wrong})
+
+
+def test_label_change_edit_if_matches_retraining(data):
+  x, y, changed, wrong, theta = _relabelled_fit(data)
   retrained = _newton_fit(theta, {"x": x, "y": y})
   res = gif_tasks.label_change_edit(_per_example, theta, {"x": x, "y": wrong}, changed, y[changed], method="if",
                                     scales=(1.0,), solver="cg", tol=1e-12)
@@ -199,12 +204,7 @@ def test_clean_curvature_excludes_exactly_the_corrupted_rows(data):
 
 
 def test_label_change_clean_curvature_is_the_exact_hessian_of_the_clean_cross_entropy(data):
-  x, y, _ = data
-  changed = np.zeros(y.size, bool)
-  changed[[0, 5, 9]] = True
-  wrong = y.copy()
-  wrong[changed] = (y[changed] + 1) % 4
-  theta = _newton_fit({"w": jnp.zeros((4, 4)), "b": jnp.zeros(4)}, {"x": x, "y": wrong})
+  x, y, changed, wrong, theta = _relabelled_fit(data)
   ce = lambda p, b: _per_example(p, b) - 0.5 * LAM * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
   batch = {"x": x, "y": wrong}
   clean = gif_tasks.label_change_problem(_per_example, theta, batch, changed, y[changed], curvature_data="clean",
