@@ -1,5 +1,10 @@
 """The parameters' digest (`io.params_digest`, the jobs' params fingerprint) is the same for a numpy tree, a tree
-on one device and trees split over 'model' on meshes of 8 devices, and changes with any one value."""
+on one device and trees split over 'model' on meshes of 8 devices or over 2 processes' devices, and changes with
+any one value; an eigenspace of parameters split over 2 processes is fitted (it hung)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from influence_jax import io as io_lib
-from influence_jax import sharding
+from influence_jax import eigenspace, sharding
 
 
 def _params():
@@ -41,3 +46,43 @@ def test_the_digest_changes_with_one_value_and_with_the_dtype():
   params = _params()
   params["step"] = np.float32(3)
   assert io_lib.params_digest(params) != want
+
+
+def split_mlp(place):
+  """Returns (params, loss, batch) of a small L2-regularised MLP whose kernels `place(value, spec)` splits over
+  'model' (w1 by columns, w2 by rows)."""
+  rng = np.random.default_rng(1)
+  params = {"w1": place(rng.normal(size=(5, 8)).astype(np.float32), P(None, "model")),
+            "b1": place(np.zeros(8, np.float32), P()),
+            "w2": place(rng.normal(size=(8, 3)).astype(np.float32), P("model", None))}
+  batch = {"x": rng.normal(size=(16, 5)).astype(np.float32), "y": rng.normal(size=(16, 3)).astype(np.float32)}
+
+  def loss(p, b):
+    out = jnp.tanh(b["x"] @ p["w1"] + p["b1"]) @ p["w2"]
+    return jnp.mean((out - b["y"]) ** 2) + 1e-2 * sum(jnp.vdot(x, x) for x in jax.tree.leaves(p))
+
+  return params, loss, batch
+
+
+def test_two_processes_with_split_parameters_agree_with_one(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with __import__("socket").socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(root, "tests", "split_params_worker.py"), str(port), str(i),
+                             str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
+  params, loss, batch = split_mlp(lambda value, spec: value)
+  es = eigenspace.fit_eigenspace(loss, params, [batch], n_iters=4, top_k=2, damping=0.1)
+  for i in range(2):
+    digest, eigenvalues = (tmp_path / f"out{i}.txt").read_text().splitlines()
+    assert digest == io_lib.params_digest(params)
+    np.testing.assert_allclose(eval(eigenvalues), np.asarray(es.eigenvalues), rtol=1e-5)
