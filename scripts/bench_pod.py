@@ -7,7 +7,7 @@ local workdir. Prints per stage and run: wall time, peak RSS of each process (ge
 each device holds of U and V (from the arrays' addressable shards, as the jobs load them) against
 (k + r)·⌈p/|model|⌉·4; and whether the tables equal the one-process run's.
 
-  python scripts/bench_pod.py                     # configs/pod_lm.py as is (≈ 5 min on 2 cores)
+  python scripts/bench_pod.py                     # configs/pod_lm.py as is (≈ 7 min on 2 shared cores)
   python scripts/bench_pod.py --override=--config.arnoldi.n_iters=20
 """
 
