@@ -193,6 +193,11 @@ def _ritz_vectors(matvec, dim: int, mesh, compute_residuals: bool):
   return jax.jit(compute, out_shardings=(flat, rep))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_value(loss_fn: LossFn, params: Any, batch: Any) -> jax.Array:
+  return loss_fn(params, batch)
+
+
 def fit_eigenspace(
     loss_fn: LossFn,
     params: Any,
@@ -241,7 +246,9 @@ def fit_eigenspace(
   damping = validation.check_damping(damping)
   validation.check_finite(params, "params")
   batches = data_lib.materialize(batches, "batches")
-  loss = loss_fn(params, batches[0])
+  # Jitted: op by op, parameters split over several processes' devices would dispatch a sum of leaves (the
+  # L2 term) onto each process's own default device, a collective the processes do not share (they hang).
+  loss = _loss_value(loss_fn, params, batches[0])
   if np.ndim(loss) != 0:
     raise ValueError(f"loss_fn must return a scalar; got shape {np.shape(loss)}.")
   validation.check_finite_scalar(loss, "loss_fn(params, batches[0])")

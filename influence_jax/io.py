@@ -36,6 +36,82 @@ def digest(*parts: Any) -> str:
   return h.hexdigest()[:16]
 
 
+_MIX1, _MIX2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
+_SEEDS = (0x243F6A88, 0x13198A2E)
+
+
+def _fmix32(h, xp):
+  """murmur3's 32-bit finaliser on uint32 arrays of numpy or jax.numpy `xp` (products wrap mod 2³²)."""
+  h = h ^ (h >> xp.uint32(16))
+  h = h * xp.uint32(_MIX1)
+  h = h ^ (h >> xp.uint32(13))
+  h = h * xp.uint32(_MIX2)
+  return h ^ (h >> xp.uint32(16))
+
+
+def _mixed_sums(words, index, xp):
+  """Returns the uint32 sums (mod 2³²) over all positions of fmix(word ^ fmix(index·φ + seed)), one per seed:
+  sums of terms fixed by each word's value and global position, so the same however the array is split."""
+  return [xp.sum(_fmix32(words ^ _fmix32(index * xp.uint32(_GOLDEN) + xp.uint32(seed), xp), xp), dtype=xp.uint32)
+          for seed in _SEEDS]
+
+
+def _numpy_words(x: np.ndarray) -> np.ndarray:
+  flat = np.asarray(x, order="C").reshape(-1)
+  if x.dtype == bool or x.dtype.itemsize < 4:
+    return flat.view(np.dtype(f"u{x.dtype.itemsize}")).astype(np.uint32).reshape(x.shape)
+  return flat.view(np.uint32).reshape(x.shape + ((x.dtype.itemsize // 4,) if x.dtype.itemsize > 4 else ()))
+
+
+def _flat_index(shape, xp):
+  """uint32 position of every element of `shape` in C order (mod 2³²)."""
+  if xp is np:
+    return np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64).astype(np.uint32).reshape(shape)
+  index, stride = xp.zeros(shape, xp.uint32), 1
+  for d in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(xp.uint32, shape, d) * xp.uint32(stride % 2**32)
+    stride *= shape[d]
+  return index
+
+
+@jax.jit
+def _device_sums(x: jax.Array) -> list:
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  if x.dtype == jnp.bool_ or x.dtype.itemsize < 4:
+    words = jax.lax.bitcast_convert_type(x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x,
+                                         jnp.dtype(f"u{x.dtype.itemsize}")).astype(jnp.uint32)
+  else:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return _mixed_sums(words, _flat_index(words.shape, jnp), jnp)
+
+
+def array_checksum(x: Any) -> str:
+  """Returns a 64-bit checksum of an array's values (dtype and shape not included) that does not depend on
+  its layout: a numpy array and a jax.Array split any way over the devices of one or several processes give
+  the same one. A jax.Array is reduced where it lies (each device its own shard; the two sums come back
+  replicated): no process reads the whole array."""
+  if isinstance(x, jax.Array):
+    sums = [int(s) for s in _device_sums(x)]
+  else:
+    x = np.asarray(x)
+    words = _numpy_words(x)
+    sums = [int(s) for s in _mixed_sums(words, _flat_index(words.shape, np), np)]
+  return "".join(f"{s:08x}" for s in sums)
+
+
+def params_digest(params: Any) -> str:
+  """Returns a short stable hash of a parameter tree (structure, each leaf's dtype, shape and
+  `array_checksum`): the same in every process and for any sharding of the leaves, never a host copy of one."""
+  h = hashlib.sha256(str(jax.tree.structure(params)).encode())
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
+      h.update(f"{np.dtype(leaf.dtype)}{tuple(leaf.shape)}{array_checksum(leaf)}".encode())
+    else:
+      h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
+  return h.hexdigest()[:16]
+
+
 class RowDigest:
   """A digest of examples fed batch by batch (`update(batch)`), the same however the rows are split into
   batches: one sha256 per leaf over its rows' bytes in order, with the tree structure and each leaf's dtype

@@ -232,6 +232,42 @@ class Transformer(nn.Module):
     return self.decode(self.encode(src), dec_in)
 
 
+class _CausalBlock(nn.Module):
+  d_model: int
+  num_heads: int
+  d_ff: int
+
+  @nn.compact
+  def __call__(self, x):
+    causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+    h = nn.LayerNorm(name="ln_attn")(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, name="self_attn")(h, h, mask=causal)
+    h = nn.LayerNorm(name="ln_ff")(x)
+    return x + nn.Dense(self.d_model, name="ff_out")(nn.gelu(nn.Dense(self.d_ff, name="ff_in")(h)))
+
+
+class DecoderLM(nn.Module):
+  """Pre-LayerNorm decoder-only Transformer language model (causal self-attention, learned positions, no
+  dropout): `__call__(tokens)` (B, L) returns logits (B, L, vocab_size), position t predicting token t + 1."""
+
+  vocab_size: int
+  max_len: int = 64
+  d_model: int = 64
+  num_heads: int = 4
+  d_ff: int = 256
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.max_len}.")
+    pos = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.d_model))
+    x = nn.Embed(self.vocab_size, self.d_model, name="embed")(tokens) + pos[: tokens.shape[1]]
+    for i in range(self.num_layers):
+      x = _CausalBlock(self.d_model, self.num_heads, self.d_ff, name=f"block_{i}")(x)
+    return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="ln_out")(x))
+
+
 def greedy_decode(model: Transformer, params: Any, src: jax.Array, length: int | None = None) -> jax.Array:
   """Returns (B, length) tokens decoded greedily from `src` (length defaults to src's)."""
   length = src.shape[1] if length is None else length

@@ -29,7 +29,8 @@ class Context:
 
   @functools.cached_property
   def params_fingerprint(self) -> str:
-    return io_lib.digest(self.task.params)
+    """The parameters' digest (`io.params_digest`): the same on every process and for any sharding."""
+    return io_lib.params_digest(self.task.params)
 
   @functools.cached_property
   def curvature_choice(self) -> tuple:

@@ -1,0 +1,74 @@
+"""A decoder-only Transformer LM whose kernels are split over 'model', on generated token data: the task of
+scripts/bench_pod.py (a pod in miniature). `config.task = "influence_jax.examples.pod_lm:get_task"`; sizes in
+config.user (configs/pod_lm.py). The parameters are the model's initialisation (seeded, untrained): the benchmark
+measures time, memory and agreement across layouts, which training would not change."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from influence_jax import sharding, sources
+from influence_jax.examples import models
+from influence_jax.flax_adapters import linen_loss_fns
+from influence_jax.jobs import context
+from influence_jax.types import Task
+
+
+def markov_tokens(num_sequences: int, length: int, vocab_size: int, seed: int) -> np.ndarray:
+  """Returns (num_sequences, length) int32 tokens of a random sparse bigram chain (4 likely successors a token)."""
+  rng = np.random.default_rng(seed)
+  successors = rng.integers(0, vocab_size, (vocab_size, 4))
+  tokens = np.empty((num_sequences, length), np.int32)
+  tokens[:, 0] = rng.integers(0, vocab_size, num_sequences)
+  for t in range(1, length):
+    follow = successors[tokens[:, t - 1], rng.integers(0, 4, num_sequences)]
+    tokens[:, t] = np.where(rng.random(num_sequences) < 0.9, follow, rng.integers(0, vocab_size, num_sequences))
+  return tokens
+
+
+def kernel_spec(path: tuple, ndim: int) -> P:
+  """Returns where a parameter is split over 'model': attention's query/key/value kernels (d, heads, head_dim)
+  by head, its output (heads, head_dim, d) and ff_out (d_ff, d) by input rows, every other kernel and the
+  embedding by output columns; biases, scales and positions replicated."""
+  name, parent = path[-1], path[-2] if len(path) > 1 else ""
+  if name == "embedding":
+    return P(None, sharding.MODEL)
+  if name != "kernel":
+    return P()
+  if parent in ("out", "ff_out"):
+    return P(sharding.MODEL, *([None] * (ndim - 1)))
+  if ndim == 3:
+    return P(None, sharding.MODEL, None)
+  return P(None, sharding.MODEL)
+
+
+def split_over_model(params, mesh) -> dict:
+  """Returns `params` (host values, the same in every process) as global arrays laid out by `kernel_spec` on
+  `mesh`, each process filling only its own devices' shards."""
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(value)
+    spec = kernel_spec(path, value.ndim)
+    out[path] = jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda index, v=value: v[index])
+  return traverse_util.unflatten_dict(out)
+
+
+def get_task(config) -> Task:
+  u = config.user
+  model = models.DecoderLM(vocab_size=u.vocab_size, max_len=u.seq_len, d_model=u.d_model, num_heads=u.num_heads,
+                           d_ff=u.d_ff, num_layers=u.num_layers)
+  tokens = markov_tokens(u.num_train + u.num_queries, u.seq_len + 1, u.vocab_size, config.seed)
+  data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    variables = jax.jit(model.init)(jax.random.key(config.seed), data["x"][:1])
+  variables = jax.tree.map(np.asarray, variables)
+  fns = linen_loss_fns(model, variables, models.sequence_cross_entropy, l2=u.l2)
+  params = split_over_model(variables["params"], context.job_mesh(config))
+  train = {k: v[: u.num_train] for k, v in data.items()}
+  queries = {k: v[u.num_train:] for k, v in data.items()}
+  return Task(params=params, loss_fn=fns.loss_fn, per_example_loss_fn=fns.per_example_loss_fn,
+              train=sources.ArraySource(train), queries=sources.ArraySource(queries))
