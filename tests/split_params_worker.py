@@ -16,7 +16,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import eigenspace, io, sharding  # noqa: E402
