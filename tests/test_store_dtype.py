@@ -51,8 +51,9 @@ def test_a_bfloat16_model_with_a_bfloat16_store_end_to_end(reference, data_dir, 
   assert store.meta.store_dtype == "bfloat16"
   assert {n: a.dtype.name for n, a in store._arrays.items()} == {  # noqa: SLF001
       "projections": "bfloat16", "residual": "bfloat16", "sketch": "bfloat16", "sq_norms": "float32"}
-  # Scores: as the float32 model's with a float32 store (measured correlation 0.99999).
+  # Scores: as the float32 model's with a float32 store (correlation 0.99999 measured when the default was 3 CG iterations a
+  # query; 0.99897 measured with the Galerkin query side, the default since issue 26).
   got, want = rows(table(w, "top_k.csv")), rows(table(reference, "top_k.csv"))
   score = lambda r: np.array([float(x["score"]) for x in r])
-  assert np.corrcoef(score(got), score(want))[0, 1] > 0.999
+  assert np.corrcoef(score(got), score(want))[0, 1] > 0.995
   assert np.mean([a["train_id"] == b["train_id"] for a, b in zip(got, want)]) > 0.7

@@ -13,7 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from influence_jax import sharding, sources
 from influence_jax.examples import models
 from influence_jax.flax_adapters import linen_loss_fns
-from influence_jax.jobs import context
 from influence_jax.types import Task
 
 
@@ -67,7 +66,8 @@ def get_task(config) -> Task:
     variables = jax.jit(model.init)(jax.random.key(config.seed), data["x"][:1])
   variables = jax.tree.map(np.asarray, variables)
   fns = linen_loss_fns(model, variables, models.sequence_cross_entropy, l2=u.l2)
-  params = split_over_model(variables["params"], context.job_mesh(config))
+  mesh = sharding.make_mesh(config.get("mesh_shape", None))  # The jobs' mesh (what jobs.context.job_mesh makes).
+  params = split_over_model(variables["params"], mesh)
   train = {k: v[: u.num_train] for k, v in data.items()}
   queries = {k: v[u.num_train:] for k, v in data.items()}
   return Task(params=params, loss_fn=fns.loss_fn, per_example_loss_fn=fns.per_example_loss_fn,
