@@ -88,9 +88,9 @@ def shape_of_one(batch):
 
 def _default_micro(per_example_loss_fn, method, params, k, batch, size):
   """Returns the default micro-batch size of `method` for padded batches of `size` examples."""
-  flat, _ = ravel_pytree(params)
   if method != "layerwise":
-    return default_microbatch_size(flat.size, flat.dtype.itemsize, size)
+    itemsize = jnp.result_type(*jax.tree.leaves(params)).itemsize
+    return default_microbatch_size(sharding_lib.num_params(params), itemsize, size)
   per_example = per_example_loss_fn.bytes_per_example(params, k, shape_of_one(batch))
   return balanced_microbatch(size, LAYERWISE_BYTES // per_example)
 
@@ -229,8 +229,7 @@ def project_on(
     per_example_loss_fn = as_layerwise(per_example_loss_fn)
   if with_sq_norms and method == "jvp":
     raise ValueError("Squared gradient norms need method='vjp' or 'layerwise' (jvp never forms the gradient).")
-  flat, _ = ravel_pytree(params)
-  p = flat.size
+  p = sharding_lib.num_params(params)
   if np.ndim(directions) != 2 or np.shape(directions)[1] not in (p, sharding_lib.padded_dim(p, sharding_lib.mesh_of(directions))):
     raise ValueError(
         f"directions have shape {np.shape(directions)}, but params have {p} numbers: "
@@ -303,8 +302,7 @@ def per_example_gradients(per_example_loss_fn: PerExampleLossFn, params: Any, ba
   'model'; default: one device, P = p. Hold only what fits in memory.
   """
   mesh = sharding_lib.mesh_or_default(mesh)
-  flat, _ = ravel_pytree(params)
-  return _per_example_gradients(per_example_loss_fn, sharding_lib.padded_dim(flat.size, mesh), mesh)(
+  return _per_example_gradients(per_example_loss_fn, sharding_lib.padded_dim(sharding_lib.num_params(params), mesh), mesh)(
       sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, sharding_lib.replicated(mesh)))
 
 

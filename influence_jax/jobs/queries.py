@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.flatten_util import ravel_pytree
 
 from influence_jax import curvature as curvature_lib
 from influence_jax import data as data_lib
@@ -115,7 +114,7 @@ def restricted_curvature(ctx: Context, es: Eigenspace, directions: jax.Array, d:
 def make_solver(ctx: Context, es: Eigenspace, store: store_lib.ProjectionStore, *, quiet: bool = True) -> Solver:
   """Returns the Solver of this store and config (loads the residual basis, forms or loads H_W)."""
   s = ctx.config.score
-  p = ravel_pytree(ctx.task.params)[0].size
+  p = sharding.num_params(ctx.task.params)
   basis = workdir_lib.load_residual_basis(ctx, es) if store.meta.residual_rank else None
   if store.meta.residual_rank and (basis is None or np.shape(basis)[0] != store.meta.residual_rank):
     raise store_lib.StoreError(f"The store has {store.meta.residual_rank} residual columns but "
