@@ -41,7 +41,6 @@ def _as_uint32(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.uint16 if size == 2 else jnp.uint8).astype(jnp.uint32)
 
 
-@jax.jit
 def _checksum(x: jax.Array) -> jax.Array:
   words = _as_uint32(x)
   index = jnp.zeros(words.shape, jnp.uint32)
@@ -51,19 +50,20 @@ def _checksum(x: jax.Array) -> jax.Array:
   return jnp.sum(words * weights, dtype=jnp.uint32)
 
 
-def checksum(x: Any) -> int:
-  """Returns a 32-bit checksum of an array's bits: Σᵢ bitsᵢ·wᵢ mod 2³² with odd position weights wᵢ.
-
-  Modular sums do not depend on order, so it is the same for any sharding or mesh of the same
-  values (computed where the array lives, no host copy); any single flipped bit changes it.
-  """
-  x = jnp.asarray(x)
-  return int(_checksum(x)) if x.size else 0
+@jax.jit
+def _checksums(leaves: list) -> list:
+  """One program for a whole tree's leaves (not one a leaf shape)."""
+  return [_checksum(x) for x in leaves]
 
 
 def checksums(tree: Any) -> dict:
-  """Returns {leaf path: checksum} of a pytree of arrays."""
-  return {jax.tree_util.keystr(path): checksum(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """Returns {leaf path: 32-bit checksum of its bits} of a pytree of arrays: Σᵢ bitsᵢ·wᵢ mod 2³² with odd
+  position weights wᵢ. Modular sums do not depend on order, so it is the same for any sharding or mesh of
+  the same values (computed where the arrays live, no host copy); any single flipped bit changes it. One
+  device program for all the leaves."""
+  found = jax.tree_util.tree_flatten_with_path(tree)[0]
+  values = jax.device_get(_checksums([jnp.asarray(leaf) for _, leaf in found])) if found else []
+  return {jax.tree_util.keystr(path): int(v) for (path, _), v in zip(found, values)}
 
 
 def verify_checksums(tree: Any, recorded: Optional[dict], what: str) -> None:

@@ -74,7 +74,6 @@ def _flat_index(shape, xp):
   return index
 
 
-@jax.jit
 def _device_sums(x: jax.Array) -> list:
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -91,22 +90,39 @@ def array_checksum(x: Any) -> str:
   its layout: a numpy array and a jax.Array split any way over the devices of one or several processes give
   the same one. A jax.Array is reduced where it lies (each device its own shard; the two sums come back
   replicated): no process reads the whole array."""
-  if isinstance(x, jax.Array):
-    sums = [int(s) for s in _device_sums(x)]
-  else:
-    x = np.asarray(x)
-    words = _numpy_words(x)
-    sums = [int(s) for s in _mixed_sums(words, _flat_index(words.shape, np), np)]
-  return "".join(f"{s:08x}" for s in sums)
+  return _array_checksums([x])[0]
+
+
+def _array_checksums(leaves: list) -> list:
+  """`array_checksum` of each of `leaves`: the jax.Arrays' in one device program (not one a leaf shape)."""
+  on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+  sums = dict(zip(on_device, jax.device_get(_device_sums_of([leaves[i] for i in on_device])) if on_device else []))
+  out = []
+  for i, x in enumerate(leaves):
+    if i not in sums:
+      x = np.asarray(x)
+      words = _numpy_words(x)
+      with np.errstate(over="ignore"):  # uint32 products wrap mod 2³², by design.
+        sums[i] = _mixed_sums(words, _flat_index(words.shape, np), np)
+    out.append("".join(f"{int(s):08x}" for s in sums[i]))
+  return out
+
+
+@jax.jit
+def _device_sums_of(leaves: list) -> list:
+  return [_device_sums(x) for x in leaves]
 
 
 def params_digest(params: Any) -> str:
   """Returns a short stable hash of a parameter tree (structure, each leaf's dtype, shape and
   `array_checksum`): the same in every process and for any sharding of the leaves, never a host copy of one."""
   h = hashlib.sha256(str(jax.tree.structure(params)).encode())
-  for leaf in jax.tree.leaves(params):
+  leaves = jax.tree.leaves(params)
+  arrays = [leaf for leaf in leaves if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype")]
+  checksums = iter(_array_checksums(arrays))
+  for leaf in leaves:
     if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
-      h.update(f"{np.dtype(leaf.dtype)}{tuple(leaf.shape)}{array_checksum(leaf)}".encode())
+      h.update(f"{np.dtype(leaf.dtype)}{tuple(leaf.shape)}{next(checksums)}".encode())
     else:
       h.update(json.dumps(leaf, sort_keys=True, default=str).encode())
   return h.hexdigest()[:16]

@@ -13,12 +13,23 @@ from influence_jax import sharding
 
 def nonfinite_leaves(tree: Any) -> list[str]:
   """Returns the key paths (as strings) of leaves holding NaN or ±inf."""
-  bad = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    arr = jnp.asarray(leaf)
-    if jnp.issubdtype(arr.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(arr))):
-      bad.append(jax.tree_util.keystr(path) or "<root>")
-  return bad
+  found = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+           if jnp.issubdtype(_dtype(leaf), jnp.inexact)]
+  if not found:
+    return []
+  finite = jax.device_get(_all_finite([leaf for _, leaf in found]))
+  return [jax.tree_util.keystr(path) or "<root>" for (path, _), ok in zip(found, finite) if not ok]
+
+
+def _dtype(leaf: Any):
+  return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  """Returns (len(leaves),) bool: whether each leaf is finite. One program for the whole tree, not one a leaf
+  shape (a model's tree has dozens of shapes)."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def check_finite(tree: Any, name: str) -> None:

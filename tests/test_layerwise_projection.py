@@ -139,8 +139,7 @@ def test_project_and_sketch_equals_per_example_gradients(name, method, with_sket
   sk = sketch.make_sketch(p, 24, seed=4, dtype=jnp.float64) if with_sketch else None
   got = sketch.project_and_sketch(directions, sk, fns.per_example_loss_fn, fns.params, batch, method=method,
                                   microbatch_size=1 if with_sketch else 0)
-  one = lambda ex: jax.grad(lambda f: fns.per_example_loss_fn(unravel(f), jax.tree.map(lambda a: a[None], ex))[0])
-  grads = jax.vmap(lambda ex: one(ex)(flat))(batch)
+  grads = _full_gradients(fns, batch)
   np.testing.assert_allclose(got.projections, grads @ u, rtol=TOL, atol=TOL)
   np.testing.assert_allclose(got.sq_norms, jnp.sum(grads * grads, axis=1), rtol=TOL, atol=TOL)
   np.testing.assert_allclose(got.losses, fns.per_example_loss_fn(fns.params, batch), rtol=TOL, atol=TOL)
