@@ -129,7 +129,7 @@ def curvature_operator(
   `curvature` is "hessian" (exact, possibly indefinite) or "gauss_newton"
   (needs a `SplitLoss`). `batches` are fixed once: every product sums over
   the same examples, in micro-batches of at most `microbatch_size` examples (default:
-  the largest batch; a size down to half of it that divides the examples is preferred,
+  `default_microbatch_size`; a size down to half of it that divides the examples is preferred,
   `dividing_microbatch`) so memory does not grow with the batch.
 
   The operator lives on `mesh` ('data', 'model'; see `sharding.make_mesh`;
@@ -147,7 +147,8 @@ def curvature_operator(
   batches = data_lib.materialize(batches, "batches")
   everything = data_lib.concatenate(batches)
   total = data_lib.batch_size(everything)
-  micro = microbatch_size or max(data_lib.batch_size(b) for b in batches)
+  micro = microbatch_size or default_microbatch_size(loss_fn, params, everything,
+                                                     max(data_lib.batch_size(b) for b in batches))
   data_size = sharding_lib.axis_size(mesh, sharding_lib.DATA)
   if micro >= data_size:
     micro -= micro % data_size
@@ -159,6 +160,48 @@ def curvature_operator(
   operands = (sharding_lib.place_params(params, mesh), _place_examples(stacked, 1, mesh),
               None if remainder is None else _place_examples(remainder, 0, mesh))
   return LinearOperator(matvec=matvec, operands=operands, dim=flat.size, dtype=vector_dtype(flat.dtype), mesh=mesh)
+
+
+# What one micro-batch's intermediate values may take (`default_microbatch_size`).
+MICROBATCH_ACTIVATION_BYTES = 1 << 30
+
+
+def default_microbatch_size(loss_fn: LossFn, params: Params, examples: Batch, largest_batch: int) -> int:
+  """Returns the micro-batch size of a curvature product when none is given: the largest batch, or fewer
+  examples when their intermediate values would exceed MICROBATCH_ACTIVATION_BYTES
+  (`activation_bytes_per_example`; a 3.4M-parameter Transformer LM on 64 tokens: 20 MB an example, 53 a
+  micro-batch, where a whole batch of 256 made one product hold 4.4 GB)."""
+  per_example = activation_bytes_per_example(loss_fn, params, examples)
+  return int(max(1, min(largest_batch, MICROBATCH_ACTIVATION_BYTES // max(per_example, 1))))
+
+
+def activation_bytes_per_example(loss_fn: LossFn, params: Params, examples: Batch) -> int:
+  """Returns the bytes of intermediate values `loss_fn` computes per example: how much the sum of every
+  intermediate's size in its jaxpr grows from a batch of one of `examples` to a batch of two (traced on
+  shapes only, nothing runs; scanned bodies count once per step). An estimate of what a curvature
+  product holds per example (measured on a Transformer LM: 20 MB traced, 17 MB in XLA's own analysis)."""
+  shapes = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x, tree)
+  abstract = shapes(params)
+  total = data_lib.batch_size(examples)
+  sizes = [_intermediate_bytes(jax.make_jaxpr(loss_fn)(abstract, shapes(jax.tree.map(lambda x: x[:n], examples))).jaxpr)
+           for n in (1, min(2, total))]
+  return max(sizes[1] - sizes[0], 0) if total > 1 else sizes[0]
+
+
+def _intermediate_bytes(jaxpr) -> int:
+  """Returns the summed size of every value a jaxpr's equations produce, inner jaxprs included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += sum(int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
+                 for v in eqn.outvars if hasattr(getattr(v, "aval", None), "shape"))
+    steps = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+    for param in eqn.params.values():
+      for inner in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          total += steps * _intermediate_bytes(inner)
+  return total
 
 
 def vector_dtype(param_dtype) -> jnp.dtype:

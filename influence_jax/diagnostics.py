@@ -11,7 +11,7 @@ import numpy as np
 from influence_jax import sharding as sharding_lib
 from influence_jax.eigenspace import Eigenspace
 
-# A pair is unconverged when its measured residual ‖Cu − λu‖ exceeds this fraction of |λ|.
+# A pair is unconverged when its residual ‖Cu − λu‖ exceeds this fraction of |λ|.
 DEFAULT_RESIDUAL_TOL = 1e-2
 
 
@@ -20,8 +20,8 @@ class FitDiagnostics:
   """What a fitted eigenspace says about itself (`diagnose`); `to_json()` for reports, `notes()` for logs.
 
   top_k, k: pairs asked for and kept; why_fewer: the reason when k < top_k ("" otherwise).
-  unconverged: indices (0-based, descending eigenvalue order) of kept pairs whose measured residual
-    ‖Cu − λu‖ exceeds residual_tol · |λ| (empty when residuals were not measured: residuals_measured).
+  unconverged: indices (0-based, descending eigenvalue order) of kept pairs whose residual ‖Cu − λu‖
+    exceeds residual_tol · |λ|: measured (residuals_measured), or else Arnoldi's own Ritz estimate of it.
   min_ritz_value, num_negative_ritz: the smallest of all Ritz values of the Arnoldi run and how many
     are negative (None / 0 when unknown). A Ritz value λ is uᵀCu for a unit u of the Krylov space, so
     λ + δ ≤ 0 proves C + δI is not positive definite there (positive_definite False); the true most
@@ -68,8 +68,9 @@ class FitDiagnostics:
             f"Kept {self.k} of the {self.top_k} eigenpairs asked for" + (f": {self.why_fewer}." if self.why_fewer else "."))]
     if self.unconverged:
       shown = ", ".join(str(j) for j in self.unconverged[:20]) + (", ..." if len(self.unconverged) > 20 else "")
+      how = "" if self.residuals_measured else " by Arnoldi's estimate"
       out.append(("warning", f"{len(self.unconverged)} of the {self.k} kept pairs are unconverged (residual "
-                             f"‖Cu − λu‖ > {self.residual_tol:g}·|λ|): pairs {shown} (0-based, largest eigenvalue "
+                             f"‖Cu − λu‖{how} > {self.residual_tol:g}·|λ|): pairs {shown} (0-based, largest eigenvalue "
                              "first). More arnoldi.n_iters converges more of them."))
     warning = self.indefinite_warning()
     if warning:
@@ -98,8 +99,11 @@ def diagnose(eigenspace: Eigenspace, *, damping: Optional[float] = None,
   values = np.asarray(sharding_lib.to_host(eigenspace.eigenvalues), np.float64)
   residuals = np.asarray(sharding_lib.to_host(eigenspace.residuals), np.float64)
   measured = bool(np.all(np.isfinite(residuals))) and residuals.size > 0
+  if not measured:  # arnoldi.residuals off: Arnoldi's own estimates |β_m y_mj| (= ‖Cu − λu‖ in exact arithmetic).
+    residuals = np.asarray(sharding_lib.to_host(eigenspace.ritz_estimates), np.float64)
+  judged = bool(np.all(np.isfinite(residuals))) and residuals.size > 0
   relative = residuals / np.maximum(np.abs(values), np.finfo(np.float64).tiny)
-  unconverged = tuple(int(j) for j in np.flatnonzero(relative > residual_tol)) if measured else ()
+  unconverged = tuple(int(j) for j in np.flatnonzero(relative > residual_tol)) if judged else ()
   top_k = info.top_k if info is not None else eigenspace.k
   k = eigenspace.k
   why = ""
@@ -120,6 +124,6 @@ def diagnose(eigenspace: Eigenspace, *, damping: Optional[float] = None,
   return FitDiagnostics(
       curvature=info.curvature if info is not None else "hessian", damping=delta, top_k=int(top_k), k=k,
       why_fewer=why, residual_tol=float(residual_tol), residuals_measured=measured, unconverged=unconverged,
-      max_relative_residual=float(np.max(relative)) if measured else None,
+      max_relative_residual=float(np.max(relative)) if judged else None,
       num_ritz=0 if info is None else info.num_ritz, num_negative_ritz=0 if info is None else info.num_negative_ritz,
       min_ritz_value=min_ritz, positive_definite=None if min_ritz is None else bool(min_ritz + delta > 0))

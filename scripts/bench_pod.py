@@ -17,15 +17,15 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from job_runs import job_env, run_together  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("task_config", os.path.join(ROOT, "configs", "pod_lm.py"), "The jobs' config file.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "--config.a.b=value overrides passed to every job.")
@@ -46,46 +46,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int, extra: dict) -> dict:
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
-def run_together(commands: list, env: dict, timeout: float = 900) -> tuple:
-  """Runs the commands as processes at once; returns (wall seconds, [peak RSS MiB of each], [output of each]).
-  Raises RuntimeError with the output of the first that failed."""
-  logs = [tempfile.TemporaryFile("w+") for _ in commands]
-  start = time.monotonic()
-  procs = [subprocess.Popen(c, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-           for c, log in zip(commands, logs)]
-  rss, status, grace = {}, {}, None
-  while len(status) < len(procs):
-    for i, p in enumerate(procs):
-      if i not in status:
-        pid, st, usage = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-          status[i], rss[i] = os.waitstatus_to_exitcode(st), usage.ru_maxrss / 1024
-    if grace is None and any(status.values()):
-      grace = time.monotonic() + 30  # one failed: the others get 30 s, then are killed (no hang)
-    if time.monotonic() > min(start + timeout, grace or float("inf")):
-      for i, p in enumerate(procs):
-        if i not in status:
-          p.kill()
-          status[i], rss[i] = os.waitstatus_to_exitcode(os.wait4(p.pid, 0)[1]), 0.0
-    time.sleep(0.1)
-  wall = time.monotonic() - start
-  outs = []
-  for log in logs:
-    log.seek(0)
-    outs.append(log.read())
-    log.close()
-  for i in range(len(procs)):
-    if status[i]:
-      raise RuntimeError(f"{commands[i][1]} process {i} failed ({status[i]}):\n{outs[i][-4000:]}")
-  return wall, [rss[i] for i in range(len(procs))], outs
-
-
 def job_commands(script: str, workdir: str, processes: int) -> list:
   base = [sys.executable, os.path.join(ROOT, "scripts", script), f"--config={_CONFIG.value}",
           f"--workdir={workdir}", "--quiet", *_OVERRIDES.value]
@@ -100,7 +60,7 @@ def run_stages(workdir: str, processes: int, devices: int, env_extra: dict) -> l
   """Runs fit, project, score; returns [(stage, wall s, [peak RSS MiB per process])]."""
   rows = []
   for script in STAGES:
-    wall, rss, _ = run_together(job_commands(script, workdir, processes), _env(devices, env_extra))
+    wall, rss, _ = run_together(job_commands(script, workdir, processes), job_env(devices, env_extra))
     rows.append((script.removesuffix(".py"), wall, rss))
     print(f"  {rows[-1][0]:<15} {wall:7.1f} s   peak RSS per process: {', '.join(f'{r:.0f} MiB' for r in rss)}",
           flush=True)
@@ -133,7 +93,7 @@ def measure_held_bytes(workdir: str, env_extra: dict) -> list:
   commands = [[sys.executable, os.path.abspath(__file__), f"--task_config={_CONFIG.value}", f"--held_bytes_of={workdir}",
                f"--coordinator_address=127.0.0.1:{port}", f"--processes={_PROCESSES.value}", f"--process_id={i}"]
               + [f"--override={o}" for o in _OVERRIDES.value] for i in range(_PROCESSES.value)]
-  _, _, outs = run_together(commands, _env(_DEVICES.value, env_extra))
+  _, _, outs = run_together(commands, job_env(_DEVICES.value, env_extra))
   return [json.loads(next(line for line in out.splitlines() if line.startswith("{"))) for out in outs]
 
 

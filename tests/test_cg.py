@@ -176,18 +176,19 @@ def test_keep_best_returns_the_iterate_of_smallest_residual_on_an_indefinite_sys
   q, _ = np.linalg.qr(rng.normal(size=(14, 14)))
   a = (q * np.concatenate([np.geomspace(1.0, 50.0, 12), [-0.3, -2.0]])) @ q.T  # Two negative eigenvalues.
   a_j = jnp.asarray(a)
+  matvec = lambda v: a_j @ v  # One function for every solve: compiled once, not once a call.
   for seed in range(4):
     b = jnp.asarray(np.random.default_rng(seed).normal(size=14))
-    iterates = [solvers.conjugate_gradient(lambda v: a_j @ v, b, tol=0.0, max_iters=j).x for j in range(15)]
+    iterates = [solvers.conjugate_gradient(matvec, b, tol=0.0, max_iters=j).x for j in range(15)]
     true_res = [np.linalg.norm(np.asarray(b) - a @ np.asarray(x)) for x in iterates]
-    best = solvers.conjugate_gradient(lambda v: a_j @ v, b, tol=0.0, max_iters=14, keep_best=True)
+    best = solvers.conjugate_gradient(matvec, b, tol=0.0, max_iters=14, keep_best=True)
     j = int(np.argmin(true_res))
     np.testing.assert_allclose(best.x, iterates[j], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(float(best.residual_norm), true_res[j], rtol=1e-6)
     assert float(best.residual_norm) <= np.linalg.norm(np.asarray(b))  # Never worse than x0 = 0.
   # The safeguard matters here: the last iterate of some solve is worse than its best.
-  last = [solvers.conjugate_gradient(lambda v: a_j @ v, jnp.asarray(np.random.default_rng(s).normal(size=14)),
+  last = [solvers.conjugate_gradient(matvec, jnp.asarray(np.random.default_rng(s).normal(size=14)),
                                      tol=0.0, max_iters=14) for s in range(4)]
-  keep = [solvers.conjugate_gradient(lambda v: a_j @ v, jnp.asarray(np.random.default_rng(s).normal(size=14)),
+  keep = [solvers.conjugate_gradient(matvec, jnp.asarray(np.random.default_rng(s).normal(size=14)),
                                      tol=0.0, max_iters=14, keep_best=True) for s in range(4)]
   assert any(float(k.residual_norm) < 0.5 * float(lst.residual_norm) for k, lst in zip(keep, last))

@@ -94,3 +94,20 @@ def test_microbatches_divide_the_examples_when_a_divisor_is_near():
   op = curvature.curvature_operator(loss, params, whole, microbatch_size=8)  # 37 = 4 × 8 + 5.
   assert op.operands[2] is not None
   np.testing.assert_allclose(toy_problems.dense_matrix(op), solvers.dense_hessian(loss, params, whole), atol=1e-10)
+
+
+def test_the_default_micro_batch_keeps_a_products_activations_near_the_budget(monkeypatch):
+  """activation_bytes_per_example counts what the loss computes per example; the default micro-batch is the
+  largest batch unless that exceeds MICROBATCH_ACTIVATION_BYTES; the product is the same either way."""
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 50)))
+  loss = lambda p, b: jnp.mean(jnp.sum(jnp.tanh(b["x"] @ (p * w)) ** 2, axis=1))
+  batch = {"x": jnp.asarray(np.random.default_rng(1).normal(size=(40, 6)))}
+  per_example = curvature.activation_bytes_per_example(loss, jnp.ones((6, 50)), batch)
+  assert 3 * 50 * 8 <= per_example <= 10 * 50 * 8  # Three (50,) float64 intermediates an example, and a few more.
+  whole = curvature.curvature_operator(loss, jnp.ones((6, 50)), [batch])
+  assert whole.matvec.micro == 40
+  monkeypatch.setattr(curvature, "MICROBATCH_ACTIVATION_BYTES", 10 * per_example)
+  split = curvature.curvature_operator(loss, jnp.ones((6, 50)), [batch])
+  assert split.matvec.micro == 10
+  v = jnp.asarray(np.random.default_rng(2).normal(size=300))
+  np.testing.assert_allclose(split(v), whole(v), rtol=1e-12)

@@ -220,3 +220,17 @@ def test_normalize_values():
   c.score.normalize = "cosinus"
   with pytest.raises(ValueError, match="config.score.normalize"):
     config_lib.validate(c)
+
+
+def test_without_measured_residuals_arnoldi_estimates_flag_the_same_pairs():
+  """arnoldi.residuals off: the pairs flagged by Arnoldi's own estimates are those the measured residuals flag."""
+  values = np.geomspace(10.0, 0.01, 40)
+  q = np.linalg.qr(np.random.default_rng(1).normal(size=(40, 40)))[0]
+  h = jnp.asarray(q @ np.diag(values) @ q.T)
+  loss = lambda p, batch: 0.5 * p @ h @ p
+  fit = lambda residuals: ij.fit_eigenspace(loss, jnp.zeros(40), [{"x": np.zeros((1,))}], n_iters=14, top_k=12,
+                                            compute_residuals=residuals)
+  measured, estimated = (diagnostics_lib.diagnose(fit(r), residual_tol=1e-3) for r in (True, False))
+  assert measured.residuals_measured and not estimated.residuals_measured
+  assert 0 < len(measured.unconverged) < 12 and estimated.unconverged == measured.unconverged
+  assert "by Arnoldi's estimate" in dict((m, l) for l, m in estimated.notes() if l == "warning").popitem()[0]

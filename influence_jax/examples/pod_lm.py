@@ -1,9 +1,12 @@
 """A decoder-only Transformer LM whose kernels are split over 'model', on generated token data: the task of
 scripts/bench_pod.py (a pod in miniature). `config.task = "influence_jax.examples.pod_lm:get_task"`; sizes in
-config.user (configs/pod_lm.py). The parameters are the model's initialisation (seeded, untrained): the benchmark
+config.user (configs/pod_lm.py; with config.user.data_dir, the tokens are a .npy file there, memory-mapped:
+scripts/bench_lm.py). The parameters are the model's initialisation (seeded, untrained): the benchmark
 measures time, memory and agreement across layouts, which training would not change."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -26,6 +29,18 @@ def markov_tokens(num_sequences: int, length: int, vocab_size: int, seed: int) -
     follow = successors[tokens[:, t - 1], rng.integers(0, 4, num_sequences)]
     tokens[:, t] = np.where(rng.random(num_sequences) < 0.9, follow, rng.integers(0, vocab_size, num_sequences))
   return tokens
+
+
+def token_file(directory: str, num_sequences: int, length: int, vocab_size: int, seed: int) -> np.ndarray:
+  """Returns `markov_tokens(...)` memory-mapped from `directory`/tokens_<sizes>.npy, written there first
+  (atomically) when absent: a data set on disk that the jobs read row by row, never whole."""
+  path = os.path.join(directory, f"tokens_{num_sequences}x{length}_v{vocab_size}_s{seed}.npy")
+  if not os.path.exists(path):
+    os.makedirs(directory, exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial.npy"
+    np.save(partial, markov_tokens(num_sequences, length, vocab_size, seed))
+    os.replace(partial, path)
+  return np.load(path, mmap_mode="r")
 
 
 def kernel_spec(path: tuple, ndim: int) -> P:
@@ -60,7 +75,8 @@ def get_task(config) -> Task:
   u = config.user
   model = models.DecoderLM(vocab_size=u.vocab_size, max_len=u.seq_len, d_model=u.d_model, num_heads=u.num_heads,
                            d_ff=u.d_ff, num_layers=u.num_layers)
-  tokens = markov_tokens(u.num_train + u.num_queries, u.seq_len + 1, u.vocab_size, config.seed)
+  tokens = token_file(u.data_dir, u.num_train + u.num_queries, u.seq_len + 1, u.vocab_size, config.seed) \
+      if u.get("data_dir") else markov_tokens(u.num_train + u.num_queries, u.seq_len + 1, u.vocab_size, config.seed)
   data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
   with jax.default_device(jax.local_devices(backend="cpu")[0]):
     variables = jax.jit(model.init)(jax.random.key(config.seed), data["x"][:1])

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from influence_jax import io as io_lib
 
-from influence_jax import io as io_lib  # noqa: E402
+
+def _pyplot():
+  """Returns matplotlib.pyplot on the Agg backend, imported on first use (0.6 s that a job which draws
+  nothing, or has drawn already, does not pay)."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
 
 
 def _save(fig, path: str) -> str:
@@ -18,7 +25,7 @@ def _save(fig, path: str) -> str:
     return io_lib.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
                                binary=True)
   finally:
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def spectrum(path: str, eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = None,
@@ -37,7 +44,7 @@ def spectrum_figure(eigenvalues: np.ndarray, residuals: Optional[np.ndarray] = N
   `min_ritz_value` (the most negative Ritz value of the run) is drawn as −λ_min against the damping.
   """
   ev = np.asarray(eigenvalues, np.float64)
-  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  fig, ax = _pyplot().subplots(figsize=(6.4, 3.6))
   idx = np.arange(1, ev.size + 1)
   bad = np.zeros(ev.size, bool)
   bad[[int(j) for j in unconverged if 0 <= int(j) < ev.size]] = True
@@ -88,7 +95,7 @@ def influence_grid(path: str, test_images: np.ndarray, test_labels: Sequence[int
 
   test_images, train_images = square(test_images), square(train_images)
   rows, k = len(test_images), min(num_shown, proponents.shape[1])
-  fig, axes = plt.subplots(rows, 1 + 2 * k, figsize=(1.15 * (1 + 2 * k), 1.3 * rows), squeeze=False)
+  fig, axes = _pyplot().subplots(rows, 1 + 2 * k, figsize=(1.15 * (1 + 2 * k), 1.3 * rows), squeeze=False)
   for r in range(rows):
     cells = [(test_images[r], f"test y={test_labels[r]}", "black")]
     cells += [(train_images[j], f"+{s:.2g} y={train_labels[j]}", "tab:green")
@@ -107,7 +114,7 @@ def influence_grid(path: str, test_images: np.ndarray, test_labels: Sequence[int
 
 def histogram(path: str, groups: dict, xlabel: str, title: str = "", bins: int = 40) -> str:
   """Writes overlaid histograms of named 1-D arrays; returns `path`."""
-  fig, ax = plt.subplots(figsize=(6.4, 3.6))
+  fig, ax = _pyplot().subplots(figsize=(6.4, 3.6))
   for name, values in groups.items():
     ax.hist(np.asarray(values), bins=bins, alpha=0.55, label=f"{name} (n={len(values)})")
   ax.set_xlabel(xlabel)
