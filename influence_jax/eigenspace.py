@@ -159,7 +159,11 @@ def distill(
         "non-positive or negligible): is the curvature zero at these params?")
   dtype = state.basis.dtype
   rep = sharding_lib.replicated(op.mesh)
-  coeffs = sharding_lib.put(np.asarray(ritz.vectors[:, keep].T, dtype), rep)
+  # Zero coefficients on the basis rows beyond the m used: coeffs · basis reads the basis in place (a slice
+  # basis[:m] would be a copy of most of it: 0.88 GB more at the peak of a 3.4M-parameter LM's fit).
+  coeffs = np.zeros((keep.size, state.basis.shape[0]), dtype)
+  coeffs[:, :ritz.size] = ritz.vectors[:, keep].T
+  coeffs = sharding_lib.put(coeffs, rep)
   values = sharding_lib.put(np.asarray(ritz.values[keep], dtype), rep)
   vectors, residuals = _ritz_vectors(op.matvec, op.dim, op.mesh, compute_residuals)(
       op.operands, state.basis, coeffs, values)
@@ -182,7 +186,7 @@ def _ritz_vectors(matvec, dim: int, mesh, compute_residuals: bool):
   rep = sharding_lib.replicated(mesh)
 
   def compute(operands, basis, coeffs, values):
-    vectors = jax.lax.with_sharding_constraint(coeffs @ basis[: coeffs.shape[1]], flat)
+    vectors = jax.lax.with_sharding_constraint(coeffs @ basis, flat)
     if not compute_residuals:
       return vectors, jnp.full(values.shape, jnp.nan, basis.dtype)
     whole = lambda u: jax.lax.with_sharding_constraint(u, rep)[:dim]
