@@ -85,27 +85,21 @@ def _device_sums(x: jax.Array) -> list:
   return _mixed_sums(words, _flat_index(words.shape, jnp), jnp)
 
 
-def array_checksum(x: Any) -> str:
-  """Returns a 64-bit checksum of an array's values (dtype and shape not included) that does not depend on
-  its layout: a numpy array and a jax.Array split any way over the devices of one or several processes give
-  the same one. A jax.Array is reduced where it lies (each device its own shard; the two sums come back
-  replicated): no process reads the whole array."""
-  return _array_checksums([x])[0]
+def array_checksums(leaves: list) -> list:
+  """Returns a 64-bit checksum (hex) of each array's values (dtype and shape not included) that does not depend
+  on its layout: a numpy array and a jax.Array split any way over the devices of one or several processes give
+  the same one. The jax.Arrays are reduced where they lie, all in one program (each device its own shards; the
+  sums come back replicated): no process reads a whole array."""
+  on_device = [x for x in leaves if isinstance(x, jax.Array)]
+  device_sums = iter(jax.device_get(_device_sums_of(on_device)) if on_device else ())
+  return ["".join(f"{int(s):08x}" for s in (next(device_sums) if isinstance(x, jax.Array) else _host_sums(x)))
+          for x in leaves]
 
 
-def _array_checksums(leaves: list) -> list:
-  """`array_checksum` of each of `leaves`: the jax.Arrays' in one device program (not one a leaf shape)."""
-  on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
-  sums = dict(zip(on_device, jax.device_get(_device_sums_of([leaves[i] for i in on_device])) if on_device else []))
-  out = []
-  for i, x in enumerate(leaves):
-    if i not in sums:
-      x = np.asarray(x)
-      words = _numpy_words(x)
-      with np.errstate(over="ignore"):  # uint32 products wrap mod 2³², by design.
-        sums[i] = _mixed_sums(words, _flat_index(words.shape, np), np)
-    out.append("".join(f"{int(s):08x}" for s in sums[i]))
-  return out
+def _host_sums(x: Any) -> list:
+  words = _numpy_words(np.asarray(x))
+  with np.errstate(over="ignore"):  # uint32 products wrap mod 2³², by design.
+    return _mixed_sums(words, _flat_index(words.shape, np), np)
 
 
 @jax.jit
@@ -115,13 +109,13 @@ def _device_sums_of(leaves: list) -> list:
 
 def params_digest(params: Any) -> str:
   """Returns a short stable hash of a parameter tree (structure, each leaf's dtype, shape and
-  `array_checksum`): the same in every process and for any sharding of the leaves, never a host copy of one."""
+  `array_checksums`): the same in every process and for any sharding of the leaves, never a host copy of one."""
   h = hashlib.sha256(str(jax.tree.structure(params)).encode())
   leaves = jax.tree.leaves(params)
-  arrays = [leaf for leaf in leaves if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype")]
-  checksums = iter(_array_checksums(arrays))
-  for leaf in leaves:
-    if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype"):
+  is_array = [isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "dtype") for leaf in leaves]
+  checksums = iter(array_checksums([leaf for leaf, array in zip(leaves, is_array) if array]))
+  for leaf, array in zip(leaves, is_array):
+    if array:
       h.update(f"{np.dtype(leaf.dtype)}{tuple(leaf.shape)}{next(checksums)}".encode())
     else:
       h.update(json.dumps(leaf, sort_keys=True, default=str).encode())

@@ -301,6 +301,12 @@ def per_example_gradients(per_example_loss_fn: PerExampleLossFn, params: Any, ba
   P = sharding.padded_dim(p, mesh) (the columns beyond p zero), split over
   'model'; default: one device, P = p. Hold only what fits in memory.
   """
+  return per_example_losses_and_gradients(per_example_loss_fn, params, batch, mesh=mesh)[1]
+
+
+def per_example_losses_and_gradients(per_example_loss_fn: PerExampleLossFn, params: Any, batch: Any,
+                                     *, mesh: Optional[jax.sharding.Mesh] = None) -> tuple[jax.Array, jax.Array]:
+  """Returns ((B,) losses ℓ(z) replicated, (B, P) `per_example_gradients`) of one host batch, from one pass."""
   mesh = sharding_lib.mesh_or_default(mesh)
   return _per_example_gradients(per_example_loss_fn, sharding_lib.padded_dim(sharding_lib.num_params(params), mesh), mesh)(
       sharding_lib.place_params(params, mesh), sharding_lib.put_tree(batch, sharding_lib.replicated(mesh)))
@@ -308,12 +314,13 @@ def per_example_gradients(per_example_loss_fn: PerExampleLossFn, params: Any, ba
 
 @functools.lru_cache(maxsize=32)
 def _per_example_gradients(per_example_loss_fn, columns: int, mesh):
-  """Returns a jitted (params, batch) ↦ (B, columns) per-example gradients in `mesh`'s flat layout."""
+  """Returns a jitted (params, batch) ↦ ((B,) losses, (B, columns) per-example gradients in `mesh`'s flat layout)."""
 
-  def grads(params, batch):
-    return flat_value_and_grads(per_example_loss_fn, params, batch, columns, mesh)[1]
+  def losses_and_grads(params, batch):
+    return flat_value_and_grads(per_example_loss_fn, params, batch, columns, mesh)
 
-  return jax.jit(grads, out_shardings=sharding_lib.flat_sharding(mesh, 2))
+  return jax.jit(losses_and_grads,
+                 out_shardings=(sharding_lib.replicated(mesh), sharding_lib.flat_sharding(mesh, 2)))
 
 
 def gradients(per_example_loss_fn: PerExampleLossFn, params: Any, batches: Iterable[Any], chunk_size: int = 64,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from influence_jax import io as io_lib
 
 
+@functools.lru_cache(maxsize=None)
 def _pyplot():
   """Returns matplotlib.pyplot on the Agg backend, imported on first use (0.6 s that a job which draws
   nothing, or has drawn already, does not pay)."""

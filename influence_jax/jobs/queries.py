@@ -229,11 +229,10 @@ def solve_in_blocks(ctx: Context, es: Eigenspace, batch: Any, solver: Solver, *,
   for count, lo in enumerate(range(start, total, block), 1):
     chunk = data_lib.take(batch, lo, lo + block)
     n = data_lib.batch_size(chunk)
-    losses = workdir_lib.per_example_losses(ctx.task.per_example_loss_fn, params,
-                                            sharding.put_tree(chunk, sharding.replicated(mesh)))
-    validation.check_finite_rows(sharding.to_host(losses), "Query set (loss)", row_ids=np.arange(lo, lo + n))
-    grads = projection.per_example_gradients(ctx.task.per_example_loss_fn, params, data_lib.pad(chunk, block),
-                                             mesh=mesh).astype(solver.directions.dtype)
+    losses, grads = projection.per_example_losses_and_gradients(ctx.task.per_example_loss_fn, params,
+                                                                 data_lib.pad(chunk, block), mesh=mesh)
+    validation.check_finite_rows(sharding.to_host(losses)[:n], "Query set (loss)", row_ids=np.arange(lo, lo + n))
+    grads = grads.astype(solver.directions.dtype)
     grads = _zero_rows_from(grads, n)  # Padding rows: b = 0, solved at once (x = 0).
     res = preconditioning.preconditioned_solve(op, es, grads, cg_iters=int(s.cg_iters),
                                                tail_constant=solver.tail_constant, preconditioner=pre)
